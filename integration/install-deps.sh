@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Installs the host tools the tests use as oracles and peers: cryptsetup (LUKS and
+# plain-mode reference), qemu-img / qemu-storage-daemon (LUKS1 images and the
+# comparison backend), qemu-system-x86 (end-to-end guest), busybox-static and a
+# Debian kernel package (the guest itself). Idempotent; needs root (apt-get).
+set -euo pipefail
+
+need=()
+command -v cryptsetup >/dev/null || need+=(cryptsetup-bin)
+[ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -qx insmod || need+=(busybox-static)
+command -v pkg-config >/dev/null || need+=(pkg-config)
+dpkg -s libssl-dev >/dev/null 2>&1 || need+=(libssl-dev)
+command -v cpio >/dev/null || need+=(cpio)
+
+# qemu-system-x86 must come from bookworm-backports: plain bookworm's 7.2 would
+# replace the preinstalled qemu-utils 10.0 (see shared/notes/FACTS.md).
+backports=/etc/apt/sources.list.d/cryptblk-backports.sources
+if ! command -v qemu-system-x86_64 >/dev/null || ! command -v qemu-storage-daemon >/dev/null; then
+  if [ ! -f "$backports" ] && ! grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    uri=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
+    uri=${uri:-http://deb.debian.org/debian}
+    printf 'Types: deb\nURIs: %s\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' "$uri" >"$backports"
+  fi
+  qemu=1
+fi
+
+if [ ${#need[@]} -gt 0 ] || [ -n "${qemu:-}" ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  [ ${#need[@]} -eq 0 ] || apt-get install -y -qq --no-install-recommends "${need[@]}"
+  if [ -n "${qemu:-}" ]; then
+    apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 qemu-utils qemu-block-extra
+  fi
+fi
+echo "install-deps: cryptsetup $(cryptsetup --version | awk '{print $2}'), $(qemu-system-x86_64 --version | head -1)"
