@@ -3,3 +3,5 @@
 //! `crypto` → `volume` → `virtio` (request parsing) → `device` (vhost-user).
 
 pub mod crypto;
+pub mod virtio;
+pub mod volume;

@@ -1,0 +1,91 @@
+//! Opening (or creating) the backing image and working out its capacity.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::PathBuf;
+
+use super::{Volume, VolumeError};
+use crate::crypto::SectorCipher;
+
+pub struct ImageOptions {
+    pub path: PathBuf,
+    /// Create a sparse image whose payload has this many bytes if the path
+    /// does not exist yet; an existing image must already have that size.
+    pub create_size: Option<u64>,
+    /// Where the payload starts, in bytes (cryptsetup's --offset × 512).
+    pub payload_offset: u64,
+    pub readonly: bool,
+    pub direct: bool,
+    pub cipher: SectorCipher,
+}
+
+pub fn open_image(opts: ImageOptions) -> Result<Volume, VolumeError> {
+    let path = opts.path.display().to_string();
+    let open_err = |source| VolumeError::Open {
+        path: path.clone(),
+        source,
+    };
+    let sector_size = opts.cipher.sector_size();
+    if opts.direct && opts.payload_offset % sector_size as u64 != 0 {
+        return Err(VolumeError::UnalignedDirectOffset { sector_size });
+    }
+    let wanted = opts.create_size.map(|s| s + opts.payload_offset);
+    if !opts.path.exists() {
+        let Some(wanted) = wanted else {
+            return Err(VolumeError::Missing { path });
+        };
+        create_sparse(&opts.path, wanted).map_err(open_err)?;
+    }
+    let mut file = open_file(&opts, false).map_err(open_err)?;
+    let block_device = file.metadata().map_err(open_err)?.file_type().is_block_device();
+    let size = file.seek(SeekFrom::End(0)).map_err(open_err)?;
+    if let Some(wanted) = wanted.filter(|w| *w != size && !block_device) {
+        return Err(VolumeError::SizeMismatch {
+            path,
+            actual: size,
+            wanted,
+        });
+    }
+    let capacity = size.saturating_sub(opts.payload_offset) / sector_size as u64 * sector_size as u64;
+    if capacity == 0 {
+        return Err(VolumeError::TooSmall {
+            path,
+            size,
+            offset: opts.payload_offset,
+            sector_size,
+        });
+    }
+    if opts.direct {
+        file = open_file(&opts, true).map_err(open_err)?;
+    }
+    Ok(Volume {
+        file,
+        payload_offset: opts.payload_offset,
+        capacity,
+        cipher: opts.cipher,
+        readonly: opts.readonly,
+        direct: opts.direct,
+        block_device,
+    })
+}
+
+fn open_file(opts: &ImageOptions, direct: bool) -> std::io::Result<File> {
+    let mut o = OpenOptions::new();
+    o.read(true).write(!opts.readonly);
+    if direct {
+        o.custom_flags(libc::O_DIRECT);
+    }
+    o.open(&opts.path)
+}
+
+fn create_sparse(path: &std::path::Path, size: u64) -> std::io::Result<()> {
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    file.set_len(size)?;
+    file.sync_all()
+}
+

@@ -1,0 +1,239 @@
+//! An encrypted image: the backing file, where its payload starts, its
+//! capacity and its cipher. Everything above this layer sees plain sectors;
+//! everything below it (the file) only ever receives ciphertext.
+
+mod aligned;
+mod image;
+mod sectors;
+
+pub use aligned::AlignedBuf;
+pub use image::{open_image, ImageOptions};
+
+use std::fs::File;
+use std::io::{self, IoSlice, IoSliceMut};
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+
+use crate::crypto::SectorCipher;
+use sectors::{for_each_sector_run, Segments};
+
+/// The largest chunk the write path encrypts before handing it to the file:
+/// it bounds each thread's scratch buffer (and so the daemon's memory).
+pub const CHUNK_BYTES: usize = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    #[error("cannot open image {path}: {source}")]
+    Open { path: String, source: io::Error },
+    #[error("image {path} does not exist; pass --size to create it")]
+    Missing { path: String },
+    #[error("image {path} exists with {actual} bytes but --size asks for {wanted}; cryptblk never resizes or overwrites an image, drop --size or pick another path")]
+    SizeMismatch {
+        path: String,
+        actual: u64,
+        wanted: u64,
+    },
+    #[error("image {path} has {size} bytes, too small for --offset {offset} bytes plus one {sector_size}-byte sector")]
+    TooSmall {
+        path: String,
+        size: u64,
+        offset: u64,
+        sector_size: usize,
+    },
+    #[error("--offset must be a multiple of the sector size ({sector_size} bytes) when --direct is used")]
+    UnalignedDirectOffset { sector_size: usize },
+}
+
+/// A contiguous run of payload sectors plus the file behind it.
+pub struct Volume {
+    file: File,
+    payload_offset: u64,
+    capacity: u64,
+    cipher: SectorCipher,
+    readonly: bool,
+    direct: bool,
+    block_device: bool,
+}
+
+impl Volume {
+    /// Payload size in bytes, a whole number of sectors.
+    pub fn capacity_bytes(&self) -> u64 {
+        self.capacity
+    }
+
+    pub fn sector_size(&self) -> usize {
+        self.cipher.sector_size()
+    }
+
+    pub fn readonly(&self) -> bool {
+        self.readonly
+    }
+
+    pub fn direct(&self) -> bool {
+        self.direct
+    }
+
+    pub fn cipher(&self) -> &SectorCipher {
+        &self.cipher
+    }
+
+    /// Reads `bufs.len()` bytes of plaintext starting at byte `pos` of the
+    /// payload. Without O_DIRECT the ciphertext lands straight in the
+    /// caller's buffers and is decrypted in place: no bounce buffer.
+    pub fn read_into(
+        &self,
+        pos: u64,
+        bufs: &mut [IoSliceMut<'_>],
+        scratch: &mut AlignedBuf,
+    ) -> io::Result<()> {
+        if self.direct {
+            return self.read_direct(pos, bufs, scratch);
+        }
+        let total = preadv_all(&self.file, bufs, self.payload_offset + pos)?;
+        let first = self.first_sector(pos);
+        let mut segs = Segments::new(bufs);
+        for_each_sector_run(&mut segs, total, self.sector_size(), |index, run| {
+            self.cipher.decrypt(first + index, run)
+        });
+        Ok(())
+    }
+
+    /// O_DIRECT needs aligned buffers: read ciphertext into the aligned
+    /// scratch and decrypt from there into the caller's buffers (one pass).
+    fn read_direct(
+        &self,
+        pos: u64,
+        bufs: &mut [IoSliceMut<'_>],
+        scratch: &mut AlignedBuf,
+    ) -> io::Result<()> {
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        let mut segs = Segments::new(bufs);
+        let mut done = 0;
+        while done < total {
+            let len = (total - done).min(scratch.capacity());
+            let chunk = scratch.slice_mut(len);
+            self.file
+                .read_exact_at(chunk, self.payload_offset + pos + done as u64)?;
+            self.cipher.decrypt(self.first_sector(pos + done as u64), chunk);
+            segs.copy_from(chunk);
+            done += len;
+        }
+        Ok(())
+    }
+
+    /// Writes plaintext from `bufs` at byte `pos` of the payload. Each chunk
+    /// is encrypted from the caller's buffers into `scratch` (reused, never
+    /// the caller's memory), then written: plaintext never reaches the file.
+    pub fn write_from(
+        &self,
+        pos: u64,
+        bufs: &[IoSlice<'_>],
+        scratch: &mut AlignedBuf,
+    ) -> io::Result<()> {
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        let mut reader = sectors::Gather::new(bufs, self.sector_size());
+        let first = self.first_sector(pos);
+        let mut done = 0;
+        while done < total {
+            let len = (total - done).min(scratch.capacity());
+            let chunk = scratch.slice_mut(len);
+            reader.encrypt_into(chunk, |index, src, dst| {
+                self.cipher.encrypt_to(first + index, src, dst)
+            });
+            self.file
+                .write_all_at(chunk, self.payload_offset + pos + done as u64)?;
+            done += len;
+        }
+        Ok(())
+    }
+
+    /// Writes the ciphertext of zeros: a hole or literal zeros in the file
+    /// would decrypt to garbage.
+    pub fn write_zeroes(&self, pos: u64, len: u64, scratch: &mut AlignedBuf) -> io::Result<()> {
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(scratch.capacity() as u64) as usize;
+            let chunk = scratch.slice_mut(n);
+            chunk.fill(0);
+            self.cipher.encrypt(self.first_sector(pos + done), chunk);
+            self.file
+                .write_all_at(chunk, self.payload_offset + pos + done)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Deallocates a range (DISCARD). The range then reads back as garbage,
+    /// which the virtio spec allows after a discard.
+    pub fn discard(&self, pos: u64, len: u64) -> io::Result<()> {
+        let start = self.payload_offset + pos;
+        if self.block_device {
+            let range = [start, len];
+            // SAFETY: BLKDISCARD reads two u64s from the pointer, which
+            // points to a live array of two u64s.
+            let rc = unsafe { libc::ioctl(self.file.as_raw_fd(), BLKDISCARD, range.as_ptr()) };
+            return if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) };
+        }
+        // SAFETY: plain syscall on an fd we own; no pointers involved.
+        let rc = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                start as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if rc < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// FLUSH: everything completed so far reaches stable storage.
+    pub fn flush(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn first_sector(&self, pos: u64) -> u64 {
+        pos / self.sector_size() as u64
+    }
+}
+
+/// _IO(0x12, 119)
+const BLKDISCARD: libc::c_ulong = 0x1277;
+
+/// Most guest requests arrive in one preadv; a short read (signal, page
+/// cache pressure) finishes buffer by buffer. A file shorter than the payload
+/// is an error: the caller has already checked the range against capacity.
+fn preadv_all(file: &File, bufs: &mut [IoSliceMut<'_>], offset: u64) -> io::Result<usize> {
+    let total: usize = bufs.iter().map(|b| b.len()).sum();
+    let count = bufs.len().min(IOV_MAX);
+    // SAFETY: IoSliceMut is ABI-compatible with iovec on Unix, and every
+    // slice points to memory the caller lent us mutably for this call.
+    let n = unsafe {
+        libc::preadv(
+            file.as_raw_fd(),
+            bufs.as_ptr() as *const libc::iovec,
+            count as libc::c_int,
+            offset as libc::off_t,
+        )
+    };
+    let mut done = if n < 0 { 0 } else { n as usize };
+    let mut skip = done;
+    for buf in bufs.iter_mut() {
+        if skip >= buf.len() {
+            skip -= buf.len();
+            continue;
+        }
+        file.read_exact_at(&mut buf[skip..], offset + done as u64)?;
+        done += buf.len() - skip;
+        skip = 0;
+    }
+    Ok(total)
+}
+
+const IOV_MAX: usize = 1024;
+
+#[cfg(test)]
+mod tests;
