@@ -2,6 +2,9 @@
 //! AES-XTS ciphertext. Layers, each knowing only the one below:
 //! `crypto` → `volume` → `virtio` (request parsing) → `device` (vhost-user).
 
+pub mod config;
 pub mod crypto;
+pub mod daemon;
+pub mod device;
 pub mod virtio;
 pub mod volume;

@@ -1,4 +1,10 @@
+use std::process::ExitCode;
+
 use clap::{Parser, Subcommand};
+
+use cryptblk::config::{ServeArgs, ServeConfig};
+use cryptblk::daemon;
+use cryptblk::device::BlkDevice;
 
 /// cryptblk: a vhost-user-blk daemon that gives guests a plain disk and
 /// stores only dm-crypt compatible AES-XTS ciphertext.
@@ -10,8 +16,38 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
-enum Command {}
+enum Command {
+    /// Serve an encrypted image to a VMM as a vhost-user-blk device.
+    Serve(ServeArgs),
+}
 
-fn main() {
-    let _cli = Cli::parse();
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => serve(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cryptblk: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(level: Option<&str>) {
+    let mut b = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    if let Some(level) = level {
+        b.parse_filters(level);
+    }
+    let _ = b.try_init();
+}
+
+fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let cfg = ServeConfig::from_args(args.with_config_file()?)?;
+    init_logging(cfg.log_level.as_deref());
+    let volume = cfg.open_volume()?;
+    let dev = BlkDevice::new(volume, cfg.device.clone());
+    daemon::serve(dev, &cfg.socket)?;
+    Ok(())
 }

@@ -1,7 +1,9 @@
 use super::*;
 
 fn key(bytes: usize, seed: u8) -> XtsKey {
-    let k: Vec<u8> = (0..bytes).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect();
+    let k: Vec<u8> = (0..bytes)
+        .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+        .collect();
     XtsKey::from_bytes(&k).unwrap()
 }
 
@@ -39,9 +41,17 @@ pub(crate) fn hex(s: &str) -> Vec<u8> {
 
 #[test]
 fn iv_counts_512_byte_units_unless_large_sectors() {
-    let small = IvRule { sector_size: 4096, large_sectors: false, skip: 16 };
+    let small = IvRule {
+        sector_size: 4096,
+        large_sectors: false,
+        skip: 16,
+    };
     assert_eq!(small.iv(3), 3 * 8 + 16);
-    let large = IvRule { sector_size: 4096, large_sectors: true, skip: 16 };
+    let large = IvRule {
+        sector_size: 4096,
+        large_sectors: true,
+        skip: 16,
+    };
     assert_eq!(large.iv(3), 3 + 2);
 }
 
@@ -49,7 +59,11 @@ fn iv_counts_512_byte_units_unless_large_sectors() {
 fn round_trip_every_sector_size_and_copy_variants_agree() {
     for size in SECTOR_SIZES {
         for bytes in [32, 64] {
-            let rule = IvRule { sector_size: size, large_sectors: false, skip: 0 };
+            let rule = IvRule {
+                sector_size: size,
+                large_sectors: false,
+                skip: 0,
+            };
             let c = SectorCipher::new(Some(&key(bytes, 5)), rule);
             let plain = pattern(size * 3);
             let mut inplace = plain.clone();
@@ -69,7 +83,11 @@ fn round_trip_every_sector_size_and_copy_variants_agree() {
 
 #[test]
 fn sectors_encrypt_independently_of_request_boundaries() {
-    let rule = IvRule { sector_size: 512, large_sectors: false, skip: 0 };
+    let rule = IvRule {
+        sector_size: 512,
+        large_sectors: false,
+        skip: 0,
+    };
     let c = SectorCipher::new(Some(&key(64, 1)), rule);
     let plain = pattern(512 * 4);
     let mut whole = plain.clone();
@@ -83,7 +101,11 @@ fn sectors_encrypt_independently_of_request_boundaries() {
 
 #[test]
 fn plaintext_cipher_is_identity() {
-    let rule = IvRule { sector_size: 512, large_sectors: false, skip: 0 };
+    let rule = IvRule {
+        sector_size: 512,
+        large_sectors: false,
+        skip: 0,
+    };
     let c = SectorCipher::new(None, rule);
     let plain = pattern(1024);
     let mut d = plain.clone();

@@ -61,7 +61,12 @@ fn relabel<T, U>(mut v: Vec<T>) -> Vec<U> {
     v.into_iter().map(|_| unreachable!()).collect()
 }
 
-fn guest_slice<'m, M: GuestMemoryBackend>(mem: &'m M, s: &Segment) -> Result<&'m mut [u8], Unmapped> {
+// Guest memory is shared and mutable behind `&M` by design (see above).
+#[allow(clippy::mut_from_ref)]
+fn guest_slice<'m, M: GuestMemoryBackend>(
+    mem: &'m M,
+    s: &Segment,
+) -> Result<&'m mut [u8], Unmapped> {
     let len = s.len as usize;
     let vs = mem.get_slice(s.addr, len).map_err(|_| Unmapped)?;
     let vs = vs.get_slice(0, len).map_err(|_| Unmapped)?;

@@ -144,7 +144,9 @@ pub fn parse<M: GuestMemoryBackend>(
     }
     let status = status_desc.and_then(|d| status_address(mem, &d));
     let request = if last_has_next {
-        Err(RequestError::BadChain("it loops or is longer than the queue"))
+        Err(RequestError::BadChain(
+            "it loops or is longer than the queue",
+        ))
     } else if status.is_none() {
         Err(RequestError::BadChain("no usable status descriptor"))
     } else if too_many {
@@ -197,10 +199,11 @@ fn read_header<M: GuestMemoryBackend>(mem: &M, d: &Descriptor) -> Result<Header,
     if d.is_write_only() || d.len() as usize != std::mem::size_of::<Header>() {
         return Err(RequestError::BadHeader);
     }
-    mem.read_obj(d.addr()).map_err(|_| RequestError::OutsideMemory {
-        addr: d.addr().0,
-        len: d.len(),
-    })
+    mem.read_obj(d.addr())
+        .map_err(|_| RequestError::OutsideMemory {
+            addr: d.addr().0,
+            len: d.len(),
+        })
 }
 
 fn classify<M: GuestMemoryBackend>(
@@ -212,7 +215,13 @@ fn classify<M: GuestMemoryBackend>(
 ) -> Result<Request, RequestError> {
     let kind = header.kind.to_native();
     let sector = header.sector.to_native();
-    let want_writable = |ok: bool| if ok { Ok(()) } else { Err(RequestError::WrongDirection) };
+    let want_writable = |ok: bool| {
+        if ok {
+            Ok(())
+        } else {
+            Err(RequestError::WrongDirection)
+        }
+    };
     match kind {
         VIRTIO_BLK_T_IN => {
             want_writable(readable == 0)?;
@@ -236,7 +245,14 @@ fn classify<M: GuestMemoryBackend>(
             })
         }
         VIRTIO_BLK_T_DISCARD if limits.discard => {
-            let (pos, len) = range_payload(mem, segments, writable, limits.max_discard_sectors, 0, limits)?;
+            let (pos, len) = range_payload(
+                mem,
+                segments,
+                writable,
+                limits.max_discard_sectors,
+                0,
+                limits,
+            )?;
             Ok(Request::Discard { pos, len })
         }
         VIRTIO_BLK_T_WRITE_ZEROES => {
@@ -255,7 +271,10 @@ fn classify<M: GuestMemoryBackend>(
 }
 
 /// Sum of the data descriptors' lengths, each checked to lie in one region.
-fn checked_total<M: GuestMemoryBackend>(mem: &M, segments: &[Segment]) -> Result<u64, RequestError> {
+fn checked_total<M: GuestMemoryBackend>(
+    mem: &M,
+    segments: &[Segment],
+) -> Result<u64, RequestError> {
     let mut total = 0u64;
     for s in segments {
         if mem.get_slice(s.addr, s.len as usize).is_err() {
@@ -280,7 +299,9 @@ fn data_range<M: GuestMemoryBackend>(
     if len > limits.max_data_bytes {
         return Err(RequestError::TooLarge(len));
     }
-    let pos = sector.checked_mul(512).ok_or(RequestError::OutOfRange { pos: u64::MAX, len })?;
+    let pos = sector
+        .checked_mul(512)
+        .ok_or(RequestError::OutOfRange { pos: u64::MAX, len })?;
     check_extent(pos, len, limits)?;
     Ok((pos, len))
 }
@@ -314,10 +335,12 @@ fn range_payload<M: GuestMemoryBackend>(
     if seg.len as usize != std::mem::size_of::<RangeSegment>() {
         return Err(RequestError::BadRangePayload);
     }
-    let range: RangeSegment = mem.read_obj(seg.addr).map_err(|_| RequestError::OutsideMemory {
-        addr: seg.addr.0,
-        len: seg.len,
-    })?;
+    let range: RangeSegment = mem
+        .read_obj(seg.addr)
+        .map_err(|_| RequestError::OutsideMemory {
+            addr: seg.addr.0,
+            len: seg.len,
+        })?;
     let flags = range.flags.to_native();
     if flags & !allowed_flags != 0 {
         return Err(RequestError::UnsupportedFlags(flags));
@@ -330,7 +353,10 @@ fn range_payload<M: GuestMemoryBackend>(
         .sector
         .to_native()
         .checked_mul(512)
-        .ok_or(RequestError::OutOfRange { pos: u64::MAX, len: 0 })?;
+        .ok_or(RequestError::OutOfRange {
+            pos: u64::MAX,
+            len: 0,
+        })?;
     let len = u64::from(sectors) * 512;
     check_extent(pos, len, limits)?;
     if limits.readonly {

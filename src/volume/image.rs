@@ -38,7 +38,11 @@ pub fn open_image(opts: ImageOptions) -> Result<Volume, VolumeError> {
         create_sparse(&opts.path, wanted).map_err(open_err)?;
     }
     let mut file = open_file(&opts, false).map_err(open_err)?;
-    let block_device = file.metadata().map_err(open_err)?.file_type().is_block_device();
+    let block_device = file
+        .metadata()
+        .map_err(open_err)?
+        .file_type()
+        .is_block_device();
     let size = file.seek(SeekFrom::End(0)).map_err(open_err)?;
     if let Some(wanted) = wanted.filter(|w| *w != size && !block_device) {
         return Err(VolumeError::SizeMismatch {
@@ -47,7 +51,8 @@ pub fn open_image(opts: ImageOptions) -> Result<Volume, VolumeError> {
             wanted,
         });
     }
-    let capacity = size.saturating_sub(opts.payload_offset) / sector_size as u64 * sector_size as u64;
+    let capacity =
+        size.saturating_sub(opts.payload_offset) / sector_size as u64 * sector_size as u64;
     if capacity == 0 {
         return Err(VolumeError::TooSmall {
             path,
@@ -88,4 +93,3 @@ fn create_sparse(path: &std::path::Path, size: u64) -> std::io::Result<()> {
     file.set_len(size)?;
     file.sync_all()
 }
-

@@ -114,7 +114,8 @@ impl Volume {
             let chunk = scratch.slice_mut(len);
             self.file
                 .read_exact_at(chunk, self.payload_offset + pos + done as u64)?;
-            self.cipher.decrypt(self.first_sector(pos + done as u64), chunk);
+            self.cipher
+                .decrypt(self.first_sector(pos + done as u64), chunk);
             segs.copy_from(chunk);
             done += len;
         }
@@ -172,7 +173,11 @@ impl Volume {
             // SAFETY: BLKDISCARD reads two u64s from the pointer, which
             // points to a live array of two u64s.
             let rc = unsafe { libc::ioctl(self.file.as_raw_fd(), BLKDISCARD, range.as_ptr()) };
-            return if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) };
+            return if rc < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(())
+            };
         }
         // SAFETY: plain syscall on an fd we own; no pointers involved.
         let rc = unsafe {

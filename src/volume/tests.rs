@@ -5,7 +5,14 @@ use std::path::Path;
 
 fn cipher(sector_size: usize) -> SectorCipher {
     let key = XtsKey::from_bytes(&[7u8; 64]).unwrap();
-    SectorCipher::new(Some(&key), IvRule { sector_size, large_sectors: false, skip: 0 })
+    SectorCipher::new(
+        Some(&key),
+        IvRule {
+            sector_size,
+            large_sectors: false,
+            skip: 0,
+        },
+    )
 }
 
 fn open(path: &Path, size: Option<u64>, offset: u64, sector_size: usize, direct: bool) -> Volume {
@@ -21,7 +28,9 @@ fn open(path: &Path, size: Option<u64>, offset: u64, sector_size: usize, direct:
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(13) ^ seed ^ (i >> 9) as u8).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(13) ^ seed ^ (i >> 9) as u8)
+        .collect()
 }
 
 /// Splits `data` at the given byte positions, as a guest's descriptors might.
@@ -58,8 +67,12 @@ fn write_then_read_round_trips_with_odd_buffer_splits() {
         };
         vol.write_from(8192, &bufs, &mut scratch).unwrap();
         let mut back = vec![0u8; data.len()];
-        vol.read_into(8192, &mut split_mut(&mut back, &[1, 511, 7000]), &mut scratch)
-            .unwrap();
+        vol.read_into(
+            8192,
+            &mut split_mut(&mut back, &[1, 511, 7000]),
+            &mut scratch,
+        )
+        .unwrap();
         assert_eq!(back, data, "sector {sector_size} direct {direct}");
 
         // The file holds the ciphertext dm-crypt would produce: sector n of
@@ -78,14 +91,20 @@ fn write_zeroes_reads_back_zeros_and_discard_punches() {
     let path = dir.path().join("img");
     let vol = open(&path, Some(1 << 20), 0, 512, false);
     let mut scratch = AlignedBuf::new(4096);
-    vol.write_from(0, &[IoSlice::new(&pattern(8192, 1))], &mut scratch).unwrap();
-    vol.write_zeroes(1024, 5000 / 512 * 512, &mut scratch).unwrap();
+    vol.write_from(0, &[IoSlice::new(&pattern(8192, 1))], &mut scratch)
+        .unwrap();
+    vol.write_zeroes(1024, 5000 / 512 * 512, &mut scratch)
+        .unwrap();
     let mut back = vec![1u8; 8192];
-    vol.read_into(0, &mut [IoSliceMut::new(&mut back)], &mut scratch).unwrap();
+    vol.read_into(0, &mut [IoSliceMut::new(&mut back)], &mut scratch)
+        .unwrap();
     assert!(back[1024..1024 + 4608].iter().all(|b| *b == 0));
     assert_eq!(back[..1024], pattern(8192, 1)[..1024]);
     let raw = std::fs::read(&path).unwrap();
-    assert!(raw[1024..2048].iter().any(|b| *b != 0), "zeros must be stored encrypted");
+    assert!(
+        raw[1024..2048].iter().any(|b| *b != 0),
+        "zeros must be stored encrypted"
+    );
     vol.discard(0, 4096).unwrap();
     vol.flush().unwrap();
 }
@@ -111,7 +130,10 @@ fn refuses_missing_image_and_size_mismatch() {
         direct: false,
         cipher: cipher(512),
     };
-    assert!(matches!(open_image(opts(None)), Err(VolumeError::Missing { .. })));
+    assert!(matches!(
+        open_image(opts(None)),
+        Err(VolumeError::Missing { .. })
+    ));
     open_image(opts(Some(65536))).unwrap();
     assert!(open_image(opts(Some(65536))).is_ok(), "same size reopens");
     assert!(matches!(

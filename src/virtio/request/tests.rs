@@ -37,10 +37,15 @@ fn desc(addr: u64, len: u32, flags: u16) -> RawDescriptor {
 fn header(mem: &GuestMemoryMmap, kind: u32, sector: u64) {
     mem.write_obj(kind.to_le(), GuestAddress(HDR)).unwrap();
     mem.write_obj(0u32, GuestAddress(HDR + 4)).unwrap();
-    mem.write_obj(sector.to_le(), GuestAddress(HDR + 8)).unwrap();
+    mem.write_obj(sector.to_le(), GuestAddress(HDR + 8))
+        .unwrap();
 }
 
-fn parse_chain(mem: &GuestMemoryMmap, descs: &[RawDescriptor], limits: &Limits) -> (Parsed, Vec<Segment>) {
+fn parse_chain(
+    mem: &GuestMemoryMmap,
+    descs: &[RawDescriptor],
+    limits: &Limits,
+) -> (Parsed, Vec<Segment>) {
     let q = MockSplitQueue::new(mem, 16);
     let chain = q.build_desc_chain(descs).unwrap();
     let mut segs = Vec::new();
@@ -71,8 +76,18 @@ fn rw_with(kind: u32, sector: u64, data: &[(u64, u32, u16)], l: &Limits) -> (Par
 
 #[test]
 fn good_read_and_write_chains() {
-    let (p, segs) = rw(VIRTIO_BLK_T_IN, 8, &[(DATA, 4096, F_WRITE), (DATA + 8192, 512, F_WRITE)]);
-    assert_eq!(p.request, Ok(Request::Read { pos: 4096, len: 4608 }));
+    let (p, segs) = rw(
+        VIRTIO_BLK_T_IN,
+        8,
+        &[(DATA, 4096, F_WRITE), (DATA + 8192, 512, F_WRITE)],
+    );
+    assert_eq!(
+        p.request,
+        Ok(Request::Read {
+            pos: 4096,
+            len: 4608
+        })
+    );
     assert_eq!(p.status, Some(GuestAddress(STATUS)));
     assert_eq!(segs.len(), 2);
     let (p, _) = rw(VIRTIO_BLK_T_OUT, 0, &[(DATA, 1024, 0)]);
@@ -89,7 +104,13 @@ fn good_read_and_write_chains() {
 #[test]
 fn last_sector_is_in_range_but_crossing_the_end_is_not() {
     let (p, _) = rw(VIRTIO_BLK_T_IN, 2047, &[(DATA, 512, F_WRITE)]);
-    assert_eq!(p.request, Ok(Request::Read { pos: (1 << 20) - 512, len: 512 }));
+    assert_eq!(
+        p.request,
+        Ok(Request::Read {
+            pos: (1 << 20) - 512,
+            len: 512
+        })
+    );
     let (p, _) = rw(VIRTIO_BLK_T_IN, 2047, &[(DATA, 1024, F_WRITE)]);
     assert!(matches!(p.request, Err(RequestError::OutOfRange { .. })));
     assert_eq!(status_of(&p), Some(VIRTIO_BLK_S_IOERR as u8));
@@ -105,12 +126,20 @@ fn short_or_writable_header_is_refused() {
     let m = mem();
     header(&m, VIRTIO_BLK_T_IN, 0);
     for hdr in [desc(HDR, 8, 0), desc(HDR, 16, F_WRITE), desc(HDR, 17, 0)] {
-        let (p, _) = parse_chain(&m, &[hdr, desc(DATA, 512, F_WRITE), desc(STATUS, 1, F_WRITE)], &limits());
+        let (p, _) = parse_chain(
+            &m,
+            &[hdr, desc(DATA, 512, F_WRITE), desc(STATUS, 1, F_WRITE)],
+            &limits(),
+        );
         assert_eq!(p.request, Err(RequestError::BadHeader));
         assert_eq!(p.status, Some(GuestAddress(STATUS)));
     }
     // header outside guest memory
-    let (p, _) = parse_chain(&m, &[desc(MEM_END - 8, 16, 0), desc(STATUS, 1, F_WRITE)], &limits());
+    let (p, _) = parse_chain(
+        &m,
+        &[desc(MEM_END - 8, 16, 0), desc(STATUS, 1, F_WRITE)],
+        &limits(),
+    );
     assert!(matches!(p.request, Err(RequestError::OutsideMemory { .. })));
 }
 
@@ -118,8 +147,16 @@ fn short_or_writable_header_is_refused() {
 fn read_only_or_empty_status_descriptor_gets_no_status() {
     let m = mem();
     header(&m, VIRTIO_BLK_T_IN, 0);
-    for status in [desc(STATUS, 1, 0), desc(STATUS, 0, F_WRITE), desc(MEM_END, 1, F_WRITE)] {
-        let (p, _) = parse_chain(&m, &[desc(HDR, 16, 0), desc(DATA, 512, F_WRITE), status], &limits());
+    for status in [
+        desc(STATUS, 1, 0),
+        desc(STATUS, 0, F_WRITE),
+        desc(MEM_END, 1, F_WRITE),
+    ] {
+        let (p, _) = parse_chain(
+            &m,
+            &[desc(HDR, 16, 0), desc(DATA, 512, F_WRITE), status],
+            &limits(),
+        );
         assert_eq!(p.status, None);
         assert!(p.request.is_err());
     }
@@ -154,7 +191,13 @@ fn unaligned_lengths_and_sectors_are_refused() {
     let (p, _) = rw_with(VIRTIO_BLK_T_OUT, 1, &[(DATA, 4096, 0)], &l);
     assert!(matches!(p.request, Err(RequestError::Unaligned { .. })));
     let (p, _) = rw_with(VIRTIO_BLK_T_OUT, 8, &[(DATA, 2048, 0), (DATA, 2048, 0)], &l);
-    assert_eq!(p.request, Ok(Request::Write { pos: 4096, len: 4096 }));
+    assert_eq!(
+        p.request,
+        Ok(Request::Write {
+            pos: 4096,
+            len: 4096
+        })
+    );
 }
 
 #[test]
@@ -189,21 +232,37 @@ fn unknown_types_get_unsupp_and_discard_needs_allow_discards() {
 fn range(mem: &GuestMemoryMmap, sector: u64, n: u32, flags: u32) {
     mem.write_obj(sector.to_le(), GuestAddress(DATA)).unwrap();
     mem.write_obj(n.to_le(), GuestAddress(DATA + 8)).unwrap();
-    mem.write_obj(flags.to_le(), GuestAddress(DATA + 12)).unwrap();
+    mem.write_obj(flags.to_le(), GuestAddress(DATA + 12))
+        .unwrap();
 }
 
 fn range_request(kind: u32, sector: u64, n: u32, flags: u32, l: &Limits) -> Parsed {
     let m = mem();
     header(&m, kind, 0);
     range(&m, sector, n, flags);
-    parse_chain(&m, &[desc(HDR, 16, 0), desc(DATA, 16, 0), desc(STATUS, 1, F_WRITE)], l).0
+    parse_chain(
+        &m,
+        &[
+            desc(HDR, 16, 0),
+            desc(DATA, 16, 0),
+            desc(STATUS, 1, F_WRITE),
+        ],
+        l,
+    )
+    .0
 }
 
 #[test]
 fn write_zeroes_and_discard_ranges_are_checked() {
     let mut l = limits();
     let p = range_request(VIRTIO_BLK_T_WRITE_ZEROES, 4, 8, 1, &l);
-    assert_eq!(p.request, Ok(Request::WriteZeroes { pos: 2048, len: 4096 }));
+    assert_eq!(
+        p.request,
+        Ok(Request::WriteZeroes {
+            pos: 2048,
+            len: 4096
+        })
+    );
     let p = range_request(VIRTIO_BLK_T_WRITE_ZEROES, 2047, 2, 0, &l);
     assert!(matches!(p.request, Err(RequestError::OutOfRange { .. })));
     let p = range_request(VIRTIO_BLK_T_WRITE_ZEROES, 0, 8, 4, &l);
@@ -212,7 +271,11 @@ fn write_zeroes_and_discard_ranges_are_checked() {
     let p = range_request(VIRTIO_BLK_T_DISCARD, 0, 8, 0, &l);
     assert_eq!(p.request, Ok(Request::Discard { pos: 0, len: 4096 }));
     let p = range_request(VIRTIO_BLK_T_DISCARD, 0, 8, 1, &l);
-    assert_eq!(status_of(&p), Some(VIRTIO_BLK_S_UNSUPP as u8), "unmap flag is reserved for discard");
+    assert_eq!(
+        status_of(&p),
+        Some(VIRTIO_BLK_S_UNSUPP as u8),
+        "unmap flag is reserved for discard"
+    );
     let p = range_request(VIRTIO_BLK_T_DISCARD, 0, 1 << 17, 0, &l);
     assert!(matches!(p.request, Err(RequestError::TooLarge(_))));
     l.readonly = true;
@@ -258,7 +321,8 @@ fn an_indirect_chain_parses_like_a_direct_one() {
         SplitDescriptor::new(STATUS, 1, F_WRITE, 0),
     ];
     for (i, e) in entries.iter().enumerate() {
-        m.write_obj(RawDescriptor::from(*e), GuestAddress(table + 16 * i as u64)).unwrap();
+        m.write_obj(RawDescriptor::from(*e), GuestAddress(table + 16 * i as u64))
+            .unwrap();
     }
     let q = MockSplitQueue::new(&m, 16);
     let chain = q
@@ -266,5 +330,11 @@ fn an_indirect_chain_parses_like_a_direct_one() {
         .unwrap();
     let mut segs = Vec::new();
     let p = parse(&m, chain.head_index(), chain, &limits(), &mut segs);
-    assert_eq!(p.request, Ok(Request::Read { pos: 1024, len: 1024 }));
+    assert_eq!(
+        p.request,
+        Ok(Request::Read {
+            pos: 1024,
+            len: 1024
+        })
+    );
 }

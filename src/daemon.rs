@@ -1,0 +1,147 @@
+//! The serve loop: accept a VMM, run the device until it disconnects, then
+//! accept the next one; on SIGTERM/SIGINT finish in-flight requests, sync
+//! the image, remove the socket and return.
+
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+use vhost::vhost_user::{Error as VhostUserError, Listener};
+use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+use crate::device::{BlkBackend, BlkDevice};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(
+        "cannot listen on {path}: {source} (is the directory writable? another daemon on it?)"
+    )]
+    Listen {
+        path: String,
+        source: vhost::vhost_user::Error,
+    },
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+    #[error("cannot start the vhost-user device: {0}")]
+    Device(String),
+    #[error("fdatasync of the image failed at shutdown: {0}; the image may miss recent writes")]
+    FinalSync(std::io::Error),
+}
+
+/// Shared between the serve loop and the signal thread.
+struct Shutdown {
+    requested: AtomicBool,
+    connection: Mutex<Option<ShutdownHandle>>,
+    socket: PathBuf,
+}
+
+impl Shutdown {
+    fn request(&self) {
+        self.requested.store(true, Ordering::SeqCst);
+        let handle = self
+            .connection
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        match handle {
+            Some(h) => h.shutdown(),
+            // Nobody connected: wake the blocking accept() with a connection
+            // of our own, which the loop drops once it sees the flag.
+            None => drop(UnixStream::connect(&self.socket)),
+        }
+    }
+
+    fn requested(&self) -> bool {
+        self.requested.load(Ordering::SeqCst)
+    }
+}
+
+/// Serves `dev` on `socket` until SIGTERM or SIGINT.
+pub fn serve(dev: Arc<BlkDevice>, socket: &Path) -> Result<(), DaemonError> {
+    let mut listener = Listener::new(socket, true).map_err(|source| DaemonError::Listen {
+        path: socket.display().to_string(),
+        source,
+    })?;
+    let shutdown = Arc::new(Shutdown {
+        requested: AtomicBool::new(false),
+        connection: Mutex::new(None),
+        socket: socket.to_path_buf(),
+    });
+    let mut signals = Signals::new([SIGTERM, SIGINT]).map_err(DaemonError::Signals)?;
+    let signal_handle = signals.handle();
+    let for_signals = shutdown.clone();
+    let signal_thread = std::thread::spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            log::info!("signal {sig}: finishing requests in flight, then exiting");
+            for_signals.request();
+        }
+    });
+    log::info!(
+        "serving {} bytes on {} ({} queues)",
+        dev.volume().capacity_bytes(),
+        socket.display(),
+        dev.options().queues
+    );
+    let result = serve_connections(&dev, &mut listener, &shutdown);
+    signal_handle.close();
+    let _ = signal_thread.join();
+    drop(listener);
+    let _ = std::fs::remove_file(socket);
+    result?;
+    dev.volume().flush().map_err(DaemonError::FinalSync)?;
+    log::info!("image synced, socket removed, exiting");
+    Ok(())
+}
+
+fn serve_connections(
+    dev: &Arc<BlkDevice>,
+    listener: &mut Listener,
+    shutdown: &Shutdown,
+) -> Result<(), DaemonError> {
+    let mut connections = 0u64;
+    while !shutdown.requested() {
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let backend = BlkBackend::new(dev.clone(), mem.clone());
+        let mut daemon = VhostUserDaemon::new("cryptblk".into(), backend.clone(), mem)
+            .map_err(|e| DaemonError::Device(e.to_string()))?;
+        if let Err(e) = daemon.start(listener) {
+            log::warn!("accepting a connection failed: {e}");
+            continue;
+        }
+        connections += 1;
+        *shutdown
+            .connection
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = daemon.shutdown_handle();
+        if shutdown.requested() {
+            daemon.request_shutdown();
+        } else {
+            log::info!("frontend connected (connection {connections})");
+        }
+        match daemon.wait() {
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                VhostUserError::Disconnected | VhostUserError::PartialMessage,
+            )) => log::info!("frontend disconnected"),
+            Err(e) => log::warn!("connection ended with an error: {e}"),
+        }
+        shutdown
+            .connection
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        // Dropping the daemon stops and joins the vring threads; each
+        // finishes the batch it is in first, so no accepted request is cut.
+        backend.signal_exit();
+        drop(daemon);
+        backend.close_exit_fds();
+        if let Err(e) = dev.volume().flush() {
+            log::error!("fdatasync after disconnect failed: {e}");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,155 @@
+//! `VhostUserBackend` for the block device: per-queue state, one vring
+//! thread per queue, no lock shared between queues on the data path.
+
+use std::io;
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::{VhostUserBackend, VringRwLock};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use super::blk::{BlkDevice, Workspace};
+use super::config_space::{config_window, protocol_features, virtio_features};
+use super::queue::process_vring;
+
+type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
+
+/// The backend of one vhost-user connection. A new one is made for every
+/// connection, so nothing a previous VMM negotiated leaks into the next.
+pub struct BlkBackend {
+    dev: Arc<BlkDevice>,
+    mem: RwLock<Mem>,
+    event_idx: AtomicBool,
+    /// One per queue; only that queue's vring thread (and stop_vring, to
+    /// wait for it) ever locks it.
+    workspaces: Vec<Mutex<Workspace>>,
+    exit_events: Mutex<Vec<(EventNotifier, RawFd)>>,
+}
+
+impl BlkBackend {
+    pub fn new(dev: Arc<BlkDevice>, mem: Mem) -> Arc<Self> {
+        let opts = dev.options();
+        let workspaces = (0..opts.queues)
+            .map(|_| Mutex::new(Workspace::new(opts.queue_size)))
+            .collect();
+        Arc::new(BlkBackend {
+            dev,
+            mem: RwLock::new(mem),
+            event_idx: AtomicBool::new(false),
+            workspaces,
+            exit_events: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Tells every vring thread to finish its current batch and exit.
+    pub fn signal_exit(&self) {
+        for (notifier, _) in lock(&self.exit_events).iter() {
+            let _ = notifier.notify();
+        }
+    }
+
+    /// vhost-user-backend leaks the exit-event consumer fds it registers
+    /// (FACTS.md); close them once the connection's threads are gone.
+    pub fn close_exit_fds(&self) {
+        for (_, fd) in lock(&self.exit_events).drain(..) {
+            // SAFETY: the fd came from into_raw_fd() inside the crate and
+            // nothing uses it after the vring threads have been joined.
+            unsafe { libc::close(fd) };
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl VhostUserBackend for BlkBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        self.dev.options().queues
+    }
+
+    fn max_queue_size(&self) -> usize {
+        self.dev.options().queue_size as usize
+    }
+
+    fn features(&self) -> u64 {
+        virtio_features(self.dev.options())
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        protocol_features()
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Release);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        config_window(self.dev.config_space(), offset, size)
+    }
+
+    fn update_memory(&self, mem: Mem) -> io::Result<()> {
+        *self.mem.write().unwrap_or_else(|p| p.into_inner()) = mem;
+        Ok(())
+    }
+
+    /// One thread per queue: bit i of entry i.
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.num_queues()).map(|i| 1u64 << i).collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        let (consumer, notifier) = new_event_consumer_and_notifier(EventFlag::CLOEXEC).ok()?;
+        let keep = notifier.try_clone().ok()?;
+        lock(&self.exit_events).push((keep, consumer.as_raw_fd()));
+        Some((consumer, notifier))
+    }
+
+    /// GET_VRING_BASE: the ring is already marked not ready; wait until the
+    /// queue's thread has finished (and completed) the batch it is in, so
+    /// the reported base never includes a request we have not answered.
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        if let Some(ws) = self.workspaces.get(queue_index as usize) {
+            drop(lock(ws));
+        }
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            return Err(io::Error::other(format!("unexpected event set {evset:?}")));
+        }
+        let (Some(vring), Some(ws)) = (
+            vrings.get(device_event as usize),
+            self.workspaces.get(thread_id),
+        ) else {
+            return Err(io::Error::other(format!(
+                "event for unknown queue {device_event}"
+            )));
+        };
+        let mut ws = lock(ws);
+        let mem = self.mem.read().unwrap_or_else(|p| p.into_inner()).memory();
+        process_vring(
+            &self.dev,
+            vring,
+            &mem,
+            self.event_idx.load(Ordering::Acquire),
+            &mut ws,
+        )
+    }
+}

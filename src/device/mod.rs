@@ -1,0 +1,12 @@
+//! The vhost-user-blk device: features and config space, per-queue request
+//! processing, and the `VhostUserBackend` glue.
+
+mod backend;
+mod blk;
+mod config_space;
+mod queue;
+mod ratelimit;
+
+pub use backend::BlkBackend;
+pub use blk::BlkDevice;
+pub use config_space::DeviceOptions;

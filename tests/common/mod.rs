@@ -1,0 +1,212 @@
+//! Shared helpers for socket tests: start the real daemon, drive it with
+//! libblkio's virtio-blk-vhost-user client.
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::mem::MaybeUninit;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_cryptblk");
+
+pub struct Daemon {
+    pub child: Child,
+    pub socket: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `cryptblk serve --socket <dir>/s.sock ARGS` and waits for the socket.
+    pub fn start(dir: &Path, args: &[&str]) -> Daemon {
+        let socket = dir.join("s.sock");
+        let child = Command::new(BIN)
+            .arg("serve")
+            .arg("--socket")
+            .arg(&socket)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn cryptblk");
+        let mut d = Daemon { child, socket };
+        d.wait_for_socket();
+        d
+    }
+
+    fn wait_for_socket(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.socket.exists() {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("cryptblk exited early: {status}");
+            }
+            assert!(Instant::now() < deadline, "socket never appeared");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// Sends SIGTERM and returns the exit status (panics after 30 s).
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        self.signal(libc::SIGTERM);
+        self.wait_exit(Duration::from_secs(30))
+    }
+
+    pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("cryptblk did not exit in time");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.alive() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A synchronous libblkio client: one request at a time per call.
+pub struct Client {
+    blkio: Blkio,
+    queues: Vec<Blkioq>,
+    region: MemoryRegion,
+}
+
+impl Client {
+    pub fn connect(socket: &Path, queues: i32) -> Client {
+        Self::connect_with(socket, queues, false)
+    }
+
+    pub fn connect_with(socket: &Path, queues: i32, read_only: bool) -> Client {
+        let mut blkio = Blkio::new("virtio-blk-vhost-user").expect("blkio driver");
+        blkio.set_str("path", socket.to_str().unwrap()).unwrap();
+        blkio.set_bool("read-only", read_only).unwrap();
+        blkio.connect().expect("connect");
+        blkio.set_i32("num-queues", queues).unwrap();
+        let outcome = blkio.start().expect("start");
+        let region = blkio.alloc_mem_region(4 << 20).unwrap();
+        blkio.map_mem_region(&region).unwrap();
+        Client {
+            blkio,
+            queues: outcome.queues,
+            region,
+        }
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.blkio.get_u64("capacity").unwrap()
+    }
+
+    pub fn blkio_read_only(&self) -> bool {
+        self.blkio.get_bool("read-only").unwrap()
+    }
+
+    fn buf(&self) -> *mut u8 {
+        self.region.addr as *mut u8
+    }
+
+    fn wait(&mut self, q: usize) -> i32 {
+        let mut c = [MaybeUninit::<Completion>::uninit()];
+        let mut timeout = Duration::from_secs(20);
+        let n = self.queues[q]
+            .do_io(&mut c, 1, Some(&mut timeout), None)
+            .expect("do_io");
+        assert_eq!(n, 1, "no completion within 20 s");
+        // SAFETY: do_io initialised n completions.
+        unsafe { c[0].assume_init_ref() }.ret
+    }
+
+    pub fn write(&mut self, q: usize, offset: u64, data: &[u8]) -> i32 {
+        assert!(data.len() <= self.region.len);
+        // SAFETY: the region is ours, mapped, and at least data.len() long.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.buf(), data.len()) };
+        let buf = self.buf();
+        self.queues[q].write(offset, buf, data.len(), 0, ReqFlags::empty());
+        self.wait(q)
+    }
+
+    pub fn read(&mut self, q: usize, offset: u64, len: usize) -> Result<Vec<u8>, i32> {
+        let buf = self.buf();
+        self.queues[q].read(offset, buf, len, 0, ReqFlags::empty());
+        let ret = self.wait(q);
+        if ret != 0 {
+            return Err(ret);
+        }
+        let mut out = vec![0u8; len];
+        // SAFETY: the request filled len bytes of our region.
+        unsafe { std::ptr::copy_nonoverlapping(self.buf(), out.as_mut_ptr(), len) };
+        Ok(out)
+    }
+
+    pub fn flush(&mut self, q: usize) -> i32 {
+        self.queues[q].flush(0, ReqFlags::empty());
+        self.wait(q)
+    }
+
+    pub fn write_zeroes(&mut self, q: usize, offset: u64, len: u64) -> i32 {
+        self.queues[q].write_zeroes(offset, len, 0, ReqFlags::empty());
+        self.wait(q)
+    }
+
+    pub fn discard(&mut self, q: usize, offset: u64, len: u64) -> i32 {
+        self.queues[q].discard(offset, len, 0, ReqFlags::empty());
+        self.wait(q)
+    }
+}
+
+/// A pattern unique to (seed, byte offset) in every 512-byte unit.
+pub fn pattern(seed: u64, offset: u64, len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len);
+    let mut unit = offset / 512;
+    while out.len() < len {
+        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ unit;
+        for _ in 0..64 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            out.extend_from_slice(&x.to_le_bytes());
+        }
+        unit += 1;
+    }
+    out.truncate(len);
+    out
+}
+
+pub fn write_key(dir: &Path, bytes: usize) -> (PathBuf, Vec<u8>) {
+    let key: Vec<u8> = (0..bytes)
+        .map(|i| (i as u8).wrapping_mul(101).wrapping_add(7))
+        .collect();
+    let path = dir.join("key.bin");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .unwrap();
+    f.write_all(&key).unwrap();
+    (path, key)
+}
+
+use std::os::unix::fs::OpenOptionsExt;

@@ -1,0 +1,239 @@
+//! The real daemon driven through its unix socket by libblkio.
+
+mod common;
+
+use common::*;
+use cryptblk::crypto::{IvRule, SectorCipher, XtsKey};
+
+fn cipher(key: &[u8], sector_size: usize, skip: u64) -> SectorCipher {
+    let k = XtsKey::from_bytes(key).unwrap();
+    SectorCipher::new(
+        Some(&k),
+        IvRule {
+            sector_size,
+            large_sectors: false,
+            skip,
+        },
+    )
+}
+
+#[test]
+fn writes_read_back_and_the_image_holds_dm_crypt_ciphertext() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key_path, key) = write_key(dir.path(), 64);
+    let img = dir.path().join("disk.img");
+    let d = Daemon::start(
+        dir.path(),
+        &[
+            "--image",
+            img.to_str().unwrap(),
+            "--size",
+            "16M",
+            "--key-file",
+            key_path.to_str().unwrap(),
+            "--offset",
+            "8",
+            "--skip",
+            "16",
+            "--queues",
+            "1",
+        ],
+    );
+    let mut c = Client::connect(&d.socket, 1);
+    assert_eq!(c.capacity(), 16 << 20);
+    let data = pattern(1, 65536, 256 * 1024);
+    assert_eq!(c.write(0, 65536, &data), 0);
+    assert_eq!(c.flush(0), 0);
+    assert_eq!(c.read(0, 65536, data.len()).unwrap(), data);
+    drop(c);
+    assert!(d.terminate().success());
+
+    // dm-crypt's view: payload after 8 sectors, IV = sector + 16.
+    let raw = std::fs::read(&img).unwrap();
+    let mut expect = data.clone();
+    cipher(&key, 512, 16).encrypt(65536 / 512, &mut expect);
+    assert_eq!(&raw[4096 + 65536..4096 + 65536 + data.len()], &expect[..]);
+    assert!(
+        !raw.windows(32).any(|w| w == &data[..32]),
+        "plaintext found in the image"
+    );
+}
+
+#[test]
+fn several_queues_in_parallel_and_4k_sectors() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key_path, _) = write_key(dir.path(), 32);
+    let img = dir.path().join("disk.img");
+    let d = Daemon::start(
+        dir.path(),
+        &[
+            "--image",
+            img.to_str().unwrap(),
+            "--size",
+            "8M",
+            "--key-file",
+            key_path.to_str().unwrap(),
+            "--key-size",
+            "256",
+            "--sector-size",
+            "4096",
+            "--queues",
+            "4",
+        ],
+    );
+    let mut c = Client::connect(&d.socket, 4);
+    for q in 0..4 {
+        let off = q as u64 * (1 << 20);
+        assert_eq!(c.write(q, off, &pattern(q as u64, off, 65536)), 0);
+    }
+    for q in 0..4 {
+        let off = q as u64 * (1 << 20);
+        // read each region back through another queue
+        assert_eq!(
+            c.read((q + 1) % 4, off, 65536).unwrap(),
+            pattern(q as u64, off, 65536)
+        );
+    }
+    // A read that is not a multiple of the 4 KiB block size is refused.
+    assert!(c.read(0, 0, 512).is_err());
+    assert_eq!(c.write_zeroes(0, 0, 8192), 0);
+    assert_eq!(c.read(1, 0, 8192).unwrap(), vec![0u8; 8192]);
+    drop(c);
+    assert!(d.terminate().success());
+}
+
+#[test]
+fn data_survives_reconnects_and_daemon_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key_path, _) = write_key(dir.path(), 64);
+    let img = dir.path().join("disk.img");
+    let args = [
+        "--image",
+        img.to_str().unwrap(),
+        "--size",
+        "4M",
+        "--key-file",
+        key_path.to_str().unwrap(),
+        "--queues",
+        "2",
+    ];
+    let mut d = Daemon::start(dir.path(), &args);
+    for round in 0..5u64 {
+        let mut c = Client::connect(&d.socket, 2);
+        if round > 0 {
+            assert_eq!(
+                c.read(0, round * 8192 - 8192, 8192).unwrap(),
+                pattern(round - 1, 0, 8192)
+            );
+        }
+        assert_eq!(
+            c.write((round % 2) as usize, round * 8192, &pattern(round, 0, 8192)),
+            0
+        );
+        drop(c); // VMM goes away; the daemon must serve the next one
+    }
+    assert!(d.alive());
+    let status = d.terminate();
+    assert!(status.success(), "{status}");
+    assert!(!dir.path().join("s.sock").exists(), "socket left behind");
+
+    let d = Daemon::start(dir.path(), &args);
+    let mut c = Client::connect(&d.socket, 2);
+    for round in 0..5u64 {
+        assert_eq!(
+            c.read(1, round * 8192, 8192).unwrap(),
+            pattern(round, 0, 8192)
+        );
+    }
+    drop(c);
+    assert!(d.terminate().success());
+}
+
+#[test]
+fn sigterm_while_connected_exits_cleanly_and_keeps_acknowledged_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key_path, key) = write_key(dir.path(), 64);
+    let img = dir.path().join("disk.img");
+    let d = Daemon::start(
+        dir.path(),
+        &[
+            "--image",
+            img.to_str().unwrap(),
+            "--size",
+            "4M",
+            "--key-file",
+            key_path.to_str().unwrap(),
+            "--queues",
+            "1",
+        ],
+    );
+    let mut c = Client::connect(&d.socket, 1);
+    let data = pattern(9, 0, 1 << 20);
+    assert_eq!(c.write(0, 0, &data), 0);
+    let status = d.terminate(); // client still connected
+    assert!(status.success(), "{status}");
+    drop(c);
+    let raw = std::fs::read(&img).unwrap();
+    let mut expect = data.clone();
+    cipher(&key, 512, 0).encrypt(0, &mut expect);
+    assert_eq!(&raw[..data.len()], &expect[..]);
+}
+
+#[test]
+fn readonly_disk_refuses_writes_and_plaintext_mode_stores_plaintext() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    let data = pattern(3, 0, 65536);
+    let mut content = data.clone();
+    content.resize(1 << 20, 0);
+    std::fs::write(&img, &content).unwrap();
+    let d = Daemon::start(
+        dir.path(),
+        &[
+            "--image",
+            img.to_str().unwrap(),
+            "--cipher",
+            "none",
+            "--readonly",
+            "--queues",
+            "1",
+        ],
+    );
+    let mut c = Client::connect_with(&d.socket, 1, true);
+    assert_eq!(c.read(0, 0, 65536).unwrap(), data);
+    assert!(c.blkio_read_only(), "device did not offer VIRTIO_BLK_F_RO");
+    drop(c);
+    assert!(d.terminate().success());
+    assert_eq!(std::fs::read(&img).unwrap(), content);
+}
+
+#[test]
+fn bad_options_fail_with_a_message_and_no_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("missing.img");
+    let out = std::process::Command::new(BIN)
+        .args(["serve", "--socket"])
+        .arg(dir.path().join("s.sock"))
+        .args(["--image", img.to_str().unwrap(), "--cipher", "none"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--size"), "{err}");
+    let (key_path, _) = write_key(dir.path(), 48);
+    let out = std::process::Command::new(BIN)
+        .args([
+            "serve",
+            "--socket",
+            "/tmp/x.sock",
+            "--image",
+            "/dev/null",
+            "--key-file",
+            key_path.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("48 bytes"), "{err}");
+}
