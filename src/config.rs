@@ -7,7 +7,10 @@ use clap::{Args, ValueEnum};
 use serde::Deserialize;
 
 use crate::crypto::{IvRule, KeyError, SectorCipher, XtsKey, SECTOR_SIZES};
-use crate::device::DeviceOptions;
+use crate::device::{CryptoMode, DeviceOptions};
+
+/// Where splitting a request across workers starts to pay (see README).
+const DEFAULT_SPLIT_THRESHOLD: u64 = 128 << 10;
 use crate::volume::{open_image, ImageOptions, Volume, VolumeError};
 
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +106,15 @@ pub struct ServeArgs {
     /// Serial number returned by GET_ID (at most 20 bytes).
     #[arg(long)]
     pub serial: Option<String>,
+    /// Where crypto runs: inline (vring thread), workers (pool) or auto.
+    #[arg(long, value_enum)]
+    pub crypto: Option<CryptoMode>,
+    /// Worker threads for --crypto workers/auto (default: one per queue).
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Reads/writes at least this large are split across workers (default 128K).
+    #[arg(long, value_name = "BYTES")]
+    pub split_threshold: Option<String>,
     /// error, warn, info, debug or trace (default: RUST_LOG, else info).
     #[arg(long)]
     pub log_level: Option<String>,
@@ -210,6 +222,21 @@ impl ServeConfig {
             return Err(ConfigError::Missing("--key-file (or --cipher none)"));
         }
         let create_size = a.size.as_deref().map(parse_size).transpose()?;
+        let workers = a.workers.unwrap_or(queues);
+        if !(1..=256).contains(&workers) {
+            return invalid("--workers", workers, "use 1 to 256");
+        }
+        let split_threshold = match a.split_threshold.as_deref() {
+            Some(s) => parse_size(s)?,
+            None => DEFAULT_SPLIT_THRESHOLD,
+        };
+        if split_threshold % sector_size as u64 != 0 {
+            return invalid(
+                "--split-threshold",
+                split_threshold,
+                "must be a multiple of the sector size",
+            );
+        }
         Ok(ServeConfig {
             socket,
             device: DeviceOptions {
@@ -218,6 +245,9 @@ impl ServeConfig {
                 readonly,
                 allow_discards: a.allow_discards.unwrap_or(false),
                 serial,
+                crypto: a.crypto.unwrap_or(CryptoMode::Inline),
+                workers,
+                split_threshold: split_threshold as usize,
             },
             log_level: a.log_level,
             image: ImageSpec {

@@ -105,7 +105,8 @@ fn serve_connections(
     let mut connections = 0u64;
     while !shutdown.requested() {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let backend = BlkBackend::new(dev.clone(), mem.clone());
+        let backend = BlkBackend::new(dev.clone(), mem.clone())
+            .map_err(|e| DaemonError::Device(format!("cannot start crypto workers: {e}")))?;
         let mut daemon = VhostUserDaemon::new("cryptblk".into(), backend.clone(), mem)
             .map_err(|e| DaemonError::Device(e.to_string()))?;
         if let Err(e) = daemon.start(listener) {

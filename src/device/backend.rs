@@ -15,8 +15,9 @@ use vmm_sys_util::event::{
 };
 
 use super::blk::{BlkDevice, Workspace};
-use super::config_space::{config_window, protocol_features, virtio_features};
-use super::queue::process_vring;
+use super::config_space::{config_window, protocol_features, virtio_features, CryptoMode};
+use super::pool::Pool;
+use super::queue::{process_vring, QueueCtx};
 
 type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
 
@@ -24,6 +25,8 @@ type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
 /// connection, so nothing a previous VMM negotiated leaks into the next.
 pub struct BlkBackend {
     dev: Arc<BlkDevice>,
+    /// The worker pool (`workers` and `auto` modes).
+    pool: Option<Pool>,
     mem: RwLock<Mem>,
     event_idx: AtomicBool,
     /// One per queue; only that queue's vring thread (and stop_vring, to
@@ -33,18 +36,23 @@ pub struct BlkBackend {
 }
 
 impl BlkBackend {
-    pub fn new(dev: Arc<BlkDevice>, mem: Mem) -> Arc<Self> {
+    pub fn new(dev: Arc<BlkDevice>, mem: Mem) -> io::Result<Arc<Self>> {
         let opts = dev.options();
         let workspaces = (0..opts.queues)
             .map(|_| Mutex::new(Workspace::new(opts.queue_size)))
             .collect();
-        Arc::new(BlkBackend {
+        let pool = match opts.crypto {
+            CryptoMode::Inline => None,
+            CryptoMode::Workers | CryptoMode::Auto => Some(Pool::new(&dev)?),
+        };
+        Ok(Arc::new(BlkBackend {
             dev,
+            pool,
             mem: RwLock::new(mem),
             event_idx: AtomicBool::new(false),
             workspaces,
             exit_events: Mutex::new(Vec::new()),
-        })
+        }))
     }
 
     /// Tells every vring thread to finish its current batch and exit.
@@ -121,6 +129,9 @@ impl VhostUserBackend for BlkBackend {
         if let Some(ws) = self.workspaces.get(queue_index as usize) {
             drop(lock(ws));
         }
+        if let Some(pool) = &self.pool {
+            pool.wait_idle(queue_index as usize);
+        }
         Ok(())
     }
 
@@ -143,13 +154,18 @@ impl VhostUserBackend for BlkBackend {
             )));
         };
         let mut ws = lock(ws);
-        let mem = self.mem.read().unwrap_or_else(|p| p.into_inner()).memory();
-        process_vring(
-            &self.dev,
-            vring,
-            &mem,
-            self.event_idx.load(Ordering::Acquire),
-            &mut ws,
-        )
+        let mem = self
+            .mem
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .memory()
+            .into_inner();
+        let ctx = QueueCtx {
+            dev: &self.dev,
+            pool: self.pool.as_ref(),
+            queue: thread_id,
+            event_idx: self.event_idx.load(Ordering::Acquire),
+        };
+        process_vring(&ctx, vring, &mem, &mut ws)
     }
 }

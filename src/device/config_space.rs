@@ -14,6 +14,18 @@ pub const SIZE_MAX: u32 = 1 << 20;
 const MAX_DISCARD_SECTORS: u32 = 1 << 22;
 const MAX_WRITE_ZEROES_SECTORS: u32 = 1 << 16;
 
+/// Where a request's crypto (and I/O) runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CryptoMode {
+    /// On the vring thread that popped the request (no hand-off).
+    Inline,
+    /// On a bounded pool of worker threads; large requests are split.
+    Workers,
+    /// Inline below --split-threshold, split across workers above it.
+    Auto,
+}
+
 /// What the operator chose for the device (not the image).
 #[derive(Debug, Clone)]
 pub struct DeviceOptions {
@@ -22,6 +34,9 @@ pub struct DeviceOptions {
     pub readonly: bool,
     pub allow_discards: bool,
     pub serial: String,
+    pub crypto: CryptoMode,
+    pub workers: usize,
+    pub split_threshold: usize,
 }
 
 pub fn virtio_features(opts: &DeviceOptions) -> u64 {
@@ -120,6 +135,9 @@ mod tests {
             readonly: false,
             allow_discards: false,
             serial: "x".into(),
+            crypto: CryptoMode::Inline,
+            workers: 1,
+            split_threshold: 128 << 10,
         }
     }
 

@@ -4,9 +4,10 @@
 mod backend;
 mod blk;
 mod config_space;
+mod pool;
 mod queue;
 mod ratelimit;
 
 pub use backend::BlkBackend;
 pub use blk::BlkDevice;
-pub use config_space::DeviceOptions;
+pub use config_space::{CryptoMode, DeviceOptions};

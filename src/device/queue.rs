@@ -1,53 +1,79 @@
-//! One virtqueue's loop: pop chains, parse, execute, complete, notify.
+//! One virtqueue's loop: pop chains, parse, then run each request inline
+//! (on this vring thread) or hand it to the worker pool.
 
 use std::io;
+use std::sync::Arc;
 
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::blk::{BlkDevice, Workspace};
+use super::config_space::CryptoMode;
+use super::pool::{Accepted, Pool};
 use super::ratelimit::RateLimited;
-use crate::virtio::{parse, Parsed, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
+use crate::virtio::{parse, Parsed, Request, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 
-static GUEST_ERRORS: RateLimited = RateLimited::new(10);
-static IO_ERRORS: RateLimited = RateLimited::new(10);
+pub static GUEST_ERRORS: RateLimited = RateLimited::new(10);
+pub static IO_ERRORS: RateLimited = RateLimited::new(10);
+
+/// What one vring thread needs to serve its queue.
+pub struct QueueCtx<'a> {
+    pub dev: &'a BlkDevice,
+    pub pool: Option<&'a Pool>,
+    pub queue: usize,
+    pub event_idx: bool,
+}
 
 /// Drains the available ring. With EVENT_IDX the guest is only kicked for
 /// new work after notifications are re-enabled, so loop until it stays empty.
 pub fn process_vring(
-    dev: &BlkDevice,
+    ctx: &QueueCtx<'_>,
     vring: &VringRwLock,
-    mem: &GuestMemoryMmap,
-    event_idx: bool,
+    mem: &Arc<GuestMemoryMmap>,
     ws: &mut Workspace,
 ) -> io::Result<()> {
     loop {
-        if event_idx {
+        if ctx.event_idx {
             vring.disable_notification().map_err(io::Error::other)?;
         }
-        drain(dev, vring, mem, ws)?;
-        if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
+        drain(ctx, vring, mem, ws)?;
+        if !ctx.event_idx || !vring.enable_notification().map_err(io::Error::other)? {
             return Ok(());
         }
     }
 }
 
 fn drain(
-    dev: &BlkDevice,
+    ctx: &QueueCtx<'_>,
     vring: &VringRwLock,
-    mem: &GuestMemoryMmap,
+    mem: &Arc<GuestMemoryMmap>,
     ws: &mut Workspace,
 ) -> io::Result<()> {
     let mut completed = false;
     loop {
-        let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(mem);
+        let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(&**mem);
         let Some(chain) = chain else { break };
         let head = chain.head_index();
-        let parsed = parse(mem, head, chain, dev.limits(), &mut ws.segments);
-        let used = complete(dev, mem, parsed, ws);
-        vring.add_used(head, used).map_err(io::Error::other)?;
-        completed = true;
+        let parsed = parse(&**mem, head, chain, ctx.dev.limits(), &mut ws.segments);
+        match (to_pool(ctx, &parsed), parsed.status) {
+            (Some((pool, request)), Some(status)) => pool.submit(
+                vring,
+                mem,
+                Accepted {
+                    queue: ctx.queue,
+                    head,
+                    status,
+                    request,
+                },
+                &ws.segments,
+            ),
+            _ => {
+                let used = complete(ctx.dev, &**mem, parsed, ws);
+                vring.add_used(head, used).map_err(io::Error::other)?;
+                completed = true;
+            }
+        }
     }
     if completed && vring.needs_notification().map_err(io::Error::other)? {
         vring.signal_used_queue()?;
@@ -55,8 +81,30 @@ fn drain(
     Ok(())
 }
 
-/// Executes a parsed chain and writes its status byte. Returns the used
-/// length: bytes written into guest memory, status included.
+/// The placement decision: valid requests go to the pool in `workers`
+/// mode; in `auto` only those the pool would split across workers do.
+fn to_pool<'a>(ctx: &QueueCtx<'a>, parsed: &Parsed) -> Option<(&'a Pool, Request)> {
+    let pool = ctx.pool?;
+    let request = *parsed.request.as_ref().ok()?;
+    match ctx.dev.options().crypto {
+        CryptoMode::Inline => None,
+        CryptoMode::Workers => Some((pool, request)),
+        CryptoMode::Auto => pool.wants(&request).then_some((pool, request)),
+    }
+}
+
+/// Returns a chain to the guest from any thread and interrupts it if the
+/// event-index rules say so.
+pub fn finish_chain(vring: &VringRwLock, head: u16, used: u32) -> io::Result<()> {
+    vring.add_used(head, used).map_err(io::Error::other)?;
+    if vring.needs_notification().map_err(io::Error::other)? {
+        vring.signal_used_queue()?;
+    }
+    Ok(())
+}
+
+/// Executes a parsed chain on this thread and writes its status byte.
+/// Returns the used length: bytes written into guest memory, status included.
 pub fn complete<M: GuestMemoryBackend>(
     dev: &BlkDevice,
     mem: &M,
