@@ -113,7 +113,11 @@ impl SectorCipher {
         assert!(len % size == 0, "crypto on a partial sector");
         let Some(xts) = &self.xts else { return };
         for i in 0..len / size {
-            f(xts, self.rule.iv(first + i as u64), i * size..(i + 1) * size);
+            f(
+                xts,
+                self.rule.iv(first.wrapping_add(i as u64)),
+                i * size..(i + 1) * size,
+            );
         }
     }
 }
