@@ -115,7 +115,7 @@ impl SectorCipher {
         for i in 0..len / size {
             f(
                 xts,
-                self.rule.iv(first + i as u64),
+                self.rule.iv(first.wrapping_add(i as u64)),
                 i * size..(i + 1) * size,
             );
         }

@@ -1,4 +1,4 @@
-//! AES-XTS (IEEE 1619) over whole sectors, built on `aes`'s multi-block calls.
+//! The portable AES-XTS kernel: safe code over `aes`'s multi-block calls.
 //!
 //! A naive XTS spends its time on the tweak sequence and the XORs, not in AES
 //! (shared/notes/FACTS.md). This kernel computes a sector's tweaks once, XORs
@@ -8,26 +8,26 @@
 use aes::cipher::{Array, BlockCipherDecrypt, BlockCipherEncrypt, KeyInit};
 use aes::{Aes128, Aes256};
 
-use super::XtsKey;
-
 type Block = Array<u8, aes::cipher::consts::U16>;
 
 /// Largest sector we handle: 4096 bytes = 256 blocks.
 const MAX_BLOCKS: usize = 256;
 
-// Boxing the key schedules would add a pointer chase per sector for no gain.
+// One per volume, never moved in a hot path: the size gap is harmless.
 #[allow(clippy::large_enum_variant)]
 enum Pair {
     Aes128 { data: Aes128, tweak: Aes128 },
     Aes256 { data: Aes256, tweak: Aes256 },
 }
 
-/// An expanded XTS key. The round keys are zeroized by `aes` on drop.
-pub struct Xts(Pair);
+/// An expanded XTS key. The round keys are zeroized by `aes` on drop (its
+/// `zeroize` feature).
+pub(super) struct Portable(Pair);
 
-impl Xts {
-    pub fn new(key: &XtsKey) -> Self {
-        let (k1, k2) = key.bytes().split_at(key.bytes().len() / 2);
+impl Portable {
+    /// `key` is 32 or 64 bytes (checked by `XtsKey`).
+    pub(super) fn new(key: &[u8]) -> Self {
+        let (k1, k2) = key.split_at(key.len() / 2);
         let pair = if k1.len() == 16 {
             Pair::Aes128 {
                 data: Aes128::new_from_slice(k1).expect("16-byte key"),
@@ -39,31 +39,31 @@ impl Xts {
                 tweak: Aes256::new_from_slice(k2).expect("32-byte key"),
             }
         };
-        Xts(pair)
+        Portable(pair)
     }
 
-    pub fn encrypt_sector(&self, iv: u64, sector: &mut [u8]) {
+    pub(super) fn encrypt_sector(&self, iv: u64, sector: &mut [u8]) {
         match &self.0 {
             Pair::Aes128 { data, tweak } => sector_inplace(data, tweak, iv, sector, encrypt),
             Pair::Aes256 { data, tweak } => sector_inplace(data, tweak, iv, sector, encrypt),
         }
     }
 
-    pub fn decrypt_sector(&self, iv: u64, sector: &mut [u8]) {
+    pub(super) fn decrypt_sector(&self, iv: u64, sector: &mut [u8]) {
         match &self.0 {
             Pair::Aes128 { data, tweak } => sector_inplace(data, tweak, iv, sector, decrypt),
             Pair::Aes256 { data, tweak } => sector_inplace(data, tweak, iv, sector, decrypt),
         }
     }
 
-    pub fn encrypt_sector_to(&self, iv: u64, src: &[u8], dst: &mut [u8]) {
+    pub(super) fn encrypt_sector_to(&self, iv: u64, src: &[u8], dst: &mut [u8]) {
         match &self.0 {
             Pair::Aes128 { data, tweak } => sector_copy(data, tweak, iv, src, dst, encrypt),
             Pair::Aes256 { data, tweak } => sector_copy(data, tweak, iv, src, dst, encrypt),
         }
     }
 
-    pub fn decrypt_sector_to(&self, iv: u64, src: &[u8], dst: &mut [u8]) {
+    pub(super) fn decrypt_sector_to(&self, iv: u64, src: &[u8], dst: &mut [u8]) {
         match &self.0 {
             Pair::Aes128 { data, tweak } => sector_copy(data, tweak, iv, src, dst, decrypt),
             Pair::Aes256 { data, tweak } => sector_copy(data, tweak, iv, src, dst, decrypt),
@@ -106,12 +106,21 @@ fn xor_block(b: &mut Block, t: u128) {
     *b = Block::from((u128::from_le_bytes((*b).into()) ^ t).to_le_bytes());
 }
 
+/// A data unit the kernel would otherwise silently mangle (a partial block
+/// left out, or blocks beyond the tweak table) is a caller bug.
+fn check_len(blocks: usize, rest: usize) {
+    assert!(
+        rest == 0 && (1..=MAX_BLOCKS).contains(&blocks),
+        "XTS data unit must be 16..=4096 bytes in whole blocks"
+    );
+}
+
 fn sector_inplace<C>(data: &C, tweak: &C, iv: u64, sector: &mut [u8], op: fn(&C, &mut [Block]))
 where
     C: BlockCipherEncrypt + aes::cipher::BlockSizeUser<BlockSize = aes::cipher::consts::U16>,
 {
     let (blocks, rest) = Array::slice_as_chunks_mut(sector);
-    debug_assert!(rest.is_empty() && blocks.len() <= MAX_BLOCKS);
+    check_len(blocks.len(), rest.len());
     let mut tweaks = [0u128; MAX_BLOCKS];
     let mut t = first_tweak(tweak, iv);
     for (b, slot) in blocks.iter_mut().zip(tweaks.iter_mut()) {
@@ -137,7 +146,7 @@ fn sector_copy<C>(
 {
     let (src_blocks, _) = Array::<u8, aes::cipher::consts::U16>::slice_as_chunks(src);
     let (blocks, rest) = Array::slice_as_chunks_mut(dst);
-    debug_assert!(rest.is_empty() && blocks.len() <= MAX_BLOCKS);
+    check_len(blocks.len(), rest.len());
     let mut tweaks = [0u128; MAX_BLOCKS];
     let mut t = first_tweak(tweak, iv);
     for ((b, s), slot) in blocks.iter_mut().zip(src_blocks).zip(tweaks.iter_mut()) {
