@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # End-to-end test with a real VMM: a QEMU guest writes through a vhost-user-blk
-# backend into a LUKS1 image that qemu-img created, and the host checks that
-# the image holds no plaintext and that qemu-img's own LUKS driver (an
-# independent implementation) decrypts it to what the guest wrote.
+# backend into a LUKS1 image that qemu-img created. Two independent
+# implementations then read the image: the guest kernel's dm-crypt (cryptsetup
+# opens the image file, attached as a second, read-only disk) and, on the host,
+# qemu-img's luks driver; both must see exactly what the guest wrote, and the
+# image itself must hold no plaintext.
 #
-#   bash integration/e2e-qemu.sh             # BACKEND=cryptblk (default)
-#   BACKEND=qsd bash integration/e2e-qemu.sh # qemu-storage-daemon's luks export
+#   bash integration/e2e-qemu.sh                   # BACKEND=cryptblk (default)
+#   BACKEND=qsd bash integration/e2e-qemu.sh       # qemu-storage-daemon's luks export
+#   BACKEND=plaintext bash integration/e2e-qemu.sh # negative control: MUST fail
 #
-# Environment: BACKEND (cryptblk|qsd), CRYPTBLK (path to the binary; default:
+# Environment: BACKEND (cryptblk|qsd|plaintext), CRYPTBLK (path to the binary; default:
 # built here with cargo, profile E2E_PROFILE=debug|release), E2E_TIMEOUT
 # (seconds the guest may run, default 180), WORK_DIR (cache, default
 # integration/work). Exits 0 only if every check passed. Needs the tools from
@@ -35,8 +38,10 @@ PAT_A_OFF=$((36 << 20))
 PAT_A_LEN=$((4 << 20))
 PAT_B_LEN=$(((2 << 20) + 1536))
 PAT_B_OFF=$((DISK_BYTES - PAT_B_LEN))
+REF_SERIAL=dmcrypt-ref
 EXPECTED_RESULTS="modules disk-present disk-size queues raw-write raw-readback-a raw-readback-b
-  both-queues-used mkfs fs-write fsck fs-readback raw-intact-a raw-intact-b kernel-log"
+  both-queues-used mkfs fs-write fsck fs-readback raw-intact-a raw-intact-b
+  dmcrypt-open dmcrypt-pattern-a dmcrypt-pattern-b dmcrypt-files kernel-log"
 
 RUN=$WORK_DIR/e2e-$BACKEND
 SOCK=$RUN/vhost.sock
@@ -56,7 +61,7 @@ cleanup() {
     kill "$pid" 2>/dev/null || true
   done
   # The key and passphrase are test values, but still do not leave them around.
-  rm -f "$KEYFILE" "$PASSFILE"
+  rm -f "$KEYFILE" "$PASSFILE" "$RUN/initramfs/e2e/passphrase"
 }
 trap cleanup EXIT
 
@@ -74,7 +79,7 @@ gen_pattern() {
 check_tools() {
   need_tools qemu-system-x86_64 qemu-img cryptsetup busybox cpio awk cmp grep od \
     timeout debugfs e2fsck diff
-  [ "$BACKEND" != qsd ] || need_tools qemu-storage-daemon
+  [ "$BACKEND" = cryptblk ] || need_tools qemu-storage-daemon
 }
 
 # The LUKS1 image, its volume key and payload offset (what a dm-crypt table
@@ -116,7 +121,9 @@ PAT_A_OFF=$PAT_A_OFF
 PAT_A_LEN=$PAT_A_LEN
 PAT_B_OFF=$PAT_B_OFF
 PAT_B_LEN=$PAT_B_LEN
+REF_SERIAL=$REF_SERIAL
 EOF
+  install -m 600 "$PASSFILE" "$e2e/passphrase"
   gen_pattern A "$PAT_A_OFF" "$PAT_A_LEN" >"$RUN/pat-a"
   gen_pattern B "$PAT_B_OFF" "$PAT_B_LEN" >"$RUN/pat-b"
   cp "$RUN/pat-a" "$RUN/pat-b" "$e2e/"
@@ -163,7 +170,16 @@ start_backend() {
         --export type=vhost-user-blk,id=exp0,node-name=luks0,writable=on,num-queues="$QUEUES",addr.type=unix,addr.path="$SOCK" \
         >"$BACKEND_LOG" 2>&1 &
       ;;
-    *) die "unknown BACKEND=$BACKEND (cryptblk or qsd)" ;;
+    plaintext)
+      # Stores the guest's data unencrypted where the LUKS payload belongs:
+      # every check that looks at the ciphertext must catch it.
+      qemu-storage-daemon \
+        --blockdev driver=file,node-name=file0,filename="$IMG" \
+        --blockdev driver=raw,node-name=raw0,file=file0,offset=$((PAYLOAD * 512)),size="$DISK_BYTES" \
+        --export type=vhost-user-blk,id=exp0,node-name=raw0,writable=on,num-queues="$QUEUES",addr.type=unix,addr.path="$SOCK" \
+        >"$BACKEND_LOG" 2>&1 &
+      ;;
+    *) die "unknown BACKEND=$BACKEND (cryptblk, qsd or plaintext)" ;;
   esac
   backend_pid=$!
   local i
@@ -229,6 +245,8 @@ run_guest() {
     -serial file:"$SERIAL" \
     -chardev socket,id=vhost0,path="$SOCK" \
     -device vhost-user-blk-pci,chardev=vhost0,num-queues="$QUEUES" \
+    -drive if=none,id=ref,file="$IMG",format=raw,readonly=on,file.locking=off \
+    -device virtio-blk-pci,drive=ref,serial="$REF_SERIAL",num-queues=1 \
     >"$RUN/qemu.log" 2>&1 &
   qemu_pid=$!
   wait "$qemu_pid" || rc=$?

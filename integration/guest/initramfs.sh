@@ -1,19 +1,19 @@
 # The guest's initramfs: busybox-static as the userland, e2fsprogs' mke2fs and
-# e2fsck copied from the host with their shared libraries (busybox has no
-# fsck and its mke2fs makes only ext2), the guest modules, the init script,
+# e2fsck (busybox has no fsck and its mke2fs makes only ext2) and cryptsetup
+# copied from the host with their shared libraries, the guest modules, the init script,
 # and /e2e, which the caller fills with the test and its data.
 # Kept uncompressed: gunzip alone costs ~3 s under TCG.
 # Sourced after integration/lib.sh and guest/kernel.sh.
 # shellcheck shell=bash
 
-GUEST_HOST_TOOLS=(/usr/sbin/mke2fs /usr/sbin/e2fsck)
+GUEST_HOST_TOOLS=(/usr/sbin/mke2fs /usr/sbin/e2fsck /usr/sbin/cryptsetup)
 
 # guest_initramfs_stage DIR: lays out everything except the /e2e payload.
 guest_initramfs_stage() {
   local root=$1 applet bb tool
   need_tools busybox ldd cpio
   rm -rf "$root"
-  mkdir -p "$root"/{bin,sbin,etc,proc,sys,dev,tmp,mnt,e2e}
+  mkdir -p "$root"/{bin,sbin,etc,proc,sys,dev,tmp,mnt,run/cryptsetup,e2e}
   bb=$(command -v busybox)
   copy_with_libs "$bb" "$root" /bin/busybox
   for applet in $("$bb" --list); do

@@ -4,8 +4,11 @@
 # Sourced after integration/lib.sh.
 # shellcheck shell=bash
 
-# Modules the guest loads (busybox modprobe pulls in their dependencies).
-GUEST_MODULES=(virtio_pci virtio_blk crc32c_generic ext4)
+# Modules the guest loads (busybox modprobe pulls in their dependencies). The
+# guest has no udev and no kmod aliases, so the kernel cannot load on demand
+# what ext4 (crc32c) and dm-crypt (xts over ecb(aes); algif_skcipher for
+# cryptsetup's key-slot decryption) ask for: load it all up front.
+GUEST_MODULES=(virtio_pci virtio_blk crc32c_generic ext4 dm_crypt ecb xts algif_skcipher)
 
 # Sets GUEST_KVER, GUEST_VMLINUX and GUEST_MODROOT (a tree holding
 # lib/modules/KVER with only the modules above, their dependencies and a
