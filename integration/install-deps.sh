@@ -11,6 +11,10 @@ command -v cryptsetup >/dev/null || need+=(cryptsetup-bin)
 command -v pkg-config >/dev/null || need+=(pkg-config)
 dpkg -s libssl-dev >/dev/null 2>&1 || need+=(libssl-dev)
 command -v cpio >/dev/null || need+=(cpio)
+# The end-to-end guest: mke2fs/e2fsck go into the guest, debugfs/e2fsck read the
+# decrypted image on the host; the guest kernel's payload is xz-compressed.
+command -v debugfs >/dev/null || need+=(e2fsprogs)
+command -v xz >/dev/null || need+=(xz-utils)
 
 # qemu-system-x86 must come from bookworm-backports: plain bookworm's 7.2 would
 # replace the preinstalled qemu-utils 10.0 (see shared/notes/FACTS.md).
@@ -24,7 +28,11 @@ if ! command -v qemu-system-x86_64 >/dev/null || ! command -v qemu-storage-daemo
   qemu=1
 fi
 
-if [ ${#need[@]} -gt 0 ] || [ -n "${qemu:-}" ]; then
+# integration/e2e-qemu.sh runs `apt-get download` on the kernel that
+# linux-image-amd64 points to: that needs current package lists.
+apt-cache show linux-image-amd64 >/dev/null 2>&1 || lists=1
+
+if [ ${#need[@]} -gt 0 ] || [ -n "${qemu:-}" ] || [ -n "${lists:-}" ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   [ ${#need[@]} -eq 0 ] || apt-get install -y -qq --no-install-recommends "${need[@]}"

@@ -1,0 +1,183 @@
+#!/bin/sh
+# The checks the guest runs on its vhost-user-blk disk. Prints one
+# "E2E-RESULT PASS|FAIL <name> [detail]" line per check (the host requires
+# every name it expects) and "E2E-INFO ..." lines for the log.
+# /e2e/conf (written by the host) sets RUNID, DISK_BYTES, QUEUES, FS_BYTES,
+# PAT_A_OFF, PAT_A_LEN, PAT_B_OFF, PAT_B_LEN and REF_SERIAL; /e2e/pat-a and
+# /e2e/pat-b are the raw patterns, /e2e/fs-src the tree copied onto the
+# filesystem and /e2e/passphrase the LUKS passphrase. The disk whose serial is
+# REF_SERIAL is the image file itself, read-only, for dm-crypt to open.
+. /e2e/conf
+DISK=
+REF=
+pass() { echo "E2E-RESULT PASS $*"; }
+fail() { echo "E2E-RESULT FAIL $*"; }
+info() { echo "E2E-INFO $*"; }
+# check NAME COMMAND...: one result line from a command's exit status.
+check() {
+  name=$1
+  shift
+  if "$@"; then pass "$name"; else fail "$name"; fi
+}
+uptime_s() { cut -d' ' -f1 /proc/uptime; }
+
+# Forget every cached page of the disk so that the next read goes to the device.
+drop_caches() {
+  sync
+  echo 3 >/proc/sys/vm/drop_caches
+  blockdev --flushbufs "$DISK"
+}
+
+# read_region DEV OFF LEN [direct]: the LEN bytes at byte offset OFF of DEV.
+read_region() {
+  flags=skip_bytes,count_bytes
+  [ -z "$4" ] || flags=$flags,direct
+  dd if="$1" iflag="$flags" bs=65536 skip="$2" count="$3" 2>/dev/null
+}
+# same_region DEV OFF LEN FILE [direct]: DEV holds FILE at OFF.
+same_region() { read_region "$1" "$2" "$3" "$5" | cmp -s - "$4"; }
+
+# queue_irqs VIRTIO_DEV Q: interrupts of one virtqueue ("virtioN-req.Q"), summed over CPUs.
+queue_irqs() {
+  awk -v name="$1-req.$2" '$NF == name {
+      for (i = 2; i <= NF; i++) if ($i ~ /^[0-9]+$/) n += $i
+    } END { print n + 0 }' /proc/interrupts
+}
+
+# Sets DISK (the vhost-user-blk disk) and REF (the reference disk), telling
+# them apart by serial; the backend's serial may not even be readable.
+find_disks() {
+  for d in /sys/block/vd*; do
+    [ -e "$d" ] || continue
+    if [ "$(cat "$d/serial" 2>/dev/null)" = "$REF_SERIAL" ]; then
+      REF=/dev/${d##*/}
+    else
+      DISK=/dev/${d##*/}
+    fi
+  done
+  [ -n "$DISK" ] && [ -b "$DISK" ] && [ -n "$REF" ] && [ -b "$REF" ]
+}
+wait_for_disks() {
+  i=0
+  until find_disks; do
+    [ $i -lt 100 ] || return 1
+    sleep 0.1
+    i=$((i + 1))
+  done
+}
+
+if ! wait_for_disks; then
+  fail disk-present "10 s after virtio_blk loaded: test disk '$DISK', reference disk '$REF' ($(ls /sys/block | tr '\n' ' '))"
+  exit 0
+fi
+pass disk-present
+info "disks ready at uptime $(uptime_s): vhost-user-blk $DISK, reference $REF"
+sysblk=/sys/block/${DISK#/dev/}
+
+size=$(($(cat "$sysblk/size") * 512))
+[ "$size" = "$DISK_BYTES" ] && pass disk-size || fail disk-size "$size bytes, expected $DISK_BYTES"
+nq=$(ls "$sysblk/mq" | wc -l)
+[ "$nq" = "$QUEUES" ] && pass queues || fail queues "$nq queues, expected $QUEUES"
+
+# Raw I/O: two writers at once, pinned to different CPUs so that blk-mq sends
+# them through different virtqueues. A: 64 KiB O_DIRECT writes. B: 512-byte
+# buffered writes starting at an offset that is not 4 KiB aligned and ending at
+# the last byte of the disk (the kernel merges and splits them its own way).
+t0=$(uptime_s)
+taskset -c 0 dd if=/e2e/pat-a of="$DISK" bs=65536 seek=$((PAT_A_OFF / 65536)) oflag=direct 2>/tmp/dd-a &
+pid_a=$!
+taskset -c 1 dd if=/e2e/pat-b of="$DISK" bs=512 seek=$((PAT_B_OFF / 512)) 2>/tmp/dd-b &
+pid_b=$!
+wait $pid_a
+rc_a=$?
+wait $pid_b
+rc_b=$?
+sync
+if [ $rc_a = 0 ] && [ $rc_b = 0 ]; then
+  pass raw-write
+else
+  fail raw-write "dd exit codes $rc_a $rc_b: $(cat /tmp/dd-a /tmp/dd-b | tr '\n' ' ')"
+fi
+drop_caches
+check raw-readback-a same_region "$DISK" "$PAT_A_OFF" "$PAT_A_LEN" /e2e/pat-a
+check raw-readback-b same_region "$DISK" "$PAT_B_OFF" "$PAT_B_LEN" /e2e/pat-b direct
+info "raw write+readback took $(awk -v a="$t0" -v b="$(uptime_s)" 'BEGIN { print b - a }') s"
+
+vdev=$(basename "$(readlink "$sysblk/device")")
+q0=$(queue_irqs "$vdev" 0)
+q1=$(queue_irqs "$vdev" 1)
+info "$vdev virtqueue interrupts: req.0=$q0 req.1=$q1 (vectors: $(grep "$vdev-" /proc/interrupts | awk '{ print $NF }' | tr '\n' ' '))"
+if [ "$QUEUES" -ge 2 ]; then
+  [ "$q0" -gt 0 ] && [ "$q1" -gt 0 ] && pass both-queues-used ||
+    fail both-queues-used "req.0=$q0 req.1=$q1 interrupts"
+fi
+
+# A filesystem on the first FS_BYTES (the patterns live above it): make it,
+# fill it, check it offline, and read it back after a remount from a cold cache.
+t0=$(uptime_s)
+if /sbin/mke2fs -q -F -t ext4 -L e2e -E nodiscard,lazy_itable_init=0,lazy_journal_init=0 \
+  "$DISK" "$((FS_BYTES / 1024))k" >/tmp/mkfs.log 2>&1; then
+  pass mkfs
+else
+  fail mkfs "$(tr '\n' ' ' </tmp/mkfs.log)"
+fi
+(cd /e2e/fs-src && find . -type f | sort | xargs md5sum) >/tmp/src.sums
+if mount -t ext4 "$DISK" /mnt && cp -a /e2e/fs-src /mnt/e2e && sync && umount /mnt; then
+  pass fs-write
+else
+  fail fs-write
+  umount /mnt 2>/dev/null
+fi
+if /sbin/e2fsck -f -n "$DISK" >/tmp/fsck.log 2>&1; then
+  pass fsck
+else
+  fail fsck "$(tail -5 /tmp/fsck.log | tr '\n' ' ')"
+fi
+drop_caches
+if mount -t ext4 -o ro "$DISK" /mnt; then
+  if (cd /mnt/e2e && md5sum -c -s /tmp/src.sums); then
+    pass fs-readback
+  else
+    fail fs-readback "$(cd /mnt/e2e && md5sum -c /tmp/src.sums 2>&1 | grep -v ': OK' | head -3 | tr '\n' ' ')"
+  fi
+  umount /mnt
+else
+  fail fs-readback "remount failed"
+fi
+info "mkfs+fill+fsck+remount took $(awk -v a="$t0" -v b="$(uptime_s)" 'BEGIN { print b - a }') s"
+
+# The filesystem work must not have touched the patterns; read them the other way round.
+drop_caches
+check raw-intact-a same_region "$DISK" "$PAT_A_OFF" "$PAT_A_LEN" /e2e/pat-a direct
+check raw-intact-b same_region "$DISK" "$PAT_B_OFF" "$PAT_B_LEN" /e2e/pat-b
+
+# The kernel's own dm-crypt, set up by cryptsetup from the LUKS1 header, reads
+# the image file (served by QEMU itself, below the backend) and must see
+# exactly what went through the backend: raw patterns and filesystem files.
+t0=$(uptime_s)
+if DM_DISABLE_UDEV=1 /sbin/cryptsetup open --readonly --type luks1 --key-file /e2e/passphrase \
+  "$REF" e2e-ref >/tmp/cryptsetup.log 2>&1; then
+  pass dmcrypt-open
+  MAPPED=/dev/mapper/e2e-ref
+  drop_caches
+  check dmcrypt-pattern-a same_region "$MAPPED" "$PAT_A_OFF" "$PAT_A_LEN" /e2e/pat-a
+  check dmcrypt-pattern-b same_region "$MAPPED" "$PAT_B_OFF" "$PAT_B_LEN" /e2e/pat-b direct
+  # noload: the device is read-only, so no journal replay (none is needed after a clean umount).
+  if mount -t ext4 -o ro,noload "$MAPPED" /mnt; then
+    check dmcrypt-files sh -c 'cd /mnt/e2e && md5sum -c -s /tmp/src.sums'
+    umount /mnt
+  else
+    fail dmcrypt-files "mount of $MAPPED failed"
+  fi
+  DM_DISABLE_UDEV=1 /sbin/cryptsetup close e2e-ref || info "cryptsetup close failed"
+else
+  fail dmcrypt-open "$(tail -3 /tmp/cryptsetup.log | tr '\n' ' ')"
+fi
+info "dm-crypt checks took $(awk -v a="$t0" -v b="$(uptime_s)" 'BEGIN { print b - a }') s"
+
+errors=$(dmesg | grep -iE 'I/O error|EXT4-fs error|blk_update_request|critical|virtio_blk.*(err|fail)|call trace' | head -5)
+if [ -z "$errors" ]; then
+  pass kernel-log
+else
+  fail kernel-log "$(echo "$errors" | tr '\n' ' ')"
+fi

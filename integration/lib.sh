@@ -1,0 +1,31 @@
+# Shared helpers for the integration scripts (sourced, not run): logging,
+# failing loudly, tool checks and the cache directory.
+# shellcheck shell=bash
+
+INTEGRATION_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO_DIR=$(dirname "$INTEGRATION_DIR")
+# Everything downloaded or built lives here (gitignored) and is reused between runs.
+WORK_DIR=${WORK_DIR:-$INTEGRATION_DIR/work}
+
+log() { printf '[%s] %s\n' "${LOG_TAG:-integration}" "$*" >&2; }
+
+die() {
+  printf '[%s] FAIL: %s\n' "${LOG_TAG:-integration}" "$*" >&2
+  exit 1
+}
+
+# Fails (never skips) when a tool is missing, naming the script that installs it.
+need_tools() {
+  local t missing=()
+  for t in "$@"; do
+    command -v "$t" >/dev/null 2>&1 || missing+=("$t")
+  done
+  [ ${#missing[@]} -eq 0 ] ||
+    die "missing tools: ${missing[*]} (run: sudo bash integration/install-deps.sh)"
+}
+
+# Seconds since the epoch with millisecond precision, for timings.
+now() { date +%s.%3N; }
+
+# Elapsed seconds between two now() values, one decimal.
+elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", b - a }'; }
