@@ -11,6 +11,7 @@ command -v cryptsetup >/dev/null || need+=(cryptsetup-bin)
 command -v pkg-config >/dev/null || need+=(pkg-config)
 dpkg -s libssl-dev >/dev/null 2>&1 || need+=(libssl-dev)
 command -v cpio >/dev/null || need+=(cpio)
+command -v jq >/dev/null || need+=(jq)
 
 # qemu-system-x86 must come from bookworm-backports: plain bookworm's 7.2 would
 # replace the preinstalled qemu-utils 10.0 (see shared/notes/FACTS.md).
