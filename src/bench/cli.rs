@@ -138,3 +138,65 @@ pub fn main(args: BenchArgs) -> i32 {
         1
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: BenchArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<JobSpec, clap::Error> {
+        let argv = ["bench", "--socket", "/tmp/s"].iter().chain(args);
+        Cli::try_parse_from(argv).map(|cli| cli.args.to_spec())
+    }
+
+    #[test]
+    fn parses_fio_style_options() {
+        let spec = parse(&[
+            "--rw",
+            "randrw",
+            "--rwmixread",
+            "70",
+            "--bs",
+            "128K",
+            "--iodepth",
+            "32",
+            "--queues",
+            "2",
+            "--runtime",
+            "1.5",
+            "--offset",
+            "1m",
+            "--len",
+            "64m",
+        ])
+        .unwrap();
+        assert_eq!(spec.rw, RwMode::RandRw);
+        assert_eq!(
+            (spec.rwmixread, spec.bs, spec.iodepth, spec.queues),
+            (70, 128 << 10, 32, 2)
+        );
+        assert_eq!(spec.runtime, Some(Duration::from_millis(1500)));
+        assert_eq!((spec.offset, spec.len), (1 << 20, Some(64 << 20)));
+        assert!(spec.validate().is_ok());
+    }
+
+    #[test]
+    fn defaults_and_rejections() {
+        let spec = parse(&[]).unwrap();
+        assert_eq!(
+            (spec.rw, spec.bs, spec.iodepth),
+            (RwMode::RandRead, 4096, 1)
+        );
+        assert!(parse(&["--verify", "--verify-only"]).is_err());
+        assert!(parse(&["--rwmixread", "101"]).is_err());
+        assert!(parse(&["--bs", "4q"]).is_err());
+        assert!(parse(&["--runtime", "-1"]).is_err());
+    }
+}

@@ -71,7 +71,7 @@ pub fn run(spec: &JobSpec) -> Result<Report, BenchError> {
             })
             .collect();
         if spec.progress {
-            s.spawn(|| progress::show(&counters, &done, started));
+            s.spawn(|| progress::show(&counters, &done, started, spec.bs));
         }
         barrier.wait();
         let elapsed = started.elapsed();

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 pub(crate) struct Counter(pub AtomicU64);
 
 /// Prints until `done` is set, then clears the line.
-pub(crate) fn show(counters: &[Counter], done: &AtomicBool, started: Instant) {
+/// `bs` turns I/Os into MiB/s.
+pub(crate) fn show(counters: &[Counter], done: &AtomicBool, started: Instant, bs: u64) {
     let mut last = 0u64;
     let mut last_at = started;
     let mut stderr = std::io::stderr();
@@ -25,8 +26,9 @@ pub(crate) fn show(counters: &[Counter], done: &AtomicBool, started: Instant) {
         let rate = (total - last) as f64 / now.duration_since(last_at).as_secs_f64();
         let _ = write!(
             stderr,
-            "\r[{:6.1}s] {total} I/Os, {rate:.0} IOPS   ",
-            now.duration_since(started).as_secs_f64()
+            "\r[{:6.1}s] {total} I/Os, {rate:.0} IOPS, {:.1} MiB/s   ",
+            now.duration_since(started).as_secs_f64(),
+            rate * bs as f64 / (1 << 20) as f64
         );
         let _ = stderr.flush();
         last = total;
