@@ -17,7 +17,7 @@ fn spec(qsd: &Qsd, rw: RwMode, bs: u64, iodepth: u32, queues: u32) -> JobSpec {
         bs,
         iodepth,
         queues,
-        ..JobSpec::new(&qsd.socket)
+        ..JobSpec::new(qsd.socket())
     }
 }
 
@@ -155,7 +155,7 @@ fn cli_prints_json_and_daemon_cpu() {
     let qsd = Qsd::raw(8 * MIB, 2);
     let output = Command::new(env!("CARGO_BIN_EXE_cryptblk"))
         .args(["bench", "--socket"])
-        .arg(&qsd.socket)
+        .arg(qsd.socket())
         .args([
             "--rw",
             "randwrite",
@@ -188,7 +188,7 @@ fn cli_prints_json_and_daemon_cpu() {
 
     let table = Command::new(env!("CARGO_BIN_EXE_cryptblk"))
         .args(["bench", "--socket"])
-        .arg(&qsd.socket)
+        .arg(qsd.socket())
         .args(["--verify-only", "--seed", "12345", "--len", "64k"])
         .output()
         .expect("run cryptblk bench");
