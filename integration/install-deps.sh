@@ -15,6 +15,8 @@ command -v cpio >/dev/null || need+=(cpio)
 # decrypted image on the host; the guest kernel's payload is xz-compressed.
 command -v debugfs >/dev/null || need+=(e2fsprogs)
 command -v xz >/dev/null || need+=(xz-utils)
+# integration/compare.sh reads the bench's --json output.
+command -v jq >/dev/null || need+=(jq)
 
 # qemu-system-x86 must come from bookworm-backports: plain bookworm's 7.2 would
 # replace the preinstalled qemu-utils 10.0 (see shared/notes/FACTS.md).

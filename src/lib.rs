@@ -2,6 +2,7 @@
 //! AES-XTS ciphertext. Layers, each knowing only the one below:
 //! `crypto` → `volume` → `virtio` (request parsing) → `device` (vhost-user).
 
+pub mod bench;
 pub mod config;
 pub mod crypto;
 pub mod daemon;

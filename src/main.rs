@@ -19,12 +19,15 @@ struct Cli {
 enum Command {
     /// Serve an encrypted image to a VMM as a vhost-user-blk device.
     Serve(ServeArgs),
+    /// Load-test a vhost-user-blk socket (fio-like).
+    Bench(cryptblk::bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => serve(args),
+        Command::Bench(args) => std::process::exit(cryptblk::bench::cli::main(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,208 @@
+#!/usr/bin/env bash
+# Compares cryptblk with qemu-storage-daemon on this machine: one LUKS1 image
+# made by qemu-img, served four ways, each driven by `cryptblk bench` (release
+# build, libblkio client, 2 queues) with the same workloads:
+#   qsd-luks       QSD's luks driver (the reference encrypted backend)
+#   qsd-raw        QSD raw over the same payload (plaintext baseline)
+#   cryptblk-xts   cryptblk plain mode: --offset = payload offset, volume key
+#   cryptblk-none  cryptblk --cipher none over the same payload (plaintext baseline)
+# Targets run A/B/A/B (every target once per round, ROUNDS rounds) and medians
+# are reported. Before measuring, the payload is written with a pattern through
+# QSD's luks driver and read back through every encrypted target: the
+# comparison is void unless both decrypt the same image to the same data.
+#
+# Knobs (environment): SIZE=1G RUNTIME=5 (s per run) ROUNDS=3 QUEUES=2
+# TARGETS="qsd-luks qsd-raw cryptblk-xts cryptblk-none" CRYPTO=inline|workers
+# KEEP=1 (keep the work dir). Needs qemu-img, qemu-storage-daemon, cryptsetup,
+# jq: integration/install-deps.sh installs them. Both servers use the host page
+# cache (no O_DIRECT), so this measures CPU paths, not the disk.
+set -euo pipefail
+
+SIZE=${SIZE:-1G}
+RUNTIME=${RUNTIME:-5}
+ROUNDS=${ROUNDS:-3}
+QUEUES=${QUEUES:-2}
+TARGETS=${TARGETS:-"qsd-luks qsd-raw cryptblk-xts cryptblk-none"}
+CRYPTO=${CRYPTO:-}
+SEED=4242
+WORKLOADS=(
+  "4k-randread  --rw randread  --bs 4k --iodepth 32"
+  "4k-randwrite --rw randwrite --bs 4k --iodepth 32"
+  "1m-read      --rw read      --bs 1m --iodepth 4"
+  "1m-write     --rw write     --bs 1m --iodepth 4"
+)
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+die() { echo "compare.sh: $*" >&2; exit 1; }
+log() { echo "== $*" >&2; }
+
+for tool in qemu-img qemu-storage-daemon cryptsetup jq cargo; do
+  command -v "$tool" >/dev/null || die "$tool not found: run integration/install-deps.sh"
+done
+
+log "building cryptblk (release)"
+(cd "$ROOT" && cargo build --release --quiet --bin cryptblk)
+BIN=$ROOT/target/release/cryptblk
+if [[ " $TARGETS " == *" cryptblk-"* ]] && ! "$BIN" serve --help >/dev/null 2>&1; then
+  die "this build has no 'cryptblk serve'; run with TARGETS='qsd-luks qsd-raw' to compare QSD only"
+fi
+
+WORK=$(mktemp -d /tmp/cryptblk-compare.XXXXXX)
+PID=
+cleanup() {
+  stop_target
+  if [ -n "${KEEP:-}" ]; then echo "kept $WORK" >&2; else rm -rf "$WORK"; fi
+}
+trap cleanup EXIT
+umask 077
+IMG=$WORK/image.luks
+
+# --- the image, its payload offset and its volume key -------------------------
+log "creating a $SIZE LUKS1 image with qemu-img"
+head -c 24 /dev/urandom | base64 | tr -d '\n' >"$WORK/passphrase"
+qemu-img create -q -f luks --object "secret,id=sec0,file=$WORK/passphrase" \
+  -o key-secret=sec0,iter-time=10 "$IMG" "$SIZE"
+PAYLOAD=$(cryptsetup luksDump "$IMG" | awk '/^Payload offset:/ {print $3}')
+[[ "$PAYLOAD" =~ ^[0-9]+$ ]] || die "cannot read the payload offset of $IMG"
+# The key goes from cryptsetup's stdout to a 0600 file, never through argv.
+hex=$(cryptsetup luksDump --batch-mode --dump-volume-key --key-file "$WORK/passphrase" "$IMG" |
+  sed -n '/MK dump:/,$p' | sed 's/.*MK dump://' | grep -oE '\b[0-9a-f]{2}\b' | tr -d '\n')
+[ ${#hex} -eq 128 ] || die "expected a 512-bit volume key from cryptsetup luksDump"
+printf '%b' "$(sed 's/../\\x&/g' <<<"$hex")" >"$WORK/volume.key"
+unset hex
+log "payload offset $PAYLOAD sectors, aes-xts-plain64, 512-bit key"
+
+# --- targets ------------------------------------------------------------------
+qsd_export() { # node-name
+  echo "type=vhost-user-blk,id=exp0,node-name=$1,addr.type=unix,addr.path=$SOCK,writable=on,num-queues=$QUEUES"
+}
+
+start_target() { # name
+  SOCK=$WORK/$1.sock
+  rm -f "$SOCK"
+  local file0="driver=file,filename=$IMG,node-name=file0"
+  local crypto=()
+  [ -z "$CRYPTO" ] || crypto=(--crypto "$CRYPTO")
+  case $1 in
+    qsd-luks)
+      qemu-storage-daemon --object "secret,id=sec0,file=$WORK/passphrase" --blockdev "$file0" \
+        --blockdev driver=luks,file=file0,key-secret=sec0,node-name=luks0 \
+        --export "$(qsd_export luks0)" 2>>"$WORK/daemon.log" &
+      ;;
+    qsd-raw)
+      qemu-storage-daemon --blockdev "$file0" \
+        --blockdev "driver=raw,file=file0,offset=$((PAYLOAD * 512)),node-name=raw0" \
+        --export "$(qsd_export raw0)" 2>>"$WORK/daemon.log" &
+      ;;
+    cryptblk-xts)
+      "$BIN" serve --socket "$SOCK" --image "$IMG" --key-file "$WORK/volume.key" --key-size 512 \
+        --cipher aes-xts-plain64 --offset "$PAYLOAD" --queues "$QUEUES" "${crypto[@]}" \
+        2>>"$WORK/daemon.log" &
+      ;;
+    cryptblk-none)
+      "$BIN" serve --socket "$SOCK" --image "$IMG" --key-file "$WORK/volume.key" --key-size 512 \
+        --cipher none --offset "$PAYLOAD" --queues "$QUEUES" "${crypto[@]}" \
+        2>>"$WORK/daemon.log" &
+      ;;
+    *) die "unknown target $1" ;;
+  esac
+  PID=$!
+  for _ in $(seq 200); do
+    [ -S "$SOCK" ] && return 0
+    kill -0 "$PID" 2>/dev/null || { PID=; die "$1 exited early: $(tail -5 "$WORK/daemon.log")"; }
+    sleep 0.05
+  done
+  die "$1 did not create its socket within 10 s"
+}
+
+stop_target() {
+  [ -n "${PID:-}" ] || return 0
+  kill "$PID" 2>/dev/null || true
+  wait "$PID" 2>/dev/null || true
+  PID=
+}
+
+bench() { # extra args...; prints the JSON report
+  "$BIN" bench --socket "$SOCK" --queues "$QUEUES" --json --pid "$PID" "$@"
+}
+
+# --- cross-check: every encrypted target reads what QSD's luks driver wrote ----
+log "writing a pattern through qsd-luks"
+start_target qsd-luks
+bench --rw write --bs 1m --iodepth 4 --seed "$SEED" --verify >"$WORK/fill.json" ||
+  die "pattern write through qsd-luks failed: $(jq -c '.errors, .verify.mismatches' "$WORK/fill.json")"
+stop_target
+for target in $TARGETS; do
+  case $target in qsd-luks | cryptblk-xts) ;; *) continue ;; esac
+  log "reading it back through $target"
+  start_target "$target"
+  bench --verify-only --bs 1m --iodepth 4 --seed "$SEED" >"$WORK/check.json" ||
+    die "$target does not read back what qsd-luks wrote: $(jq -c '.verify' "$WORK/check.json")"
+  stop_target
+done
+
+# --- A/B/A/B rounds -----------------------------------------------------------
+RESULTS=$WORK/results.tsv
+: >"$RESULTS"
+for round in $(seq "$ROUNDS"); do
+  for target in $TARGETS; do
+    log "round $round/$ROUNDS: $target"
+    start_target "$target"
+    for workload in "${WORKLOADS[@]}"; do
+      read -r name args <<<"$workload"
+      # shellcheck disable=SC2086 # args is a word list on purpose
+      bench $args --runtime "$RUNTIME" --seed "$round" >"$WORK/run.json" ||
+        echo "   $name on $target reported errors: $(jq -c '.errors' "$WORK/run.json")" >&2
+      jq -r --arg t "$target" --arg w "$name" \
+        '[$t, $w, .total.iops, .total.mib_per_sec, .total.latency_us.p99,
+          (.daemon_cpu.us_per_io // 0), (.errors | add // 0)] | @tsv' \
+        "$WORK/run.json" >>"$RESULTS"
+    done
+    stop_target
+  done
+done
+
+# --- medians and ratios -------------------------------------------------------
+median() { # target workload column -> median value
+  awk -F'\t' -v t="$1" -v w="$2" -v c="$3" '$1 == t && $2 == w {print $c}' "$RESULTS" |
+    sort -g | awk '{v[NR] = $1} END {if (NR == 0) print "nan"; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2}'
+}
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (b + 0 == 0 || a == "nan" || b == "nan") print "-"; else printf "%.2f", a / b}'; }
+has() { [[ " $TARGETS " == *" $1 "* ]]; }
+
+echo
+echo "cryptblk vs qemu-storage-daemon: $SIZE LUKS1 image, $QUEUES queues, ${RUNTIME}s runs," \
+  "median of $ROUNDS rounds (A/B/A/B), client: cryptblk bench (libblkio)"
+echo "throughput: 4k rows in IOPS, 1m rows in MiB/s"
+printf '%-13s' workload
+for t in $TARGETS; do printf ' %14s' "$t"; done
+pairs=()
+has cryptblk-xts && has cryptblk-none && pairs+=("cryptblk-xts cryptblk-none xts/none")
+has qsd-luks && has qsd-raw && pairs+=("qsd-luks qsd-raw luks/raw")
+has cryptblk-xts && has qsd-luks && pairs+=("cryptblk-xts qsd-luks xts/qsdluks")
+has cryptblk-none && has qsd-raw && pairs+=("cryptblk-none qsd-raw none/qsdraw")
+for p in "${pairs[@]}"; do read -r _ _ label <<<"$p"; printf ' %12s' "$label"; done
+echo
+for workload in "${WORKLOADS[@]}"; do
+  read -r name _ <<<"$workload"
+  col=3; [[ $name == 1m-* ]] && col=4
+  printf '%-13s' "$name"
+  for t in $TARGETS; do printf ' %14.0f' "$(median "$t" "$name" $col)"; done
+  for p in "${pairs[@]}"; do
+    read -r a b _ <<<"$p"
+    printf ' %12s' "$(ratio "$(median "$a" "$name" $col)" "$(median "$b" "$name" $col)")"
+  done
+  echo
+done
+echo
+echo "p99 latency (us) / daemon CPU per I/O (us):"
+for workload in "${WORKLOADS[@]}"; do
+  read -r name _ <<<"$workload"
+  printf '%-13s' "$name"
+  for t in $TARGETS; do
+    printf ' %14s' "$(printf '%.0f/%.1f' "$(median "$t" "$name" 5)" "$(median "$t" "$name" 6)")"
+  done
+  echo
+done
+errors=$(awk -F'\t' '{s += $7} END {print s + 0}' "$RESULTS")
+[ "$errors" -eq 0 ] || echo "WARNING: $errors requests failed during the runs (see $RESULTS with KEEP=1)"

@@ -1,0 +1,32 @@
+//! The one error type of the bench layer. Messages say what to try next.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("invalid bench job: {0}")]
+    InvalidSpec(String),
+
+    #[error(
+        "cannot connect to the vhost-user-blk socket {socket}: {message} \
+         (is the daemon running and serving this path?)"
+    )]
+    Connect { socket: PathBuf, message: String },
+
+    #[error("device setup failed while {step}: {message}")]
+    Setup { step: &'static str, message: String },
+
+    #[error("the I/O engine failed on queue {queue}: {message} (did the daemon exit?)")]
+    Io { queue: usize, message: String },
+
+    #[error("cannot read the CPU time of pid {pid} from /proc: {message} (is --pid right?)")]
+    ProcStat { pid: u32, message: String },
+
+    #[error("the worker thread of queue {0} panicked")]
+    WorkerPanic(usize),
+}
+
+/// Renders a libblkio error with its errno, which is often the useful part.
+pub(crate) fn blkio_message(err: &blkio::Error) -> String {
+    format!("{} ({})", err.message(), err.errno())
+}
