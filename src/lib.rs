@@ -6,6 +6,7 @@ pub mod bench;
 pub mod config;
 pub mod crypto;
 pub mod daemon;
+pub mod demo;
 pub mod device;
 pub mod virtio;
 pub mod volume;

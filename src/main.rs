@@ -21,6 +21,8 @@ enum Command {
     Serve(ServeArgs),
     /// Load-test a vhost-user-blk socket (fio-like).
     Bench(cryptblk::bench::BenchArgs),
+    /// First run, no VM needed: make an encrypted image, serve it, benchmark and verify it.
+    Demo(cryptblk::demo::DemoArgs),
 }
 
 fn main() -> ExitCode {
@@ -28,6 +30,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve(args),
         Command::Bench(args) => std::process::exit(cryptblk::bench::cli::main(args)),
+        Command::Demo(args) => cryptblk::demo::run(&args).map_err(Into::into),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
