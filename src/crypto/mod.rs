@@ -43,6 +43,16 @@ impl IvRule {
         };
         units.wrapping_add(skip)
     }
+
+    /// `iv(s + 1) - iv(s)`: IVs of consecutive sectors are evenly spaced
+    /// (wrapping), so a run of sectors needs only its first IV.
+    fn iv_step(&self) -> u64 {
+        if self.large_sectors {
+            1
+        } else {
+            (self.sector_size / 512) as u64
+        }
+    }
 }
 
 /// A sector cipher: either AES-XTS or the identity (`--cipher none`).
@@ -71,54 +81,51 @@ impl SectorCipher {
     /// Encrypts whole sectors in place; `first` is the payload sector number
     /// of `data[0]`. `data.len()` must be a multiple of the sector size.
     pub fn encrypt(&self, first: u64, data: &mut [u8]) {
-        self.run(first, data.len(), |xts, iv, range| {
-            xts.encrypt_sector(iv, &mut data[range])
-        });
+        if let Some((xts, iv, step)) = self.run(first, data.len()) {
+            xts.encrypt_sectors(iv, step, self.rule.sector_size, data)
+        }
     }
 
     /// Decrypts whole sectors in place (see [`SectorCipher::encrypt`]).
     pub fn decrypt(&self, first: u64, data: &mut [u8]) {
-        self.run(first, data.len(), |xts, iv, range| {
-            xts.decrypt_sector(iv, &mut data[range])
-        });
+        if let Some((xts, iv, step)) = self.run(first, data.len()) {
+            xts.decrypt_sectors(iv, step, self.rule.sector_size, data)
+        }
     }
 
     /// Encrypts `src` into `dst` (same length) without touching `src`: the
     /// copy and the cipher are one pass over the data.
     pub fn encrypt_to(&self, first: u64, src: &[u8], dst: &mut [u8]) {
         assert_eq!(src.len(), dst.len());
-        if self.xts.is_none() {
-            dst.copy_from_slice(src);
-            return;
+        match self.run(first, src.len()) {
+            Some((xts, iv, step)) => {
+                xts.encrypt_sectors_to(iv, step, self.rule.sector_size, src, dst)
+            }
+            None => dst.copy_from_slice(src),
         }
-        self.run(first, src.len(), |xts, iv, range| {
-            xts.encrypt_sector_to(iv, &src[range.clone()], &mut dst[range])
-        });
     }
 
     /// Decrypts `src` into `dst` (same length) in one pass.
     pub fn decrypt_to(&self, first: u64, src: &[u8], dst: &mut [u8]) {
         assert_eq!(src.len(), dst.len());
-        if self.xts.is_none() {
-            dst.copy_from_slice(src);
-            return;
+        match self.run(first, src.len()) {
+            Some((xts, iv, step)) => {
+                xts.decrypt_sectors_to(iv, step, self.rule.sector_size, src, dst)
+            }
+            None => dst.copy_from_slice(src),
         }
-        self.run(first, src.len(), |xts, iv, range| {
-            xts.decrypt_sector_to(iv, &src[range.clone()], &mut dst[range])
-        });
     }
 
-    fn run(&self, first: u64, len: usize, mut f: impl FnMut(&Xts, u64, std::ops::Range<usize>)) {
-        let size = self.rule.sector_size;
-        assert!(len % size == 0, "crypto on a partial sector");
-        let Some(xts) = &self.xts else { return };
-        for i in 0..len / size {
-            f(
-                xts,
-                self.rule.iv(first.wrapping_add(i as u64)),
-                i * size..(i + 1) * size,
-            );
-        }
+    /// The cipher, the IV of sector `first` and the IV step between
+    /// consecutive sectors; `None` for `--cipher none`. The whole request
+    /// goes to the kernel in one call (it overlaps the sectors' tweaks).
+    fn run(&self, first: u64, len: usize) -> Option<(&Xts, u64, u64)> {
+        assert!(
+            len % self.rule.sector_size == 0,
+            "crypto on a partial sector"
+        );
+        let xts = self.xts.as_ref()?;
+        Some((xts, self.rule.iv(first), self.rule.iv_step()))
     }
 }
 

@@ -1,11 +1,12 @@
-//! AES-XTS (IEEE 1619) over whole sectors, with the kernel chosen once per key.
+//! AES-XTS (IEEE 1619) over runs of whole sectors, with the kernel chosen
+//! once per key.
 //!
 //! Two interchangeable kernels compute the same function:
 //! - `vaes`: a fused AES-XTS loop on 512-bit registers (VAES, VPCLMULQDQ,
-//!   AVX-512), picked at run time when the CPU has them. All of the crate's
+//!   AVX-512), picked at run time when the CPU has them. All of this layer's
 //!   `unsafe` lives there.
 //! - `portable`: a safe loop over the `aes` crate's multi-block calls; used
-//!   everywhere else, and for data units that are not a multiple of 512 bytes.
+//!   everywhere else, and for sectors that are not a multiple of 512 bytes.
 
 mod portable;
 #[cfg(target_arch = "x86_64")]
@@ -21,23 +22,44 @@ enum Kernel {
     #[cfg(target_arch = "x86_64")]
     Vaes {
         fast: Box<vaes::Vaes>,
-        /// For data units the fused kernel does not take (not a multiple of
-        /// 512 bytes): only IEEE test vectors and odd callers.
+        /// For sectors the fused kernel does not take (not a multiple of 512
+        /// bytes): only IEEE test vectors and odd callers.
         fallback: portable::Portable,
     },
+}
+
+/// A run of consecutive sectors: sector i uses IV `first_iv + i·iv_step`
+/// (wrapping, as dm-crypt's u64 arithmetic does).
+#[derive(Clone, Copy, Debug)]
+struct Run {
+    first_iv: u64,
+    iv_step: u64,
+    sector_size: usize,
+}
+
+impl Run {
+    fn new(first_iv: u64, iv_step: u64, sector_size: usize, len: usize) -> Self {
+        assert!(
+            sector_size != 0 && len % sector_size == 0,
+            "XTS on a partial sector"
+        );
+        Run {
+            first_iv,
+            iv_step,
+            sector_size,
+        }
+    }
+
+    fn iv(&self, i: usize) -> u64 {
+        self.first_iv
+            .wrapping_add((i as u64).wrapping_mul(self.iv_step))
+    }
 }
 
 impl Xts {
     /// Expands `key` for the fastest kernel this CPU supports.
     pub fn new(key: &XtsKey) -> Self {
-        #[cfg(target_arch = "x86_64")]
-        if let Some(fast) = vaes::Vaes::new(key.bytes()) {
-            return Xts(Kernel::Vaes {
-                fast: Box::new(fast),
-                fallback: portable::Portable::new(key.bytes()),
-            });
-        }
-        Self::new_portable(key)
+        Self::new_vaes(key).unwrap_or_else(|| Self::new_portable(key))
     }
 
     /// The portable kernel regardless of the CPU (tests and benchmarks).
@@ -68,60 +90,138 @@ impl Xts {
     }
 
     pub fn encrypt_sector(&self, iv: u64, sector: &mut [u8]) {
-        match &self.0 {
-            Kernel::Portable(p) => p.encrypt_sector(iv, sector),
-            #[cfg(target_arch = "x86_64")]
-            Kernel::Vaes { fast, fallback } => {
-                if vaes::Vaes::takes(sector.len()) {
-                    fast.encrypt_inplace(iv, sector)
-                } else {
-                    fallback.encrypt_sector(iv, sector)
-                }
-            }
-        }
+        self.inplace(false, Run::new(iv, 0, sector.len(), sector.len()), sector)
     }
 
     pub fn decrypt_sector(&self, iv: u64, sector: &mut [u8]) {
-        match &self.0 {
-            Kernel::Portable(p) => p.decrypt_sector(iv, sector),
-            #[cfg(target_arch = "x86_64")]
-            Kernel::Vaes { fast, fallback } => {
-                if vaes::Vaes::takes(sector.len()) {
-                    fast.decrypt_inplace(iv, sector)
-                } else {
-                    fallback.decrypt_sector(iv, sector)
-                }
-            }
-        }
+        self.inplace(true, Run::new(iv, 0, sector.len(), sector.len()), sector)
     }
 
     pub fn encrypt_sector_to(&self, iv: u64, src: &[u8], dst: &mut [u8]) {
-        assert_eq!(src.len(), dst.len());
-        match &self.0 {
-            Kernel::Portable(p) => p.encrypt_sector_to(iv, src, dst),
-            #[cfg(target_arch = "x86_64")]
-            Kernel::Vaes { fast, fallback } => {
-                if vaes::Vaes::takes(src.len()) {
-                    fast.encrypt_to(iv, src, dst)
+        self.copy(false, Run::new(iv, 0, src.len(), src.len()), src, dst)
+    }
+
+    pub fn decrypt_sector_to(&self, iv: u64, src: &[u8], dst: &mut [u8]) {
+        self.copy(true, Run::new(iv, 0, src.len(), src.len()), src, dst)
+    }
+
+    /// Encrypts consecutive sectors of `sector_size` bytes in place; sector
+    /// i uses IV `first_iv + i·iv_step` (wrapping). One call per request
+    /// lets the fused kernel overlap the sectors' tweak computations.
+    pub fn encrypt_sectors(
+        &self,
+        first_iv: u64,
+        iv_step: u64,
+        sector_size: usize,
+        data: &mut [u8],
+    ) {
+        self.inplace(
+            false,
+            Run::new(first_iv, iv_step, sector_size, data.len()),
+            data,
+        )
+    }
+
+    /// Decrypts in place (see [`Xts::encrypt_sectors`]).
+    pub fn decrypt_sectors(
+        &self,
+        first_iv: u64,
+        iv_step: u64,
+        sector_size: usize,
+        data: &mut [u8],
+    ) {
+        self.inplace(
+            true,
+            Run::new(first_iv, iv_step, sector_size, data.len()),
+            data,
+        )
+    }
+
+    /// Encrypts `src` into `dst` (see [`Xts::encrypt_sectors`]).
+    pub fn encrypt_sectors_to(
+        &self,
+        first_iv: u64,
+        iv_step: u64,
+        sector_size: usize,
+        src: &[u8],
+        dst: &mut [u8],
+    ) {
+        self.copy(
+            false,
+            Run::new(first_iv, iv_step, sector_size, src.len()),
+            src,
+            dst,
+        )
+    }
+
+    /// Decrypts `src` into `dst` (see [`Xts::encrypt_sectors`]).
+    pub fn decrypt_sectors_to(
+        &self,
+        first_iv: u64,
+        iv_step: u64,
+        sector_size: usize,
+        src: &[u8],
+        dst: &mut [u8],
+    ) {
+        self.copy(
+            true,
+            Run::new(first_iv, iv_step, sector_size, src.len()),
+            src,
+            dst,
+        )
+    }
+
+    fn inplace(&self, decrypt: bool, run: Run, data: &mut [u8]) {
+        #[cfg(target_arch = "x86_64")]
+        if let Kernel::Vaes { fast, .. } = &self.0 {
+            if vaes::Vaes::takes(run.sector_size, data.len()) {
+                return if decrypt {
+                    fast.decrypt_inplace(run, data)
                 } else {
-                    fallback.encrypt_sector_to(iv, src, dst)
-                }
+                    fast.encrypt_inplace(run, data)
+                };
+            }
+        }
+        let p = self.portable();
+        for (i, sector) in data.chunks_mut(run.sector_size).enumerate() {
+            if decrypt {
+                p.decrypt_sector(run.iv(i), sector)
+            } else {
+                p.encrypt_sector(run.iv(i), sector)
             }
         }
     }
 
-    pub fn decrypt_sector_to(&self, iv: u64, src: &[u8], dst: &mut [u8]) {
+    fn copy(&self, decrypt: bool, run: Run, src: &[u8], dst: &mut [u8]) {
         assert_eq!(src.len(), dst.len());
-        match &self.0 {
-            Kernel::Portable(p) => p.decrypt_sector_to(iv, src, dst),
-            #[cfg(target_arch = "x86_64")]
-            Kernel::Vaes { fast, fallback } => {
-                if vaes::Vaes::takes(src.len()) {
-                    fast.decrypt_to(iv, src, dst)
+        #[cfg(target_arch = "x86_64")]
+        if let Kernel::Vaes { fast, .. } = &self.0 {
+            if vaes::Vaes::takes(run.sector_size, src.len()) {
+                return if decrypt {
+                    fast.decrypt_to(run, src, dst)
                 } else {
-                    fallback.decrypt_sector_to(iv, src, dst)
-                }
+                    fast.encrypt_to(run, src, dst)
+                };
             }
+        }
+        let p = self.portable();
+        let sectors = src
+            .chunks(run.sector_size)
+            .zip(dst.chunks_mut(run.sector_size));
+        for (i, (s, d)) in sectors.enumerate() {
+            if decrypt {
+                p.decrypt_sector_to(run.iv(i), s, d)
+            } else {
+                p.encrypt_sector_to(run.iv(i), s, d)
+            }
+        }
+    }
+
+    fn portable(&self) -> &portable::Portable {
+        match &self.0 {
+            Kernel::Portable(p) => p,
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Vaes { fallback, .. } => fallback,
         }
     }
 }

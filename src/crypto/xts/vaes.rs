@@ -25,6 +25,8 @@
 use core::arch::x86_64::*;
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
+use super::Run;
+
 /// Bytes per loop iteration: 8 registers × 4 blocks × 16 bytes.
 const CHUNK: usize = 512;
 /// Registers in flight.
@@ -81,65 +83,113 @@ impl Vaes {
         Some(v)
     }
 
-    /// Data units the kernel takes: whole 512-byte chunks (every dm-crypt
-    /// sector size).
-    pub(super) fn takes(len: usize) -> bool {
-        len != 0 && len % CHUNK == 0
+    /// Runs the kernel takes: sectors of whole 512-byte chunks (every
+    /// dm-crypt sector size), and whole sectors.
+    pub(super) fn takes(sector_size: usize, len: usize) -> bool {
+        sector_size != 0 && sector_size % CHUNK == 0 && len % sector_size == 0
     }
 
-    pub(super) fn encrypt_inplace(&self, iv: u64, data: &mut [u8]) {
-        assert!(Self::takes(data.len()));
+    /// Encrypts the sectors of `data` in place; sector i uses the IV
+    /// `first_iv + i·iv_step` (wrapping).
+    pub(super) fn encrypt_inplace(&self, run: Run, data: &mut [u8]) {
+        assert!(Self::takes(run.sector_size, data.len()));
         let p = data.as_mut_ptr();
         // SAFETY: `self` exists only if cpu_supported() held; `p` is valid for
-        // reads and writes of data.len() bytes, a multiple of CHUNK. Reading
-        // and writing the same buffer is fine: each chunk is loaded whole
-        // before it is stored.
-        unsafe { self.run::<false>(iv, p, p, data.len()) }
+        // reads and writes of data.len() bytes, whole sectors of whole
+        // chunks. Reading and writing the same buffer is fine: each chunk is
+        // loaded whole before it is stored.
+        unsafe { self.run::<false>(run, p, p, data.len()) }
     }
 
-    pub(super) fn decrypt_inplace(&self, iv: u64, data: &mut [u8]) {
-        assert!(Self::takes(data.len()));
+    pub(super) fn decrypt_inplace(&self, run: Run, data: &mut [u8]) {
+        assert!(Self::takes(run.sector_size, data.len()));
         let p = data.as_mut_ptr();
         // SAFETY: as in encrypt_inplace.
-        unsafe { self.run::<true>(iv, p, p, data.len()) }
+        unsafe { self.run::<true>(run, p, p, data.len()) }
     }
 
-    pub(super) fn encrypt_to(&self, iv: u64, src: &[u8], dst: &mut [u8]) {
-        assert!(Self::takes(src.len()) && src.len() == dst.len());
+    pub(super) fn encrypt_to(&self, run: Run, src: &[u8], dst: &mut [u8]) {
+        assert!(Self::takes(run.sector_size, src.len()) && src.len() == dst.len());
         // SAFETY: `self` exists only if cpu_supported() held; both pointers
-        // are valid for src.len() bytes, a multiple of CHUNK.
-        unsafe { self.run::<false>(iv, src.as_ptr(), dst.as_mut_ptr(), src.len()) }
+        // are valid for src.len() bytes, whole sectors of whole chunks, and
+        // (a & and a &mut) do not overlap.
+        unsafe { self.run::<false>(run, src.as_ptr(), dst.as_mut_ptr(), src.len()) }
     }
 
-    pub(super) fn decrypt_to(&self, iv: u64, src: &[u8], dst: &mut [u8]) {
-        assert!(Self::takes(src.len()) && src.len() == dst.len());
+    pub(super) fn decrypt_to(&self, run: Run, src: &[u8], dst: &mut [u8]) {
+        assert!(Self::takes(run.sector_size, src.len()) && src.len() == dst.len());
         // SAFETY: as in encrypt_to.
-        unsafe { self.run::<true>(iv, src.as_ptr(), dst.as_mut_ptr(), src.len()) }
+        unsafe { self.run::<true>(run, src.as_ptr(), dst.as_mut_ptr(), src.len()) }
     }
 
     /// # Safety
     /// The CPU has the kernel's features; `src` and `dst` are valid for `len`
-    /// bytes (a multiple of CHUNK) and either equal or non-overlapping.
-    unsafe fn run<const DECRYPT: bool>(&self, iv: u64, src: *const u8, dst: *mut u8, len: usize) {
+    /// bytes, `Vaes::takes(run.sector_size, len)`, and the two are either
+    /// equal or non-overlapping.
+    unsafe fn run<const DECRYPT: bool>(&self, run: Run, src: *const u8, dst: *mut u8, len: usize) {
         // SAFETY: forwarded from the caller.
         unsafe {
             if self.rounds == 10 {
-                xts::<10, DECRYPT>(self, iv, src, dst, len)
+                xts::<10, DECRYPT>(self, run, src, dst, len)
             } else {
-                xts::<14, DECRYPT>(self, iv, src, dst, len)
+                xts::<14, DECRYPT>(self, run, src, dst, len)
             }
         }
     }
 }
 
-/// One data unit. `NR` is the number of AES rounds (10 or 14).
+/// Repeats a statement for each of the LANES registers with a constant
+/// index, so the arrays below live in registers rather than on the stack.
+macro_rules! lanes {
+    ($j:ident => $body:block) => {{
+        {
+            let $j = 0usize;
+            $body
+        }
+        {
+            let $j = 1usize;
+            $body
+        }
+        {
+            let $j = 2usize;
+            $body
+        }
+        {
+            let $j = 3usize;
+            $body
+        }
+        {
+            let $j = 4usize;
+            $body
+        }
+        {
+            let $j = 5usize;
+            $body
+        }
+        {
+            let $j = 6usize;
+            $body
+        }
+        {
+            let $j = 7usize;
+            $body
+        }
+    }};
+}
+
+/// A run of sectors. `NR` is the number of AES rounds (10 or 14).
+///
+/// The first tweaks of four sectors come out of one 512-bit AES pass, and
+/// the next four are started before the current four are processed, so the
+/// tweak cipher's latency hides behind the data (it matters for 512-byte
+/// sectors, where it would otherwise be a third of the time).
 ///
 /// # Safety
 /// As [`Vaes::run`].
 #[target_feature(enable = "aes,sse4.1,avx512f,avx512bw,vaes,vpclmulqdq")]
 unsafe fn xts<const NR: usize, const DECRYPT: bool>(
     keys: &Vaes,
-    iv: u64,
+    run: Run,
     src: *const u8,
     dst: *mut u8,
     len: usize,
@@ -150,65 +200,102 @@ unsafe fn xts<const NR: usize, const DECRYPT: bool>(
         *r = _mm512_broadcast_i32x4(load(k));
     }
     let poly = _mm512_set1_epi64(0x87);
-    let mut tw = first_tweaks::<NR>(&keys.tweak, iv, poly);
+    let sectors = len / run.sector_size;
 
-    let mut off = 0;
-    while off < len {
-        let mut x = [_mm512_setzero_si512(); LANES];
-        for (j, x) in x.iter_mut().enumerate() {
-            // SAFETY: off + 64·(j+1) <= len, and src is valid for len bytes.
-            let block = unsafe { _mm512_loadu_si512(src.add(off + 64 * j).cast()) };
-            *x = xor3(block, tw[j], rk[0]);
+    let mut next = four_tweaks::<NR>(&keys.tweak, run, 0);
+    let mut first = 0;
+    while first < sectors {
+        let group = next;
+        if first + 4 < sectors {
+            next = four_tweaks::<NR>(&keys.tweak, run, first as u64 + 4);
         }
-        for k in &rk[1..NR] {
-            for x in x.iter_mut() {
-                *x = if DECRYPT {
-                    _mm512_aesdec_epi128(*x, *k)
-                } else {
-                    _mm512_aesenc_epi128(*x, *k)
-                };
+        for lane in 0..(sectors - first).min(4) {
+            let mut tw = sector_tweaks(group, lane, poly);
+            let start = (first + lane) * run.sector_size;
+            let mut off = start;
+            while off < start + run.sector_size {
+                let mut x = [_mm512_setzero_si512(); LANES];
+                lanes!(j => {
+                    // SAFETY: off + 64·(j+1) <= len, and src is valid for len bytes.
+                    let block = unsafe { _mm512_loadu_si512(src.add(off + 64 * j).cast()) };
+                    x[j] = xor3(block, tw[j], rk[0]);
+                });
+                for k in &rk[1..NR] {
+                    lanes!(j => {
+                        x[j] = if DECRYPT {
+                            _mm512_aesdec_epi128(x[j], *k)
+                        } else {
+                            _mm512_aesenc_epi128(x[j], *k)
+                        };
+                    });
+                }
+                lanes!(j => {
+                    let last = _mm512_xor_si512(rk[NR], tw[j]);
+                    let out = if DECRYPT {
+                        _mm512_aesdeclast_epi128(x[j], last)
+                    } else {
+                        _mm512_aesenclast_epi128(x[j], last)
+                    };
+                    // SAFETY: as for the load; dst is valid for len bytes.
+                    unsafe { _mm512_storeu_si512(dst.add(off + 64 * j).cast(), out) };
+                    tw[j] = mul_x32(tw[j], poly);
+                });
+                off += CHUNK;
             }
         }
-        for (j, x) in x.iter().enumerate() {
-            let last = _mm512_xor_si512(rk[NR], tw[j]);
-            let out = if DECRYPT {
-                _mm512_aesdeclast_epi128(*x, last)
-            } else {
-                _mm512_aesenclast_epi128(*x, last)
-            };
-            // SAFETY: as for the load; dst is valid for len bytes.
-            unsafe { _mm512_storeu_si512(dst.add(off + 64 * j).cast(), out) };
-        }
-        for t in tw.iter_mut() {
-            *t = mul_x32(*t, poly);
-        }
-        off += CHUNK;
+        first += 4;
     }
 }
 
-/// The tweaks of blocks 0..32: register r holds T·α^(4r..4r+4), where T is
-/// the encrypted IV (plain64: little-endian sector number, zero-padded).
-#[target_feature(enable = "aes,sse4.1,avx512f,avx512bw,vpclmulqdq")]
-fn first_tweaks<const NR: usize>(tweak: &Schedule, iv: u64, poly: __m512i) -> [__m512i; LANES] {
-    let mut t = _mm_xor_si128(_mm_set_epi64x(0, iv as i64), load(&tweak[0]));
+/// The encrypted IVs (plain64: little-endian sector number, zero-padded) of
+/// sectors `first..first + 4` of the run, one per 128-bit lane.
+#[target_feature(enable = "avx512f,vaes")]
+fn four_tweaks<const NR: usize>(tweak: &Schedule, run: Run, first: u64) -> __m512i {
+    let iv = |i: u64| {
+        run.first_iv
+            .wrapping_add(first.wrapping_add(i).wrapping_mul(run.iv_step)) as i64
+    };
+    let ivs = _mm512_setr_epi64(iv(0), 0, iv(1), 0, iv(2), 0, iv(3), 0);
+    let mut t = _mm512_xor_si512(ivs, _mm512_broadcast_i32x4(load(&tweak[0])));
     for k in &tweak[1..NR] {
-        t = _mm_aesenc_si128(t, load(k));
+        t = _mm512_aesenc_epi128(t, _mm512_broadcast_i32x4(load(k)));
     }
-    t = _mm_aesenclast_si128(t, load(&tweak[NR]));
+    _mm512_aesenclast_epi128(t, _mm512_broadcast_i32x4(load(&tweak[NR])))
+}
 
-    let t0 = to_u128(t);
-    let t1 = mul_alpha(t0);
-    let t2 = mul_alpha(t1);
-    let t3 = mul_alpha(t2);
-    let halves = |t: u128| (t as u64 as i64, (t >> 64) as u64 as i64);
-    let ((a0, a1), (b0, b1), (c0, c1), (d0, d1)) = (halves(t0), halves(t1), halves(t2), halves(t3));
-    let first = _mm512_setr_epi64(a0, a1, b0, b1, c0, c1, d0, d1);
-
-    let mut tw = [first; LANES];
-    for (r, t) in tw.iter_mut().enumerate().skip(1) {
-        *t = mul_xk(first, 4 * r as i64, poly);
-    }
+/// The tweaks of blocks 0..32 of the sector whose encrypted IV T is lane
+/// `lane` of `group`: register r holds T·α^(4r..4r+4).
+#[target_feature(enable = "avx512f,avx512bw,vpclmulqdq")]
+fn sector_tweaks(group: __m512i, lane: usize, poly: __m512i) -> [__m512i; LANES] {
+    let t = match lane {
+        0 => _mm512_shuffle_i64x2::<0x00>(group, group),
+        1 => _mm512_shuffle_i64x2::<0x55>(group, group),
+        2 => _mm512_shuffle_i64x2::<0xaa>(group, group),
+        _ => _mm512_shuffle_i64x2::<0xff>(group, group),
+    };
+    // Per-qword shift counts: lane j of register r is shifted by 4r + j.
+    let base = _mm512_setr_epi64(0, 0, 1, 1, 2, 2, 3, 3);
+    let mut tw = [t; LANES];
+    lanes!(r => {
+        let k = _mm512_add_epi64(base, _mm512_set1_epi64(4 * r as i64));
+        tw[r] = mul_x_var(t, k, poly);
+    });
     tw
+}
+
+/// Each 128-bit lane times x^k, with k (0..64) given per qword (equal in
+/// both qwords of a lane).
+#[target_feature(enable = "avx512f,avx512bw,vpclmulqdq")]
+fn mul_x_var(v: __m512i, k: __m512i, poly: __m512i) -> __m512i {
+    let left = _mm512_sllv_epi64(v, k);
+    // Shift counts of 64 (k = 0) give 0, as needed.
+    let out = _mm512_srlv_epi64(v, _mm512_sub_epi64(_mm512_set1_epi64(64), k));
+    // Bits leaving the low qword enter the high one; bits leaving the lane
+    // come back reduced (x^128 = x^7 + x^2 + x + 1).
+    let into_high = _mm512_bslli_epi128::<8>(out);
+    let off_top = _mm512_bsrli_epi128::<8>(out);
+    let reduced = _mm512_clmulepi64_epi128::<0x00>(off_top, poly);
+    xor3(left, into_high, reduced)
 }
 
 /// Each 128-bit lane times x^32 in GF(2^128) (XTS bit order: little-endian).
@@ -220,27 +307,9 @@ fn mul_x32(v: __m512i, poly: __m512i) -> __m512i {
     _mm512_xor_si512(shifted, _mm512_clmulepi64_epi128::<0x00>(carry, poly))
 }
 
-/// Each 128-bit lane times x^k, 0 < k < 64.
-#[target_feature(enable = "avx512f,avx512bw,vpclmulqdq")]
-fn mul_xk(v: __m512i, k: i64, poly: __m512i) -> __m512i {
-    let left = _mm512_sll_epi64(v, _mm_set_epi64x(0, k));
-    let out = _mm512_srl_epi64(v, _mm_set_epi64x(0, 64 - k));
-    // Bits leaving the low qword enter the high one; bits leaving the lane
-    // come back reduced (x^128 = x^7 + x^2 + x + 1).
-    let into_high = _mm512_bslli_epi128::<8>(out);
-    let off_top = _mm512_bsrli_epi128::<8>(out);
-    let reduced = _mm512_clmulepi64_epi128::<0x00>(off_top, poly);
-    xor3(left, into_high, reduced)
-}
-
 #[target_feature(enable = "avx512f")]
 fn xor3(a: __m512i, b: __m512i, c: __m512i) -> __m512i {
     _mm512_ternarylogic_epi64::<0x96>(a, b, c)
-}
-
-/// Multiplication by α (= x) in GF(2^128), XTS's little-endian convention.
-fn mul_alpha(t: u128) -> u128 {
-    (t << 1) ^ ((t >> 127) * 0x87)
 }
 
 #[target_feature(enable = "sse2")]

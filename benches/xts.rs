@@ -1,0 +1,146 @@
+//! AES-XTS throughput on one core, same buffers for every implementation:
+//! cryptblk's fused VAES kernel and its portable loop, OpenSSL EVP aes-xts
+//! (IV reset per sector, as dm-crypt's plain64 needs) and xts-mode 0.6.
+//! AES-128 and AES-256, 512-byte and 4 KiB sectors, 4 KiB / 64 KiB / 1 MiB
+//! requests, encrypt and decrypt, all in place.
+//!
+//! `cargo bench --bench xts` (about 3 minutes plus the LTO build). Filter with criterion's
+//! usual argument, e.g. `cargo bench --bench xts -- aes256/encrypt/4096`.
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use aes::cipher::KeyInit;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use cryptblk::crypto::{Xts, XtsKey};
+use openssl::cipher::Cipher;
+use openssl::cipher_ctx::CipherCtx;
+
+const SECTOR_SIZES: [usize; 2] = [512, 4096];
+const REQUESTS: [usize; 3] = [4 << 10, 64 << 10, 1 << 20];
+/// Where the request starts on the "disk": a sector number well away from 0.
+const FIRST_IV: u64 = 1 << 20;
+
+/// One way to run XTS over a request, sector by sector, in place.
+type Run = Box<dyn FnMut(&mut [u8])>;
+
+fn key_bytes(bytes: usize) -> Vec<u8> {
+    (0..bytes as u8)
+        .map(|i| i.wrapping_mul(37) ^ 0xa5)
+        .collect()
+}
+
+fn sectors(data: &mut [u8], size: usize) -> impl Iterator<Item = (u64, &mut [u8])> {
+    data.chunks_mut(size)
+        .enumerate()
+        .map(|(i, s)| (FIRST_IV + i as u64, s))
+}
+
+/// The whole request in one call, as `SectorCipher` hands it over.
+fn cryptblk(xts: Xts, encrypt: bool, size: usize) -> Run {
+    Box::new(move |data| {
+        if encrypt {
+            xts.encrypt_sectors(FIRST_IV, 1, size, data)
+        } else {
+            xts.decrypt_sectors(FIRST_IV, 1, size, data)
+        }
+    })
+}
+
+fn openssl(key: &[u8], encrypt: bool, size: usize) -> Run {
+    let cipher = if key.len() == 32 {
+        Cipher::aes_128_xts()
+    } else {
+        Cipher::aes_256_xts()
+    };
+    let mut ctx = CipherCtx::new().expect("EVP_CIPHER_CTX");
+    if encrypt {
+        ctx.encrypt_init(Some(cipher), Some(key), None)
+    } else {
+        ctx.decrypt_init(Some(cipher), Some(key), None)
+    }
+    .expect("OpenSSL XTS key");
+    Box::new(move |data| {
+        for (iv, s) in sectors(data, size) {
+            let iv = (iv as u128).to_le_bytes();
+            if encrypt {
+                ctx.encrypt_init(None, None, Some(&iv))
+            } else {
+                ctx.decrypt_init(None, None, Some(&iv))
+            }
+            .expect("OpenSSL XTS IV");
+            let n = s.len();
+            ctx.cipher_update_inplace(s, n).expect("OpenSSL XTS");
+        }
+    })
+}
+
+fn xts_mode(key: &[u8], encrypt: bool, size: usize) -> Run {
+    use xts_mode::{get_tweak_default, Xts128};
+    fn run<C>(x: Xts128<C>, encrypt: bool, size: usize) -> Run
+    where
+        C: aes::cipher::BlockCipherEncrypt
+            + aes::cipher::BlockCipherDecrypt
+            + aes::cipher::BlockSizeUser<BlockSize = aes::cipher::consts::U16>
+            + 'static,
+    {
+        Box::new(move |data| {
+            for (iv, s) in sectors(data, size) {
+                let tweak = get_tweak_default(iv as u128);
+                if encrypt {
+                    x.encrypt_sector(s, tweak)
+                } else {
+                    x.decrypt_sector(s, tweak)
+                }
+            }
+        })
+    }
+    let (k1, k2) = key.split_at(key.len() / 2);
+    if key.len() == 32 {
+        let c = |k| aes::Aes128::new_from_slice(k).expect("16-byte key");
+        run(Xts128::new(c(k1), c(k2)), encrypt, size)
+    } else {
+        let c = |k| aes::Aes256::new_from_slice(k).expect("32-byte key");
+        run(Xts128::new(c(k1), c(k2)), encrypt, size)
+    }
+}
+
+fn bench_xts(c: &mut Criterion) {
+    for bits in [128, 256] {
+        let raw = key_bytes(bits / 4);
+        let key = XtsKey::from_bytes(&raw).expect("XTS key");
+        for encrypt in [true, false] {
+            let dir = if encrypt { "encrypt" } else { "decrypt" };
+            for size in SECTOR_SIZES {
+                let mut group = c.benchmark_group(format!("aes{bits}/{dir}/{size}"));
+                group
+                    .warm_up_time(Duration::from_millis(200))
+                    .measurement_time(Duration::from_millis(600))
+                    .sample_size(10);
+                let fast = Xts::new_vaes(&key).expect("this CPU lacks VAES/AVX-512");
+                let mut runs: Vec<(&str, Run)> = vec![
+                    ("cryptblk-vaes", cryptblk(fast, encrypt, size)),
+                    (
+                        "cryptblk-portable",
+                        cryptblk(Xts::new_portable(&key), encrypt, size),
+                    ),
+                    ("openssl", openssl(&raw, encrypt, size)),
+                    ("xts-mode", xts_mode(&raw, encrypt, size)),
+                ];
+                for request in REQUESTS {
+                    group.throughput(Throughput::Bytes(request as u64));
+                    let mut data: Vec<u8> = (0..request).map(|i| (i * 7) as u8).collect();
+                    for (name, run) in runs.iter_mut() {
+                        group.bench_function(BenchmarkId::new(*name, request), |b| {
+                            b.iter(|| run(black_box(&mut data)))
+                        });
+                    }
+                }
+                group.finish();
+            }
+        }
+    }
+}
+
+criterion_group!(benches, bench_xts);
+criterion_main!(benches);
