@@ -76,6 +76,9 @@ cleanup() {
   rm -f "$KEYFILE" "$PASSFILE" "$RUN/initramfs/e2e/passphrase" "$RUN/initramfs/e2e/volume.key"
 }
 trap cleanup EXIT
+# Turn signals into an exit so that the EXIT trap always runs.
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
 # gen_pattern TAG OFF LEN: LEN bytes of 64-byte records, each naming the run,
 # the tag and its own byte offset on the disk, so that a misplaced or stale
@@ -218,14 +221,10 @@ start_backend() {
   die "$BACKEND did not create its socket $SOCK"
 }
 
-# Stops the backend once the guest is gone: it may exit by itself when the
-# frontend disconnects; otherwise SIGTERM must make it exit cleanly.
+# Stops the backend once the guest is gone (it may already have exited when the
+# frontend disconnected): SIGTERM must make it exit cleanly and promptly.
 stop_backend() {
   local i rc=0
-  for i in $(seq 30); do
-    kill -0 "$backend_pid" 2>/dev/null || break
-    sleep 0.1
-  done
   if kill -0 "$backend_pid" 2>/dev/null; then
     kill -TERM "$backend_pid"
     for i in $(seq 100); do
@@ -289,6 +288,8 @@ run_guest() {
 guest_failed() {
   echo "---- last lines of the guest console ($SERIAL) ----" >&2
   tail -30 "$SERIAL" >&2 || true
+  echo "---- last lines of the backend log ($BACKEND_LOG) ----" >&2
+  tail -10 "$BACKEND_LOG" >&2 || true
   die "$1"
 }
 
@@ -348,12 +349,13 @@ host_checks() {
 }
 
 main() {
-  local t_start t_kernel t_boot t_end
+  local t_start t_kernel0 t_kernel t_boot t_guest t_end
   t_start=$(now)
   check_tools
   [ "$BACKEND" != cryptblk ] || resolve_cryptblk
   rm -rf "$RUN"
   mkdir -p "$RUN"
+  t_kernel0=$(now)
   guest_kernel_prepare
   t_kernel=$(now)
   make_image
@@ -364,7 +366,6 @@ main() {
   start_backend
   t_boot=$(now)
   run_guest
-  local t_guest
   t_guest=$(now)
   stop_backend
   check_guest_results
@@ -372,8 +373,9 @@ main() {
   t_end=$(now)
 
   echo "==== e2e-qemu summary (backend $BACKEND, $FORMAT image, guest kernel $GUEST_KVER) ===="
-  echo "guest checks passed: $GUEST_PASSES; host checks failed: ${HOST_FAILS:-none}"
-  echo "times: kernel cache $(elapsed "$t_start" "$t_kernel") s, guest run $(elapsed "$t_boot" "$t_guest") s" \
+  # shellcheck disable=SC2086 # counting words
+  echo "guest checks passed: $GUEST_PASSES of $(set -- $EXPECTED_RESULTS && echo $#); host checks failed: ${HOST_FAILS:-none}"
+  echo "times: guest kernel $(elapsed "$t_kernel0" "$t_kernel") s, guest run $(elapsed "$t_boot" "$t_guest") s" \
     "(init reached at ${BOOT_S:-?} s guest uptime, checks done at ${END_S:-?} s), total $(elapsed "$t_start" "$t_end") s"
   echo "backend exit status: $BACKEND_EXIT; logs in $RUN"
   if [ -n "$GUEST_FAILS" ] || [ -n "$HOST_FAILS" ]; then
