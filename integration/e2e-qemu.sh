@@ -9,10 +9,16 @@
 #   bash integration/e2e-qemu.sh                   # BACKEND=cryptblk (default)
 #   BACKEND=qsd bash integration/e2e-qemu.sh       # qemu-storage-daemon's luks export
 #   BACKEND=plaintext bash integration/e2e-qemu.sh # negative control: MUST fail
+#   E2E_FORMAT=plain bash integration/e2e-qemu.sh  # plain dm-crypt image (cryptblk only)
 #
-# Environment: BACKEND (cryptblk|qsd|plaintext), CRYPTBLK (path to the binary; default:
+# In the guest, dm-crypt opens the image twice: through the LUKS1 header
+# (cryptsetup luks) and as plain dm-crypt with the bare volume key and payload
+# offset, which is how the backend is configured.
+#
+# Environment: BACKEND (cryptblk|qsd|plaintext), E2E_FORMAT (luks1|plain), CRYPTBLK (path to the binary; default:
 # built here with cargo, profile E2E_PROFILE=debug|release), E2E_TIMEOUT
-# (seconds the guest may run, default 180), WORK_DIR (cache, default
+# (seconds the guest may run, default 180), E2E_DEBUG=1 (kernel messages and a
+# shell trace of the guest test on the console), WORK_DIR (cache, default
 # integration/work). Exits 0 only if every check passed. Needs the tools from
 # integration/install-deps.sh; a missing tool fails the test, it never skips.
 set -euo pipefail
@@ -25,6 +31,7 @@ LOG_TAG=e2e
 . "$INTEGRATION_DIR/guest/initramfs.sh"
 
 BACKEND=${BACKEND:-cryptblk}
+FORMAT=${E2E_FORMAT:-luks1}
 TIMEOUT=${E2E_TIMEOUT:-180}
 E2E_PROFILE=${E2E_PROFILE:-debug}
 CPUS=2
@@ -41,11 +48,16 @@ PAT_B_OFF=$((DISK_BYTES - PAT_B_LEN))
 REF_SERIAL=dmcrypt-ref
 EXPECTED_RESULTS="modules disk-present disk-size queues raw-write raw-readback-a raw-readback-b
   both-queues-used mkfs fs-write fsck fs-readback raw-intact-a raw-intact-b
-  dmcrypt-open dmcrypt-pattern-a dmcrypt-pattern-b dmcrypt-files kernel-log"
+  dmcrypt-plain-open dmcrypt-plain-pattern-a dmcrypt-plain-pattern-b dmcrypt-plain-files kernel-log"
+case $FORMAT in
+  luks1) EXPECTED_RESULTS+=" dmcrypt-luks-open dmcrypt-luks-pattern-a dmcrypt-luks-pattern-b dmcrypt-luks-files" ;;
+  plain) [ "$BACKEND" != qsd ] || die "qemu-storage-daemon cannot serve plain dm-crypt images: E2E_FORMAT=plain needs BACKEND=cryptblk" ;;
+  *) die "unknown E2E_FORMAT=$FORMAT (luks1 or plain)" ;;
+esac
 
-RUN=$WORK_DIR/e2e-$BACKEND
+RUN=$WORK_DIR/e2e-$BACKEND-$FORMAT
 SOCK=$RUN/vhost.sock
-IMG=$RUN/img.luks
+IMG=$RUN/img.$FORMAT
 PASSFILE=$RUN/passphrase
 KEYFILE=$RUN/volume.key
 SERIAL=$RUN/serial.log
@@ -61,9 +73,12 @@ cleanup() {
     kill "$pid" 2>/dev/null || true
   done
   # The key and passphrase are test values, but still do not leave them around.
-  rm -f "$KEYFILE" "$PASSFILE" "$RUN/initramfs/e2e/passphrase"
+  rm -f "$KEYFILE" "$PASSFILE" "$RUN/initramfs/e2e/passphrase" "$RUN/initramfs/e2e/volume.key"
 }
 trap cleanup EXIT
+# Turn signals into an exit so that the EXIT trap always runs.
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
 # gen_pattern TAG OFF LEN: LEN bytes of 64-byte records, each naming the run,
 # the tag and its own byte offset on the disk, so that a misplaced or stale
@@ -82,9 +97,20 @@ check_tools() {
   [ "$BACKEND" = cryptblk ] || need_tools qemu-storage-daemon
 }
 
-# The LUKS1 image, its volume key and payload offset (what a dm-crypt table
-# or `cryptblk serve --offset` needs), checked against what the test assumes.
+# The image, its volume key and payload offset in 512-byte sectors (what a
+# dm-crypt table or `cryptblk serve --offset` needs).
 make_image() {
+  if [ "$FORMAT" = plain ]; then
+    (umask 077 && head -c 64 /dev/urandom >"$KEYFILE")
+    truncate -s "$DISK_BYTES" "$IMG"
+    PAYLOAD=0
+  else
+    make_luks1_image
+  fi
+}
+
+# A LUKS1 image made by qemu-img, checked against what the test assumes.
+make_luks1_image() {
   printf '%s' "e2e-passphrase-$RUNID" >"$PASSFILE"
   chmod 600 "$PASSFILE"
   qemu-img create -q -f luks -o iter-time=10,key-secret=sec0 \
@@ -122,8 +148,11 @@ PAT_A_LEN=$PAT_A_LEN
 PAT_B_OFF=$PAT_B_OFF
 PAT_B_LEN=$PAT_B_LEN
 REF_SERIAL=$REF_SERIAL
+FORMAT=$FORMAT
+PAYLOAD_SECTORS=$PAYLOAD
 EOF
-  install -m 600 "$PASSFILE" "$e2e/passphrase"
+  install -m 600 "$KEYFILE" "$e2e/volume.key"
+  [ "$FORMAT" != luks1 ] || install -m 600 "$PASSFILE" "$e2e/passphrase"
   gen_pattern A "$PAT_A_OFF" "$PAT_A_LEN" >"$RUN/pat-a"
   gen_pattern B "$PAT_B_OFF" "$PAT_B_LEN" >"$RUN/pat-b"
   cp "$RUN/pat-a" "$RUN/pat-b" "$e2e/"
@@ -158,11 +187,11 @@ start_backend() {
   rm -f "$SOCK"
   case $BACKEND in
     cryptblk)
-      resolve_cryptblk
-      "$CRYPTBLK" serve --socket "$SOCK" --image "$IMG" --key-file "$KEYFILE" --key-size 512 \
+      RUST_LOG=${RUST_LOG:-info} "$CRYPTBLK" serve --socket "$SOCK" --image "$IMG" --key-file "$KEYFILE" --key-size 512 \
         --offset "$PAYLOAD" --queues "$QUEUES" >"$BACKEND_LOG" 2>&1 &
       ;;
     qsd)
+      [ "$FORMAT" = luks1 ] || die "BACKEND=qsd serves only LUKS1 images"
       qemu-storage-daemon \
         --object secret,id=sec0,file="$PASSFILE" \
         --blockdev driver=file,node-name=file0,filename="$IMG" \
@@ -192,14 +221,10 @@ start_backend() {
   die "$BACKEND did not create its socket $SOCK"
 }
 
-# Stops the backend once the guest is gone: it may exit by itself when the
-# frontend disconnects; otherwise SIGTERM must make it exit cleanly.
+# Stops the backend once the guest is gone (it may already have exited when the
+# frontend disconnected): SIGTERM must make it exit cleanly and promptly.
 stop_backend() {
   local i rc=0
-  for i in $(seq 30); do
-    kill -0 "$backend_pid" 2>/dev/null || break
-    sleep 0.1
-  done
   if kill -0 "$backend_pid" 2>/dev/null; then
     kill -TERM "$backend_pid"
     for i in $(seq 100); do
@@ -235,13 +260,15 @@ qemu_accel() {
 run_guest() {
   local accel rc=0
   accel=$(qemu_accel)
+  local cmdline_extra=quiet
+  [ "${E2E_DEBUG:-0}" = 0 ] || cmdline_extra=e2edebug
   log "booting the guest ($accel, $CPUS vCPUs, $QUEUES queues, timeout ${TIMEOUT}s)"
   # shellcheck disable=SC2086 # $accel is a list of options
   timeout -k 5 "$TIMEOUT" qemu-system-x86_64 -nodefaults -no-user-config -display none -no-reboot \
     $accel -machine q35,memory-backend=mem -m "$MEM" -smp "$CPUS" \
     -object memory-backend-memfd,id=mem,size="$MEM",share=on \
     -kernel "$GUEST_VMLINUX" -initrd "$RUN/initramfs.cpio" \
-    -append "console=ttyS0 rdinit=/init panic=-1 quiet mitigations=off" \
+    -append "console=ttyS0 rdinit=/init panic=-1 mitigations=off $cmdline_extra" \
     -serial file:"$SERIAL" \
     -chardev socket,id=vhost0,path="$SOCK" \
     -device vhost-user-blk-pci,chardev=vhost0,num-queues="$QUEUES" \
@@ -261,6 +288,8 @@ run_guest() {
 guest_failed() {
   echo "---- last lines of the guest console ($SERIAL) ----" >&2
   tail -30 "$SERIAL" >&2 || true
+  echo "---- last lines of the backend log ($BACKEND_LOG) ----" >&2
+  tail -10 "$BACKEND_LOG" >&2 || true
   die "$1"
 }
 
@@ -307,6 +336,8 @@ decrypted_files() {
 
 host_checks() {
   host_check image-has-no-plaintext no_plaintext_in_image
+  # qemu-img reads only LUKS; for plain images the guest's dm-crypt is the oracle.
+  [ "$FORMAT" = luks1 ] || return 0
   qemu-img convert --object secret,id=sec0,file="$PASSFILE" \
     --image-opts driver=luks,key-secret=sec0,file.filename="$IMG" -O raw "$RUN/out.raw" ||
     die "qemu-img could not decrypt $IMG"
@@ -318,31 +349,33 @@ host_checks() {
 }
 
 main() {
-  local t_start t_kernel t_boot t_end
+  local t_start t_kernel0 t_kernel t_boot t_guest t_end
   t_start=$(now)
   check_tools
+  [ "$BACKEND" != cryptblk ] || resolve_cryptblk
   rm -rf "$RUN"
   mkdir -p "$RUN"
+  t_kernel0=$(now)
   guest_kernel_prepare
   t_kernel=$(now)
   make_image
   guest_initramfs_stage "$RUN/initramfs"
   make_guest_data "$RUN/initramfs"
   guest_initramfs_pack "$RUN/initramfs" "$RUN/initramfs.cpio"
-  log "LUKS1 image $IMG, payload offset $PAYLOAD sectors; initramfs $(($(stat -c %s "$RUN/initramfs.cpio") >> 20)) MiB"
+  log "$FORMAT image $IMG, payload offset $PAYLOAD sectors; initramfs $(($(stat -c %s "$RUN/initramfs.cpio") >> 20)) MiB"
   start_backend
   t_boot=$(now)
   run_guest
-  local t_guest
   t_guest=$(now)
   stop_backend
   check_guest_results
   host_checks
   t_end=$(now)
 
-  echo "==== e2e-qemu summary (backend $BACKEND, guest kernel $GUEST_KVER) ===="
-  echo "guest checks passed: $GUEST_PASSES; host checks failed: ${HOST_FAILS:-none}"
-  echo "times: kernel cache $(elapsed "$t_start" "$t_kernel") s, guest run $(elapsed "$t_boot" "$t_guest") s" \
+  echo "==== e2e-qemu summary (backend $BACKEND, $FORMAT image, guest kernel $GUEST_KVER) ===="
+  # shellcheck disable=SC2086 # counting words
+  echo "guest checks passed: $GUEST_PASSES of $(set -- $EXPECTED_RESULTS && echo $#); host checks failed: ${HOST_FAILS:-none}"
+  echo "times: guest kernel $(elapsed "$t_kernel0" "$t_kernel") s, guest run $(elapsed "$t_boot" "$t_guest") s" \
     "(init reached at ${BOOT_S:-?} s guest uptime, checks done at ${END_S:-?} s), total $(elapsed "$t_start" "$t_end") s"
   echo "backend exit status: $BACKEND_EXIT; logs in $RUN"
   if [ -n "$GUEST_FAILS" ] || [ -n "$HOST_FAILS" ]; then

@@ -3,6 +3,7 @@
 # shellcheck shell=bash
 
 INTEGRATION_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck disable=SC2034 # used by the scripts that source this file
 REPO_DIR=$(dirname "$INTEGRATION_DIR")
 # Everything downloaded or built lives here (gitignored) and is reused between runs.
 WORK_DIR=${WORK_DIR:-$INTEGRATION_DIR/work}

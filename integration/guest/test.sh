@@ -2,11 +2,13 @@
 # The checks the guest runs on its vhost-user-blk disk. Prints one
 # "E2E-RESULT PASS|FAIL <name> [detail]" line per check (the host requires
 # every name it expects) and "E2E-INFO ..." lines for the log.
-# /e2e/conf (written by the host) sets RUNID, DISK_BYTES, QUEUES, FS_BYTES,
-# PAT_A_OFF, PAT_A_LEN, PAT_B_OFF, PAT_B_LEN and REF_SERIAL; /e2e/pat-a and
-# /e2e/pat-b are the raw patterns, /e2e/fs-src the tree copied onto the
-# filesystem and /e2e/passphrase the LUKS passphrase. The disk whose serial is
+# /e2e/conf (written by the host) sets RUNID, FORMAT (luks1|plain),
+# PAYLOAD_SECTORS, DISK_BYTES, QUEUES, FS_BYTES, PAT_A_OFF, PAT_A_LEN,
+# PAT_B_OFF, PAT_B_LEN and REF_SERIAL; /e2e/pat-a and /e2e/pat-b are the raw
+# patterns, /e2e/fs-src the tree copied onto the filesystem, /e2e/passphrase
+# (LUKS1 only) and /e2e/volume.key the secrets. The disk whose serial is
 # REF_SERIAL is the image file itself, read-only, for dm-crypt to open.
+# shellcheck source=/dev/null
 . /e2e/conf
 DISK=
 REF=
@@ -67,17 +69,31 @@ wait_for_disks() {
 }
 
 if ! wait_for_disks; then
-  fail disk-present "10 s after virtio_blk loaded: test disk '$DISK', reference disk '$REF' ($(ls /sys/block | tr '\n' ' '))"
+  fail disk-present "10 s after virtio_blk loaded: test disk '$DISK', reference disk '$REF' ($(echo /sys/block/*))"
   exit 0
 fi
 pass disk-present
 info "disks ready at uptime $(uptime_s): vhost-user-blk $DISK, reference $REF"
 sysblk=/sys/block/${DISK#/dev/}
+q=$sysblk/queue
+info "$DISK: write_cache=$(cat "$q/write_cache") logical_block=$(cat "$q/logical_block_size")" \
+  "physical_block=$(cat "$q/physical_block_size") max_segments=$(cat "$q/max_segments")" \
+  "max_sectors_kb=$(cat "$q/max_sectors_kb") discard_max=$(cat "$q/discard_max_bytes")" \
+  "write_zeroes_max=$(cat "$q/write_zeroes_max_bytes") serial='$(cat "$sysblk/serial" 2>/dev/null)'"
 
 size=$(($(cat "$sysblk/size") * 512))
-[ "$size" = "$DISK_BYTES" ] && pass disk-size || fail disk-size "$size bytes, expected $DISK_BYTES"
-nq=$(ls "$sysblk/mq" | wc -l)
-[ "$nq" = "$QUEUES" ] && pass queues || fail queues "$nq queues, expected $QUEUES"
+if [ "$size" = "$DISK_BYTES" ]; then
+  pass disk-size
+else
+  fail disk-size "$size bytes, expected $DISK_BYTES"
+fi
+# One directory per blk-mq hardware queue, i.e. per virtqueue the driver uses.
+set -- "$sysblk"/mq/*
+if [ $# = "$QUEUES" ]; then
+  pass queues
+else
+  fail queues "$# queues, expected $QUEUES"
+fi
 
 # Raw I/O: two writers at once, pinned to different CPUs so that blk-mq sends
 # them through different virtqueues. A: 64 KiB O_DIRECT writes. B: 512-byte
@@ -108,8 +124,11 @@ q0=$(queue_irqs "$vdev" 0)
 q1=$(queue_irqs "$vdev" 1)
 info "$vdev virtqueue interrupts: req.0=$q0 req.1=$q1 (vectors: $(grep "$vdev-" /proc/interrupts | awk '{ print $NF }' | tr '\n' ' '))"
 if [ "$QUEUES" -ge 2 ]; then
-  [ "$q0" -gt 0 ] && [ "$q1" -gt 0 ] && pass both-queues-used ||
+  if [ "$q0" -gt 0 ] && [ "$q1" -gt 0 ]; then
+    pass both-queues-used
+  else
     fail both-queues-used "req.0=$q0 req.1=$q1 interrupts"
+  fi
 fi
 
 # A filesystem on the first FS_BYTES (the patterns live above it): make it,
@@ -151,29 +170,44 @@ drop_caches
 check raw-intact-a same_region "$DISK" "$PAT_A_OFF" "$PAT_A_LEN" /e2e/pat-a direct
 check raw-intact-b same_region "$DISK" "$PAT_B_OFF" "$PAT_B_LEN" /e2e/pat-b
 
-# The kernel's own dm-crypt, set up by cryptsetup from the LUKS1 header, reads
-# the image file (served by QEMU itself, below the backend) and must see
-# exactly what went through the backend: raw patterns and filesystem files.
-t0=$(uptime_s)
-if DM_DISABLE_UDEV=1 /sbin/cryptsetup open --readonly --type luks1 --key-file /e2e/passphrase \
-  "$REF" e2e-ref >/tmp/cryptsetup.log 2>&1; then
-  pass dmcrypt-open
-  MAPPED=/dev/mapper/e2e-ref
+# dmcrypt_check METHOD CRYPTSETUP-OPEN-ARGS...: the kernel's own dm-crypt,
+# set up by cryptsetup, reads the image file (served by QEMU itself, below the
+# backend) and must see exactly what went through the backend: the raw
+# patterns and the filesystem's files.
+dmcrypt_check() {
+  method=$1
+  shift
+  t0=$(uptime_s)
+  # --batch-mode and no stdin: cryptsetup must never wait for a "YES" (it asks
+  # when it sees a filesystem signature on the device, e.g. on a plaintext image).
+  if ! DM_DISABLE_UDEV=1 /sbin/cryptsetup open --batch-mode --readonly "$@" "$REF" "e2e-$method" \
+    </dev/null >/tmp/cryptsetup.log 2>&1; then
+    fail "dmcrypt-$method-open" "$(tail -3 /tmp/cryptsetup.log | tr '\n' ' ')"
+    return
+  fi
+  pass "dmcrypt-$method-open"
+  mapped=/dev/mapper/e2e-$method
   drop_caches
-  check dmcrypt-pattern-a same_region "$MAPPED" "$PAT_A_OFF" "$PAT_A_LEN" /e2e/pat-a
-  check dmcrypt-pattern-b same_region "$MAPPED" "$PAT_B_OFF" "$PAT_B_LEN" /e2e/pat-b direct
+  check "dmcrypt-$method-pattern-a" same_region "$mapped" "$PAT_A_OFF" "$PAT_A_LEN" /e2e/pat-a
+  check "dmcrypt-$method-pattern-b" same_region "$mapped" "$PAT_B_OFF" "$PAT_B_LEN" /e2e/pat-b direct
   # noload: the device is read-only, so no journal replay (none is needed after a clean umount).
-  if mount -t ext4 -o ro,noload "$MAPPED" /mnt; then
-    check dmcrypt-files sh -c 'cd /mnt/e2e && md5sum -c -s /tmp/src.sums'
+  if mount -t ext4 -o ro,noload "$mapped" /mnt; then
+    check "dmcrypt-$method-files" sh -c 'cd /mnt/e2e && md5sum -c -s /tmp/src.sums'
     umount /mnt
   else
-    fail dmcrypt-files "mount of $MAPPED failed"
+    fail "dmcrypt-$method-files" "mount of $mapped failed"
   fi
-  DM_DISABLE_UDEV=1 /sbin/cryptsetup close e2e-ref || info "cryptsetup close failed"
-else
-  fail dmcrypt-open "$(tail -3 /tmp/cryptsetup.log | tr '\n' ' ')"
-fi
-info "dm-crypt checks took $(awk -v a="$t0" -v b="$(uptime_s)" 'BEGIN { print b - a }') s"
+  DM_DISABLE_UDEV=1 /sbin/cryptsetup close "e2e-$method" </dev/null || info "cryptsetup close e2e-$method failed"
+  info "dm-crypt $method checks took $(awk -v a="$t0" -v b="$(uptime_s)" 'BEGIN { print b - a }') s"
+}
+
+# LUKS1: as a user would open the image (header, passphrase, key slot).
+[ "$FORMAT" != luks1 ] ||
+  dmcrypt_check luks --type luks1 --key-file /e2e/passphrase
+# Plain: the bare volume key and payload offset, i.e. exactly how the backend is
+# configured; for a LUKS1 image this proves that key + offset reads the same data.
+dmcrypt_check plain --type plain --cipher aes-xts-plain64 --key-size 512 \
+  --key-file /e2e/volume.key --offset "$PAYLOAD_SECTORS"
 
 errors=$(dmesg | grep -iE 'I/O error|EXT4-fs error|blk_update_request|critical|virtio_blk.*(err|fail)|call trace' | head -5)
 if [ -z "$errors" ]; then
