@@ -80,6 +80,9 @@ pub struct BenchArgs {
     /// The target daemon's pid: report its CPU time per I/O.
     #[arg(long)]
     pid: Option<u32>,
+    /// Fail when no request completes for this many seconds.
+    #[arg(long, default_value = "30", value_parser = parse_secs)]
+    stall_timeout: Duration,
 }
 
 fn parse_secs(text: &str) -> Result<Duration, String> {
@@ -107,6 +110,7 @@ impl BenchArgs {
             verify_only: self.verify_only,
             pid: self.pid,
             progress: std::io::stderr().is_terminal(),
+            stall_timeout: self.stall_timeout,
         }
     }
 }
