@@ -33,6 +33,10 @@ impl From<RwArg> for RwMode {
 /// Load-test any vhost-user-blk socket (cryptblk, qemu-storage-daemon,
 /// cloud-hypervisor's vhost_user_block) like fio would.
 #[derive(Args, Debug)]
+#[command(
+    after_help = "Exit status: 0 when every request succeeded and every check matched, \
+1 when requests failed or data mismatched (the report says where), 2 when the job could not run."
+)]
 pub struct BenchArgs {
     /// The vhost-user-blk socket to connect to.
     #[arg(long)]
