@@ -5,6 +5,7 @@
 mod bench_support;
 
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use bench_support::Qsd;
 use cryptblk::bench::{run, BenchError, JobSpec, Report, RwMode};
@@ -226,4 +227,28 @@ fn verify_only_names_misplaced_blocks() {
     assert_eq!(first["offset"], 4096);
     assert_eq!(first["found"]["kind"], "misplaced");
     assert_eq!(first["found"]["from_offset"], 8192);
+}
+
+#[test]
+fn a_hung_daemon_is_reported_not_waited_for() {
+    let qsd = Qsd::raw(16 * MIB, 1);
+    let pid = qsd.pid() as i32;
+    let job = JobSpec {
+        runtime: Some(Duration::from_secs(30)),
+        stall_timeout: Duration::from_millis(500),
+        ..spec(&qsd, RwMode::RandRead, 4096, 8, 1)
+    };
+    let started = Instant::now();
+    let running = std::thread::spawn(move || run(&job));
+    // Let it connect and run, then freeze the daemon mid-flight.
+    std::thread::sleep(Duration::from_secs(1));
+    // SAFETY: plain syscalls on the pid of the daemon this test started.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let result = running.join().expect("bench thread");
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    match result {
+        Err(BenchError::Stalled { in_flight, .. }) => assert!(in_flight > 0),
+        other => panic!("expected a stall, got {other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(20));
 }

@@ -33,6 +33,10 @@ impl From<RwArg> for RwMode {
 /// Load-test any vhost-user-blk socket (cryptblk, qemu-storage-daemon,
 /// cloud-hypervisor's vhost_user_block) like fio would.
 #[derive(Args, Debug)]
+#[command(
+    after_help = "Exit status: 0 when every request succeeded and every check matched, \
+1 when requests failed or data mismatched (the report says where), 2 when the job could not run."
+)]
 pub struct BenchArgs {
     /// The vhost-user-blk socket to connect to.
     #[arg(long)]
@@ -80,6 +84,9 @@ pub struct BenchArgs {
     /// The target daemon's pid: report its CPU time per I/O.
     #[arg(long)]
     pid: Option<u32>,
+    /// Fail when no request completes for this many seconds.
+    #[arg(long, default_value = "30", value_parser = parse_secs)]
+    stall_timeout: Duration,
 }
 
 fn parse_secs(text: &str) -> Result<Duration, String> {
@@ -107,6 +114,7 @@ impl BenchArgs {
             verify_only: self.verify_only,
             pid: self.pid,
             progress: std::io::stderr().is_terminal(),
+            stall_timeout: self.stall_timeout,
         }
     }
 }

@@ -22,6 +22,16 @@ pub enum BenchError {
     #[error("cannot read the CPU time of pid {pid} from /proc: {message} (is --pid right?)")]
     ProcStat { pid: u32, message: String },
 
+    #[error(
+        "queue {queue}: no completion for {secs} s with {in_flight} request(s) in flight \
+         (did the daemon die or hang?)"
+    )]
+    Stalled {
+        queue: usize,
+        secs: f64,
+        in_flight: usize,
+    },
+
     #[error("the worker thread of queue {0} panicked")]
     WorkerPanic(usize),
 }

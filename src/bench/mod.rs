@@ -125,6 +125,7 @@ fn build_pipelines(spec: &JobSpec, device: &Device, queues: Vec<Blkioq>) -> Vec<
                 seed: spec.seed,
                 pattern_writes: spec.verify,
                 segment_len: device.segment_len,
+                stall_timeout: spec.stall_timeout,
             };
             Pipeline::new(queue, device.queue_memory(i, depth), config)
         })

@@ -77,6 +77,9 @@ pub struct JobSpec {
     pub pid: Option<u32>,
     /// Print a progress line on stderr once a second.
     pub progress: bool,
+    /// Give up when no request completes for this long: a daemon that died
+    /// leaves its requests pending forever.
+    pub stall_timeout: Duration,
 }
 
 impl JobSpec {
@@ -97,6 +100,7 @@ impl JobSpec {
             verify_only: false,
             pid: None,
             progress: false,
+            stall_timeout: Duration::from_secs(30),
         }
     }
 
@@ -128,6 +132,9 @@ impl JobSpec {
         }
         if self.runtime.is_some_and(|r| r.is_zero()) || self.size == Some(0) {
             return bad("--runtime and --size must be positive".into());
+        }
+        if self.stall_timeout.is_zero() {
+            return bad("the stall timeout must be positive".into());
         }
         if self.verify && self.verify_only {
             return bad("use either --verify or --verify-only".into());

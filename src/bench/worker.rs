@@ -4,7 +4,7 @@
 
 use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use blkio::{Blkioq, Completion, ReqFlags};
 
@@ -34,6 +34,7 @@ pub(crate) struct Pipeline {
     segments: usize,
     iovecs: Vec<libc::iovec>,
     completions: Vec<MaybeUninit<Completion>>,
+    stall_timeout: Duration,
 }
 
 // SAFETY: the iovecs only point into `memory`, which is `Send` (a part of the
@@ -47,6 +48,7 @@ pub(crate) struct PipelineConfig {
     pub seed: u64,
     pub pattern_writes: bool,
     pub segment_len: usize,
+    pub stall_timeout: Duration,
 }
 
 impl Pipeline {
@@ -72,6 +74,7 @@ impl Pipeline {
             segments,
             iovecs: Vec::with_capacity(depth * segments),
             completions: (0..depth).map(|_| MaybeUninit::uninit()).collect(),
+            stall_timeout: config.stall_timeout,
             memory,
         };
         pipeline.build_iovecs(config.segment_len);
@@ -130,13 +133,7 @@ impl Pipeline {
             if in_flight == 0 {
                 return Ok(());
             }
-            let reaped = self
-                .queue
-                .do_io(&mut self.completions, 1, None, None)
-                .map_err(|e| BenchError::Io {
-                    queue: self.index,
-                    message: blkio_message(&e),
-                })?;
+            let reaped = self.reap(1, in_flight)?;
             now = Instant::now();
             for i in 0..reaped {
                 // SAFETY: do_io initialised the first `reaped` entries.
@@ -146,6 +143,27 @@ impl Pipeline {
             in_flight -= reaped;
             progress.fetch_add(reaped as u64, Ordering::Relaxed);
         }
+    }
+
+    /// Waits for at least `min` completions (submitting what is queued).
+    fn reap(&mut self, min: usize, in_flight: usize) -> Result<usize, BenchError> {
+        let mut timeout = self.stall_timeout;
+        self.queue
+            .do_io(&mut self.completions, min, Some(&mut timeout), None)
+            .map_err(|e| {
+                if e.errno() == blkio::Errno::TIME {
+                    BenchError::Stalled {
+                        queue: self.index,
+                        secs: self.stall_timeout.as_secs_f64(),
+                        in_flight,
+                    }
+                } else {
+                    BenchError::Io {
+                        queue: self.index,
+                        message: blkio_message(&e),
+                    }
+                }
+            })
     }
 
     /// Fills free slots from `source`; returns how many were issued.
@@ -211,15 +229,8 @@ impl Pipeline {
     /// Asks the device to make completed writes durable (fio's end_fsync),
     /// so a later `--verify-only` survives a daemon restart.
     pub fn flush(&mut self, stats: &mut PhaseStats) -> Result<(), BenchError> {
-        let io_err = |e: blkio::Error| BenchError::Io {
-            queue: self.index,
-            message: blkio_message(&e),
-        };
         self.queue.flush(usize::MAX, ReqFlags::empty());
-        let reaped = self
-            .queue
-            .do_io(&mut self.completions[..1], 1, None, None)
-            .map_err(io_err)?;
+        let reaped = self.reap(1, 1)?;
         if reaped == 1 {
             // SAFETY: do_io initialised the first `reaped` entries.
             let completion = unsafe { self.completions[0].assume_init_read() };
