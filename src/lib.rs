@@ -3,3 +3,4 @@
 //! `crypto` → `volume` → `virtio` (request parsing) → `device` (vhost-user).
 
 pub mod crypto;
+pub mod luks;
