@@ -8,5 +8,6 @@ pub mod crypto;
 pub mod daemon;
 pub mod demo;
 pub mod device;
+pub mod luks;
 pub mod virtio;
 pub mod volume;

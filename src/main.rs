@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use cryptblk::config::{ServeArgs, ServeConfig};
 use cryptblk::daemon;
 use cryptblk::device::BlkDevice;
+use cryptblk::luks::cli as luks_cli;
 
 /// cryptblk: a vhost-user-blk daemon that gives guests a plain disk and
 /// stores only dm-crypt compatible AES-XTS ciphertext.
@@ -23,6 +24,12 @@ enum Command {
     Bench(cryptblk::bench::BenchArgs),
     /// First run, no VM needed: make an encrypted image, serve it, benchmark and verify it.
     Demo(cryptblk::demo::DemoArgs),
+    /// Create a LUKS1, LUKS2 or plain dm-crypt image (cryptsetup luksFormat).
+    Format(luks_cli::FormatArgs),
+    /// Add, remove or change LUKS passphrases.
+    Key(luks_cli::KeyArgs),
+    /// Show a LUKS header (never a secret).
+    Dump(luks_cli::DumpArgs),
 }
 
 fn main() -> ExitCode {
@@ -31,6 +38,9 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(args),
         Command::Bench(args) => std::process::exit(cryptblk::bench::cli::main(args)),
         Command::Demo(args) => cryptblk::demo::run(&args).map_err(Into::into),
+        Command::Format(a) => with_logging(|| luks_cli::run_format(&a)),
+        Command::Key(a) => with_logging(|| luks_cli::run_key(&a)),
+        Command::Dump(a) => with_logging(|| luks_cli::run_dump(&a)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -47,6 +57,13 @@ fn init_logging(level: Option<&str>) {
         b.parse_filters(level);
     }
     let _ = b.try_init();
+}
+
+fn with_logging<E: std::error::Error + 'static>(
+    f: impl FnOnce() -> Result<(), E>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    init_logging(None);
+    f().map_err(Into::into)
 }
 
 fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {

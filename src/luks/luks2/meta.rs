@@ -1,0 +1,290 @@
+//! Typed, validated views of the LUKS2 JSON metadata. The `serde_json::Value`
+//! stays the source of truth so that fields we do not know (tokens, flags,
+//! priorities) survive our updates untouched.
+
+use std::collections::BTreeMap;
+
+use base64::Engine;
+use serde_json::Value;
+
+use crate::luks::hash::HashAlg;
+use crate::luks::kdf::{Argon2Type, Kdf};
+use crate::luks::LuksError;
+
+pub const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+fn bad(what: &str) -> LuksError {
+    LuksError::Corrupt(format!("LUKS2 metadata: {what}"))
+}
+
+fn obj<'a>(
+    v: &'a Value,
+    key: &str,
+    ctx: &str,
+) -> Result<&'a serde_json::Map<String, Value>, LuksError> {
+    v.get(key)
+        .and_then(Value::as_object)
+        .ok_or_else(|| bad(&format!("{ctx} has no \"{key}\" object")))
+}
+
+fn string<'a>(v: &'a Value, key: &str, ctx: &str) -> Result<&'a str, LuksError> {
+    v.get(key)
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad(&format!("{ctx} has no \"{key}\" string")))
+}
+
+/// LUKS2 stores 64-bit sizes and offsets as decimal strings.
+fn u64_str(v: &Value, key: &str, ctx: &str) -> Result<u64, LuksError> {
+    string(v, key, ctx)?
+        .parse()
+        .map_err(|_| bad(&format!("{ctx}.{key} is not a decimal number")))
+}
+
+fn num(v: &Value, key: &str, ctx: &str) -> Result<u32, LuksError> {
+    v.get(key)
+        .and_then(Value::as_u64)
+        .and_then(|n| u32::try_from(n).ok())
+        .ok_or_else(|| bad(&format!("{ctx}.{key} is not a small number")))
+}
+
+fn b64(v: &Value, key: &str, ctx: &str) -> Result<Vec<u8>, LuksError> {
+    B64.decode(string(v, key, ctx)?)
+        .map_err(|_| bad(&format!("{ctx}.{key} is not base64")))
+}
+
+fn ids(v: &Value, key: &str, ctx: &str) -> Result<Vec<usize>, LuksError> {
+    v.get(key)
+        .and_then(Value::as_array)
+        .ok_or_else(|| bad(&format!("{ctx} has no \"{key}\" list")))?
+        .iter()
+        .map(|x| x.as_str().and_then(|s| s.parse().ok()))
+        .collect::<Option<Vec<usize>>>()
+        .ok_or_else(|| bad(&format!("{ctx}.{key} holds something that is not an id")))
+}
+
+/// An openable (type "luks2") keyslot.
+#[derive(Debug, Clone)]
+pub struct Keyslot {
+    pub key_size: usize,
+    pub kdf: Kdf,
+    pub salt: Vec<u8>,
+    pub stripes: usize,
+    pub af_hash: HashAlg,
+    pub area_offset: u64,
+    pub area_size: u64,
+    pub area_key_size: usize,
+    /// 0 = ignore unless named, 1 = normal, 2 = try first.
+    pub priority: u32,
+}
+
+impl Keyslot {
+    pub fn parse(v: &Value, ctx: &str) -> Result<Self, LuksError> {
+        let kdf_v = v
+            .get("kdf")
+            .ok_or_else(|| bad(&format!("{ctx} has no kdf")))?;
+        let kctx = format!("{ctx}.kdf");
+        let kdf = match string(kdf_v, "type", &kctx)? {
+            "pbkdf2" => Kdf::Pbkdf2 {
+                hash: HashAlg::from_name(string(kdf_v, "hash", &kctx)?)?,
+                iterations: num(kdf_v, "iterations", &kctx)?,
+            },
+            t @ ("argon2i" | "argon2id") => Kdf::Argon2 {
+                kind: if t == "argon2i" {
+                    Argon2Type::I
+                } else {
+                    Argon2Type::Id
+                },
+                time: num(kdf_v, "time", &kctx)?,
+                memory_kib: num(kdf_v, "memory", &kctx)?,
+                cpus: num(kdf_v, "cpus", &kctx)?,
+            },
+            other => return Err(LuksError::Unsupported(format!("{ctx}: KDF {other:?}"))),
+        };
+        let af = v
+            .get("af")
+            .ok_or_else(|| bad(&format!("{ctx} has no af")))?;
+        if string(af, "type", ctx)? != "luks1" {
+            return Err(LuksError::Unsupported(format!(
+                "{ctx}: AF type other than luks1"
+            )));
+        }
+        let area = v
+            .get("area")
+            .ok_or_else(|| bad(&format!("{ctx} has no area")))?;
+        let actx = format!("{ctx}.area");
+        if string(area, "type", &actx)? != "raw" {
+            return Err(LuksError::Unsupported(format!(
+                "{ctx}: area type other than raw"
+            )));
+        }
+        let enc = string(area, "encryption", &actx)?;
+        if enc != crate::luks::area::AREA_CIPHER {
+            return Err(LuksError::Unsupported(format!(
+                "{ctx}: keyslot cipher {enc:?}; only aes-xts-plain64 is supported"
+            )));
+        }
+        let ks = Keyslot {
+            key_size: num(v, "key_size", ctx)? as usize,
+            kdf,
+            salt: b64(kdf_v, "salt", &kctx)?,
+            stripes: num(af, "stripes", ctx)? as usize,
+            af_hash: HashAlg::from_name(string(af, "hash", ctx)?)?,
+            area_offset: u64_str(area, "offset", &actx)?,
+            area_size: u64_str(area, "size", &actx)?,
+            area_key_size: num(area, "key_size", &actx)? as usize,
+            priority: v.get("priority").and_then(Value::as_u64).unwrap_or(1) as u32,
+        };
+        let need = crate::luks::area::material_len(ks.key_size, ks.stripes) as u64;
+        if ks.stripes == 0
+            || ks.stripes > 100_000
+            || ks.key_size == 0
+            || ks.key_size > 512
+            || need > ks.area_size
+        {
+            return Err(bad(&format!("{ctx}: key material does not fit its area")));
+        }
+        Ok(ks)
+    }
+}
+
+/// The single data segment we support.
+#[derive(Debug, Clone)]
+pub struct Segment {
+    pub offset: u64,
+    /// None = "dynamic" (up to the end of the device).
+    pub size: Option<u64>,
+    pub encryption: String,
+    pub sector_size: usize,
+}
+
+/// A pbkdf2 digest of the volume key.
+#[derive(Debug, Clone)]
+pub struct VkDigest {
+    pub keyslots: Vec<usize>,
+    pub hash: HashAlg,
+    pub iterations: u32,
+    pub salt: Vec<u8>,
+    pub digest: Vec<u8>,
+}
+
+/// Everything we read from the metadata.
+#[derive(Debug, Clone)]
+pub struct Meta {
+    pub keyslots: BTreeMap<usize, Result<Keyslot, String>>,
+    pub segment: Segment,
+    pub digests: Vec<VkDigest>,
+    pub json_size: u64,
+    pub keyslots_size: u64,
+}
+
+pub fn parse(v: &Value) -> Result<Meta, LuksError> {
+    let config = v.get("config").ok_or_else(|| bad("no config"))?;
+    refuse_requirements(config)?;
+    let segment = parse_segment(v)?;
+    let mut keyslots = BTreeMap::new();
+    for (id, ks) in obj(v, "keyslots", "metadata")? {
+        let n: usize = id
+            .parse()
+            .map_err(|_| bad("a keyslot id is not a number"))?;
+        let ctx = format!("keyslot {n}");
+        let parsed = match string(ks, "type", &ctx)? {
+            "luks2" => Keyslot::parse(ks, &ctx).map_err(|e| e.to_string()),
+            other => Err(format!("keyslot type {other:?} cannot be opened")),
+        };
+        keyslots.insert(n, parsed);
+    }
+    let mut digests = Vec::new();
+    for (id, d) in obj(v, "digests", "metadata")? {
+        digests.push(parse_digest(d, id)?);
+    }
+    Ok(Meta {
+        keyslots,
+        segment,
+        digests,
+        json_size: u64_str(config, "json_size", "config")?,
+        keyslots_size: u64_str(config, "keyslots_size", "config")?,
+    })
+}
+
+pub fn parse_digest(d: &Value, id: &str) -> Result<VkDigest, LuksError> {
+    let ctx = format!("digest {id}");
+    if string(d, "type", &ctx)? != "pbkdf2" {
+        return Err(LuksError::Unsupported(format!(
+            "{ctx}: digest type other than pbkdf2"
+        )));
+    }
+    Ok(VkDigest {
+        keyslots: ids(d, "keyslots", &ctx)?,
+        hash: HashAlg::from_name(string(d, "hash", &ctx)?)?,
+        iterations: num(d, "iterations", &ctx)?,
+        salt: b64(d, "salt", &ctx)?,
+        digest: b64(d, "digest", &ctx)?,
+    })
+}
+
+fn refuse_requirements(config: &Value) -> Result<(), LuksError> {
+    let mandatory: Vec<&str> = config
+        .get("requirements")
+        .and_then(|r| r.get("mandatory"))
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    if mandatory.is_empty() {
+        return Ok(());
+    }
+    let reencrypt = mandatory.iter().any(|m| m.contains("reencrypt"));
+    Err(LuksError::Unsupported(if reencrypt {
+        format!("a LUKS2 re-encryption is in progress (requirements: {}); finish it with cryptsetup reencrypt first", mandatory.join(", "))
+    } else {
+        format!("LUKS2 mandatory requirements {}", mandatory.join(", "))
+    }))
+}
+
+fn parse_segment(v: &Value) -> Result<Segment, LuksError> {
+    let segs = obj(v, "segments", "metadata")?;
+    if segs.len() != 1 {
+        return Err(LuksError::Unsupported(format!(
+            "{} data segments (exactly one is supported)",
+            segs.len()
+        )));
+    }
+    let (id, s) = segs.iter().next().expect("one segment");
+    let ctx = format!("segment {id}");
+    let kind = string(s, "type", &ctx)?;
+    if kind != "crypt" {
+        return Err(LuksError::Unsupported(format!("{ctx} of type {kind:?}")));
+    }
+    if s.get("integrity").is_some_and(|i| !i.is_null()) {
+        return Err(LuksError::Unsupported(format!(
+            "{ctx} uses integrity/AEAD (dm-integrity); only plain aes-xts-plain64 is supported"
+        )));
+    }
+    let encryption = string(s, "encryption", &ctx)?.to_string();
+    if encryption != crate::luks::area::AREA_CIPHER {
+        return Err(LuksError::Unsupported(format!(
+            "cipher {encryption:?}; only aes-xts-plain64 is supported"
+        )));
+    }
+    if u64_str(s, "iv_tweak", &ctx)? != 0 {
+        return Err(LuksError::Unsupported(format!(
+            "{ctx} with a non-zero iv_tweak"
+        )));
+    }
+    let size = match string(s, "size", &ctx)? {
+        "dynamic" => None,
+        n => Some(
+            n.parse()
+                .map_err(|_| bad(&format!("{ctx}.size is not a number")))?,
+        ),
+    };
+    let sector_size = num(s, "sector_size", &ctx)? as usize;
+    if !crate::crypto::SECTOR_SIZES.contains(&sector_size) {
+        return Err(bad(&format!("{ctx}.sector_size {sector_size} is invalid")));
+    }
+    Ok(Segment {
+        offset: u64_str(s, "offset", &ctx)?,
+        size,
+        encryption,
+        sector_size,
+    })
+}

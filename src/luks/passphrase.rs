@@ -1,0 +1,127 @@
+//! Passphrases the way cryptsetup reads them: a key file taken as raw bytes
+//! (with --keyfile-offset/--keyfile-size), "-" for standard input, or a
+//! prompt without echo when there is no key file and stdin is a terminal.
+
+use std::io::{self, BufRead, Read, Seek, SeekFrom, Write};
+
+use zeroize::Zeroizing;
+
+use super::LuksError;
+
+/// cryptsetup's default --keyfile-size limit (8 MiB).
+pub const MAX_KEYFILE: u64 = 8 << 20;
+
+/// cryptsetup semantics: whole file, or --keyfile-offset / --keyfile-size;
+/// "-" = stdin; None + TTY = prompt (no echo); None + pipe = first line.
+pub fn read_passphrase(
+    key_file: Option<&str>,
+    keyfile_offset: u64,
+    keyfile_size: Option<u64>,
+) -> Result<Zeroizing<Vec<u8>>, LuksError> {
+    let limit = keyfile_size.unwrap_or(MAX_KEYFILE);
+    let pass = match key_file {
+        Some("-") => {
+            let mut stdin = io::stdin().lock();
+            skip(&mut stdin, keyfile_offset)
+                .map_err(LuksError::io("reading the key from standard input"))?;
+            read_limited(stdin, limit, "standard input")?
+        }
+        Some(path) => {
+            let what = format!("cannot read the key file {path}");
+            let mut f = std::fs::File::open(path).map_err(LuksError::io(what.clone()))?;
+            f.seek(SeekFrom::Start(keyfile_offset))
+                .map_err(LuksError::io(what))?;
+            read_limited(f, limit, path)?
+        }
+        None if keyfile_offset != 0 || keyfile_size.is_some() => {
+            return Err(LuksError::Invalid(
+                "--keyfile-offset/--keyfile-size need --key-file".into(),
+            ))
+        }
+        None => read_interactive("Enter passphrase: ")?,
+    };
+    if let Some(n) = keyfile_size {
+        if (pass.len() as u64) < n {
+            return Err(LuksError::Invalid(format!(
+                "the key file holds {} bytes after --keyfile-offset, fewer than --keyfile-size {n}",
+                pass.len()
+            )));
+        }
+    }
+    if pass.is_empty() {
+        return Err(LuksError::Invalid(
+            "the passphrase is empty; check the key file".into(),
+        ));
+    }
+    Ok(pass)
+}
+
+fn skip(r: &mut impl Read, n: u64) -> io::Result<()> {
+    let got = io::copy(&mut r.take(n), &mut io::sink())?;
+    if got < n {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "shorter than --keyfile-offset",
+        ));
+    }
+    Ok(())
+}
+
+fn read_limited(r: impl Read, limit: u64, name: &str) -> Result<Zeroizing<Vec<u8>>, LuksError> {
+    let mut buf = Zeroizing::new(Vec::new());
+    r.take(limit)
+        .read_to_end(&mut buf)
+        .map_err(LuksError::io(format!("cannot read the key from {name}")))?;
+    Ok(buf)
+}
+
+/// Prompts on stderr; echo is off while stdin is a terminal. Without a
+/// terminal, reads the first line of stdin (cryptsetup does the same).
+pub fn read_interactive(prompt: &str) -> Result<Zeroizing<Vec<u8>>, LuksError> {
+    let tty = unsafe { libc::isatty(libc::STDIN_FILENO) } == 1;
+    let _echo = if tty {
+        eprint!("{prompt}");
+        let _ = io::stderr().flush();
+        EchoOff::new()
+    } else {
+        None
+    };
+    let mut line = Zeroizing::new(Vec::new());
+    io::stdin()
+        .lock()
+        .take(MAX_KEYFILE)
+        .read_until(b'\n', &mut line)
+        .map_err(LuksError::io("cannot read the passphrase"))?;
+    if tty {
+        eprintln!();
+    }
+    if line.last() == Some(&b'\n') {
+        line.pop();
+    }
+    Ok(line)
+}
+
+/// Turns terminal echo off until dropped.
+struct EchoOff(libc::termios);
+
+impl EchoOff {
+    fn new() -> Option<Self> {
+        // SAFETY: termios is plain data; tcgetattr fills it or fails.
+        let mut t: libc::termios = unsafe { std::mem::zeroed() };
+        if unsafe { libc::tcgetattr(libc::STDIN_FILENO, &mut t) } != 0 {
+            return None;
+        }
+        let saved = t;
+        t.c_lflag &= !libc::ECHO;
+        // SAFETY: t is a valid termios obtained above.
+        unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &t) };
+        Some(EchoOff(saved))
+    }
+}
+
+impl Drop for EchoOff {
+    fn drop(&mut self) {
+        // SAFETY: restores the settings read in new().
+        unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &self.0) };
+    }
+}

@@ -1,0 +1,123 @@
+//! Helpers shared by the LUKS interop tests: the real tools (cryptsetup,
+//! qemu-img) as oracles, known plaintext, small KDF costs.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use cryptblk::crypto::{IvRule, SectorCipher};
+
+pub const PASS: &[u8] = b"correct horse battery staple";
+
+/// A tool the tests need; missing means a broken test machine, not a skip.
+pub fn tool(name: &str) -> Command {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
+        .unwrap_or(false)
+        || Path::new("/usr/sbin").join(name).is_file();
+    assert!(
+        found,
+        "{name} is not installed: run integration/install-deps.sh"
+    );
+    let path = if Path::new("/usr/sbin").join(name).is_file() {
+        PathBuf::from("/usr/sbin").join(name)
+    } else {
+        PathBuf::from(name)
+    };
+    Command::new(path)
+}
+
+pub fn ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("the tool starts");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub fn cryptblk() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_cryptblk"))
+}
+
+/// Runs cryptblk expecting failure; returns stderr (checked to be no panic).
+pub fn cryptblk_fails(args: &[&str]) -> String {
+    let out = cryptblk().args(args).output().expect("cryptblk starts");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "cryptblk {args:?} should fail");
+    assert_eq!(out.status.code(), Some(1), "cryptblk {args:?}: {err}");
+    assert!(
+        !err.contains("panicked"),
+        "cryptblk {args:?} panicked: {err}"
+    );
+    err
+}
+
+pub fn write_file(path: &Path, data: &[u8]) -> String {
+    std::fs::write(path, data).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+/// Deterministic, non-repeating bytes.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// cryptsetup's own view of the volume key.
+pub fn cryptsetup_volume_key(image: &Path, key_file: &Path) -> Vec<u8> {
+    let vk = image.with_extension("vk");
+    let _ = std::fs::remove_file(&vk);
+    ok(tool("cryptsetup")
+        .args([
+            "luksDump",
+            "--dump-volume-key",
+            "--batch-mode",
+            "--volume-key-file",
+        ])
+        .arg(&vk)
+        .arg("--key-file")
+        .arg(key_file)
+        .arg(image));
+    let key = std::fs::read(&vk).unwrap();
+    std::fs::remove_file(&vk).unwrap();
+    key
+}
+
+/// Whether cryptsetup accepts `key_file` for `image`.
+pub fn cryptsetup_opens(image: &Path, key_file: &Path) -> bool {
+    tool("cryptsetup")
+        .args(["open", "--test-passphrase", "--batch-mode", "--key-file"])
+        .arg(key_file)
+        .arg(image)
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
+/// Decrypts `len` payload bytes of `image` with what `unlock` returned.
+pub fn decrypt_payload(image: &Path, u: &cryptblk::luks::Unlocked, len: usize) -> Vec<u8> {
+    let data = std::fs::read(image).unwrap();
+    let start = u.payload_offset as usize;
+    let mut buf = data[start..start + len].to_vec();
+    let cipher = SectorCipher::new(
+        Some(&u.key),
+        IvRule {
+            sector_size: u.sector_size,
+            large_sectors: u.iv_large_sectors,
+            skip: 0,
+        },
+    );
+    cipher.decrypt(0, &mut buf);
+    buf
+}
