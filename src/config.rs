@@ -8,6 +8,7 @@ use serde::Deserialize;
 
 use crate::crypto::{IvRule, KeyError, SectorCipher, XtsKey, SECTOR_SIZES};
 use crate::device::{CryptoMode, DeviceOptions};
+use crate::luks;
 
 /// Where splitting a request across workers starts to pay (see README).
 const DEFAULT_SPLIT_THRESHOLD: u64 = 128 << 10;
@@ -36,6 +37,8 @@ pub enum ConfigError {
     #[error(transparent)]
     Key(#[from] KeyError),
     #[error(transparent)]
+    Luks(#[from] crate::luks::LuksError),
+    #[error(transparent)]
     Volume(#[from] VolumeError),
 }
 
@@ -47,6 +50,17 @@ pub enum Cipher {
     AesXtsPlain64,
     /// No encryption: a plaintext baseline for benchmarks and tests.
     None,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeviceType {
+    /// A LUKS header if there is one, else plain.
+    Auto,
+    /// dm-crypt plain mode: raw key, layout from the flags.
+    Plain,
+    /// LUKS1 or LUKS2: passphrase in --key-file, layout from the header.
+    Luks,
 }
 
 /// Every option of `cryptblk serve`. All are optional here so that a
@@ -106,6 +120,22 @@ pub struct ServeArgs {
     /// Serial number returned by GET_ID (at most 20 bytes).
     #[arg(long)]
     pub serial: Option<String>,
+    /// plain, luks (LUKS1 or LUKS2) or auto (default: luks if the image or --header has a LUKS header).
+    #[arg(long = "type", value_enum)]
+    #[serde(rename = "type")]
+    pub device_type: Option<DeviceType>,
+    /// Detached LUKS header file (the image then holds only the payload).
+    #[arg(long, value_name = "FILE")]
+    pub header: Option<PathBuf>,
+    /// LUKS: try only this key slot.
+    #[arg(long, value_name = "N")]
+    pub key_slot: Option<usize>,
+    /// LUKS: read at most this many bytes of the key file as the passphrase.
+    #[arg(long, value_name = "BYTES")]
+    pub keyfile_size: Option<u64>,
+    /// LUKS: skip this many bytes at the start of the key file.
+    #[arg(long, value_name = "BYTES")]
+    pub keyfile_offset: Option<u64>,
     /// Where crypto runs: inline (vring thread), workers (pool) or auto.
     #[arg(long, value_enum)]
     pub crypto: Option<CryptoMode>,
@@ -177,28 +207,37 @@ pub struct ServeConfig {
 struct ImageSpec {
     path: PathBuf,
     create_size: Option<u64>,
-    payload_offset: u64,
     readonly: bool,
     direct: bool,
-    cipher: Cipher,
+    layout: Layout,
+}
+
+/// Where the key and the payload layout come from.
+enum Layout {
+    Plain {
+        cipher: Cipher,
+        key_file: Option<String>,
+        key_size: usize,
+        rule: IvRule,
+        payload_offset: u64,
+    },
+    Luks(LuksSpec),
+}
+
+struct LuksSpec {
+    /// Detached header; None means the header is at the start of the image.
+    header: Option<PathBuf>,
+    /// Passphrase file; None prompts on a TTY.
     key_file: Option<String>,
-    key_size: usize,
-    rule: IvRule,
+    keyfile_offset: u64,
+    keyfile_size: Option<u64>,
+    key_slot: Option<usize>,
 }
 
 impl ServeConfig {
     pub fn from_args(a: ServeArgs) -> Result<Self, ConfigError> {
-        let socket = a.socket.ok_or(ConfigError::Missing("--socket"))?;
-        let path = a.image.ok_or(ConfigError::Missing("--image"))?;
-        let sector_size = a.sector_size.unwrap_or(512);
-        if !SECTOR_SIZES.contains(&sector_size) {
-            return invalid("--sector-size", sector_size, "use 512, 1024, 2048 or 4096");
-        }
-        let skip = a.skip.unwrap_or(0);
-        let large = a.iv_large_sectors.unwrap_or(false);
-        if large && skip % (sector_size as u64 / 512) != 0 {
-            return invalid("--skip", skip, "with --iv-large-sectors it must be a multiple of sector-size/512 (dm-crypt refuses it too)");
-        }
+        let socket = a.socket.clone().ok_or(ConfigError::Missing("--socket"))?;
+        let path = a.image.clone().ok_or(ConfigError::Missing("--image"))?;
         let queue_size = a.queue_size.unwrap_or(256);
         if !(2..=32768).contains(&queue_size) || !queue_size.is_power_of_two() {
             return invalid(
@@ -211,17 +250,10 @@ impl ServeConfig {
         if !(1..=64).contains(&queues) {
             return invalid("--queues", queues, "use 1 to 64");
         }
-        let readonly = a.readonly.unwrap_or(false);
-        let serial = a.serial.unwrap_or_else(|| default_serial(&path));
+        let serial = a.serial.clone().unwrap_or_else(|| default_serial(&path));
         if serial.len() > 20 {
             return invalid("--serial", serial, "at most 20 bytes (virtio-blk GET_ID)");
         }
-        let cipher = a.cipher.unwrap_or(Cipher::AesXtsPlain64);
-        let key_size = a.key_size.unwrap_or(512);
-        if cipher == Cipher::AesXtsPlain64 && a.key_file.is_none() {
-            return Err(ConfigError::Missing("--key-file (or --cipher none)"));
-        }
-        let create_size = a.size.as_deref().map(parse_size).transpose()?;
         let workers = a.workers.unwrap_or(queues);
         if !(1..=256).contains(&workers) {
             return invalid("--workers", workers, "use 1 to 256");
@@ -230,13 +262,12 @@ impl ServeConfig {
             Some(s) => parse_size(s)?,
             None => DEFAULT_SPLIT_THRESHOLD,
         };
-        if split_threshold % sector_size as u64 != 0 {
-            return invalid(
-                "--split-threshold",
-                split_threshold,
-                "must be a multiple of the sector size",
-            );
-        }
+        let readonly = a.readonly.unwrap_or(false);
+        let layout = if is_luks_device(&a)? {
+            Layout::Luks(luks_spec(&a)?)
+        } else {
+            plain_layout(&a)?
+        };
         Ok(ServeConfig {
             socket,
             device: DeviceOptions {
@@ -252,47 +283,152 @@ impl ServeConfig {
             log_level: a.log_level,
             image: ImageSpec {
                 path,
-                create_size,
-                payload_offset: a.offset.unwrap_or(0).checked_mul(512).ok_or(
-                    ConfigError::Invalid {
-                        flag: "--offset",
-                        value: "too large".into(),
-                        why: "the offset is in 512-byte sectors",
-                    },
-                )?,
+                create_size: a.size.as_deref().map(parse_size).transpose()?,
                 readonly,
                 direct: a.direct.unwrap_or(false),
-                cipher,
-                key_file: a.key_file,
-                key_size,
-                rule: IvRule {
-                    sector_size,
-                    large_sectors: large,
-                    skip,
-                },
+                layout,
             },
         })
     }
 
-    /// Reads the key and opens (or creates) the image.
+    /// Reads the key (unlocking LUKS if needed) and opens (or creates) the image.
     pub fn open_volume(&self) -> Result<Volume, ConfigError> {
         let s = &self.image;
-        let key = match (s.cipher, &s.key_file) {
-            (Cipher::AesXtsPlain64, Some(path)) => {
-                warn_if_key_file_is_exposed(path);
-                Some(XtsKey::from_key_file(path, s.key_size)?)
+        let (key, rule, payload_offset) = match &s.layout {
+            Layout::Plain {
+                cipher,
+                key_file,
+                key_size,
+                rule,
+                payload_offset,
+            } => {
+                let key = match (cipher, key_file) {
+                    (Cipher::AesXtsPlain64, Some(path)) => {
+                        warn_if_key_file_is_exposed(path);
+                        Some(XtsKey::from_key_file(path, *key_size)?)
+                    }
+                    _ => None,
+                };
+                (key, *rule, *payload_offset)
             }
-            _ => None,
+            Layout::Luks(l) => {
+                let header = l.header.as_deref().unwrap_or(&s.path);
+                if let Some(path) = &l.key_file {
+                    warn_if_key_file_is_exposed(path);
+                }
+                let pass =
+                    luks::read_passphrase(l.key_file.as_deref(), l.keyfile_offset, l.keyfile_size)?;
+                let u = luks::unlock(header, &pass, l.key_slot)?;
+                let rule = IvRule {
+                    sector_size: u.sector_size,
+                    large_sectors: u.iv_large_sectors,
+                    skip: 0,
+                };
+                (Some(u.key), rule, u.payload_offset)
+            }
         };
         Ok(open_image(ImageOptions {
             path: s.path.clone(),
             create_size: s.create_size,
-            payload_offset: s.payload_offset,
+            payload_offset,
             readonly: s.readonly,
             direct: s.direct,
-            cipher: SectorCipher::new(key.as_ref(), s.rule),
+            cipher: SectorCipher::new(key.as_ref(), rule),
         })?)
     }
+}
+
+/// `--type auto` (the default) looks for the LUKS magic in --header, else
+/// in the image; a missing image is plain (it may be created with --size).
+fn is_luks_device(a: &ServeArgs) -> Result<bool, ConfigError> {
+    let header = a.header.as_ref().or(a.image.as_ref());
+    match (a.device_type.unwrap_or(DeviceType::Auto), header) {
+        (DeviceType::Plain, _) => Ok(false),
+        (DeviceType::Luks, _) => Ok(true),
+        (DeviceType::Auto, Some(h)) if h.exists() => {
+            luks::is_luks(h).map_err(|source| ConfigError::ReadFile {
+                path: h.display().to_string(),
+                source,
+            })
+        }
+        (DeviceType::Auto, _) => Ok(false),
+    }
+}
+
+fn luks_spec(a: &ServeArgs) -> Result<LuksSpec, ConfigError> {
+    // cryptsetup refuses these for LUKS too: the header decides them.
+    let from_header = [
+        ("--cipher", a.cipher.is_some()),
+        ("--key-size", a.key_size.is_some()),
+        ("--sector-size", a.sector_size.is_some()),
+        ("--iv-large-sectors", a.iv_large_sectors.is_some()),
+        ("--offset", a.offset.is_some()),
+        ("--skip", a.skip.is_some()),
+        ("--size", a.size.is_some()),
+    ];
+    if let Some((flag, _)) = from_header.iter().find(|(_, set)| *set) {
+        return invalid(
+            flag,
+            "set",
+            "a LUKS header decides this; drop the option or use --type plain",
+        );
+    }
+    Ok(LuksSpec {
+        header: a.header.clone(),
+        key_file: a.key_file.clone(),
+        keyfile_offset: a.keyfile_offset.unwrap_or(0),
+        keyfile_size: a.keyfile_size,
+        key_slot: a.key_slot,
+    })
+}
+
+fn plain_layout(a: &ServeArgs) -> Result<Layout, ConfigError> {
+    let luks_only = [
+        ("--header", a.header.is_some()),
+        ("--key-slot", a.key_slot.is_some()),
+        ("--keyfile-size", a.keyfile_size.is_some()),
+        ("--keyfile-offset", a.keyfile_offset.is_some()),
+    ];
+    if let Some((flag, _)) = luks_only.iter().find(|(_, set)| *set) {
+        return invalid(
+            flag,
+            "set",
+            "only LUKS images use it; the image has no LUKS header (or --type plain was given)",
+        );
+    }
+    let sector_size = a.sector_size.unwrap_or(512);
+    if !SECTOR_SIZES.contains(&sector_size) {
+        return invalid("--sector-size", sector_size, "use 512, 1024, 2048 or 4096");
+    }
+    let skip = a.skip.unwrap_or(0);
+    let large = a.iv_large_sectors.unwrap_or(false);
+    if large && skip % (sector_size as u64 / 512) != 0 {
+        return invalid("--skip", skip, "with --iv-large-sectors it must be a multiple of sector-size/512 (dm-crypt refuses it too)");
+    }
+    let cipher = a.cipher.unwrap_or(Cipher::AesXtsPlain64);
+    if cipher == Cipher::AesXtsPlain64 && a.key_file.is_none() {
+        return Err(ConfigError::Missing("--key-file (or --cipher none)"));
+    }
+    let payload_offset = a
+        .offset
+        .unwrap_or(0)
+        .checked_mul(512)
+        .ok_or(ConfigError::Invalid {
+            flag: "--offset",
+            value: "too large".into(),
+            why: "the offset is in 512-byte sectors",
+        })?;
+    Ok(Layout::Plain {
+        cipher,
+        key_file: a.key_file.clone(),
+        key_size: a.key_size.unwrap_or(512),
+        rule: IvRule {
+            sector_size,
+            large_sectors: large,
+            skip,
+        },
+        payload_offset,
+    })
 }
 
 fn invalid<T>(
