@@ -2,7 +2,6 @@
 //! through the socket and against those tools' own views of the image.
 
 mod common;
-#[allow(dead_code)]
 mod luks_common;
 
 use common::{pattern, Client, Daemon};
