@@ -17,34 +17,61 @@ fn cipher(key: &[u8], sector_size: usize, skip: u64) -> SectorCipher {
     )
 }
 
+/// Starts the daemon on a fresh `--size` image with a 64-byte key plus `extra` flags.
+fn start_encrypted(
+    dir: &std::path::Path,
+    size: &str,
+    extra: &[&str],
+) -> (Daemon, std::path::PathBuf, Vec<u8>) {
+    let (key_path, key) = write_key(dir, 64);
+    let img = dir.join("disk.img");
+    let mut args = vec![
+        "--image",
+        img.to_str().unwrap(),
+        "--size",
+        size,
+        "--key-file",
+        key_path.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    (Daemon::start(dir, &args), img, key)
+}
+
+/// Every crypto placement stores the same dm-crypt ciphertext and reads it
+/// back; the 2 MiB request is split across workers in the workers mode.
 #[test]
 fn writes_read_back_and_the_image_holds_dm_crypt_ciphertext() {
-    let dir = tempfile::tempdir().unwrap();
-    let (key_path, key) = write_key(dir.path(), 64);
-    let img = dir.path().join("disk.img");
-    let d = Daemon::start(
-        dir.path(),
+    let modes: [&[&str]; 4] = [
+        &["--crypto", "inline"],
         &[
-            "--image",
-            img.to_str().unwrap(),
-            "--size",
-            "16M",
-            "--key-file",
-            key_path.to_str().unwrap(),
-            "--offset",
-            "8",
-            "--skip",
-            "16",
-            "--queues",
-            "1",
+            "--crypto",
+            "workers",
+            "--workers",
+            "2",
+            "--split-threshold",
+            "64K",
         ],
-    );
+        &["--crypto", "workers", "--workers", "1"],
+        &["--crypto", "auto", "--split-threshold", "128K"],
+    ];
+    for mode in modes {
+        round_trip_in_mode(mode);
+    }
+}
+
+fn round_trip_in_mode(mode: &[&str]) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut extra = vec!["--offset", "8", "--skip", "16", "--queues", "1"];
+    extra.extend_from_slice(mode);
+    let (d, img, key) = start_encrypted(dir.path(), "16M", &extra);
     let mut c = Client::connect(&d.socket, 1);
     assert_eq!(c.capacity(), 16 << 20);
-    let data = pattern(1, 65536, 256 * 1024);
-    assert_eq!(c.write(0, 65536, &data), 0);
+    let data = pattern(1, 65536, 2 << 20);
+    assert_eq!(c.write(0, 65536, &data), 0, "{mode:?}");
+    assert_eq!(c.write(0, 3 << 20, &data[..4096]), 0, "{mode:?}");
     assert_eq!(c.flush(0), 0);
-    assert_eq!(c.read(0, 65536, data.len()).unwrap(), data);
+    assert_eq!(c.read(0, 65536, data.len()).unwrap(), data, "{mode:?}");
+    assert_eq!(c.read(0, 3 << 20, 4096).unwrap(), &data[..4096], "{mode:?}");
     drop(c);
     assert!(d.terminate().success());
 
@@ -52,7 +79,11 @@ fn writes_read_back_and_the_image_holds_dm_crypt_ciphertext() {
     let raw = std::fs::read(&img).unwrap();
     let mut expect = data.clone();
     cipher(&key, 512, 16).encrypt(65536 / 512, &mut expect);
-    assert_eq!(&raw[4096 + 65536..4096 + 65536 + data.len()], &expect[..]);
+    assert_eq!(
+        &raw[4096 + 65536..4096 + 65536 + data.len()],
+        &expect[..],
+        "{mode:?}"
+    );
     assert!(
         !raw.windows(32).any(|w| w == &data[..32]),
         "plaintext found in the image"
@@ -152,21 +183,7 @@ fn data_survives_reconnects_and_daemon_restarts() {
 #[test]
 fn sigterm_while_connected_exits_cleanly_and_keeps_acknowledged_writes() {
     let dir = tempfile::tempdir().unwrap();
-    let (key_path, key) = write_key(dir.path(), 64);
-    let img = dir.path().join("disk.img");
-    let d = Daemon::start(
-        dir.path(),
-        &[
-            "--image",
-            img.to_str().unwrap(),
-            "--size",
-            "4M",
-            "--key-file",
-            key_path.to_str().unwrap(),
-            "--queues",
-            "1",
-        ],
-    );
+    let (d, img, key) = start_encrypted(dir.path(), "4M", &["--queues", "1"]);
     let mut c = Client::connect(&d.socket, 1);
     let data = pattern(9, 0, 1 << 20);
     assert_eq!(c.write(0, 0, &data), 0);

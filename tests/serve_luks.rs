@@ -180,3 +180,60 @@ fn luks_refuses_layout_flags_and_wrong_passphrases() {
         "passphrase leaked: {err}"
     );
 }
+
+/// dm-crypt compatibility: a LUKS1 image of known plaintext (qemu-img
+/// convert), served in *plain* mode with the volume key cryptsetup dumps and
+/// --offset at the payload, reads back that plaintext.
+#[test]
+fn luks1_payload_in_plain_mode_with_the_dumped_volume_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let pass = dir.path().join("pass");
+    std::fs::write(&pass, b"plain mode").unwrap();
+    let raw = dir.path().join("known.raw");
+    let known = pattern(11, 0, 4 << 20);
+    std::fs::write(&raw, &known).unwrap();
+    let img = dir.path().join("disk.luks");
+    let secret = format!("secret,id=sec0,file={}", pass.display());
+    ok(tool("qemu-img")
+        .args(["convert", "-q", "--object", &secret, "-O", "luks"])
+        .args(["-o", "key-secret=sec0,iter-time=10"])
+        .arg(&raw)
+        .arg(&img));
+    let key = cryptsetup_volume_key(&img, &pass);
+    let key_file = dir.path().join("volume.key");
+    std::fs::write(&key_file, &key).unwrap();
+    let dump = ok(tool("cryptsetup").arg("luksDump").arg(&img));
+    let text = String::from_utf8_lossy(&dump.stdout);
+    let offset = text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("Payload offset:")
+                .map(|v| v.trim().to_string())
+        })
+        .expect("Payload offset in luksDump");
+    let bits = (key.len() * 8).to_string();
+
+    let d = Daemon::start(
+        dir.path(),
+        &[
+            "--type",
+            "plain",
+            "--image",
+            img.to_str().unwrap(),
+            "--key-file",
+            key_file.to_str().unwrap(),
+            "--key-size",
+            &bits,
+            "--offset",
+            &offset,
+            "--queues",
+            "1",
+            "--readonly",
+        ],
+    );
+    let mut c = Client::connect_with(&d.socket, 1, true);
+    assert_eq!(c.read(0, 0, 1 << 20).unwrap(), &known[..1 << 20]);
+    assert_eq!(c.read(0, 3 << 20, 1 << 20).unwrap(), &known[3 << 20..]);
+    drop(c);
+    assert!(d.terminate().success());
+}
