@@ -13,7 +13,7 @@ trap 'rm -f "$log"' EXIT
 status=0
 # The end-to-end scripts use the debug binary that `cargo test` builds:
 # they test behaviour, and a guest under TCG is far slower than the daemon.
-cargo test --locked 2>&1 | tee "$log" || status=1
+cargo test --locked --no-fail-fast 2>&1 | tee "$log" || status=1
 
 passed=$(awk '/^test result:/ {sum += $4} END {print sum + 0}' "$log")
 failed=$(awk '/^test result:/ {sum += $6} END {print sum + 0}' "$log")

@@ -34,6 +34,8 @@ pub enum ConfigError {
         path: String,
         source: Box<toml::de::Error>,
     },
+    #[error("{0} conflicts with the image's LUKS header, which decides it: drop {0}, or add --type plain to serve the payload as plain dm-crypt (as cryptsetup open --type plain)")]
+    LuksDecides(&'static str),
     #[error(transparent)]
     Key(#[from] KeyError),
     #[error(transparent)]
