@@ -140,6 +140,9 @@ fn serve_connections(
         backend.signal_exit();
         drop(daemon);
         backend.close_exit_fds();
+        // The last reference: dropping it joins the worker pool, so every
+        // accepted request is finished before the sync below.
+        drop(backend);
         if let Err(e) = dev.volume().flush() {
             log::error!("fdatasync after disconnect failed: {e}");
         }
