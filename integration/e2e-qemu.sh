@@ -6,17 +6,21 @@
 # qemu-img's luks driver; both must see exactly what the guest wrote, and the
 # image itself must hold no plaintext.
 #
-#   bash integration/e2e-qemu.sh                   # BACKEND=cryptblk (default)
+#   bash integration/e2e-qemu.sh                   # BACKEND=cryptblk (default): two runs,
+#       LUKS1 with --crypto inline, then plain with --crypto workers, small
+#       --split-threshold and --direct (the other code paths), and the
+#       negative control below, which must fail on the ciphertext checks
+#   E2E_FORMAT=plain E2E_SERVE_ARGS='--crypto auto' bash integration/e2e-qemu.sh  # one run
 #   BACKEND=qsd bash integration/e2e-qemu.sh       # qemu-storage-daemon's luks export
 #   BACKEND=plaintext bash integration/e2e-qemu.sh # negative control: MUST fail
-#   E2E_FORMAT=plain bash integration/e2e-qemu.sh  # plain dm-crypt image (cryptblk only)
 #
 # In the guest, dm-crypt opens the image twice: through the LUKS1 header
 # (cryptsetup luks) and as plain dm-crypt with the bare volume key and payload
 # offset, which is how the backend is configured.
 #
-# Environment: BACKEND (cryptblk|qsd|plaintext), E2E_FORMAT (luks1|plain), CRYPTBLK (path to the binary; default:
-# built here with cargo, profile E2E_PROFILE=debug|release), E2E_TIMEOUT
+# Environment: BACKEND (cryptblk|qsd|plaintext), E2E_FORMAT (luks1|plain; set:
+# one run), E2E_SERVE_ARGS (extra `cryptblk serve` options), CRYPTBLK (path to
+# the binary; default: built here with cargo, profile E2E_PROFILE=debug|release), E2E_TIMEOUT
 # (seconds the guest may run, default 180), E2E_DEBUG=1 (kernel messages and a
 # shell trace of the guest test on the console), WORK_DIR (cache, default
 # integration/work). Exits 0 only if every check passed. Needs the tools from
@@ -32,6 +36,7 @@ LOG_TAG=e2e
 
 BACKEND=${BACKEND:-cryptblk}
 FORMAT=${E2E_FORMAT:-luks1}
+SERVE_ARGS=${E2E_SERVE_ARGS:-}
 TIMEOUT=${E2E_TIMEOUT:-180}
 E2E_PROFILE=${E2E_PROFILE:-debug}
 CPUS=2
@@ -187,8 +192,9 @@ start_backend() {
   rm -f "$SOCK"
   case $BACKEND in
     cryptblk)
+      # shellcheck disable=SC2086 # SERVE_ARGS is a list of options
       RUST_LOG=${RUST_LOG:-info} "$CRYPTBLK" serve --type plain --socket "$SOCK" --image "$IMG" --key-file "$KEYFILE" --key-size 512 \
-        --offset "$PAYLOAD" --queues "$QUEUES" >"$BACKEND_LOG" 2>&1 &
+        --offset "$PAYLOAD" --queues "$QUEUES" $SERVE_ARGS >"$BACKEND_LOG" 2>&1 &
       ;;
     qsd)
       [ "$FORMAT" = luks1 ] || die "BACKEND=qsd serves only LUKS1 images"
@@ -372,7 +378,7 @@ main() {
   host_checks
   t_end=$(now)
 
-  echo "==== e2e-qemu summary (backend $BACKEND, $FORMAT image, guest kernel $GUEST_KVER) ===="
+  echo "==== e2e-qemu summary (backend $BACKEND${SERVE_ARGS:+ ($SERVE_ARGS)}, $FORMAT image, guest kernel $GUEST_KVER) ===="
   # shellcheck disable=SC2086 # counting words
   echo "guest checks passed: $GUEST_PASSES of $(set -- $EXPECTED_RESULTS && echo $#); host checks failed: ${HOST_FAILS:-none}"
   echo "times: guest kernel $(elapsed "$t_kernel0" "$t_kernel") s, guest run $(elapsed "$t_boot" "$t_guest") s" \
@@ -385,4 +391,38 @@ main() {
   echo "PASS"
 }
 
-main "$@"
+# Without E2E_FORMAT, cryptblk gets two runs that cover its other code paths;
+# each is this script again, with E2E_FORMAT set. A third run with a backend
+# that does not encrypt must fail on the ciphertext checks (and only there):
+# otherwise the checks themselves are broken.
+all_runs() {
+  local status=0 t0 control=$WORK_DIR/e2e-negative-control.log
+  t0=$(now)
+  check_tools
+  resolve_cryptblk
+  export CRYPTBLK
+  E2E_FORMAT=luks1 E2E_SERVE_ARGS='--crypto inline' bash "${BASH_SOURCE[0]}" || status=1
+  E2E_FORMAT=plain E2E_SERVE_ARGS='--crypto workers --split-threshold 16K --direct' \
+    bash "${BASH_SOURCE[0]}" || status=1
+  log "negative control: BACKEND=plaintext must fail (log: $control)"
+  if BACKEND=plaintext E2E_FORMAT=luks1 bash "${BASH_SOURCE[0]}" >"$control" 2>&1; then
+    log "FAIL: the checks passed a backend that stores plaintext"
+    status=1
+  elif grep -q 'host: FAIL image-has-no-plaintext' "$control" &&
+    [ "$(sed -n 's/^  guest: E2E-RESULT FAIL \([a-z0-9-]*\).*/\1/p' "$control" | sort | xargs)" = \
+      "dmcrypt-luks-files dmcrypt-luks-pattern-a dmcrypt-luks-pattern-b dmcrypt-plain-files dmcrypt-plain-pattern-a dmcrypt-plain-pattern-b" ]; then
+    log "negative control failed as it must (plaintext found, dm-crypt reads garbage, all else passed)"
+  else
+    tail -20 "$control" >&2
+    log "FAIL: the negative control failed for another reason than plaintext"
+    status=1
+  fi
+  echo "==== e2e-qemu: $([ $status = 0 ] && echo PASS || echo FAILED), all runs in $(elapsed "$t0" "$(now)") s"
+  return $status
+}
+
+if [ -z "${E2E_FORMAT:-}" ] && [ "$BACKEND" = cryptblk ]; then
+  all_runs
+else
+  main "$@"
+fi
