@@ -57,7 +57,10 @@ guest_kernel_deb() {
   [ -n "$pkg" ] ||
     die "apt knows no linux-image-amd64 package (run: sudo bash integration/install-deps.sh, which runs apt-get update)"
   log "downloading $pkg"
-  (cd "$dir" && apt-get download -q "$pkg" >&2) ||
+  # As root, apt would try (and warn that it fails) to drop to _apt for the download.
+  local sandbox=()
+  [ "$(id -u)" != 0 ] || sandbox=(-o APT::Sandbox::User=root)
+  (cd "$dir" && apt-get download -q "${sandbox[@]}" "$pkg" >&2) ||
     die "apt-get download $pkg failed (stale package lists? run: sudo apt-get update)"
   deb=$(find "$dir" -maxdepth 1 -name 'linux-image-*.deb' | head -1)
   [ -n "$deb" ] || die "apt-get download $pkg left no .deb in $dir"
