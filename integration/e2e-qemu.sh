@@ -43,19 +43,27 @@ CPUS=2
 QUEUES=2
 MEM=512M
 DISK_BYTES=$((64 << 20))
-# Guest layout: an ext4 filesystem on the first 32 MiB, pattern A (4 MiB) at
-# 36 MiB, pattern B at a 512-byte but not 4 KiB aligned offset up to the end.
+# Guest layout: an ext4 filesystem on the first 32 MiB, pattern C (2 MiB) at
+# 33 MiB with a zeroed range inside it that starts and ends off 4 KiB
+# boundaries, pattern A (4 MiB) at 36 MiB, pattern B at a 512-byte but not
+# 4 KiB aligned offset up to the last byte.
 FS_BYTES=$((32 << 20))
+PAT_C_OFF=$((33 << 20))
+PAT_C_LEN=$((2 << 20))
+ZERO_OFF=$((PAT_C_OFF + 1536))
+ZERO_LEN=$(((1 << 20) + 512))
 PAT_A_OFF=$((36 << 20))
 PAT_A_LEN=$((4 << 20))
 PAT_B_LEN=$(((2 << 20) + 1536))
 PAT_B_OFF=$((DISK_BYTES - PAT_B_LEN))
 REF_SERIAL=dmcrypt-ref
 EXPECTED_RESULTS="modules disk-present disk-size queues raw-write raw-readback-a raw-readback-b
-  both-queues-used mkfs fs-write fsck fs-readback raw-intact-a raw-intact-b
-  dmcrypt-plain-open dmcrypt-plain-pattern-a dmcrypt-plain-pattern-b dmcrypt-plain-files kernel-log"
+  both-queues-used write-zeroes write-zeroes-readback mkfs fs-write fsck fs-readback
+  raw-intact-a raw-intact-b dmcrypt-plain-open dmcrypt-plain-pattern-a dmcrypt-plain-pattern-b
+  dmcrypt-plain-zeroes dmcrypt-plain-files kernel-log"
 case $FORMAT in
-  luks1) EXPECTED_RESULTS+=" dmcrypt-luks-open dmcrypt-luks-pattern-a dmcrypt-luks-pattern-b dmcrypt-luks-files" ;;
+  luks1) EXPECTED_RESULTS+=" dmcrypt-luks-open dmcrypt-luks-pattern-a dmcrypt-luks-pattern-b
+    dmcrypt-luks-zeroes dmcrypt-luks-files" ;;
   plain) [ "$BACKEND" != qsd ] || die "qemu-storage-daemon cannot serve plain dm-crypt images: E2E_FORMAT=plain needs BACKEND=cryptblk" ;;
   *) die "unknown E2E_FORMAT=$FORMAT (luks1 or plain)" ;;
 esac
@@ -152,6 +160,10 @@ PAT_A_OFF=$PAT_A_OFF
 PAT_A_LEN=$PAT_A_LEN
 PAT_B_OFF=$PAT_B_OFF
 PAT_B_LEN=$PAT_B_LEN
+PAT_C_OFF=$PAT_C_OFF
+PAT_C_LEN=$PAT_C_LEN
+ZERO_OFF=$ZERO_OFF
+ZERO_LEN=$ZERO_LEN
 REF_SERIAL=$REF_SERIAL
 FORMAT=$FORMAT
 PAYLOAD_SECTORS=$PAYLOAD
@@ -160,7 +172,15 @@ EOF
   [ "$FORMAT" != luks1 ] || install -m 600 "$PASSFILE" "$e2e/passphrase"
   gen_pattern A "$PAT_A_OFF" "$PAT_A_LEN" >"$RUN/pat-a"
   gen_pattern B "$PAT_B_OFF" "$PAT_B_LEN" >"$RUN/pat-b"
-  cp "$RUN/pat-a" "$RUN/pat-b" "$e2e/"
+  gen_pattern C "$PAT_C_OFF" "$PAT_C_LEN" >"$RUN/pat-c"
+  # Pattern C as it must read after the guest zeroes part of it.
+  {
+    head -c $((ZERO_OFF - PAT_C_OFF)) "$RUN/pat-c"
+    head -c "$ZERO_LEN" /dev/zero
+    tail -c +$((ZERO_OFF - PAT_C_OFF + ZERO_LEN + 1)) "$RUN/pat-c"
+  } >"$RUN/pat-c-zeroed"
+  [ "$(stat -c %s "$RUN/pat-c-zeroed")" = "$PAT_C_LEN" ] || die "pat-c-zeroed has the wrong size"
+  cp "$RUN/pat-a" "$RUN/pat-b" "$RUN/pat-c" "$RUN/pat-c-zeroed" "$e2e/"
   rm -rf "$RUN/fs-src"
   mkdir -p "$RUN/fs-src/small/deeper"
   # A file whose length is not a multiple of any block size.
@@ -350,6 +370,7 @@ host_checks() {
   host_check qemu-img-sees-plaintext plaintext_in_decrypted
   host_check qemu-img-pattern-a decrypted_region "$PAT_A_OFF" "$PAT_A_LEN" "$RUN/pat-a"
   host_check qemu-img-pattern-b decrypted_region "$PAT_B_OFF" "$PAT_B_LEN" "$RUN/pat-b"
+  host_check qemu-img-zeroes decrypted_region "$PAT_C_OFF" "$PAT_C_LEN" "$RUN/pat-c-zeroed"
   host_check qemu-img-fsck decrypted_fsck
   host_check qemu-img-files decrypted_files
 }
@@ -409,8 +430,8 @@ all_runs() {
     log "FAIL: the checks passed a backend that stores plaintext"
     status=1
   elif grep -q 'host: FAIL image-has-no-plaintext' "$control" &&
-    [ "$(sed -n 's/^  guest: E2E-RESULT FAIL \([a-z0-9-]*\).*/\1/p' "$control" | sort | xargs)" = \
-      "dmcrypt-luks-files dmcrypt-luks-pattern-a dmcrypt-luks-pattern-b dmcrypt-plain-files dmcrypt-plain-pattern-a dmcrypt-plain-pattern-b" ]; then
+    [ "$(sed -n 's/^  guest: E2E-RESULT FAIL \([a-z0-9-]*\).*/\1/p' "$control" | LC_ALL=C sort | xargs)" = \
+      "$(printf '%s\n' dmcrypt-{luks,plain}-{files,pattern-a,pattern-b,zeroes} | LC_ALL=C sort | xargs)" ]; then
     log "negative control failed as it must (plaintext found, dm-crypt reads garbage, all else passed)"
   else
     tail -20 "$control" >&2

@@ -1,12 +1,12 @@
 # The guest's initramfs: busybox-static as the userland, e2fsprogs' mke2fs and
-# e2fsck (busybox has no fsck and its mke2fs makes only ext2) and cryptsetup
-# copied from the host with their shared libraries, the guest modules, the init script,
+# e2fsck (busybox has no fsck and its mke2fs makes only ext2), cryptsetup and
+# util-linux's blkdiscard (busybox's cannot zero) copied from the host with their shared libraries, the guest modules, the init script,
 # and /e2e, which the caller fills with the test and its data.
 # Kept uncompressed: gunzip alone costs ~3 s under TCG.
 # Sourced after integration/lib.sh and guest/kernel.sh.
 # shellcheck shell=bash
 
-GUEST_HOST_TOOLS=(/usr/sbin/mke2fs /usr/sbin/e2fsck /usr/sbin/cryptsetup)
+GUEST_HOST_TOOLS=(/usr/sbin/mke2fs /usr/sbin/e2fsck /usr/sbin/cryptsetup /usr/sbin/blkdiscard)
 
 # guest_initramfs_stage DIR: lays out everything except the /e2e payload.
 guest_initramfs_stage() {

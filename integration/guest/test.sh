@@ -4,8 +4,9 @@
 # every name it expects) and "E2E-INFO ..." lines for the log.
 # /e2e/conf (written by the host) sets RUNID, FORMAT (luks1|plain),
 # PAYLOAD_SECTORS, DISK_BYTES, QUEUES, FS_BYTES, PAT_A_OFF, PAT_A_LEN,
-# PAT_B_OFF, PAT_B_LEN and REF_SERIAL; /e2e/pat-a and /e2e/pat-b are the raw
-# patterns, /e2e/fs-src the tree copied onto the filesystem, /e2e/passphrase
+# PAT_B_OFF, PAT_B_LEN, PAT_C_OFF, PAT_C_LEN, ZERO_OFF, ZERO_LEN and
+# REF_SERIAL; /e2e/pat-a, /e2e/pat-b and /e2e/pat-c are the raw patterns,
+# /e2e/pat-c-zeroed pattern C after zeroing ZERO_LEN bytes at ZERO_OFF, /e2e/fs-src the tree copied onto the filesystem, /e2e/passphrase
 # (LUKS1 only) and /e2e/volume.key the secrets. The disk whose serial is
 # REF_SERIAL is the image file itself, read-only, for dm-crypt to open.
 # shellcheck source=/dev/null
@@ -131,6 +132,21 @@ if [ "$QUEUES" -ge 2 ]; then
   fi
 fi
 
+# Write-zeroes: pattern C, then zero a range inside it whose ends are not
+# 4 KiB aligned (BLKZEROOUT uses WRITE_ZEROES when the device offers it).
+# The zeros must read back as zeros here and through dm-crypt: the backend
+# has to store encrypted zeros, not holes.
+dd if=/e2e/pat-c of="$DISK" bs=65536 seek=$((PAT_C_OFF / 65536)) oflag=direct 2>/tmp/dd-c &&
+  sync && /sbin/blkdiscard -f -z -o "$ZERO_OFF" -l "$ZERO_LEN" "$DISK" >/tmp/zero.log 2>&1
+rc=$?
+if [ $rc = 0 ]; then
+  pass write-zeroes
+else
+  fail write-zeroes "$(cat /tmp/dd-c /tmp/zero.log | tr '\n' ' ')"
+fi
+drop_caches
+check write-zeroes-readback same_region "$DISK" "$PAT_C_OFF" "$PAT_C_LEN" /e2e/pat-c-zeroed direct
+
 # A filesystem on the first FS_BYTES (the patterns live above it): make it,
 # fill it, check it offline, and read it back after a remount from a cold cache.
 t0=$(uptime_s)
@@ -190,6 +206,7 @@ dmcrypt_check() {
   drop_caches
   check "dmcrypt-$method-pattern-a" same_region "$mapped" "$PAT_A_OFF" "$PAT_A_LEN" /e2e/pat-a
   check "dmcrypt-$method-pattern-b" same_region "$mapped" "$PAT_B_OFF" "$PAT_B_LEN" /e2e/pat-b direct
+  check "dmcrypt-$method-zeroes" same_region "$mapped" "$PAT_C_OFF" "$PAT_C_LEN" /e2e/pat-c-zeroed
   # noload: the device is read-only, so no journal replay (none is needed after a clean umount).
   if mount -t ext4 -o ro,noload "$mapped" /mnt; then
     check "dmcrypt-$method-files" sh -c 'cd /mnt/e2e && md5sum -c -s /tmp/src.sums'
