@@ -8,7 +8,7 @@
 #
 #   bash integration/e2e-qemu.sh                   # BACKEND=cryptblk (default): two runs,
 #       LUKS1 with --crypto inline, then plain with --crypto workers, small
-#       --split-threshold and --direct (the other code paths), and the
+#       --split-threshold, --direct and --allow-discards (the other code paths), and the
 #       negative control below, which must fail on the ciphertext checks
 #   E2E_FORMAT=plain E2E_SERVE_ARGS='--crypto auto' bash integration/e2e-qemu.sh  # one run
 #   BACKEND=qsd bash integration/e2e-qemu.sh       # qemu-storage-daemon's luks export
@@ -67,6 +67,10 @@ case $FORMAT in
   plain) [ "$BACKEND" != qsd ] || die "qemu-storage-daemon cannot serve plain dm-crypt images: E2E_FORMAT=plain needs BACKEND=cryptblk" ;;
   *) die "unknown E2E_FORMAT=$FORMAT (luks1 or plain)" ;;
 esac
+# qemu-storage-daemon offers discard; cryptblk only when told to.
+DISCARD=1
+[ "$BACKEND" != cryptblk ] || [[ " $SERVE_ARGS " == *" --allow-discards "* ]] || DISCARD=0
+[ "$DISCARD" = 0 ] || EXPECTED_RESULTS+=" fs-trim"
 
 RUN=$WORK_DIR/e2e-$BACKEND-$FORMAT
 SOCK=$RUN/vhost.sock
@@ -164,6 +168,7 @@ PAT_C_OFF=$PAT_C_OFF
 PAT_C_LEN=$PAT_C_LEN
 ZERO_OFF=$ZERO_OFF
 ZERO_LEN=$ZERO_LEN
+DISCARD=$DISCARD
 REF_SERIAL=$REF_SERIAL
 FORMAT=$FORMAT
 PAYLOAD_SECTORS=$PAYLOAD
@@ -423,7 +428,7 @@ all_runs() {
   resolve_cryptblk
   export CRYPTBLK
   E2E_FORMAT=luks1 E2E_SERVE_ARGS='--crypto inline' bash "${BASH_SOURCE[0]}" || status=1
-  E2E_FORMAT=plain E2E_SERVE_ARGS='--crypto workers --split-threshold 16K --direct' \
+  E2E_FORMAT=plain E2E_SERVE_ARGS='--crypto workers --split-threshold 16K --direct --allow-discards' \
     bash "${BASH_SOURCE[0]}" || status=1
   log "negative control: BACKEND=plaintext must fail (log: $control)"
   if BACKEND=plaintext E2E_FORMAT=luks1 bash "${BASH_SOURCE[0]}" >"$control" 2>&1; then

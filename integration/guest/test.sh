@@ -4,8 +4,8 @@
 # every name it expects) and "E2E-INFO ..." lines for the log.
 # /e2e/conf (written by the host) sets RUNID, FORMAT (luks1|plain),
 # PAYLOAD_SECTORS, DISK_BYTES, QUEUES, FS_BYTES, PAT_A_OFF, PAT_A_LEN,
-# PAT_B_OFF, PAT_B_LEN, PAT_C_OFF, PAT_C_LEN, ZERO_OFF, ZERO_LEN and
-# REF_SERIAL; /e2e/pat-a, /e2e/pat-b and /e2e/pat-c are the raw patterns,
+# PAT_B_OFF, PAT_B_LEN, PAT_C_OFF, PAT_C_LEN, ZERO_OFF, ZERO_LEN, DISCARD
+# (1: the backend offers discard) and REF_SERIAL; /e2e/pat-a, /e2e/pat-b and /e2e/pat-c are the raw patterns,
 # /e2e/pat-c-zeroed pattern C after zeroing ZERO_LEN bytes at ZERO_OFF, /e2e/fs-src the tree copied onto the filesystem, /e2e/passphrase
 # (LUKS1 only) and /e2e/volume.key the secrets. The disk whose serial is
 # REF_SERIAL is the image file itself, read-only, for dm-crypt to open.
@@ -162,6 +162,18 @@ if mount -t ext4 "$DISK" /mnt && cp -a /e2e/fs-src /mnt/e2e && sync && umount /m
 else
   fail fs-write
   umount /mnt 2>/dev/null
+fi
+# With DISCARD=1 the backend offers discard: free a file's blocks and trim them;
+# fsck and the read-back below show that only free blocks went.
+if [ "$DISCARD" = 1 ]; then
+  if mount -t ext4 "$DISK" /mnt && cp /e2e/pat-a /mnt/junk && sync && rm /mnt/junk && sync &&
+    fstrim -v /mnt >/tmp/trim.log 2>&1 && umount /mnt; then
+    pass fs-trim
+    info "$(cat /tmp/trim.log)"
+  else
+    fail fs-trim "$(tr '\n' ' ' </tmp/trim.log)"
+    umount /mnt 2>/dev/null
+  fi
 fi
 if /sbin/e2fsck -f -n "$DISK" >/tmp/fsck.log 2>&1; then
   pass fsck
