@@ -1,30 +1,36 @@
 #!/usr/bin/env bash
 # End-to-end test with a real VMM: a QEMU guest writes through a vhost-user-blk
-# backend into a LUKS1 image that qemu-img created. Two independent
-# implementations then read the image: the guest kernel's dm-crypt (cryptsetup
-# opens the image file, attached as a second, read-only disk) and, on the host,
-# qemu-img's luks driver; both must see exactly what the guest wrote, and the
-# image itself must hold no plaintext.
+# backend into an encrypted image (LUKS1 from qemu-img, LUKS2 from cryptsetup,
+# or plain dm-crypt). Independent implementations then read the image: the
+# guest kernel's dm-crypt and, for LUKS1, qemu-img's luks driver on the host;
+# they must see exactly what the guest wrote, and the image itself must hold
+# no plaintext.
 #
-#   bash integration/e2e-qemu.sh                   # BACKEND=cryptblk (default): two runs,
-#       LUKS1 with --crypto inline, then plain with --crypto workers, small
-#       --split-threshold, --direct and --allow-discards (the other code paths), and the
-#       negative control below, which must fail on the ciphertext checks
+#   bash integration/e2e-qemu.sh                   # BACKEND=cryptblk (default): three runs,
+#       a qemu-img LUKS1 image served in plain mode with its volume key and
+#       payload offset (--crypto inline); a cryptsetup LUKS2 image with 4 KiB
+#       sectors unlocked by passphrase (--crypto auto); a plain image with
+#       --crypto workers, a small --split-threshold, --direct and
+#       --allow-discards; then the negative control below, which must fail on
+#       exactly the ciphertext checks
 #   E2E_FORMAT=plain E2E_SERVE_ARGS='--crypto auto' bash integration/e2e-qemu.sh  # one run
 #   BACKEND=qsd bash integration/e2e-qemu.sh       # qemu-storage-daemon's luks export
 #   BACKEND=plaintext bash integration/e2e-qemu.sh # negative control: MUST fail
 #
-# In the guest, dm-crypt opens the image twice: through the LUKS1 header
-# (cryptsetup luks) and as plain dm-crypt with the bare volume key and payload
-# offset, which is how the backend is configured.
+# In the guest, dm-crypt opens the image file (a second, read-only disk below
+# the backend) through the LUKS header (cryptsetup open --type luks) and as
+# plain dm-crypt with the bare volume key and payload offset.
 #
-# Environment: BACKEND (cryptblk|qsd|plaintext), E2E_FORMAT (luks1|plain; set:
-# one run), E2E_SERVE_ARGS (extra `cryptblk serve` options), CRYPTBLK (path to
-# the binary; default: built here with cargo, profile E2E_PROFILE=debug|release), E2E_TIMEOUT
-# (seconds the guest may run, default 180), E2E_DEBUG=1 (kernel messages and a
-# shell trace of the guest test on the console), WORK_DIR (cache, default
-# integration/work). Exits 0 only if every check passed. Needs the tools from
-# integration/install-deps.sh; a missing tool fails the test, it never skips.
+# Environment: BACKEND (cryptblk|qsd|plaintext); E2E_FORMAT (luks1|luks2|plain;
+# set: one run); E2E_UNLOCK (key|passphrase: how cryptblk opens a LUKS image;
+# default key for luks1, passphrase for luks2); E2E_SECTOR (luks2 sector size,
+# default 4096); E2E_SERVE_ARGS (extra `cryptblk serve` options); CRYPTBLK
+# (path to the binary; default: built here with cargo, profile
+# E2E_PROFILE=debug|release); E2E_TIMEOUT (seconds the guest may run, default
+# 180); E2E_DEBUG=1 (kernel messages and a shell trace of the guest test on the
+# console); WORK_DIR (cache, default integration/work). Exits 0 only if every
+# check passed. Needs the tools from integration/install-deps.sh; a missing
+# tool fails the test, it never skips.
 set -euo pipefail
 LOG_TAG=e2e
 # shellcheck source=integration/lib.sh
@@ -37,6 +43,20 @@ LOG_TAG=e2e
 BACKEND=${BACKEND:-cryptblk}
 FORMAT=${E2E_FORMAT:-luks1}
 SERVE_ARGS=${E2E_SERVE_ARGS:-}
+# How cryptblk opens a LUKS image: "key" (the volume key with the payload
+# offset, in plain mode: what dm-crypt's table holds) or "passphrase" (it
+# reads the header itself, as cryptsetup open does).
+case $FORMAT in
+  luks2) UNLOCK=${E2E_UNLOCK:-passphrase} SECTOR=${E2E_SECTOR:-4096} ;;
+  *) UNLOCK=${E2E_UNLOCK:-key} SECTOR=512 ;;
+esac
+case $FORMAT in
+  luks1 | luks2) ;;
+  plain) [ "$UNLOCK" = key ] || die "a plain image has no passphrase: E2E_UNLOCK=key" ;;
+  *) die "unknown E2E_FORMAT=$FORMAT (luks1, luks2 or plain)" ;;
+esac
+[ "$FORMAT" = luks1 ] || [ "$BACKEND" != qsd ] ||
+  die "qemu-storage-daemon serves only LUKS1 images: E2E_FORMAT=$FORMAT needs BACKEND=cryptblk"
 TIMEOUT=${E2E_TIMEOUT:-180}
 E2E_PROFILE=${E2E_PROFILE:-debug}
 CPUS=2
@@ -44,29 +64,25 @@ QUEUES=2
 MEM=512M
 DISK_BYTES=$((64 << 20))
 # Guest layout: an ext4 filesystem on the first 32 MiB, pattern C (2 MiB) at
-# 33 MiB with a zeroed range inside it that starts and ends off 4 KiB
-# boundaries, pattern A (4 MiB) at 36 MiB, pattern B at a 512-byte but not
-# 4 KiB aligned offset up to the last byte.
+# 33 MiB with a zeroed range inside it whose ends are sector but (for
+# 512-byte sectors) not 4 KiB aligned, pattern A (4 MiB) at 36 MiB, pattern B
+# from a sector but not 4 KiB aligned offset up to the last byte.
 FS_BYTES=$((32 << 20))
 PAT_C_OFF=$((33 << 20))
 PAT_C_LEN=$((2 << 20))
-ZERO_OFF=$((PAT_C_OFF + 1536))
-ZERO_LEN=$(((1 << 20) + 512))
+ZERO_OFF=$((PAT_C_OFF + 3 * SECTOR))
+ZERO_LEN=$(((1 << 20) + SECTOR))
 PAT_A_OFF=$((36 << 20))
 PAT_A_LEN=$((4 << 20))
-PAT_B_LEN=$(((2 << 20) + 1536))
+PAT_B_LEN=$(((2 << 20) + 3 * SECTOR))
 PAT_B_OFF=$((DISK_BYTES - PAT_B_LEN))
 REF_SERIAL=dmcrypt-ref
-EXPECTED_RESULTS="modules disk-present disk-size queues raw-write raw-readback-a raw-readback-b
-  both-queues-used write-zeroes write-zeroes-readback mkfs fs-write fsck fs-readback
-  raw-intact-a raw-intact-b dmcrypt-plain-open dmcrypt-plain-pattern-a dmcrypt-plain-pattern-b
-  dmcrypt-plain-zeroes dmcrypt-plain-files kernel-log"
-case $FORMAT in
-  luks1) EXPECTED_RESULTS+=" dmcrypt-luks-open dmcrypt-luks-pattern-a dmcrypt-luks-pattern-b
-    dmcrypt-luks-zeroes dmcrypt-luks-files" ;;
-  plain) [ "$BACKEND" != qsd ] || die "qemu-storage-daemon cannot serve plain dm-crypt images: E2E_FORMAT=plain needs BACKEND=cryptblk" ;;
-  *) die "unknown E2E_FORMAT=$FORMAT (luks1 or plain)" ;;
-esac
+EXPECTED_RESULTS="modules disk-present disk-size block-size queues raw-write raw-readback-a
+  raw-readback-b both-queues-used write-zeroes write-zeroes-readback mkfs fs-write fsck
+  fs-readback raw-intact-a raw-intact-b dmcrypt-plain-open dmcrypt-plain-pattern-a
+  dmcrypt-plain-pattern-b dmcrypt-plain-zeroes dmcrypt-plain-files kernel-log"
+[ "$FORMAT" = plain ] || EXPECTED_RESULTS+=" dmcrypt-luks-open dmcrypt-luks-pattern-a
+  dmcrypt-luks-pattern-b dmcrypt-luks-zeroes dmcrypt-luks-files"
 # qemu-storage-daemon offers discard; cryptblk only when told to.
 DISCARD=1
 [ "$BACKEND" != cryptblk ] || [[ " $SERVE_ARGS " == *" --allow-discards "* ]] || DISCARD=0
@@ -117,37 +133,74 @@ check_tools() {
 # The image, its volume key and payload offset in 512-byte sectors (what a
 # dm-crypt table or `cryptblk serve --offset` needs).
 make_image() {
-  if [ "$FORMAT" = plain ]; then
-    (umask 077 && head -c 64 /dev/urandom >"$KEYFILE")
-    truncate -s "$DISK_BYTES" "$IMG"
-    PAYLOAD=0
-  else
-    make_luks1_image
-  fi
+  case $FORMAT in
+    plain)
+      (umask 077 && head -c 64 /dev/urandom >"$KEYFILE")
+      truncate -s "$DISK_BYTES" "$IMG"
+      PAYLOAD=0
+      ;;
+    luks1) make_luks1_image ;;
+    luks2) make_luks2_image ;;
+  esac
+  [ "$FORMAT" = plain ] || dump_volume_key
+  [ "$(stat -c %s "$IMG")" = $((DISK_BYTES + PAYLOAD * 512)) ] ||
+    die "image size $(stat -c %s "$IMG") != payload offset + $DISK_BYTES"
+}
+
+new_passphrase() {
+  printf '%s' "e2e-passphrase-$RUNID" >"$PASSFILE"
+  chmod 600 "$PASSFILE"
+}
+
+# field NAME: the value of the first "NAME: value" line in $dump (luksDump
+# output; LUKS2 indents its fields), blanks removed.
+field() {
+  awk -F: -v k="$1" '{ n = $1; sub(/^[ \t]+/, "", n) }
+    n == k { gsub(/[ \t]/, "", $2); print $2; exit }' <<<"$dump"
 }
 
 # A LUKS1 image made by qemu-img, checked against what the test assumes.
 make_luks1_image() {
-  printf '%s' "e2e-passphrase-$RUNID" >"$PASSFILE"
-  chmod 600 "$PASSFILE"
+  new_passphrase
   qemu-img create -q -f luks -o iter-time=10,key-secret=sec0 \
     --object secret,id=sec0,file="$PASSFILE" "$IMG" "$DISK_BYTES" ||
     die "qemu-img create -f luks failed"
   local dump
   dump=$(cryptsetup luksDump "$IMG") || die "cryptsetup luksDump $IMG failed"
-  field() { awk -F: -v k="$1" '$1 == k { gsub(/[ \t]/, "", $2); print $2; exit }' <<<"$dump"; }
   [ "$(field Version)" = 1 ] || die "expected a LUKS1 image, luksDump says version $(field Version)"
   [ "$(field 'Cipher name')-$(field 'Cipher mode')" = aes-xts-plain64 ] ||
     die "expected aes-xts-plain64, luksDump says $(field 'Cipher name')-$(field 'Cipher mode')"
   [ "$(field 'MK bits')" = 512 ] || die "expected a 512-bit volume key, luksDump says $(field 'MK bits')"
   PAYLOAD=$(field 'Payload offset')
   [[ "$PAYLOAD" =~ ^[0-9]+$ ]] || die "no payload offset in luksDump output"
+}
+
+# A LUKS2 image made by cryptsetup (which formats plain files without
+# device-mapper), SECTOR-byte sectors, cheap PBKDF2 so that the TCG guest
+# unlocks it quickly.
+make_luks2_image() {
+  new_passphrase
+  local header=$((16 << 20)) dump offset
+  truncate -s $((DISK_BYTES + header)) "$IMG"
+  cryptsetup luksFormat --batch-mode --type luks2 --cipher aes-xts-plain64 --key-size 512 \
+    --sector-size "$SECTOR" --pbkdf pbkdf2 --pbkdf-force-iterations 1000 \
+    --key-file "$PASSFILE" "$IMG" || die "cryptsetup luksFormat --type luks2 failed"
+  dump=$(cryptsetup luksDump "$IMG") || die "cryptsetup luksDump $IMG failed"
+  [ "$(field Version)" = 2 ] || die "expected a LUKS2 image, luksDump says version $(field Version)"
+  [ "$(field cipher)" = aes-xts-plain64 ] || die "expected aes-xts-plain64, luksDump says $(field cipher)"
+  [ "$(field sector)" = "${SECTOR}[bytes]" ] || die "expected $SECTOR-byte sectors, luksDump says $(field sector)"
+  offset=$(field offset)
+  offset=${offset%\[bytes\]}
+  [ "$offset" = "$header" ] || die "expected the LUKS2 data segment at $header bytes, luksDump says $offset"
+  PAYLOAD=$((offset / 512))
+}
+
+# The volume key, as `cryptsetup luksDump --dump-volume-key` gives it.
+dump_volume_key() {
   (umask 077 && cryptsetup luksDump --dump-volume-key --volume-key-file "$KEYFILE" \
     --batch-mode --key-file "$PASSFILE" "$IMG" >/dev/null) ||
     die "cryptsetup could not dump the volume key"
   [ "$(stat -c %s "$KEYFILE")" = 64 ] || die "volume key file is not 64 bytes"
-  [ "$(stat -c %s "$IMG")" = $((DISK_BYTES + PAYLOAD * 512)) ] ||
-    die "image size $(stat -c %s "$IMG") != payload offset + $DISK_BYTES"
 }
 
 # The guest's payload: the test, its parameters, the raw patterns and the tree
@@ -168,13 +221,14 @@ PAT_C_OFF=$PAT_C_OFF
 PAT_C_LEN=$PAT_C_LEN
 ZERO_OFF=$ZERO_OFF
 ZERO_LEN=$ZERO_LEN
+SECTOR=$SECTOR
 DISCARD=$DISCARD
 REF_SERIAL=$REF_SERIAL
 FORMAT=$FORMAT
 PAYLOAD_SECTORS=$PAYLOAD
 EOF
   install -m 600 "$KEYFILE" "$e2e/volume.key"
-  [ "$FORMAT" != luks1 ] || install -m 600 "$PASSFILE" "$e2e/passphrase"
+  [ "$FORMAT" = plain ] || install -m 600 "$PASSFILE" "$e2e/passphrase"
   gen_pattern A "$PAT_A_OFF" "$PAT_A_LEN" >"$RUN/pat-a"
   gen_pattern B "$PAT_B_OFF" "$PAT_B_LEN" >"$RUN/pat-b"
   gen_pattern C "$PAT_C_OFF" "$PAT_C_LEN" >"$RUN/pat-c"
@@ -217,12 +271,16 @@ start_backend() {
   rm -f "$SOCK"
   case $BACKEND in
     cryptblk)
+      local open=(--type luks --key-file "$PASSFILE")
+      if [ "$UNLOCK" = key ]; then
+        open=(--type plain --key-file "$KEYFILE" --key-size 512 --offset "$PAYLOAD")
+        [ "$SECTOR" = 512 ] || open+=(--sector-size "$SECTOR")
+      fi
       # shellcheck disable=SC2086 # SERVE_ARGS is a list of options
-      RUST_LOG=${RUST_LOG:-info} "$CRYPTBLK" serve --type plain --socket "$SOCK" --image "$IMG" --key-file "$KEYFILE" --key-size 512 \
-        --offset "$PAYLOAD" --queues "$QUEUES" $SERVE_ARGS >"$BACKEND_LOG" 2>&1 &
+      RUST_LOG=${RUST_LOG:-info} "$CRYPTBLK" serve --socket "$SOCK" --image "$IMG" "${open[@]}" \
+        --queues "$QUEUES" $SERVE_ARGS >"$BACKEND_LOG" 2>&1 &
       ;;
     qsd)
-      [ "$FORMAT" = luks1 ] || die "BACKEND=qsd serves only LUKS1 images"
       qemu-storage-daemon \
         --object secret,id=sec0,file="$PASSFILE" \
         --blockdev driver=file,node-name=file0,filename="$IMG" \
@@ -394,7 +452,7 @@ main() {
   guest_initramfs_stage "$RUN/initramfs"
   make_guest_data "$RUN/initramfs"
   guest_initramfs_pack "$RUN/initramfs" "$RUN/initramfs.cpio"
-  log "$FORMAT image $IMG, payload offset $PAYLOAD sectors; initramfs $(($(stat -c %s "$RUN/initramfs.cpio") >> 20)) MiB"
+  log "$FORMAT image $IMG, payload offset $PAYLOAD sectors of 512 bytes; initramfs $(($(stat -c %s "$RUN/initramfs.cpio") >> 20)) MiB"
   start_backend
   t_boot=$(now)
   run_guest
@@ -404,7 +462,9 @@ main() {
   host_checks
   t_end=$(now)
 
-  echo "==== e2e-qemu summary (backend $BACKEND${SERVE_ARGS:+ ($SERVE_ARGS)}, $FORMAT image, guest kernel $GUEST_KVER) ===="
+  local how="$FORMAT image, $SECTOR-byte sectors"
+  [ "$BACKEND" != cryptblk ] || [ "$FORMAT" = plain ] || how+=", unlocked by $UNLOCK"
+  echo "==== e2e-qemu summary (backend $BACKEND${SERVE_ARGS:+ ($SERVE_ARGS)}, $how, guest kernel $GUEST_KVER) ===="
   # shellcheck disable=SC2086 # counting words
   echo "guest checks passed: $GUEST_PASSES of $(set -- $EXPECTED_RESULTS && echo $#); host checks failed: ${HOST_FAILS:-none}"
   echo "times: guest kernel $(elapsed "$t_kernel0" "$t_kernel") s, guest run $(elapsed "$t_boot" "$t_guest") s" \
@@ -417,7 +477,7 @@ main() {
   echo "PASS"
 }
 
-# Without E2E_FORMAT, cryptblk gets two runs that cover its other code paths;
+# Without E2E_FORMAT, cryptblk gets three runs that cover its code paths;
 # each is this script again, with E2E_FORMAT set. A third run with a backend
 # that does not encrypt must fail on the ciphertext checks (and only there):
 # otherwise the checks themselves are broken.
@@ -427,7 +487,8 @@ all_runs() {
   check_tools
   resolve_cryptblk
   export CRYPTBLK
-  E2E_FORMAT=luks1 E2E_SERVE_ARGS='--crypto inline' bash "${BASH_SOURCE[0]}" || status=1
+  E2E_FORMAT=luks1 E2E_UNLOCK=key E2E_SERVE_ARGS='--crypto inline' bash "${BASH_SOURCE[0]}" || status=1
+  E2E_FORMAT=luks2 E2E_UNLOCK=passphrase E2E_SERVE_ARGS='--crypto auto' bash "${BASH_SOURCE[0]}" || status=1
   E2E_FORMAT=plain E2E_SERVE_ARGS='--crypto workers --split-threshold 16K --direct --allow-discards' \
     bash "${BASH_SOURCE[0]}" || status=1
   log "negative control: BACKEND=plaintext must fail (log: $control)"

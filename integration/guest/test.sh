@@ -2,13 +2,16 @@
 # The checks the guest runs on its vhost-user-blk disk. Prints one
 # "E2E-RESULT PASS|FAIL <name> [detail]" line per check (the host requires
 # every name it expects) and "E2E-INFO ..." lines for the log.
-# /e2e/conf (written by the host) sets RUNID, FORMAT (luks1|plain),
-# PAYLOAD_SECTORS, DISK_BYTES, QUEUES, FS_BYTES, PAT_A_OFF, PAT_A_LEN,
-# PAT_B_OFF, PAT_B_LEN, PAT_C_OFF, PAT_C_LEN, ZERO_OFF, ZERO_LEN, DISCARD
-# (1: the backend offers discard) and REF_SERIAL; /e2e/pat-a, /e2e/pat-b and /e2e/pat-c are the raw patterns,
-# /e2e/pat-c-zeroed pattern C after zeroing ZERO_LEN bytes at ZERO_OFF, /e2e/fs-src the tree copied onto the filesystem, /e2e/passphrase
-# (LUKS1 only) and /e2e/volume.key the secrets. The disk whose serial is
-# REF_SERIAL is the image file itself, read-only, for dm-crypt to open.
+# /e2e/conf (written by the host) sets RUNID, FORMAT (luks1|luks2|plain),
+# PAYLOAD_SECTORS (512-byte units), SECTOR (the encryption sector size, also
+# the disk's logical block size), DISK_BYTES, QUEUES, FS_BYTES, the raw
+# pattern regions PAT_A_OFF/LEN, PAT_B_OFF/LEN, PAT_C_OFF/LEN and the range
+# ZERO_OFF/LEN zeroed inside C, DISCARD (1: the backend offers discard) and
+# REF_SERIAL. /e2e holds the patterns (pat-a, pat-b, pat-c, and pat-c-zeroed:
+# C as it must read after zeroing), fs-src (the tree copied onto the
+# filesystem) and the secrets (passphrase for LUKS, volume.key). The disk
+# whose serial is REF_SERIAL is the image file itself, read-only, for
+# dm-crypt to open.
 # shellcheck source=/dev/null
 . /e2e/conf
 DISK=
@@ -88,6 +91,13 @@ if [ "$size" = "$DISK_BYTES" ]; then
 else
   fail disk-size "$size bytes, expected $DISK_BYTES"
 fi
+# The encryption sector is the smallest unit the backend can write on its own.
+lbs=$(cat "$sysblk/queue/logical_block_size")
+if [ "$lbs" = "$SECTOR" ]; then
+  pass block-size
+else
+  fail block-size "logical block size $lbs, expected $SECTOR"
+fi
 # One directory per blk-mq hardware queue, i.e. per virtqueue the driver uses.
 set -- "$sysblk"/mq/*
 if [ $# = "$QUEUES" ]; then
@@ -103,7 +113,7 @@ fi
 t0=$(uptime_s)
 taskset -c 0 dd if=/e2e/pat-a of="$DISK" bs=65536 seek=$((PAT_A_OFF / 65536)) oflag=direct 2>/tmp/dd-a &
 pid_a=$!
-taskset -c 1 dd if=/e2e/pat-b of="$DISK" bs=512 seek=$((PAT_B_OFF / 512)) 2>/tmp/dd-b &
+taskset -c 1 dd if=/e2e/pat-b of="$DISK" bs="$SECTOR" seek=$((PAT_B_OFF / SECTOR)) 2>/tmp/dd-b &
 pid_b=$!
 wait $pid_a
 rc_a=$?
@@ -230,13 +240,14 @@ dmcrypt_check() {
   info "dm-crypt $method checks took $(awk -v a="$t0" -v b="$(uptime_s)" 'BEGIN { print b - a }') s"
 }
 
-# LUKS1: as a user would open the image (header, passphrase, key slot).
-[ "$FORMAT" != luks1 ] ||
-  dmcrypt_check luks --type luks1 --key-file /e2e/passphrase
-# Plain: the bare volume key and payload offset, i.e. exactly how the backend is
-# configured; for a LUKS1 image this proves that key + offset reads the same data.
+# LUKS: as a user would open the image (header, passphrase, key slot).
+[ "$FORMAT" = plain ] ||
+  dmcrypt_check luks --type luks --key-file /e2e/passphrase
+# Plain: the bare volume key and payload offset, i.e. how the backend is
+# configured in plain mode; for a LUKS image this proves that key + offset
+# (IVs in 512-byte units, as LUKS2 with 4 KiB sectors has them) reads the same data.
 dmcrypt_check plain --type plain --cipher aes-xts-plain64 --key-size 512 \
-  --key-file /e2e/volume.key --offset "$PAYLOAD_SECTORS"
+  --sector-size "$SECTOR" --key-file /e2e/volume.key --offset "$PAYLOAD_SECTORS"
 
 errors=$(dmesg | grep -iE 'I/O error|EXT4-fs error|blk_update_request|critical|virtio_blk.*(err|fail)|call trace' | head -5)
 if [ -z "$errors" ]; then
