@@ -2,6 +2,10 @@
 # The checks the guest runs on its vhost-user-blk disk. Prints one
 # "E2E-RESULT PASS|FAIL <name> [detail]" line per check (the host requires
 # every name it expects) and "E2E-INFO ..." lines for the log.
+# The guest boots twice. The first boot runs every check, leaves a reboot mark
+# on the disk and exits 10 (init then reboots); after the reboot (a device
+# reset and re-initialisation over the same vhost-user connection) the mark
+# is found and only the data written before are verified; exit 0.
 # /e2e/conf (written by the host) sets RUNID, FORMAT (luks1|luks2|plain),
 # PAYLOAD_SECTORS (512-byte units), SECTOR (the encryption sector size, also
 # the disk's logical block size), DISK_BYTES, QUEUES, FS_BYTES, the raw
@@ -64,6 +68,16 @@ find_disks() {
   done
   [ -n "$DISK" ] && [ -b "$DISK" ] && [ -n "$REF" ] && [ -b "$REF" ]
 }
+# kernel_log_check NAME: no block or filesystem errors in the kernel log.
+kernel_log_check() {
+  errors=$(dmesg | grep -iE 'I/O error|EXT4-fs error|blk_update_request|critical|virtio_blk.*(err|fail)|call trace' | head -5)
+  if [ -z "$errors" ]; then
+    pass "$1"
+  else
+    fail "$1" "$(echo "$errors" | tr '\n' ' ')"
+  fi
+}
+
 wait_for_disks() {
   i=0
   until find_disks; do
@@ -80,6 +94,41 @@ fi
 pass disk-present
 info "disks ready at uptime $(uptime_s): vhost-user-blk $DISK, reference $REF"
 sysblk=/sys/block/${DISK#/dev/}
+vdev=$(basename "$(readlink "$sysblk/device")")
+
+# The reboot mark: one sector naming the run, just above the filesystem.
+MARK_OFF=$FS_BYTES
+printf "%-$((SECTOR - 1))s\n" "CRYPTBLK-E2E-$RUNID rebooted" >/tmp/mark
+
+# Second boot: everything the first boot wrote must read back the same.
+after_reboot() {
+  info "second boot: the reboot mark is on $DISK"
+  check reboot-pattern-a same_region "$DISK" "$PAT_A_OFF" "$PAT_A_LEN" /e2e/pat-a direct 0
+  check reboot-pattern-b same_region "$DISK" "$PAT_B_OFF" "$PAT_B_LEN" /e2e/pat-b direct 1
+  check reboot-zeroes same_region "$DISK" "$PAT_C_OFF" "$PAT_C_LEN" /e2e/pat-c-zeroed
+  (cd /e2e/fs-src && find . -type f | sort | xargs md5sum) >/tmp/src.sums
+  if mount -t ext4 -o ro "$DISK" /mnt; then
+    check reboot-files sh -c 'cd /mnt/e2e && md5sum -c -s /tmp/src.sums'
+    umount /mnt
+  else
+    fail reboot-files "mount failed"
+  fi
+  q0=$(queue_irqs "$vdev" 0)
+  q1=$(queue_irqs "$vdev" 1)
+  if [ "$q0" -gt 0 ] && [ "$q1" -gt 0 ]; then
+    pass reboot-queues
+  else
+    fail reboot-queues "req.0=$q0 req.1=$q1 interrupts"
+  fi
+  kernel_log_check reboot-kernel-log
+}
+
+if same_region "$DISK" "$MARK_OFF" "$SECTOR" /tmp/mark direct; then
+  pass reboot-disk-present
+  after_reboot
+  exit 0
+fi
+
 q=$sysblk/queue
 info "$DISK: write_cache=$(cat "$q/write_cache") logical_block=$(cat "$q/logical_block_size")" \
   "physical_block=$(cat "$q/physical_block_size") max_segments=$(cat "$q/max_segments")" \
@@ -134,7 +183,6 @@ check raw-readback-a same_region "$DISK" "$PAT_A_OFF" "$PAT_A_LEN" /e2e/pat-a di
 check raw-readback-b same_region "$DISK" "$PAT_B_OFF" "$PAT_B_LEN" /e2e/pat-b direct 1
 info "raw write+readback took $(awk -v a="$t0" -v b="$(uptime_s)" 'BEGIN { print b - a }') s"
 
-vdev=$(basename "$(readlink "$sysblk/device")")
 q0=$(queue_irqs "$vdev" 0)
 q1=$(queue_irqs "$vdev" 1)
 info "$vdev virtqueue interrupts: req.0=$q0 req.1=$q1 (vectors: $(grep "$vdev-" /proc/interrupts | awk '{ print $NF }' | tr '\n' ' '))"
@@ -253,9 +301,10 @@ dmcrypt_check() {
 dmcrypt_check plain --type plain --cipher aes-xts-plain64 --key-size 512 \
   --sector-size "$SECTOR" --key-file /e2e/volume.key --offset "$PAYLOAD_SECTORS"
 
-errors=$(dmesg | grep -iE 'I/O error|EXT4-fs error|blk_update_request|critical|virtio_blk.*(err|fail)|call trace' | head -5)
-if [ -z "$errors" ]; then
-  pass kernel-log
-else
-  fail kernel-log "$(echo "$errors" | tr '\n' ' ')"
+kernel_log_check kernel-log
+
+# Leave the mark and ask init for a reboot.
+if dd if=/tmp/mark of="$DISK" bs="$SECTOR" seek=$((MARK_OFF / SECTOR)) oflag=direct 2>/tmp/dd-mark && sync; then
+  exit 10
 fi
+fail reboot-mark "$(cat /tmp/dd-mark)"
