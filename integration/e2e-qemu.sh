@@ -491,6 +491,8 @@ main() {
     [ -z "$GUEST_FAILS" ] || printf '%s\n' "$GUEST_FAILS" | sed '/^$/d; s/^/  guest: /'
     die "end-to-end test failed"
   fi
+  # Keep the logs; the images and the guest archive are only worth keeping for a failure.
+  rm -rf "$IMG" "$RUN/out.raw" "$RUN/initramfs" "$RUN/initramfs.cpio" "$RUN/fs-dump"
   echo "PASS"
 }
 
@@ -516,6 +518,7 @@ all_runs() {
     [ "$(sed -n 's/^  guest: E2E-RESULT FAIL \([a-z0-9-]*\).*/\1/p' "$control" | LC_ALL=C sort | xargs)" = \
       "$(printf '%s\n' dmcrypt-{luks,plain}-{files,pattern-a,pattern-b,zeroes} | LC_ALL=C sort | xargs)" ]; then
     log "negative control failed as it must (plaintext found, dm-crypt reads garbage, all else passed)"
+    rm -rf "$WORK_DIR"/e2e-plaintext-luks1/{img.luks1,out.raw,initramfs,initramfs.cpio,fs-dump}
   else
     tail -20 "$control" >&2
     log "FAIL: the negative control failed for another reason than plaintext"
