@@ -113,17 +113,21 @@ fn serve_connections(
             log::warn!("accepting a connection failed: {e}");
             continue;
         }
-        connections += 1;
         *shutdown
             .connection
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = daemon.shutdown_handle();
-        if shutdown.requested() {
+        // A connection accepted after SIGTERM is our own wake-up call (or a
+        // VMM arriving too late): close it without ceremony.
+        let wake_up = shutdown.requested();
+        if wake_up {
             daemon.request_shutdown();
         } else {
+            connections += 1;
             log::info!("frontend connected (connection {connections})");
         }
         match daemon.wait() {
+            _ if wake_up => {}
             Ok(())
             | Err(vhost_user_backend::Error::HandleRequest(
                 VhostUserError::Disconnected | VhostUserError::PartialMessage,
