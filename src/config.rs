@@ -37,6 +37,20 @@ pub enum ConfigError {
     Key(#[from] KeyError),
     #[error(transparent)]
     Volume(#[from] VolumeError),
+    #[error(transparent)]
+    Luks(#[from] crate::luks::LuksError),
+}
+
+/// How the image is opened, as cryptsetup's `open --type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VolumeType {
+    /// A raw key (--key-file) and the layout from the flags (default).
+    Plain,
+    /// A LUKS1 or LUKS2 header: passphrase, key, layout from the header.
+    Luks,
+    Luks1,
+    Luks2,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
@@ -68,8 +82,25 @@ pub struct ServeArgs {
     #[arg(long, value_name = "BYTES")]
     pub size: Option<String>,
     /// File holding the raw key (key-size/8 bytes); "-" reads standard input.
+    /// With --type luks*: the passphrase (whole file; none = prompt).
     #[arg(long, value_name = "PATH")]
     pub key_file: Option<String>,
+    /// plain (default) or luks, luks1, luks2: unlock a LUKS header.
+    #[arg(long = "type", value_enum)]
+    #[serde(rename = "type")]
+    pub volume_type: Option<VolumeType>,
+    /// LUKS: a detached header file (the image then holds only the payload).
+    #[arg(long, value_name = "PATH")]
+    pub header: Option<PathBuf>,
+    /// LUKS: try only this key slot.
+    #[arg(long, value_name = "N")]
+    pub key_slot: Option<usize>,
+    /// LUKS: skip this many bytes of the key file.
+    #[arg(long, value_name = "BYTES")]
+    pub keyfile_offset: Option<u64>,
+    /// LUKS: read only this many bytes of the key file.
+    #[arg(long, value_name = "BYTES")]
+    pub keyfile_size: Option<u64>,
     /// Key size in bits: 256 (AES-128-XTS) or 512 (AES-256-XTS). Default 512.
     #[arg(long, value_name = "BITS")]
     pub key_size: Option<usize>,
@@ -148,6 +179,11 @@ impl ServeArgs {
             image,
             size,
             key_file,
+            volume_type,
+            header,
+            key_slot,
+            keyfile_offset,
+            keyfile_size,
             key_size,
             cipher,
             sector_size,
@@ -184,10 +220,21 @@ struct ImageSpec {
     key_file: Option<String>,
     key_size: usize,
     rule: IvRule,
+    luks: Option<LuksSpec>,
+}
+
+/// What unlocking a LUKS header needs; the layout comes from the header.
+struct LuksSpec {
+    version: Option<u8>,
+    header: Option<PathBuf>,
+    key_slot: Option<usize>,
+    keyfile_offset: u64,
+    keyfile_size: Option<u64>,
 }
 
 impl ServeConfig {
     pub fn from_args(a: ServeArgs) -> Result<Self, ConfigError> {
+        let luks = luks_spec(&a)?;
         let socket = a.socket.ok_or(ConfigError::Missing("--socket"))?;
         let path = a.image.ok_or(ConfigError::Missing("--image"))?;
         let sector_size = a.sector_size.unwrap_or(512);
@@ -218,7 +265,7 @@ impl ServeConfig {
         }
         let cipher = a.cipher.unwrap_or(Cipher::AesXtsPlain64);
         let key_size = a.key_size.unwrap_or(512);
-        if cipher == Cipher::AesXtsPlain64 && a.key_file.is_none() {
+        if cipher == Cipher::AesXtsPlain64 && a.key_file.is_none() && luks.is_none() {
             return Err(ConfigError::Missing("--key-file (or --cipher none)"));
         }
         let create_size = a.size.as_deref().map(parse_size).transpose()?;
@@ -270,6 +317,7 @@ impl ServeConfig {
                     large_sectors: large,
                     skip,
                 },
+                luks,
             },
         })
     }
@@ -277,6 +325,9 @@ impl ServeConfig {
     /// Reads the key and opens (or creates) the image.
     pub fn open_volume(&self) -> Result<Volume, ConfigError> {
         let s = &self.image;
+        if let Some(l) = &s.luks {
+            return self.open_luks_volume(l);
+        }
         let key = match (s.cipher, &s.key_file) {
             (Cipher::AesXtsPlain64, Some(path)) => {
                 warn_if_key_file_is_exposed(path);
@@ -293,6 +344,81 @@ impl ServeConfig {
             cipher: SectorCipher::new(key.as_ref(), s.rule),
         })?)
     }
+}
+
+impl ServeConfig {
+    /// Unlocks the header (the image's own or --header) and opens the
+    /// payload with the key, offset and sector size it gives.
+    fn open_luks_volume(&self, l: &LuksSpec) -> Result<Volume, ConfigError> {
+        let s = &self.image;
+        if let Some(path) = &s.key_file {
+            warn_if_key_file_is_exposed(path);
+        }
+        let pass =
+            crate::luks::read_passphrase(s.key_file.as_deref(), l.keyfile_offset, l.keyfile_size)?;
+        let header = l.header.as_deref().unwrap_or(&s.path);
+        let u = crate::luks::unlock(header, &pass, l.key_slot)?;
+        if let Some(v) = l.version.filter(|v| *v != u.version) {
+            let value = format!("luks{v} (the header is LUKS{})", u.version);
+            return invalid("--type", value, "use --type luks to accept either version");
+        }
+        if self.device.split_threshold % u.sector_size != 0 {
+            return invalid("--split-threshold", self.device.split_threshold, "must be a multiple of the LUKS sector size");
+        }
+        let rule = IvRule {
+            sector_size: u.sector_size,
+            large_sectors: u.iv_large_sectors,
+            skip: 0,
+        };
+        Ok(open_image(ImageOptions {
+            path: s.path.clone(),
+            create_size: None,
+            payload_offset: u.payload_offset,
+            readonly: s.readonly,
+            direct: s.direct,
+            cipher: SectorCipher::new(Some(&u.key), rule),
+        })?)
+    }
+}
+
+/// The LUKS part of the options; flags that the header decides are refused.
+fn luks_spec(a: &ServeArgs) -> Result<Option<LuksSpec>, ConfigError> {
+    let version = match a.volume_type.unwrap_or(VolumeType::Plain) {
+        VolumeType::Plain => {
+            let luks_only = [
+                ("--header", a.header.is_some()),
+                ("--key-slot", a.key_slot.is_some()),
+                ("--keyfile-offset", a.keyfile_offset.is_some()),
+                ("--keyfile-size", a.keyfile_size.is_some()),
+            ];
+            if let Some((flag, _)) = luks_only.iter().find(|(_, set)| *set) {
+                return invalid(flag, "set", "needs --type luks (or luks1/luks2)");
+            }
+            return Ok(None);
+        }
+        VolumeType::Luks => None,
+        VolumeType::Luks1 => Some(1),
+        VolumeType::Luks2 => Some(2),
+    };
+    let from_header = [
+        ("--size", a.size.is_some()),
+        ("--key-size", a.key_size.is_some()),
+        ("--cipher", a.cipher.is_some()),
+        ("--sector-size", a.sector_size.is_some()),
+        ("--iv-large-sectors", a.iv_large_sectors.is_some()),
+        ("--offset", a.offset.is_some()),
+        ("--skip", a.skip.is_some()),
+    ];
+    if let Some((flag, _)) = from_header.iter().find(|(_, set)| *set) {
+        return invalid(flag, "set", "the LUKS header decides it; drop the flag (use `cryptblk format` to make an image)");
+    }
+    Ok(Some(LuksSpec {
+        version,
+        header: a.header.clone(),
+        key_slot: a.key_slot,
+        keyfile_offset: a.keyfile_offset.unwrap_or(0),
+        keyfile_size: a.keyfile_size,
+    }))
 }
 
 fn invalid<T>(
