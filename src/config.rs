@@ -363,7 +363,11 @@ impl ServeConfig {
             return invalid("--type", value, "use --type luks to accept either version");
         }
         if self.device.split_threshold % u.sector_size != 0 {
-            return invalid("--split-threshold", self.device.split_threshold, "must be a multiple of the LUKS sector size");
+            return invalid(
+                "--split-threshold",
+                self.device.split_threshold,
+                "must be a multiple of the LUKS sector size",
+            );
         }
         let rule = IvRule {
             sector_size: u.sector_size,
@@ -410,7 +414,11 @@ fn luks_spec(a: &ServeArgs) -> Result<Option<LuksSpec>, ConfigError> {
         ("--skip", a.skip.is_some()),
     ];
     if let Some((flag, _)) = from_header.iter().find(|(_, set)| *set) {
-        return invalid(flag, "set", "the LUKS header decides it; drop the flag (use `cryptblk format` to make an image)");
+        return invalid(
+            flag,
+            "set",
+            "the LUKS header decides it; drop the flag (use `cryptblk format` to make an image)",
+        );
     }
     Ok(Some(LuksSpec {
         version,
