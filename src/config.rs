@@ -369,6 +369,7 @@ impl ServeConfig {
                 "must be a multiple of the LUKS sector size",
             );
         }
+        check_payload_size(&s.path, u.payload_offset, u.payload_size)?;
         let rule = IvRule {
             sector_size: u.sector_size,
             large_sectors: u.iv_large_sectors,
@@ -383,6 +384,28 @@ impl ServeConfig {
             cipher: SectorCipher::new(Some(&u.key), rule),
         })?)
     }
+}
+
+/// A LUKS2 segment of fixed size must be exactly what the image holds after
+/// the offset: serving more would expose bytes the header does not cover.
+fn check_payload_size(path: &Path, offset: u64, size: Option<u64>) -> Result<(), ConfigError> {
+    use std::io::{Seek, SeekFrom};
+    let Some(size) = size else { return Ok(()) };
+    let len = std::fs::File::open(path)
+        .and_then(|mut f| f.seek(SeekFrom::End(0)))
+        .map_err(|source| VolumeError::Open {
+            path: path.display().to_string(),
+            source,
+        })?;
+    if len.checked_sub(offset) != Some(size) {
+        let value = format!("{size} bytes at offset {offset}, image {len} bytes");
+        return invalid(
+            "LUKS2 segment size",
+            value,
+            "only a segment reaching the end of the image is supported",
+        );
+    }
+    Ok(())
 }
 
 /// The LUKS part of the options; flags that the header decides are refused.
