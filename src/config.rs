@@ -122,7 +122,7 @@ pub struct ServeArgs {
     /// Serial number returned by GET_ID (at most 20 bytes).
     #[arg(long)]
     pub serial: Option<String>,
-    /// plain, luks (LUKS1 or LUKS2) or auto (default: luks if the image or --header has a LUKS header).
+    /// auto (default: luks if the image or --header has a LUKS header), plain, luks, luks1 or luks2.
     #[arg(long = "type", value_enum)]
     #[serde(rename = "type")]
     pub device_type: Option<DeviceType>,

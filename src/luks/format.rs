@@ -65,6 +65,11 @@ fn check(p: &Params) -> Result<(), LuksError> {
             "--sector-size other than 512 needs --type luks2".into(),
         ));
     }
+    if p.kind == Kind::Luks1 && p.kdf.pbkdf != "pbkdf2" {
+        return Err(LuksError::Invalid(
+            "LUKS1 supports only --pbkdf pbkdf2".into(),
+        ));
+    }
     if p.kind != Kind::Luks2 && p.label.is_some() {
         return Err(LuksError::Invalid("--label needs --type luks2".into()));
     }

@@ -96,6 +96,13 @@ impl Header {
         }
     }
 
+    pub fn payload_size(&self) -> Option<u64> {
+        match self {
+            Header::V1(_) => None,
+            Header::V2(h) => h.meta.segment.size,
+        }
+    }
+
     pub fn uuid(&self) -> &str {
         match self {
             Header::V1(h) => &h.uuid,
@@ -138,17 +145,23 @@ impl Header {
                 None => Err(LuksError::WrongPassphraseForSlot { slot: s }),
             };
         }
-        let mut first_error = None;
+        // A slot that could be tried and did not match makes "wrong
+        // passphrase" the likely story; only if none could be tried is a
+        // slot's own error (unsupported, truncated) the answer.
+        let (mut first_error, mut mismatch) = (None, false);
         for s in self.try_order() {
             match self.open_slot(file, s, pass) {
                 Ok(Some(k)) => return Ok((s, k)),
-                Ok(None) => {}
+                Ok(None) => mismatch = true,
                 Err(e) => {
-                    log::debug!("key slot {s} cannot be tried: {e}");
+                    log::warn!("key slot {s} cannot be tried: {e}");
                     first_error.get_or_insert(e);
                 }
             }
         }
-        Err(first_error.unwrap_or(LuksError::WrongPassphrase))
+        match first_error {
+            Some(e) if !mismatch => Err(e),
+            _ => Err(LuksError::WrongPassphrase),
+        }
     }
 }

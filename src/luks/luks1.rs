@@ -116,8 +116,17 @@ impl Header {
                 self.key_bytes * 8
             )));
         }
-        for (i, s) in self.slots.iter().enumerate().filter(|(_, s)| s.active) {
-            if s.stripes == 0 || s.stripes > 100_000 || s.offset == 0 {
+        // Every slot, used or not: we write new key material where a free
+        // slot points, so its area must lie between the header and the data.
+        let payload = self.payload_offset as u64 * 512;
+        for (i, s) in self.slots.iter().enumerate() {
+            let end = s.offset as u64 * 512
+                + area::material_len(self.key_bytes as usize, s.stripes as usize) as u64;
+            if s.stripes == 0
+                || s.stripes > 100_000
+                || s.offset == 0
+                || (payload != 0 && end > payload)
+            {
                 return Err(LuksError::Corrupt(format!(
                     "LUKS1 key slot {i} has an invalid layout (offset {}, stripes {})",
                     s.offset, s.stripes
@@ -296,5 +305,30 @@ impl Header {
             offset,
             area::material_len(self.key_bytes as usize, stripes),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_round_trips_and_bad_slot_layouts_are_refused() {
+        let h = Header::new(&[1u8; 64], HashAlg::Sha256, 1000, "u".into()).unwrap();
+        assert_eq!(h.payload_offset, 4096);
+        assert_eq!(
+            h.slots[1].offset, 512,
+            "cryptsetup's layout for a 512-bit key"
+        );
+        let bytes = h.serialize();
+        assert_eq!(Header::parse(&bytes).unwrap(), h);
+        let mut bad = h.clone();
+        bad.slots[7].offset = 4000; // runs into the payload at 4096
+        let err = Header::parse(&bad.serialize()).unwrap_err().to_string();
+        assert!(err.contains("key slot 7 has an invalid layout"), "{err}");
+        let mut bytes = h.serialize();
+        bytes[40..51].copy_from_slice(b"cbc-essiv:s");
+        let err = Header::parse(&bytes).unwrap_err().to_string();
+        assert!(err.contains("only aes-xts-plain64"), "{err}");
     }
 }

@@ -60,6 +60,9 @@ pub struct Unlocked {
     pub payload_offset: u64,
     /// False for everything cryptsetup makes (IVs count 512-byte units).
     pub iv_large_sectors: bool,
+    /// Payload bytes when the header fixes them (a LUKS2 segment with a
+    /// size); None = up to the end of the data device.
+    pub payload_size: Option<u64>,
 }
 
 fn open_header(path: &Path, write: bool) -> Result<(File, Header), LuksError> {
@@ -93,5 +96,6 @@ pub fn unlock(
         sector_size: h.sector_size(),
         payload_offset: h.payload_offset(),
         iv_large_sectors: false,
+        payload_size: h.payload_size(),
     })
 }

@@ -39,7 +39,32 @@ impl Luks2 {
                 "LUKS2 json_size disagrees with the header size".into(),
             ));
         }
-        Ok(Luks2 { copy, value, meta })
+        let h = Luks2 { copy, value, meta };
+        h.check_areas()?;
+        Ok(h)
+    }
+
+    /// Keyslot areas must lie in the keyslots area (as cryptsetup checks):
+    /// we wipe them on removal, so a bad offset must never reach the data.
+    fn check_areas(&self) -> Result<(), LuksError> {
+        let start = 2 * self.copy.hdr_size;
+        let end = start.saturating_add(self.meta.keyslots_size);
+        if self.meta.segment.offset != 0 && self.meta.segment.offset < end {
+            return Err(LuksError::Corrupt(
+                "LUKS2 data segment overlaps the keyslots area".into(),
+            ));
+        }
+        for (id, ks) in &self.meta.keyslots {
+            if let Ok(ks) = ks {
+                let area_end = ks.area_offset.saturating_add(ks.area_size);
+                if ks.area_offset < start || area_end > end {
+                    return Err(LuksError::Corrupt(format!(
+                        "LUKS2 keyslot {id} area lies outside the keyslots area"
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Tries one slot: the volume key if the passphrase opens it.
@@ -318,4 +343,64 @@ pub fn format(file: &File, key: &[u8], passphrase: &[u8], p: &NewHeader) -> Resu
         value,
     };
     h.add_slot(file, 0, passphrase, key, p.kdf, p.af_hash)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn small_image() -> (tempfile::TempDir, File, Luks2) {
+        let dir = tempfile::tempdir().unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(dir.path().join("img"))
+            .unwrap();
+        file.set_len(DEFAULT_DATA_OFFSET + 4096).unwrap();
+        let p = NewHeader {
+            uuid: "0b5c3f0e-96a1-4b8e-8f2c-1d2e3f4a5b6c".into(),
+            label: "t",
+            sector_size: 512,
+            kdf: Kdf::Pbkdf2 {
+                hash: HashAlg::Sha256,
+                iterations: 1000,
+            },
+            af_hash: HashAlg::Sha256,
+            digest_iterations: 1000,
+        };
+        format(&file, &[7u8; 64], b"pw", &p).unwrap();
+        let h = Luks2::read(&file).unwrap();
+        (dir, file, h)
+    }
+
+    #[test]
+    fn a_keyslot_area_outside_the_keyslots_area_is_refused() {
+        let (_dir, file, mut h) = small_image();
+        assert_eq!(h.copy.seqid, 1);
+        assert_eq!(
+            &h.open_slot(&file, 0, b"pw").unwrap().unwrap()[..],
+            &[7u8; 64]
+        );
+        // Point keyslot 0 into the data segment: reading it back must fail,
+        // so a later remove could never wipe payload.
+        h.value["keyslots"]["0"]["area"]["offset"] = Value::String(DEFAULT_DATA_OFFSET.to_string());
+        h.commit(&file).unwrap();
+        let err = Luks2::read(&file).unwrap_err().to_string();
+        assert!(err.contains("outside the keyslots area"), "{err}");
+    }
+
+    #[test]
+    fn the_newer_copy_wins_and_a_torn_primary_falls_back() {
+        let (_dir, file, mut h) = small_image();
+        h.copy.label = "second".into();
+        h.commit(&file).unwrap();
+        assert_eq!(Luks2::read(&file).unwrap().copy.seqid, 2);
+        // A crash halfway through the next primary write: the secondary
+        // (seqid 2) is used.
+        use std::os::unix::fs::FileExt;
+        file.write_all_at(&[0xff; 100], 5000).unwrap();
+        let back = Luks2::read(&file).unwrap();
+        assert_eq!((back.copy.seqid, back.copy.label.as_str()), (2, "second"));
+    }
 }
