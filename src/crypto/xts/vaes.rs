@@ -1,13 +1,14 @@
 //! The fused AES-XTS kernel: VAES on 512-bit registers (4 blocks each),
 //! 8 registers (512 bytes) in flight, tweaks advanced with VPCLMULQDQ.
 //!
-//! This is the only module of the crypto layer with `unsafe`. The unsafety is of two
-//! kinds, each argued where it happens:
+//! This is the only module of the crypto layer with `unsafe`. The unsafety
+//! is of two kinds, each argued where it happens:
 //! - calling `#[target_feature]` functions: sound because a [`Vaes`] value is
 //!   only ever built by [`Vaes::new`] after it saw every feature those
 //!   functions are compiled for ([`cpu_supported`]);
 //! - unaligned 64-byte loads and stores through raw pointers: sound because
-//!   the safe wrappers check that the slices hold whole 512-byte chunks.
+//!   the safe wrappers check that the slices hold whole sectors of whole
+//!   512-byte chunks.
 //!
 //! Why the structure: AES-256 on one block takes ~14 dependent rounds, so a
 //! naive XTS waits on latency; here every round is issued on 32 blocks at
@@ -17,6 +18,11 @@
 //! carry-less multiply by the reduction constant, independent for all 8.
 //! The final tweak XOR rides in the last round key (`aesenclast(x, k ^ t)` =
 //! `aesenclast(x, k) ^ t`), the first one in a three-way XOR with round key 0.
+//! A request is one call: the sectors' T values are computed four at a time
+//! in one 512-bit AES pass, one group ahead of the data.
+//!
+//! Not covered by the zeroizing: round keys that the compiler keeps in
+//! registers or spills to the stack during a call.
 
 // The AVX-512/VAES intrinsics are stable since Rust 1.89, later than the
 // crate's declared rust-version (which its dependencies already exceed).
