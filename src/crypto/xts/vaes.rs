@@ -244,7 +244,7 @@ unsafe fn xts<const NR: usize, const DECRYPT: bool>(
                     };
                     // SAFETY: as for the load; dst is valid for len bytes.
                     unsafe { _mm512_storeu_si512(dst.add(off + 64 * j).cast(), out) };
-                    tw[j] = mul_x32(tw[j], poly);
+                    tw[j] = mul_x8n::<4, 12>(tw[j], poly);
                 });
                 off += CHUNK;
             }
@@ -279,14 +279,20 @@ fn sector_tweaks(group: __m512i, lane: usize, poly: __m512i) -> [__m512i; LANES]
         2 => _mm512_shuffle_i64x2::<0xaa>(group, group),
         _ => _mm512_shuffle_i64x2::<0xff>(group, group),
     };
-    // Per-qword shift counts: lane j of register r is shifted by 4r + j.
-    let base = _mm512_setr_epi64(0, 0, 1, 1, 2, 2, 3, 3);
-    let mut tw = [t; LANES];
-    lanes!(r => {
-        let k = _mm512_add_epi64(base, _mm512_set1_epi64(4 * r as i64));
-        tw[r] = mul_x_var(t, k, poly);
-    });
-    tw
+    // Registers 0 and 1 by per-lane shifts (x^0..x^3, x^4..x^7), the rest
+    // from them by whole-byte multiples, which are cheaper.
+    let r0 = mul_x_var(t, _mm512_setr_epi64(0, 0, 1, 1, 2, 2, 3, 3), poly);
+    let r1 = mul_x_var(t, _mm512_setr_epi64(4, 4, 5, 5, 6, 6, 7, 7), poly);
+    [
+        r0,
+        r1,
+        mul_x8n::<1, 15>(r0, poly),
+        mul_x8n::<1, 15>(r1, poly),
+        mul_x8n::<2, 14>(r0, poly),
+        mul_x8n::<2, 14>(r1, poly),
+        mul_x8n::<3, 13>(r0, poly),
+        mul_x8n::<3, 13>(r1, poly),
+    ]
 }
 
 /// Each 128-bit lane times x^k, with k (0..64) given per qword (equal in
@@ -304,11 +310,12 @@ fn mul_x_var(v: __m512i, k: __m512i, poly: __m512i) -> __m512i {
     xor3(left, into_high, reduced)
 }
 
-/// Each 128-bit lane times x^32 in GF(2^128) (XTS bit order: little-endian).
+/// Each 128-bit lane times x^(8·N) in GF(2^128) (XTS bit order:
+/// little-endian), 1 <= N <= 4; `R` must be 16 - N.
 #[target_feature(enable = "avx512f,avx512bw,vpclmulqdq")]
-fn mul_x32(v: __m512i, poly: __m512i) -> __m512i {
-    let shifted = _mm512_bslli_epi128::<4>(v);
-    let carry = _mm512_bsrli_epi128::<12>(v);
+fn mul_x8n<const N: i32, const R: i32>(v: __m512i, poly: __m512i) -> __m512i {
+    let shifted = _mm512_bslli_epi128::<N>(v);
+    let carry = _mm512_bsrli_epi128::<R>(v);
     // carry (< 2^32) times x^128 = carry · 0x87: below 2^40, no second carry.
     _mm512_xor_si512(shifted, _mm512_clmulepi64_epi128::<0x00>(carry, poly))
 }
