@@ -2,10 +2,12 @@
 //! (on this vring thread) or hand it to the worker pool.
 
 use std::io;
+use std::num::Wrapping;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use vhost_user_backend::{VringRwLock, VringT};
-use virtio_queue::QueueT;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::blk::{BlkDevice, Workspace};
@@ -37,24 +39,73 @@ pub fn process_vring(
         if ctx.event_idx {
             vring.disable_notification().map_err(io::Error::other)?;
         }
-        drain(ctx, vring, mem, ws)?;
-        if !ctx.event_idx || !vring.enable_notification().map_err(io::Error::other)? {
+        let ring_ok = drain(ctx, vring, mem, ws)?;
+        // A broken avail ring always looks like "more work" to
+        // enable_notification: looping on it would spin this thread forever
+        // (and make GET_VRING_BASE wait forever). Wait for the next kick.
+        if !ring_ok || !ctx.event_idx || !vring.enable_notification().map_err(io::Error::other)? {
             return Ok(());
         }
     }
 }
 
+/// Checks what `pop_descriptor_chain` would refuse: a queue that is not
+/// ready, an avail ring outside guest memory, or an avail index more than a
+/// ring ahead of ours. virtio-queue logs each of those at error level on
+/// every pop, so a hostile guest kicking in a loop could flood the host's
+/// log; here it is one rate-limited warning instead.
+fn avail_ring_usable(queue: &Queue, mem: &GuestMemoryMmap) -> bool {
+    if !queue.ready() || queue.avail_ring() == 0 {
+        return false;
+    }
+    match queue.avail_idx(mem, Ordering::Acquire) {
+        Ok(idx) if (idx - Wrapping(queue.next_avail())).0 <= queue.size() => true,
+        Ok(idx) => {
+            GUEST_ERRORS.warn(format_args!(
+                "guest avail index {} is more than a ring ({}) ahead of {}; queue stalled",
+                idx.0,
+                queue.size(),
+                queue.next_avail()
+            ));
+            false
+        }
+        Err(e) => {
+            GUEST_ERRORS.warn(format_args!("guest avail ring unreadable: {e}"));
+            false
+        }
+    }
+}
+
+/// Pops and serves chains until the ring is empty. Returns false if it
+/// stopped on a broken avail ring.
 fn drain(
     ctx: &QueueCtx<'_>,
     vring: &VringRwLock,
     mem: &Arc<GuestMemoryMmap>,
     ws: &mut Workspace,
-) -> io::Result<()> {
+) -> io::Result<bool> {
     let mut completed = false;
+    let mut ring_ok = true;
     loop {
-        let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(&**mem);
+        let chain = {
+            let mut state = vring.get_mut();
+            let queue = state.get_queue_mut();
+            if !avail_ring_usable(queue, mem) {
+                ring_ok = false;
+                break;
+            }
+            queue.pop_descriptor_chain(&**mem)
+        };
         let Some(chain) = chain else { break };
         let head = chain.head_index();
+        if head >= vring.get_ref().get_queue().size() {
+            // Such a head cannot go back to the used ring (add_used refuses
+            // it, and failing here would end this queue's thread): drop it.
+            GUEST_ERRORS.warn(format_args!(
+                "guest head index {head} is beyond the queue size; ignored"
+            ));
+            continue;
+        }
         let parsed = parse(&**mem, head, chain, ctx.dev.limits(), &mut ws.segments);
         match (to_pool(ctx, &parsed), parsed.status) {
             (Some((pool, request)), Some(status)) => pool.submit(
@@ -78,7 +129,7 @@ fn drain(
     if completed && vring.needs_notification().map_err(io::Error::other)? {
         vring.signal_used_queue()?;
     }
-    Ok(())
+    Ok(ring_ok)
 }
 
 /// The placement decision: valid requests go to the pool in `workers`

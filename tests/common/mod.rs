@@ -20,6 +20,11 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `cryptblk serve --socket <dir>/s.sock ARGS` and waits for the socket.
     pub fn start(dir: &Path, args: &[&str]) -> Daemon {
+        Self::start_with_stderr(dir, args, Stdio::inherit())
+    }
+
+    /// Like `start`, with the daemon's log going to `stderr`.
+    pub fn start_with_stderr(dir: &Path, args: &[&str], stderr: Stdio) -> Daemon {
         let socket = dir.join("s.sock");
         let child = Command::new(BIN)
             .arg("serve")
@@ -28,7 +33,7 @@ impl Daemon {
             .args(args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("spawn cryptblk");
         let mut d = Daemon { child, socket };
