@@ -5,6 +5,30 @@ mod common;
 use common::*;
 use cryptblk::crypto::{IvRule, SectorCipher, XtsKey};
 
+/// Runs a scenario once per I/O path (`--io mmap` and `--io pread`).
+macro_rules! on_both_io_paths {
+    ($($name:ident),* $(,)?) => {
+        $(mod $name {
+            #[test]
+            fn mmap() {
+                super::$name("mmap")
+            }
+            #[test]
+            fn pread() {
+                super::$name("pread")
+            }
+        })*
+    };
+}
+
+on_both_io_paths!(
+    writes_read_back_and_the_image_holds_dm_crypt_ciphertext,
+    several_queues_in_parallel_and_4k_sectors,
+    data_survives_reconnects_and_daemon_restarts,
+    sigterm_while_connected_exits_cleanly_and_keeps_acknowledged_writes,
+    readonly_disk_refuses_writes_and_plaintext_mode_stores_plaintext,
+);
+
 fn cipher(key: &[u8], sector_size: usize, skip: u64) -> SectorCipher {
     let k = XtsKey::from_bytes(key).unwrap();
     SectorCipher::new(
@@ -17,14 +41,15 @@ fn cipher(key: &[u8], sector_size: usize, skip: u64) -> SectorCipher {
     )
 }
 
-#[test]
-fn writes_read_back_and_the_image_holds_dm_crypt_ciphertext() {
+fn writes_read_back_and_the_image_holds_dm_crypt_ciphertext(io: &str) {
     let dir = tempfile::tempdir().unwrap();
     let (key_path, key) = write_key(dir.path(), 64);
     let img = dir.path().join("disk.img");
     let d = Daemon::start(
         dir.path(),
         &[
+            "--io",
+            io,
             "--image",
             img.to_str().unwrap(),
             "--size",
@@ -59,14 +84,15 @@ fn writes_read_back_and_the_image_holds_dm_crypt_ciphertext() {
     );
 }
 
-#[test]
-fn several_queues_in_parallel_and_4k_sectors() {
+fn several_queues_in_parallel_and_4k_sectors(io: &str) {
     let dir = tempfile::tempdir().unwrap();
     let (key_path, _) = write_key(dir.path(), 32);
     let img = dir.path().join("disk.img");
     let d = Daemon::start(
         dir.path(),
         &[
+            "--io",
+            io,
             "--image",
             img.to_str().unwrap(),
             "--size",
@@ -102,12 +128,13 @@ fn several_queues_in_parallel_and_4k_sectors() {
     assert!(d.terminate().success());
 }
 
-#[test]
-fn data_survives_reconnects_and_daemon_restarts() {
+fn data_survives_reconnects_and_daemon_restarts(io: &str) {
     let dir = tempfile::tempdir().unwrap();
     let (key_path, _) = write_key(dir.path(), 64);
     let img = dir.path().join("disk.img");
     let args = [
+        "--io",
+        io,
         "--image",
         img.to_str().unwrap(),
         "--size",
@@ -149,14 +176,15 @@ fn data_survives_reconnects_and_daemon_restarts() {
     assert!(d.terminate().success());
 }
 
-#[test]
-fn sigterm_while_connected_exits_cleanly_and_keeps_acknowledged_writes() {
+fn sigterm_while_connected_exits_cleanly_and_keeps_acknowledged_writes(io: &str) {
     let dir = tempfile::tempdir().unwrap();
     let (key_path, key) = write_key(dir.path(), 64);
     let img = dir.path().join("disk.img");
     let d = Daemon::start(
         dir.path(),
         &[
+            "--io",
+            io,
             "--image",
             img.to_str().unwrap(),
             "--size",
@@ -179,8 +207,7 @@ fn sigterm_while_connected_exits_cleanly_and_keeps_acknowledged_writes() {
     assert_eq!(&raw[..data.len()], &expect[..]);
 }
 
-#[test]
-fn readonly_disk_refuses_writes_and_plaintext_mode_stores_plaintext() {
+fn readonly_disk_refuses_writes_and_plaintext_mode_stores_plaintext(io: &str) {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("disk.img");
     let data = pattern(3, 0, 65536);
@@ -190,6 +217,8 @@ fn readonly_disk_refuses_writes_and_plaintext_mode_stores_plaintext() {
     let d = Daemon::start(
         dir.path(),
         &[
+            "--io",
+            io,
             "--image",
             img.to_str().unwrap(),
             "--cipher",
@@ -236,4 +265,41 @@ fn bad_options_fail_with_a_message_and_no_socket() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("48 bytes"), "{err}");
+}
+
+/// The image shrinks under a daemon serving it through a mapping: the guest
+/// gets an I/O error for the vanished part (a SIGBUS inside the daemon), the
+/// daemon keeps serving the rest.
+#[test]
+fn truncating_a_mapped_image_gives_io_errors_not_a_dead_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key_path, _) = write_key(dir.path(), 64);
+    let img = dir.path().join("disk.img");
+    let mut d = Daemon::start(
+        dir.path(),
+        &[
+            "--io",
+            "mmap",
+            "--image",
+            img.to_str().unwrap(),
+            "--size",
+            "4M",
+            "--key-file",
+            key_path.to_str().unwrap(),
+            "--queues",
+            "2",
+        ],
+    );
+    let mut c = Client::connect(&d.socket, 2);
+    let data = pattern(5, 0, 65536);
+    assert_eq!(c.write(0, 0, &data), 0);
+    assert_eq!(c.write(1, 2 << 20, &data), 0);
+    let file = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    file.set_len(1 << 20).unwrap();
+    assert!(c.read(1, 2 << 20, 65536).is_err(), "read past the new end");
+    assert!(d.alive(), "SIGBUS killed the daemon");
+    assert_eq!(c.read(0, 0, 65536).unwrap(), data);
+    assert_eq!(c.flush(0), 0);
+    drop(c);
+    assert!(d.terminate().success());
 }
