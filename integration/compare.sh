@@ -95,12 +95,12 @@ start_target() { # name
         --export "$(qsd_export raw0)" 2>>"$WORK/daemon.log" &
       ;;
     cryptblk-xts)
-      "$BIN" serve --socket "$SOCK" --image "$IMG" --key-file "$WORK/volume.key" --key-size 512 \
+      "$BIN" serve --socket "$SOCK" --type plain --image "$IMG" --key-file "$WORK/volume.key" --key-size 512 \
         --cipher aes-xts-plain64 --offset "$PAYLOAD" --queues "$QUEUES" "${crypto[@]}" \
         2>>"$WORK/daemon.log" &
       ;;
     cryptblk-none)
-      "$BIN" serve --socket "$SOCK" --image "$IMG" --key-file "$WORK/volume.key" --key-size 512 \
+      "$BIN" serve --socket "$SOCK" --type plain --image "$IMG" --key-file "$WORK/volume.key" --key-size 512 \
         --cipher none --offset "$PAYLOAD" --queues "$QUEUES" "${crypto[@]}" \
         2>>"$WORK/daemon.log" &
       ;;

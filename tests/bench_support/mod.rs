@@ -222,6 +222,8 @@ impl Luks {
             dir,
             "cryptblk-luks",
             &[
+                "--type",
+                "plain",
                 "--image",
                 self.image.to_str().unwrap(),
                 "--key-file",
