@@ -187,7 +187,7 @@ start_backend() {
   rm -f "$SOCK"
   case $BACKEND in
     cryptblk)
-      RUST_LOG=${RUST_LOG:-info} "$CRYPTBLK" serve --socket "$SOCK" --image "$IMG" --key-file "$KEYFILE" --key-size 512 \
+      RUST_LOG=${RUST_LOG:-info} "$CRYPTBLK" serve --socket "$SOCK" --type plain --image "$IMG" --key-file "$KEYFILE" --key-size 512 \
         --offset "$PAYLOAD" --queues "$QUEUES" >"$BACKEND_LOG" 2>&1 &
       ;;
     qsd)
