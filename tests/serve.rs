@@ -21,12 +21,41 @@ macro_rules! on_both_io_paths {
     };
 }
 
+/// `cryptblk serve --io IO --image DIR/disk.img --size SIZE --key-file K
+/// --queues Q EXTRA...` with a 64-byte key; returns the daemon, the image
+/// path and the key.
+fn serve_encrypted(
+    dir: &std::path::Path,
+    io: &str,
+    size: &str,
+    queues: &str,
+    extra: &[&str],
+) -> (Daemon, std::path::PathBuf, Vec<u8>) {
+    let (key_path, key) = write_key(dir, 64);
+    let img = dir.join("disk.img");
+    let mut args = vec![
+        "--io",
+        io,
+        "--image",
+        img.to_str().unwrap(),
+        "--size",
+        size,
+        "--key-file",
+        key_path.to_str().unwrap(),
+        "--queues",
+        queues,
+    ];
+    args.extend_from_slice(extra);
+    (Daemon::start(dir, &args), img, key)
+}
+
 on_both_io_paths!(
     writes_read_back_and_the_image_holds_dm_crypt_ciphertext,
     several_queues_in_parallel_and_4k_sectors,
     data_survives_reconnects_and_daemon_restarts,
     sigterm_while_connected_exits_cleanly_and_keeps_acknowledged_writes,
     readonly_disk_refuses_writes_and_plaintext_mode_stores_plaintext,
+    split_requests_on_workers_round_trip,
 );
 
 fn cipher(key: &[u8], sector_size: usize, skip: u64) -> SectorCipher {
@@ -43,27 +72,8 @@ fn cipher(key: &[u8], sector_size: usize, skip: u64) -> SectorCipher {
 
 fn writes_read_back_and_the_image_holds_dm_crypt_ciphertext(io: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let (key_path, key) = write_key(dir.path(), 64);
-    let img = dir.path().join("disk.img");
-    let d = Daemon::start(
-        dir.path(),
-        &[
-            "--io",
-            io,
-            "--image",
-            img.to_str().unwrap(),
-            "--size",
-            "16M",
-            "--key-file",
-            key_path.to_str().unwrap(),
-            "--offset",
-            "8",
-            "--skip",
-            "16",
-            "--queues",
-            "1",
-        ],
-    );
+    let extra = ["--offset", "8", "--skip", "16"];
+    let (d, img, key) = serve_encrypted(dir.path(), io, "16M", "1", &extra);
     let mut c = Client::connect(&d.socket, 1);
     assert_eq!(c.capacity(), 16 << 20);
     let data = pattern(1, 65536, 256 * 1024);
@@ -178,23 +188,7 @@ fn data_survives_reconnects_and_daemon_restarts(io: &str) {
 
 fn sigterm_while_connected_exits_cleanly_and_keeps_acknowledged_writes(io: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let (key_path, key) = write_key(dir.path(), 64);
-    let img = dir.path().join("disk.img");
-    let d = Daemon::start(
-        dir.path(),
-        &[
-            "--io",
-            io,
-            "--image",
-            img.to_str().unwrap(),
-            "--size",
-            "4M",
-            "--key-file",
-            key_path.to_str().unwrap(),
-            "--queues",
-            "1",
-        ],
-    );
+    let (d, img, key) = serve_encrypted(dir.path(), io, "4M", "1", &[]);
     let mut c = Client::connect(&d.socket, 1);
     let data = pattern(9, 0, 1 << 20);
     assert_eq!(c.write(0, 0, &data), 0);
@@ -267,29 +261,50 @@ fn bad_options_fail_with_a_message_and_no_socket() {
     assert!(err.contains("48 bytes"), "{err}");
 }
 
+/// `--crypto workers` cuts large requests into parts that workers run in
+/// parallel (and `auto` keeps small ones inline): every part lands in its
+/// place, with dm-crypt's ciphertext.
+fn split_requests_on_workers_round_trip(io: &str) {
+    for crypto in ["workers", "auto"] {
+        let dir = tempfile::tempdir().unwrap();
+        let extra = [
+            "--crypto",
+            crypto,
+            "--workers",
+            "2",
+            "--split-threshold",
+            "64K",
+        ];
+        let (d, img, key) = serve_encrypted(dir.path(), io, "8M", "2", &extra);
+        let mut c = Client::connect(&d.socket, 2);
+        let big = pattern(7, 1 << 20, 1 << 20);
+        assert_eq!(c.write(0, 1 << 20, &big), 0, "{crypto}");
+        let small = pattern(8, 4096, 4096);
+        assert_eq!(c.write(1, 4096, &small), 0, "{crypto}");
+        assert_eq!(c.read(1, 1 << 20, 1 << 20).unwrap(), big, "{crypto}");
+        assert_eq!(
+            c.read(0, (1 << 20) + 65536, 8192).unwrap(),
+            big[65536..65536 + 8192],
+            "{crypto}"
+        );
+        assert_eq!(c.read(0, 4096, 4096).unwrap(), small, "{crypto}");
+        assert_eq!(c.flush(1), 0);
+        drop(c);
+        assert!(d.terminate().success());
+        let raw = std::fs::read(&img).unwrap();
+        let mut expect = big.clone();
+        cipher(&key, 512, 0).encrypt((1 << 20) / 512, &mut expect);
+        assert_eq!(&raw[1 << 20..2 << 20], &expect[..], "{crypto}");
+    }
+}
+
 /// The image shrinks under a daemon serving it through a mapping: the guest
 /// gets an I/O error for the vanished part (a SIGBUS inside the daemon), the
 /// daemon keeps serving the rest.
 #[test]
 fn truncating_a_mapped_image_gives_io_errors_not_a_dead_daemon() {
     let dir = tempfile::tempdir().unwrap();
-    let (key_path, _) = write_key(dir.path(), 64);
-    let img = dir.path().join("disk.img");
-    let mut d = Daemon::start(
-        dir.path(),
-        &[
-            "--io",
-            "mmap",
-            "--image",
-            img.to_str().unwrap(),
-            "--size",
-            "4M",
-            "--key-file",
-            key_path.to_str().unwrap(),
-            "--queues",
-            "2",
-        ],
-    );
+    let (mut d, img, _) = serve_encrypted(dir.path(), "mmap", "4M", "2", &[]);
     let mut c = Client::connect(&d.socket, 2);
     let data = pattern(5, 0, 65536);
     assert_eq!(c.write(0, 0, &data), 0);
