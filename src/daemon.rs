@@ -81,10 +81,11 @@ pub fn serve(dev: Arc<BlkDevice>, socket: &Path) -> Result<(), DaemonError> {
         }
     });
     log::info!(
-        "serving {} bytes on {} ({} queues)",
+        "serving {} bytes on {} ({} queues, io {:?})",
         dev.volume().capacity_bytes(),
         socket.display(),
-        dev.options().queues
+        dev.options().queues,
+        dev.volume().io()
     );
     let result = serve_connections(&dev, &mut listener, &shutdown);
     signal_handle.close();

@@ -94,7 +94,9 @@ impl SectorCipher {
     }
 
     /// Encrypts `src` into `dst` (same length) without touching `src`: the
-    /// copy and the cipher are one pass over the data.
+    /// copy and the cipher are one pass over the data. Every kernel stores
+    /// only finished ciphertext into `dst`, never plaintext or an
+    /// intermediate, so `dst` may be a shared mapping of the image.
     pub fn encrypt_to(&self, first: u64, src: &[u8], dst: &mut [u8]) {
         assert_eq!(src.len(), dst.len());
         match self.run(first, src.len()) {

@@ -5,7 +5,8 @@ use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::PathBuf;
 
-use super::{Volume, VolumeError};
+use super::mapping::Mapping;
+use super::{IoMode, Volume, VolumeError};
 use crate::crypto::SectorCipher;
 
 pub struct ImageOptions {
@@ -17,6 +18,8 @@ pub struct ImageOptions {
     pub payload_offset: u64,
     pub readonly: bool,
     pub direct: bool,
+    /// `Mmap` maps regular files; block devices and `direct` use pread.
+    pub io: IoMode,
     pub cipher: SectorCipher,
 }
 
@@ -64,6 +67,15 @@ pub fn open_image(opts: ImageOptions) -> Result<Volume, VolumeError> {
     if opts.direct {
         file = open_file(&opts, true).map_err(open_err)?;
     }
+    let map = if opts.io == IoMode::Mmap && !opts.direct && !block_device {
+        let mapped = Mapping::new(&file, opts.payload_offset, capacity, opts.readonly);
+        Some(mapped.map_err(|source| VolumeError::Map {
+            path: path.clone(),
+            source,
+        })?)
+    } else {
+        None
+    };
     Ok(Volume {
         file,
         payload_offset: opts.payload_offset,
@@ -72,6 +84,8 @@ pub fn open_image(opts: ImageOptions) -> Result<Volume, VolumeError> {
         readonly: opts.readonly,
         direct: opts.direct,
         block_device,
+        map,
+        map_failed: Default::default(),
     })
 }
 

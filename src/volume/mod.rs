@@ -4,7 +4,9 @@
 
 mod aligned;
 mod image;
+mod mapping;
 mod sectors;
+mod sigbus;
 
 pub use aligned::AlignedBuf;
 pub use image::{open_image, ImageOptions};
@@ -13,9 +15,22 @@ use std::fs::File;
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::crypto::SectorCipher;
+use mapping::Mapping;
 use sectors::{for_each_sector_run, Segments};
+
+/// How the volume moves data between the image and guest memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IoMode {
+    /// A shared mapping of the image: the cipher does the copy (one pass).
+    /// Regular files without --direct only; others fall back to pread.
+    Mmap,
+    /// pread/pwrite, then decrypt in place / encrypt into a scratch buffer.
+    Pread,
+}
 
 /// The largest chunk the write path encrypts before handing it to the file:
 /// it bounds each thread's scratch buffer (and so the daemon's memory).
@@ -40,6 +55,8 @@ pub enum VolumeError {
         offset: u64,
         sector_size: usize,
     },
+    #[error("cannot map image {path} into memory: {source}; use --io pread")]
+    Map { path: String, source: io::Error },
     #[error("--offset must be a multiple of the sector size ({sector_size} bytes) when --direct is used")]
     UnalignedDirectOffset { sector_size: usize },
 }
@@ -53,6 +70,9 @@ pub struct Volume {
     readonly: bool,
     direct: bool,
     block_device: bool,
+    /// The payload mapped MAP_SHARED (`--io mmap`); unused once a SIGBUS hit it.
+    map: Option<Mapping>,
+    map_failed: AtomicBool,
 }
 
 impl Volume {
@@ -77,15 +97,44 @@ impl Volume {
         &self.cipher
     }
 
+    /// The I/O path in use now: `Mmap` only while the mapping is healthy.
+    pub fn io(&self) -> IoMode {
+        match self.healthy_map() {
+            Some(_) => IoMode::Mmap,
+            None => IoMode::Pread,
+        }
+    }
+
+    fn healthy_map(&self) -> Option<&Mapping> {
+        self.map.as_ref().filter(|m| m.faults() == 0)
+    }
+
+    /// A SIGBUS hit the mapping during a copy: the caller redoes the request
+    /// with pread/pwrite, and so does every later request.
+    fn mapping_failed(&self) {
+        if !self.map_failed.swap(true, Ordering::Relaxed) {
+            log::error!(
+                "an access to the image mapping failed (disk error, full filesystem or \
+                 truncated image); this request and all later ones use pread/pwrite"
+            );
+        }
+    }
+
     /// Reads `bufs.len()` bytes of plaintext starting at byte `pos` of the
-    /// payload. Without O_DIRECT the ciphertext lands straight in the
-    /// caller's buffers and is decrypted in place: no bounce buffer.
+    /// payload. With the mapping, the cipher decrypts from the page cache
+    /// into the caller's buffers (one pass); with pread (no O_DIRECT) the
+    /// ciphertext lands in the caller's buffers and is decrypted in place.
     pub fn read_into(
         &self,
         pos: u64,
         bufs: &mut [IoSliceMut<'_>],
         scratch: &mut AlignedBuf,
     ) -> io::Result<()> {
+        if let Some(map) = self.healthy_map() {
+            if self.read_mapped(map, pos, bufs)? {
+                return Ok(());
+            }
+        }
         if self.direct {
             return self.read_direct(pos, bufs, scratch);
         }
@@ -96,6 +145,49 @@ impl Volume {
             self.cipher.decrypt(first + index, run)
         });
         Ok(())
+    }
+
+    /// Decrypts from the mapping straight into the caller's buffers (the
+    /// cipher is the copy). Ok(false): a SIGBUS spoiled it, redo with pread.
+    fn read_mapped(
+        &self,
+        map: &Mapping,
+        pos: u64,
+        bufs: &mut [IoSliceMut<'_>],
+    ) -> io::Result<bool> {
+        let before = map.faults();
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        let src = map.bytes(pos, total)?;
+        let first = self.first_sector(pos);
+        let sector = self.sector_size();
+        let mut segs = Segments::new(bufs);
+        for_each_sector_run(&mut segs, total, sector, |index, run| {
+            let at = index as usize * sector;
+            self.cipher
+                .decrypt_to(first + index, &src[at..at + run.len()], run)
+        });
+        Ok(self.copy_survived(map, before))
+    }
+
+    /// Encrypts from the caller's buffers straight into the mapping: only
+    /// ciphertext is ever stored there (`SectorCipher::encrypt_to`).
+    fn write_mapped(&self, map: &Mapping, pos: u64, bufs: &[IoSlice<'_>]) -> io::Result<bool> {
+        let before = map.faults();
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        let dst = map.bytes_mut(pos, total)?;
+        let first = self.first_sector(pos);
+        sectors::Gather::new(bufs, self.sector_size()).encrypt_into(dst, |index, src, dst| {
+            self.cipher.encrypt_to(first + index, src, dst)
+        });
+        Ok(self.copy_survived(map, before))
+    }
+
+    fn copy_survived(&self, map: &Mapping, faults_before: u64) -> bool {
+        let ok = map.faults() == faults_before;
+        if !ok {
+            self.mapping_failed();
+        }
+        ok
     }
 
     /// O_DIRECT needs aligned buffers: read ciphertext into the aligned
@@ -122,7 +214,8 @@ impl Volume {
         Ok(())
     }
 
-    /// Writes plaintext from `bufs` at byte `pos` of the payload. Each chunk
+    /// Writes plaintext from `bufs` at byte `pos` of the payload. With the
+    /// mapping, the cipher encrypts straight into it. With pwrite, each chunk
     /// is encrypted from the caller's buffers into `scratch` (reused, never
     /// the caller's memory), then written: plaintext never reaches the file.
     pub fn write_from(
@@ -131,6 +224,11 @@ impl Volume {
         bufs: &[IoSlice<'_>],
         scratch: &mut AlignedBuf,
     ) -> io::Result<()> {
+        if let Some(map) = self.healthy_map() {
+            if self.write_mapped(map, pos, bufs)? {
+                return Ok(());
+            }
+        }
         let total: usize = bufs.iter().map(|b| b.len()).sum();
         let mut reader = sectors::Gather::new(bufs, self.sector_size());
         let first = self.first_sector(pos);
@@ -149,7 +247,8 @@ impl Volume {
     }
 
     /// Writes the ciphertext of zeros: a hole or literal zeros in the file
-    /// would decrypt to garbage.
+    /// would decrypt to garbage. Always pwrite (rare request): the page
+    /// cache keeps it coherent with the mapping.
     pub fn write_zeroes(&self, pos: u64, len: u64, scratch: &mut AlignedBuf) -> io::Result<()> {
         let mut done = 0u64;
         while done < len {
@@ -195,9 +294,13 @@ impl Volume {
         }
     }
 
-    /// FLUSH: everything completed so far reaches stable storage.
+    /// FLUSH: everything completed so far reaches stable storage (see
+    /// `Mapping::sync` for why msync on the mapped path).
     pub fn flush(&self) -> io::Result<()> {
-        self.file.sync_data()
+        match self.healthy_map() {
+            Some(map) => map.sync(),
+            None => self.file.sync_data(),
+        }
     }
 
     fn first_sector(&self, pos: u64) -> u64 {

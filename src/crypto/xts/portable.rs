@@ -134,6 +134,9 @@ where
     }
 }
 
+/// `dst` receives only the finished output: the whitened intermediate
+/// (data XOR tweak) stays in a stack buffer. `dst` may be a shared mapping of
+/// the image, where another process could watch every store.
 fn sector_copy<C>(
     data: &C,
     tweak: &C,
@@ -144,9 +147,11 @@ fn sector_copy<C>(
 ) where
     C: BlockCipherEncrypt + aes::cipher::BlockSizeUser<BlockSize = aes::cipher::consts::U16>,
 {
-    let (src_blocks, _) = Array::<u8, aes::cipher::consts::U16>::slice_as_chunks(src);
-    let (blocks, rest) = Array::slice_as_chunks_mut(dst);
-    check_len(blocks.len(), rest.len());
+    assert_eq!(src.len(), dst.len());
+    let (src_blocks, rest) = Array::<u8, aes::cipher::consts::U16>::slice_as_chunks(src);
+    check_len(src_blocks.len(), rest.len());
+    let mut work = [Block::default(); MAX_BLOCKS];
+    let blocks = &mut work[..src_blocks.len()];
     let mut tweaks = [0u128; MAX_BLOCKS];
     let mut t = first_tweak(tweak, iv);
     for ((b, s), slot) in blocks.iter_mut().zip(src_blocks).zip(tweaks.iter_mut()) {
@@ -155,7 +160,12 @@ fn sector_copy<C>(
         t = mul_alpha(t);
     }
     op(data, blocks);
-    for (b, t) in blocks.iter_mut().zip(tweaks.iter()) {
+    for ((b, t), out) in blocks
+        .iter_mut()
+        .zip(tweaks.iter())
+        .zip(dst.chunks_exact_mut(16))
+    {
         xor_block(b, *t);
+        out.copy_from_slice(b);
     }
 }
