@@ -438,7 +438,7 @@ fn plain_layout(a: &ServeArgs) -> Result<Layout, ConfigError> {
     }
     let skip = a.skip.unwrap_or(0);
     let large = a.iv_large_sectors.unwrap_or(false);
-    if large && skip % (sector_size as u64 / 512) != 0 {
+    if large && !skip.is_multiple_of(sector_size as u64 / 512) {
         return invalid("--skip", skip, "with --iv-large-sectors it must be a multiple of sector-size/512 (dm-crypt refuses it too)");
     }
     let cipher = a.cipher.unwrap_or(Cipher::AesXtsPlain64);

@@ -112,7 +112,7 @@ impl JobSpec {
     /// Checks what can be checked without the device.
     pub fn validate(&self) -> Result<(), BenchError> {
         let bad = |m: String| Err(BenchError::InvalidSpec(m));
-        if !(MIN_BS..=MAX_BS).contains(&self.bs) || self.bs % UNIT as u64 != 0 {
+        if !(MIN_BS..=MAX_BS).contains(&self.bs) || !self.bs.is_multiple_of(UNIT as u64) {
             return bad(format!(
                 "--bs {} must be a multiple of 512 between 512 and 4m",
                 self.bs
@@ -127,7 +127,9 @@ impl JobSpec {
         if self.rwmixread > 100 {
             return bad("--rwmixread is a percentage (0..=100)".into());
         }
-        if self.offset % UNIT as u64 != 0 || self.len.is_some_and(|l| l % UNIT as u64 != 0) {
+        if !self.offset.is_multiple_of(UNIT as u64)
+            || self.len.is_some_and(|l| l % UNIT as u64 != 0)
+        {
             return bad("--offset and --len must be multiples of 512".into());
         }
         if self.runtime.is_some_and(|r| r.is_zero()) || self.size == Some(0) {

@@ -123,7 +123,7 @@ impl SectorCipher {
     /// goes to the kernel in one call (it overlaps the sectors' tweaks).
     fn run(&self, first: u64, len: usize) -> Option<(&Xts, u64, u64)> {
         assert!(
-            len % self.rule.sector_size == 0,
+            len.is_multiple_of(self.rule.sector_size),
             "crypto on a partial sector"
         );
         let xts = self.xts.as_ref()?;

@@ -73,7 +73,7 @@ fn check(p: &Params) -> Result<(), LuksError> {
     if p.kind != Kind::Luks2 && p.label.is_some() {
         return Err(LuksError::Invalid("--label needs --type luks2".into()));
     }
-    if p.size == 0 || p.size % p.sector_size as u64 != 0 {
+    if p.size == 0 || !p.size.is_multiple_of(p.sector_size as u64) {
         return Err(LuksError::Invalid(format!(
             "--size must be a non-zero multiple of the sector size ({})",
             p.sector_size

@@ -308,7 +308,7 @@ fn data_range<M: GuestMemoryBackend>(
 
 fn check_extent(pos: u64, len: u64, limits: &Limits) -> Result<(), RequestError> {
     let block = u64::from(limits.block_size);
-    if pos % block != 0 || len % block != 0 {
+    if !pos.is_multiple_of(block) || !len.is_multiple_of(block) {
         return Err(RequestError::Unaligned { pos, len });
     }
     match pos.checked_add(len) {

@@ -30,7 +30,7 @@ pub fn open_image(opts: ImageOptions) -> Result<Volume, VolumeError> {
         source,
     };
     let sector_size = opts.cipher.sector_size();
-    if opts.direct && opts.payload_offset % sector_size as u64 != 0 {
+    if opts.direct && !opts.payload_offset.is_multiple_of(sector_size as u64) {
         return Err(VolumeError::UnalignedDirectOffset { sector_size });
     }
     let wanted = opts.create_size.map(|s| s + opts.payload_offset);

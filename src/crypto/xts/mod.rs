@@ -40,7 +40,7 @@ struct Run {
 impl Run {
     fn new(first_iv: u64, iv_step: u64, sector_size: usize, len: usize) -> Self {
         assert!(
-            sector_size != 0 && len % sector_size == 0,
+            sector_size != 0 && len.is_multiple_of(sector_size),
             "XTS on a partial sector"
         );
         Run {

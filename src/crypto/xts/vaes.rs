@@ -26,7 +26,6 @@
 
 // The AVX-512/VAES intrinsics are stable since Rust 1.89, later than the
 // crate's declared rust-version (which its dependencies already exceed).
-#![allow(clippy::incompatible_msrv)]
 
 use core::arch::x86_64::*;
 use zeroize::{Zeroize, ZeroizeOnDrop};
@@ -92,7 +91,7 @@ impl Vaes {
     /// Runs the kernel takes: sectors of whole 512-byte chunks (every
     /// dm-crypt sector size), and whole sectors.
     pub(super) fn takes(sector_size: usize, len: usize) -> bool {
-        sector_size != 0 && sector_size % CHUNK == 0 && len % sector_size == 0
+        sector_size != 0 && sector_size.is_multiple_of(CHUNK) && len.is_multiple_of(sector_size)
     }
 
     /// Encrypts the sectors of `data` in place; sector i uses the IV
