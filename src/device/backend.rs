@@ -154,12 +154,13 @@ impl VhostUserBackend for BlkBackend {
             )));
         };
         let mut ws = lock(ws);
-        let mem = self
-            .mem
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .memory()
-            .into_inner();
+        let mem = || {
+            self.mem
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .memory()
+                .into_inner()
+        };
         let ctx = QueueCtx {
             dev: &self.dev,
             pool: self.pool.as_ref(),

@@ -27,12 +27,15 @@ pub struct QueueCtx<'a> {
     pub event_idx: bool,
 }
 
+/// The guest memory map as of now (the frontend may add regions at any time).
+pub type MemNow<'a> = &'a dyn Fn() -> Arc<GuestMemoryMmap>;
+
 /// Drains the available ring. With EVENT_IDX the guest is only kicked for
 /// new work after notifications are re-enabled, so loop until it stays empty.
 pub fn process_vring(
     ctx: &QueueCtx<'_>,
     vring: &VringRwLock,
-    mem: &Arc<GuestMemoryMmap>,
+    mem: MemNow<'_>,
     ws: &mut Workspace,
 ) -> io::Result<()> {
     loop {
@@ -81,22 +84,27 @@ fn avail_ring_usable(queue: &Queue, mem: &GuestMemoryMmap) -> bool {
 fn drain(
     ctx: &QueueCtx<'_>,
     vring: &VringRwLock,
-    mem: &Arc<GuestMemoryMmap>,
+    mem_now: MemNow<'_>,
     ws: &mut Workspace,
 ) -> io::Result<bool> {
     let mut completed = false;
     let mut ring_ok = true;
     loop {
+        let ring_mem = mem_now();
         let chain = {
             let mut state = vring.get_mut();
             let queue = state.get_queue_mut();
-            if !avail_ring_usable(queue, mem) {
+            if !avail_ring_usable(queue, &ring_mem) {
                 ring_ok = false;
                 break;
             }
-            queue.pop_descriptor_chain(&**mem)
+            queue.pop_descriptor_chain(&*ring_mem)
         };
         let Some(chain) = chain else { break };
+        // The buffers may lie in a region added after `ring_mem` was taken
+        // (a frontend adds a region, gets the ack, then posts a request that
+        // uses it): look them up in a map taken after the pop saw the request.
+        let mem = &mem_now();
         let head = chain.head_index();
         if head >= vring.get_ref().get_queue().size() {
             // Such a head cannot go back to the used ring (add_used refuses
