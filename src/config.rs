@@ -9,6 +9,7 @@ use serde::Deserialize;
 use crate::crypto::{IvRule, KeyError, SectorCipher, XtsKey, SECTOR_SIZES};
 use crate::device::{CryptoMode, DeviceOptions};
 use crate::luks;
+use crate::sandbox::{Sandbox, SandboxMode};
 
 /// Where splitting a request across workers starts to pay (see README).
 const DEFAULT_SPLIT_THRESHOLD: u64 = 128 << 10;
@@ -159,6 +160,10 @@ pub struct ServeArgs {
     /// error, warn, info, debug or trace (default: RUST_LOG, else info).
     #[arg(long)]
     pub log_level: Option<String>,
+    /// Confinement once serving: none, seccomp (default), full (seccomp +
+    /// Landlock) or seccomp-log (allow all, log what seccomp would stop).
+    #[arg(long, value_enum)]
+    pub sandbox: Option<SandboxMode>,
 }
 
 macro_rules! take_missing {
@@ -210,7 +215,8 @@ impl ServeArgs {
             crypto,
             workers,
             split_threshold,
-            log_level
+            log_level,
+            sandbox
         );
         Ok(self)
     }
@@ -221,6 +227,7 @@ pub struct ServeConfig {
     pub socket: PathBuf,
     pub device: DeviceOptions,
     pub log_level: Option<String>,
+    pub sandbox: Sandbox,
     image: ImageSpec,
 }
 
@@ -303,7 +310,7 @@ impl ServeConfig {
             plain_layout(&a)?
         };
         Ok(ServeConfig {
-            socket,
+            socket: socket.clone(),
             device: DeviceOptions {
                 queues,
                 queue_size: queue_size as u16,
@@ -315,6 +322,12 @@ impl ServeConfig {
                 split_threshold: split_threshold as usize,
             },
             log_level: a.log_level,
+            sandbox: Sandbox {
+                mode: a.sandbox.unwrap_or_default(),
+                image: path.clone(),
+                socket: socket.clone(),
+                readonly,
+            },
             image: ImageSpec {
                 path,
                 create_size: a.size.as_deref().map(parse_size).transpose()?,

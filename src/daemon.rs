@@ -14,6 +14,7 @@ use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::device::{BlkBackend, BlkDevice};
+use crate::sandbox::{Sandbox, SandboxError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -28,6 +29,8 @@ pub enum DaemonError {
     Signals(std::io::Error),
     #[error("cannot start the vhost-user device: {0}")]
     Device(String),
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
     #[error("fdatasync of the image failed at shutdown: {0}; the image may miss recent writes")]
     FinalSync(std::io::Error),
 }
@@ -60,8 +63,9 @@ impl Shutdown {
     }
 }
 
-/// Serves `dev` on `socket` until SIGTERM or SIGINT.
-pub fn serve(dev: Arc<BlkDevice>, socket: &Path) -> Result<(), DaemonError> {
+/// Serves `dev` on `socket` until SIGTERM or SIGINT, confined by `sandbox`
+/// from the moment the socket listens (before any thread starts).
+pub fn serve(dev: Arc<BlkDevice>, socket: &Path, sandbox: &Sandbox) -> Result<(), DaemonError> {
     let mut listener = Listener::new(socket, true).map_err(|source| DaemonError::Listen {
         path: socket.display().to_string(),
         source,
@@ -72,6 +76,10 @@ pub fn serve(dev: Arc<BlkDevice>, socket: &Path) -> Result<(), DaemonError> {
         socket: socket.to_path_buf(),
     });
     let mut signals = Signals::new([SIGTERM, SIGINT]).map_err(DaemonError::Signals)?;
+    if let Err(e) = sandbox.apply() {
+        drop(listener);
+        return Err(e.into());
+    }
     let signal_handle = signals.handle();
     let for_signals = shutdown.clone();
     let signal_thread = std::thread::spawn(move || {

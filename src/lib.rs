@@ -9,5 +9,7 @@ pub mod daemon;
 pub mod demo;
 pub mod device;
 pub mod luks;
+pub mod sandbox;
+pub mod secrets;
 pub mod virtio;
 pub mod volume;

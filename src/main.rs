@@ -6,6 +6,7 @@ use cryptblk::config::{ServeArgs, ServeConfig};
 use cryptblk::daemon;
 use cryptblk::device::BlkDevice;
 use cryptblk::luks::cli as luks_cli;
+use cryptblk::secrets;
 
 /// cryptblk: a vhost-user-blk daemon that gives guests a plain disk and
 /// stores only dm-crypt compatible AES-XTS ciphertext.
@@ -38,8 +39,14 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(args),
         Command::Bench(args) => std::process::exit(cryptblk::bench::cli::main(args)),
         Command::Demo(args) => cryptblk::demo::run(&args).map_err(Into::into),
-        Command::Format(a) => with_logging(|| luks_cli::run_format(&a)),
-        Command::Key(a) => with_logging(|| luks_cli::run_key(&a)),
+        Command::Format(a) => {
+            secrets::forbid_core_dumps();
+            with_logging(|| luks_cli::run_format(&a))
+        }
+        Command::Key(a) => {
+            secrets::forbid_core_dumps();
+            with_logging(|| luks_cli::run_key(&a))
+        }
         Command::Dump(a) => with_logging(|| luks_cli::run_dump(&a)),
     };
     match result {
@@ -67,10 +74,12 @@ fn with_logging<E: std::error::Error + 'static>(
 }
 
 fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
+    // Before the key is read: no core dump or ptrace by others may hold it.
+    secrets::forbid_core_dumps();
     let cfg = ServeConfig::from_args(args.with_config_file()?)?;
     init_logging(cfg.log_level.as_deref());
     let volume = cfg.open_volume()?;
     let dev = BlkDevice::new(volume, cfg.device.clone());
-    daemon::serve(dev, &cfg.socket)?;
+    daemon::serve(dev, &cfg.socket, &cfg.sandbox)?;
     Ok(())
 }

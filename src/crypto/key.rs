@@ -1,8 +1,8 @@
-//! Volume keys: raw bytes that live only in zeroizing memory.
+//! Volume keys: raw bytes that live only in zeroizing, mlock'ed memory.
 
 use std::fmt;
-use std::io::Read;
-use zeroize::Zeroizing;
+
+use crate::secrets::{read_secret, Locked, RawStdin};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
@@ -17,16 +17,38 @@ pub enum KeyError {
     },
 }
 
+/// The longest key: AES-256-XTS.
+const MAX_KEY: usize = 64;
+
 /// An XTS key: two AES keys of equal length (32 bytes = AES-128-XTS, 64 bytes
-/// = AES-256-XTS). Zeroized on drop; `Debug` never shows the bytes.
-#[derive(Clone)]
-pub struct XtsKey(Zeroizing<Vec<u8>>);
+/// = AES-256-XTS). On mlock'ed pages of its own, wiped on drop; `Debug`
+/// never shows the bytes.
+pub struct XtsKey {
+    bytes: Locked<[u8; MAX_KEY]>,
+    len: usize,
+}
+
+impl Clone for XtsKey {
+    fn clone(&self) -> Self {
+        XtsKey::copy_of(self.bytes())
+    }
+}
 
 impl XtsKey {
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, KeyError> {
         match bytes.len() {
-            32 | 64 => Ok(XtsKey(Zeroizing::new(bytes.to_vec()))),
+            32 | 64 => Ok(XtsKey::copy_of(bytes)),
             n => Err(KeyError::WrongLength { got: n, bits: 512 }),
+        }
+    }
+
+    /// `bytes` is 32 or 64 bytes long (checked by the callers).
+    fn copy_of(bytes: &[u8]) -> Self {
+        let mut locked = Locked::<[u8; MAX_KEY]>::zeroed_bytes();
+        locked[..bytes.len()].copy_from_slice(bytes);
+        XtsKey {
+            bytes: locked,
+            len: bytes.len(),
         }
     }
 
@@ -40,32 +62,30 @@ impl XtsKey {
             path: path.to_string(),
             source,
         };
-        let mut buf = Zeroizing::new(Vec::with_capacity(bits / 8 + 1));
-        if path == "-" {
-            std::io::stdin()
-                .take(bits as u64 / 8 + 1)
-                .read_to_end(&mut buf)
-                .map_err(read_err)?;
+        // One byte more than needed tells a too-long key file apart.
+        let limit = bits as u64 / 8 + 1;
+        let buf = if path == "-" {
+            read_secret(RawStdin, limit).map_err(read_err)?
         } else {
             std::fs::File::open(path)
-                .and_then(|f| f.take(bits as u64 / 8 + 1).read_to_end(&mut buf))
-                .map_err(read_err)?;
-        }
+                .and_then(|f| read_secret(f, limit))
+                .map_err(read_err)?
+        };
         if buf.len() != bits / 8 {
             return Err(KeyError::WrongLength {
                 got: buf.len(),
                 bits,
             });
         }
-        Ok(XtsKey(buf))
+        Ok(XtsKey::copy_of(&buf))
     }
 
     pub fn bytes(&self) -> &[u8] {
-        &self.0
+        &self.bytes[..self.len]
     }
 
     pub fn bits(&self) -> usize {
-        self.0.len() * 8
+        self.len * 8
     }
 }
 

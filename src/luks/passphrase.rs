@@ -2,11 +2,12 @@
 //! (with --keyfile-offset/--keyfile-size), "-" for standard input, or a
 //! prompt without echo when there is no key file and stdin is a terminal.
 
-use std::io::{self, BufRead, Read, Seek, SeekFrom, Write};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 
 use zeroize::Zeroizing;
 
 use super::LuksError;
+use crate::secrets::{read_secret, RawStdin};
 
 /// cryptsetup's default --keyfile-size limit (8 MiB).
 pub const MAX_KEYFILE: u64 = 8 << 20;
@@ -21,7 +22,8 @@ pub fn read_passphrase(
     let limit = keyfile_size.unwrap_or(MAX_KEYFILE);
     let pass = match key_file {
         Some("-") => {
-            let mut stdin = io::stdin().lock();
+            // Unbuffered: std's stdin buffer would keep a copy, never wiped.
+            let mut stdin = RawStdin;
             skip(&mut stdin, keyfile_offset)
                 .map_err(LuksError::io("reading the key from standard input"))?;
             read_limited(stdin, limit, "standard input")?
@@ -68,11 +70,7 @@ fn skip(r: &mut impl Read, n: u64) -> io::Result<()> {
 }
 
 fn read_limited(r: impl Read, limit: u64, name: &str) -> Result<Zeroizing<Vec<u8>>, LuksError> {
-    let mut buf = Zeroizing::new(Vec::new());
-    r.take(limit)
-        .read_to_end(&mut buf)
-        .map_err(LuksError::io(format!("cannot read the key from {name}")))?;
-    Ok(buf)
+    read_secret(r, limit).map_err(LuksError::io(format!("cannot read the key from {name}")))
 }
 
 /// Prompts on stderr; echo is off while stdin is a terminal. Without a
@@ -86,17 +84,29 @@ pub fn read_interactive(prompt: &str) -> Result<Zeroizing<Vec<u8>>, LuksError> {
     } else {
         None
     };
-    let mut line = Zeroizing::new(Vec::new());
-    io::stdin()
-        .lock()
-        .take(MAX_KEYFILE)
-        .read_until(b'\n', &mut line)
-        .map_err(LuksError::io("cannot read the passphrase"))?;
+    // Byte by byte, unbuffered (as cryptsetup does): nothing after the
+    // newline is consumed and no copy stays in std's stdin buffer.
+    let mut line = Zeroizing::new(Vec::with_capacity(512));
+    let mut byte = [0u8; 1];
+    while (line.len() as u64) < MAX_KEYFILE {
+        match RawStdin.read(&mut byte) {
+            Ok(0) => break,
+            Ok(_) if byte[0] == b'\n' => break,
+            Ok(_) => {
+                if line.len() == line.capacity() {
+                    let mut bigger = Zeroizing::new(Vec::with_capacity(line.capacity() * 2));
+                    bigger.extend_from_slice(&line);
+                    line = bigger;
+                }
+                line.push(byte[0]);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(LuksError::io("cannot read the passphrase")(e)),
+        }
+    }
+    byte.fill(0);
     if tty {
         eprintln!();
-    }
-    if line.last() == Some(&b'\n') {
-        line.pop();
     }
     Ok(line)
 }

@@ -13,15 +13,19 @@ mod portable;
 mod vaes;
 
 use super::XtsKey;
+use crate::secrets::Locked;
 
-/// An expanded XTS key bound to the fastest kernel this CPU supports.
-pub struct Xts(Kernel);
+/// An expanded XTS key bound to the fastest kernel this CPU supports. The
+/// round keys live on mlock'ed pages of their own, wiped on drop.
+pub struct Xts(Locked<Kernel>);
 
+// One per volume, on its own pages: the size gap between variants is harmless.
+#[allow(clippy::large_enum_variant)]
 enum Kernel {
     Portable(portable::Portable),
     #[cfg(target_arch = "x86_64")]
     Vaes {
-        fast: Box<vaes::Vaes>,
+        fast: vaes::Vaes,
         /// For sectors the fused kernel does not take (not a multiple of 512
         /// bytes): only IEEE test vectors and odd callers.
         fallback: portable::Portable,
@@ -64,17 +68,19 @@ impl Xts {
 
     /// The portable kernel regardless of the CPU (tests and benchmarks).
     pub fn new_portable(key: &XtsKey) -> Self {
-        Xts(Kernel::Portable(portable::Portable::new(key.bytes())))
+        Xts(Locked::new(Kernel::Portable(portable::Portable::new(
+            key.bytes(),
+        ))))
     }
 
     /// The fused VAES kernel, or `None` when this CPU lacks VAES/AVX-512.
     pub fn new_vaes(key: &XtsKey) -> Option<Self> {
         #[cfg(target_arch = "x86_64")]
         if let Some(fast) = vaes::Vaes::new(key.bytes()) {
-            return Some(Xts(Kernel::Vaes {
-                fast: Box::new(fast),
+            return Some(Xts(Locked::new(Kernel::Vaes {
+                fast,
                 fallback: portable::Portable::new(key.bytes()),
-            }));
+            })));
         }
         let _ = key;
         None
@@ -82,7 +88,7 @@ impl Xts {
 
     /// Which kernel runs: "vaes-avx512" or "portable" (for logs and benches).
     pub fn kernel_name(&self) -> &'static str {
-        match &self.0 {
+        match &*self.0 {
             Kernel::Portable(_) => "portable",
             #[cfg(target_arch = "x86_64")]
             Kernel::Vaes { .. } => "vaes-avx512",
@@ -173,7 +179,7 @@ impl Xts {
 
     fn inplace(&self, decrypt: bool, run: Run, data: &mut [u8]) {
         #[cfg(target_arch = "x86_64")]
-        if let Kernel::Vaes { fast, .. } = &self.0 {
+        if let Kernel::Vaes { fast, .. } = &*self.0 {
             if vaes::Vaes::takes(run.sector_size, data.len()) {
                 return if decrypt {
                     fast.decrypt_inplace(run, data)
@@ -195,7 +201,7 @@ impl Xts {
     fn copy(&self, decrypt: bool, run: Run, src: &[u8], dst: &mut [u8]) {
         assert_eq!(src.len(), dst.len());
         #[cfg(target_arch = "x86_64")]
-        if let Kernel::Vaes { fast, .. } = &self.0 {
+        if let Kernel::Vaes { fast, .. } = &*self.0 {
             if vaes::Vaes::takes(run.sector_size, src.len()) {
                 return if decrypt {
                     fast.decrypt_to(run, src, dst)
@@ -218,7 +224,7 @@ impl Xts {
     }
 
     fn portable(&self) -> &portable::Portable {
-        match &self.0 {
+        match &*self.0 {
             Kernel::Portable(p) => p,
             #[cfg(target_arch = "x86_64")]
             Kernel::Vaes { fallback, .. } => fallback,

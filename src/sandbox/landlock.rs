@@ -1,0 +1,55 @@
+//! Landlock for `--sandbox full`: once serving, the daemon may touch the
+//! image (already open) and remove its socket; every other path is denied,
+//! as are TCP bind/connect, abstract unix sockets and signals to other
+//! processes. Applies to the calling thread and the threads it creates
+//! later, so it runs before the serve loop spawns any.
+
+use std::path::Path;
+
+use landlock::{
+    Access, AccessFs, AccessNet, PathBeneath, PathFd, Ruleset, RulesetAttr, RulesetCreatedAttr,
+    RulesetStatus, Scope, ABI,
+};
+
+use super::SandboxError;
+
+/// The newest ABI this rule set knows (Linux 6.12: scopes); older kernels
+/// get the best subset they support.
+const ABI_TARGET: ABI = ABI::V6;
+
+pub fn restrict(
+    image: &Path,
+    socket: &Path,
+    readonly: bool,
+) -> Result<RulesetStatus, SandboxError> {
+    let err = |e: landlock::RulesetError| SandboxError::Landlock(e.to_string());
+    let socket_dir = match socket.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let image_access = if readonly {
+        AccessFs::ReadFile.into()
+    } else {
+        AccessFs::ReadFile | AccessFs::WriteFile
+    };
+    let path_fd = |p: &Path| {
+        PathFd::new(p).map_err(|e| SandboxError::Landlock(format!("{}: {e}", p.display())))
+    };
+    let status = Ruleset::default()
+        .handle_access(AccessFs::from_all(ABI_TARGET))
+        .map_err(err)?
+        .handle_access(AccessNet::from_all(ABI_TARGET))
+        .map_err(err)?
+        .scope(Scope::from_all(ABI_TARGET))
+        .map_err(err)?
+        .create()
+        .map_err(err)?
+        .add_rule(PathBeneath::new(path_fd(image)?, image_access))
+        .map_err(err)?
+        // The socket file is unlinked at exit.
+        .add_rule(PathBeneath::new(path_fd(socket_dir)?, AccessFs::RemoveFile))
+        .map_err(err)?
+        .restrict_self()
+        .map_err(err)?;
+    Ok(status.ruleset)
+}

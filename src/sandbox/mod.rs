@@ -1,0 +1,108 @@
+//! Confinement of a serving daemon (`--sandbox`): after start-up (image
+//! open, key read, socket listening) it gives up what serving does not need.
+//!
+//! - `seccomp` (default): a system call allowlist ([`seccomp`]); anything
+//!   else (exec, fork, open, bind, ptrace, ...) stops the daemon.
+//! - `full`: seccomp plus Landlock ([`landlock`]): no path but the image and
+//!   the socket's directory, no TCP, no abstract sockets, no signals out.
+//! - `seccomp-log`: the allowlist in audit mode, for debugging: nothing is
+//!   refused, the kernel logs calls outside the list.
+//! - `none`: no confinement.
+
+pub mod landlock;
+pub mod seccomp;
+
+use std::path::PathBuf;
+
+use clap::ValueEnum;
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("cannot build the seccomp filter: {0}")]
+    Seccomp(String),
+    #[error(
+        "cannot install the seccomp filter: {0}; use --sandbox none on kernels without seccomp"
+    )]
+    Install(String),
+    #[error("cannot set up Landlock: {0}; use --sandbox seccomp if the kernel lacks Landlock")]
+    Landlock(String),
+    #[error("this kernel does not enforce Landlock (needs Linux 5.13+ with landlock in lsm=); use --sandbox seccomp")]
+    LandlockUnavailable,
+}
+
+impl SandboxError {
+    fn seccomp(e: impl std::fmt::Display) -> Self {
+        SandboxError::Seccomp(e.to_string())
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SandboxMode {
+    /// No confinement.
+    None,
+    /// System call allowlist.
+    #[default]
+    Seccomp,
+    /// seccomp + Landlock file, network and scope restrictions.
+    Full,
+    /// Allow everything, log calls outside the allowlist to the kernel log.
+    SeccompLog,
+}
+
+impl SandboxMode {
+    /// The name `--sandbox` takes.
+    pub fn name(self) -> String {
+        self.to_possible_value()
+            .map_or_else(String::new, |v| v.get_name().to_string())
+    }
+}
+
+/// What the sandbox must leave reachable.
+#[derive(Debug, Clone)]
+pub struct Sandbox {
+    pub mode: SandboxMode,
+    pub image: PathBuf,
+    pub socket: PathBuf,
+    pub readonly: bool,
+}
+
+impl Sandbox {
+    /// Confines the calling process. Call it once, before the serve loop
+    /// starts threads (Landlock binds only the calling thread and its
+    /// future children; seccomp is synchronised to all threads).
+    pub fn apply(&self) -> Result<(), SandboxError> {
+        match self.mode {
+            SandboxMode::None => {
+                log::info!("sandbox: none");
+                return Ok(());
+            }
+            SandboxMode::Full => {
+                let status = landlock::restrict(&self.image, &self.socket, self.readonly)?;
+                match status {
+                    ::landlock::RulesetStatus::NotEnforced => {
+                        return Err(SandboxError::LandlockUnavailable)
+                    }
+                    ::landlock::RulesetStatus::PartiallyEnforced => {
+                        log::warn!("sandbox: this kernel enforces only part of the Landlock rules")
+                    }
+                    ::landlock::RulesetStatus::FullyEnforced => {}
+                }
+            }
+            SandboxMode::Seccomp | SandboxMode::SeccompLog => {}
+        }
+        let on_violation = if self.mode == SandboxMode::SeccompLog {
+            seccomp::OnViolation::Log
+        } else {
+            seccomp::OnViolation::Trap
+        };
+        seccomp::install(on_violation)?;
+        log::info!(
+            "sandbox: {} ({} system calls allowed)",
+            self.mode.name(),
+            seccomp::allowed_count()
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,274 @@
+//! `--sandbox`: every mode serves, and what the filter forbids really is
+//! forbidden (checked in child processes that install the same filter the
+//! daemon installs, then try exec, fork, open, ...).
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+use cryptblk::sandbox::seccomp::{self, OnViolation, TRAPPED_EXIT};
+
+fn proc_status(pid: u32, field: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn every_mode_serves_verified_writes_and_reconnects() {
+    for (mode, seccomp_mode) in [
+        ("none", "0"),
+        ("seccomp", "2"),
+        ("full", "2"),
+        ("seccomp-log", "2"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let (key, _) = write_key(dir.path(), 64);
+        let img = dir.path().join("disk.img");
+        let mut d = Daemon::start(
+            dir.path(),
+            &[
+                "--image",
+                img.to_str().unwrap(),
+                "--size",
+                "8M",
+                "--key-file",
+                key.to_str().unwrap(),
+                "--queues",
+                "2",
+                "--crypto",
+                "auto",
+                "--allow-discards",
+                "--sandbox",
+                mode,
+            ],
+        );
+        let mut c = Client::connect(&d.socket, 2);
+        let data = pattern(3, 1 << 20, 512 << 10);
+        assert_eq!(c.write(0, 1 << 20, &data), 0, "{mode}");
+        assert_eq!(c.flush(1), 0, "{mode}");
+        assert_eq!(c.discard(0, 4 << 20, 65536), 0, "{mode}");
+        assert_eq!(c.write_zeroes(1, 5 << 20, 65536), 0, "{mode}");
+        // Confinement is in place once a connection has been accepted.
+        assert_eq!(
+            proc_status(d.child.id(), "Seccomp:"),
+            seccomp_mode,
+            "{mode}"
+        );
+        drop(c);
+        let mut c = Client::connect(&d.socket, 2);
+        assert_eq!(c.read(1, 1 << 20, data.len()).unwrap(), data, "{mode}");
+        drop(c);
+        assert!(d.alive(), "{mode}: daemon died");
+        let socket = d.socket.clone();
+        assert!(d.terminate().success(), "{mode}: unclean exit");
+        assert!(!socket.exists(), "{mode}: socket not removed");
+    }
+}
+
+#[test]
+fn sigterm_before_any_connection_exits_cleanly_when_confined() {
+    // The shutdown path wakes accept() by connecting to its own socket.
+    for mode in ["seccomp", "full"] {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("disk.img");
+        let mut d = Daemon::start(
+            dir.path(),
+            &[
+                "--image",
+                img.to_str().unwrap(),
+                "--size",
+                "1M",
+                "--cipher",
+                "none",
+                "--sandbox",
+                mode,
+            ],
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(d.alive());
+        let socket = d.socket.clone();
+        assert!(d.terminate().success(), "{mode}");
+        assert!(!socket.exists(), "{mode}: socket not removed");
+    }
+}
+
+#[test]
+fn the_allowlist_has_no_exec_fork_open_or_network_setup() {
+    let names: Vec<&str> = seccomp::allowed().iter().map(|(n, _)| *n).collect();
+    for call in [
+        "SYS_execve",
+        "SYS_execveat",
+        "SYS_fork",
+        "SYS_vfork",
+        "SYS_open",
+        "SYS_openat",
+        "SYS_openat2",
+        "SYS_bind",
+        "SYS_listen",
+        "SYS_ptrace",
+        "SYS_process_vm_readv",
+        "SYS_kill",
+        "SYS_setns",
+        "SYS_unshare",
+        "SYS_mount",
+        "SYS_init_module",
+    ] {
+        assert!(!names.contains(&call), "{call} is allowed");
+    }
+    assert!(
+        seccomp::allowed_count() < 80,
+        "{} calls",
+        seccomp::allowed_count()
+    );
+}
+
+const CHILD_ENV: &str = "CRYPTBLK_SANDBOX_CHILD";
+
+/// Not a test on its own: with CHILD_ENV set, confines this process and
+/// does what the variable says; the parent checks how it ended.
+#[test]
+fn confined_child() {
+    let Ok(action) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    if let Some(rest) = action.strip_prefix("landlock:") {
+        return landlock_child(Path::new(rest));
+    }
+    seccomp::install(OnViolation::Trap).expect("install the filter");
+    // SAFETY (all blocks below): plain libc calls with valid C strings.
+    match action.as_str() {
+        "thread" => {
+            let t = std::thread::spawn(|| 6 * 7);
+            assert_eq!(t.join().unwrap(), 42);
+        }
+        "execve" => unsafe {
+            let path = c"/bin/true".as_ptr();
+            let argv = [path, std::ptr::null()];
+            libc::execve(path, argv.as_ptr(), [std::ptr::null()].as_ptr());
+        },
+        "fork" => unsafe {
+            libc::fork();
+        },
+        "open" => unsafe {
+            libc::open(c"/etc/hostname".as_ptr(), libc::O_RDONLY);
+        },
+        "spawn" => {
+            let _ = Command::new("/bin/true").status();
+        }
+        other => panic!("unknown action {other}"),
+    }
+    // SAFETY: ends the process without running the harness further.
+    unsafe { libc::_exit(0) };
+}
+
+fn landlock_child(dir: &Path) {
+    use std::io::ErrorKind::PermissionDenied;
+    let image = dir.join("disk.img");
+    let socket = dir.join("s.sock");
+    std::fs::write(&image, [0u8; 4096]).unwrap();
+    std::fs::write(&socket, b"").unwrap();
+    let outside = dir.parent().unwrap().join(format!(
+        "outside-{}",
+        dir.file_name().unwrap().to_str().unwrap()
+    ));
+    std::fs::write(&outside, b"x").unwrap();
+    let status = cryptblk::sandbox::landlock::restrict(&image, &socket, false).expect("landlock");
+    assert_eq!(status, landlock::RulesetStatus::FullyEnforced);
+    // The image: read and write.
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&image)
+        .expect("the image stays reachable");
+    // Anything else: no.
+    let denied = |r: std::io::Result<()>, what: &str| {
+        assert_eq!(r.map_err(|e| e.kind()), Err(PermissionDenied), "{what}");
+    };
+    denied(std::fs::read(&outside).map(drop), "read a file outside");
+    denied(std::fs::read("/etc/hostname").map(drop), "read /etc");
+    denied(std::fs::write(dir.join("new"), b"x"), "create a file");
+    denied(
+        std::net::TcpStream::connect("127.0.0.1:9").map(drop),
+        "TCP connect",
+    );
+    // Removing the socket at exit still works.
+    std::fs::remove_file(&socket).expect("remove the socket");
+    // SAFETY: ends the process without running the harness further.
+    unsafe { libc::_exit(0) };
+}
+
+/// How a confined child ended.
+#[derive(Debug, PartialEq)]
+enum End {
+    Exit(i32),
+    /// SIGSYS with the default action: the trap hit while SIGSYS was
+    /// blocked (glibc's posix_spawn blocks every signal), so the kernel
+    /// killed the process instead of running the handler.
+    KilledBySigsys,
+    Other(std::process::ExitStatus),
+}
+
+/// Runs `confined_child` with `action`; returns how it ended and stderr.
+fn run_child(action: &str) -> (End, String) {
+    use std::os::unix::process::ExitStatusExt;
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "confined_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ENV, action)
+        .output()
+        .unwrap();
+    let end = match (out.status.code(), out.status.signal()) {
+        (Some(code), _) => End::Exit(code),
+        (None, Some(libc::SIGSYS)) => End::KilledBySigsys,
+        _ => End::Other(out.status),
+    };
+    (end, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn the_filter_stops_exec_fork_and_open_but_not_threads() {
+    let (end, err) = run_child("thread");
+    assert_eq!(end, End::Exit(0), "threads must work: {err}");
+    for (action, nr) in [
+        ("execve", libc::SYS_execve),
+        ("fork", libc::SYS_clone),
+        ("open", libc::SYS_openat),
+    ] {
+        let (end, err) = run_child(action);
+        assert_eq!(
+            end,
+            End::Exit(TRAPPED_EXIT),
+            "{action} was not stopped: {err}"
+        );
+        assert!(
+            err.contains(&format!("stopped system call {nr} ")),
+            "{action}: {err}"
+        );
+    }
+    // std's Command (posix_spawn, all signals blocked): stopped too.
+    let (end, err) = run_child("spawn");
+    assert!(
+        matches!(end, End::Exit(TRAPPED_EXIT) | End::KilledBySigsys),
+        "spawn was not stopped: {end:?} {err}"
+    );
+}
+
+#[test]
+fn landlock_limits_files_to_the_image_and_the_socket_directory() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("run");
+    std::fs::create_dir(&dir).unwrap();
+    let (code, err) = run_child(&format!("landlock:{}", dir.display()));
+    assert_eq!(code, End::Exit(0), "{err}");
+}

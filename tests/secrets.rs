@@ -1,0 +1,342 @@
+//! Keys and passphrases never leave the process: not in argv, the
+//! environment, logs (even at trace level) or error messages; and exposed
+//! key files are warned about.
+
+mod common;
+mod luks_common;
+
+use std::fs::File;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{pattern, Client, BIN};
+use luks_common::{cryptsetup_volume_key, ok};
+
+/// 64 recognisable key bytes.
+const KEY: &[u8; 64] = b"KEYMARK-0123456789abcdefKEYMARK-fedcba9876543210KEYMARK-!@#$%^&*";
+const PASS: &[u8] = b"PASSMARK-correct horse battery";
+
+/// Every way `secret` could be spelled in a log: raw, hex (either case),
+/// as Debug prints a byte slice, and its 8-byte pieces.
+fn spellings(secret: &[u8]) -> Vec<Vec<u8>> {
+    let hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+    let debug = format!("{:?}", &secret[..8]);
+    let debug = debug.trim_end_matches(']').to_string();
+    let mut v = vec![
+        secret.to_vec(),
+        hex.clone().into_bytes(),
+        hex.to_uppercase().into_bytes(),
+        debug.into_bytes(),
+    ];
+    v.extend(secret.chunks(8).map(|c| c.to_vec()));
+    v.extend(hex.as_bytes().chunks(16).map(|c| c.to_vec()));
+    v
+}
+
+fn assert_absent(secret: &[u8], haystack: &[u8], where_: &str) {
+    for s in spellings(secret) {
+        assert!(
+            !haystack.windows(s.len()).any(|w| w == s),
+            "{where_} contains the secret as {:?}",
+            String::from_utf8_lossy(&s)
+        );
+    }
+}
+
+struct Run {
+    child: Child,
+    out: PathBuf,
+    err: PathBuf,
+    socket: PathBuf,
+}
+
+impl Run {
+    fn start(dir: &Path, args: &[&str]) -> Run {
+        let socket = dir.join("s.sock");
+        let (out, err) = (dir.join("stdout"), dir.join("stderr"));
+        let child = Command::new(BIN)
+            .args(["serve", "--log-level", "trace", "--socket"])
+            .arg(&socket)
+            .args(args)
+            .env("RUST_LOG", "trace")
+            .stdout(Stdio::from(File::create(&out).unwrap()))
+            .stderr(Stdio::from(File::create(&err).unwrap()))
+            .spawn()
+            .unwrap();
+        Run {
+            child,
+            out,
+            err,
+            socket,
+        }
+    }
+
+    /// Waits for the socket (true) or the exit (false).
+    fn serving(&mut self) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if self.socket.exists() {
+                return true;
+            }
+            if self.child.try_wait().unwrap().is_some() {
+                return false;
+            }
+            assert!(Instant::now() < deadline, "neither served nor exited");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the daemon; returns stdout + stderr.
+    fn finish(mut self) -> Vec<u8> {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.child.wait().unwrap();
+        let mut all = std::fs::read(&self.out).unwrap();
+        all.extend(std::fs::read(&self.err).unwrap());
+        all
+    }
+
+    fn proc_file(&self, name: &str) -> Vec<u8> {
+        std::fs::read(format!("/proc/{}/{name}", self.child.id())).unwrap()
+    }
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Kills the child if a check fails before it was stopped.
+struct Reap(Child);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn key_file(dir: &Path, name: &str, bytes: &[u8], mode: u32) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+    p.to_str().unwrap().to_string()
+}
+
+fn exercise(socket: &Path) {
+    let mut c = Client::connect(socket, 1);
+    let data = pattern(1, 0, 65536);
+    assert_eq!(c.write(0, 0, &data), 0);
+    assert_eq!(c.read(0, 0, data.len()).unwrap(), data);
+}
+
+#[test]
+fn a_plain_key_never_shows_in_logs_argv_or_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), "key", KEY, 0o600);
+    let img = dir.path().join("disk.img");
+    let mut r = Run::start(
+        dir.path(),
+        &[
+            "--image",
+            img.to_str().unwrap(),
+            "--size",
+            "4M",
+            "--key-file",
+            &key,
+            "--queues",
+            "1",
+        ],
+    );
+    assert!(r.serving());
+    exercise(&r.socket);
+    assert_absent(KEY, &r.proc_file("cmdline"), "/proc/PID/cmdline");
+    assert_absent(KEY, &r.proc_file("environ"), "/proc/PID/environ");
+    let logs = r.finish();
+    assert!(
+        String::from_utf8_lossy(&logs).contains("TRACE") || logs.len() > 200,
+        "trace logging did not run"
+    );
+    assert_absent(KEY, &logs, "the logs");
+    // The image holds ciphertext only, never the key either.
+    assert_absent(KEY, &std::fs::read(&img).unwrap(), "the image");
+}
+
+#[test]
+fn a_key_of_the_wrong_length_is_refused_without_showing_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), "key", &KEY[..63], 0o600);
+    let img = dir.path().join("disk.img");
+    let mut r = Run::start(
+        dir.path(),
+        &[
+            "--image",
+            img.to_str().unwrap(),
+            "--size",
+            "4M",
+            "--key-file",
+            &key,
+        ],
+    );
+    assert!(!r.serving(), "a 63-byte key was accepted");
+    let logs = r.finish();
+    assert!(String::from_utf8_lossy(&logs).contains("63 bytes"));
+    assert_absent(&KEY[..63], &logs, "the error");
+}
+
+#[test]
+fn luks_passphrases_and_volume_keys_never_show_even_on_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let pass = key_file(dir.path(), "pass", PASS, 0o600);
+    let img = dir.path().join("disk.luks");
+    let out = ok(Command::new(BIN).args([
+        "format",
+        "--type",
+        "luks2",
+        "--image",
+        img.to_str().unwrap(),
+        "--size",
+        "4M",
+        "--key-file",
+        &pass,
+        "--pbkdf",
+        "pbkdf2",
+        "--pbkdf-force-iterations",
+        "1000",
+    ]));
+    let mut format_out = out.stdout;
+    format_out.extend(out.stderr);
+    assert_absent(PASS, &format_out, "format's output");
+    let volume_key = cryptsetup_volume_key(&img, Path::new(&pass));
+    assert_absent(&volume_key, &format_out, "format's output");
+
+    let mut r = Run::start(
+        dir.path(),
+        &[
+            "--image",
+            img.to_str().unwrap(),
+            "--key-file",
+            &pass,
+            "--queues",
+            "1",
+        ],
+    );
+    assert!(r.serving());
+    exercise(&r.socket);
+    assert_absent(PASS, &r.proc_file("cmdline"), "/proc/PID/cmdline");
+    let logs = r.finish();
+    assert_absent(PASS, &logs, "the logs");
+    assert_absent(&volume_key, &logs, "the logs");
+
+    let wrong_pass = b"PASSMARK-wrong horse battery";
+    let wrong = key_file(dir.path(), "wrong", wrong_pass, 0o600);
+    let mut r = Run::start(
+        dir.path(),
+        &["--image", img.to_str().unwrap(), "--key-file", &wrong],
+    );
+    assert!(!r.serving(), "a wrong passphrase opened the image");
+    let logs = r.finish();
+    assert!(String::from_utf8_lossy(&logs).contains("passphrase"));
+    assert_absent(wrong_pass, &logs, "the error");
+    assert_absent(PASS, &logs, "the error");
+    assert_absent(&volume_key, &logs, "the error");
+}
+
+#[test]
+fn key_files_readable_by_others_get_a_warning() {
+    for (mode, warned) in [(0o644, true), (0o640, true), (0o600, false), (0o400, false)] {
+        let dir = tempfile::tempdir().unwrap();
+        let key = key_file(dir.path(), "key", KEY, mode);
+        let img = dir.path().join("disk.img");
+        let mut r = Run::start(
+            dir.path(),
+            &[
+                "--image",
+                img.to_str().unwrap(),
+                "--size",
+                "1M",
+                "--key-file",
+                &key,
+            ],
+        );
+        assert!(r.serving());
+        let logs = String::from_utf8_lossy(&r.finish()).into_owned();
+        assert_eq!(
+            logs.contains("readable by group or others"),
+            warned,
+            "mode {mode:o}: {logs}"
+        );
+    }
+}
+
+/// The owner of the files in /proc/PID: the process's uid while it is
+/// dumpable, root once it is not (proc(5), PR_SET_DUMPABLE).
+fn proc_owner(pid: u32) -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(format!("/proc/{pid}/status"))
+        .unwrap()
+        .uid()
+}
+
+const NOBODY: u32 = 65534;
+
+fn as_nobody(program: &str) -> Command {
+    let mut c = Command::new("setpriv");
+    c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(program);
+    c
+}
+
+#[test]
+fn the_daemon_is_not_dumpable_and_its_key_pages_are_locked() {
+    // Run as an unprivileged user: a root process's /proc entries belong to
+    // root either way.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let key = key_file(dir.path(), "key", KEY, 0o600);
+    std::os::unix::fs::chown(&key, Some(NOBODY), Some(NOBODY)).unwrap();
+    let img = dir.path().join("disk.img");
+    let socket = dir.path().join("s.sock");
+    let daemon = as_nobody(BIN)
+        .arg("serve")
+        .arg("--socket")
+        .arg(&socket)
+        .args(["--image", img.to_str().unwrap(), "--size", "1M"])
+        .args(["--key-file", &key])
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("setpriv (util-linux) runs");
+    let mut daemon = Reap(daemon);
+    let control = Reap(as_nobody("sleep").arg("30").spawn().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !socket.exists() {
+        assert!(daemon.0.try_wait().unwrap().is_none(), "the daemon exited");
+        assert!(Instant::now() < deadline, "no socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // setpriv has exec'ed by now: both pids are the programs themselves.
+    assert_eq!(proc_owner(control.0.id()), NOBODY, "control");
+    assert_eq!(
+        proc_owner(daemon.0.id()),
+        0,
+        "the daemon is dumpable: its memory is open to its user's other processes"
+    );
+    let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.0.id())).unwrap();
+    let locked = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmLck:"))
+        .unwrap()
+        .trim()
+        .trim_end_matches(" kB")
+        .parse::<u64>()
+        .unwrap();
+    assert!(locked >= 4, "no key pages are mlock'ed: VmLck {locked} kB");
+    drop(control);
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(daemon.0.id() as i32, libc::SIGTERM) };
+    assert!(daemon.0.wait().unwrap().success());
+}
