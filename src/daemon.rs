@@ -2,8 +2,8 @@
 //! accept the next one; on SIGTERM/SIGINT finish in-flight requests, sync
 //! the image, remove the socket and return.
 
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -39,7 +39,8 @@ pub enum DaemonError {
 struct Shutdown {
     requested: AtomicBool,
     connection: Mutex<Option<ShutdownHandle>>,
-    socket: PathBuf,
+    /// The listening socket, open until the signal thread has been joined.
+    listener: RawFd,
 }
 
 impl Shutdown {
@@ -52,9 +53,13 @@ impl Shutdown {
             .take();
         match handle {
             Some(h) => h.shutdown(),
-            // Nobody connected: wake the blocking accept() with a connection
-            // of our own, which the loop drops once it sees the flag.
-            None => drop(UnixStream::connect(&self.socket)),
+            // Nobody connected: shutting the listening socket down makes the
+            // blocking accept() fail (EINVAL), also when the socket file has
+            // been deleted and nobody could connect to it any more.
+            None => {
+                // SAFETY: the listener fd stays open until this thread is joined.
+                unsafe { libc::shutdown(self.listener, libc::SHUT_RDWR) };
+            }
         }
     }
 
@@ -73,7 +78,7 @@ pub fn serve(dev: Arc<BlkDevice>, socket: &Path, sandbox: &Sandbox) -> Result<()
     let shutdown = Arc::new(Shutdown {
         requested: AtomicBool::new(false),
         connection: Mutex::new(None),
-        socket: socket.to_path_buf(),
+        listener: listener.as_raw_fd(),
     });
     let mut signals = Signals::new([SIGTERM, SIGINT]).map_err(DaemonError::Signals)?;
     if let Err(e) = sandbox.apply() {
@@ -119,7 +124,9 @@ fn serve_connections(
         let mut daemon = VhostUserDaemon::new("cryptblk".into(), backend.clone(), mem)
             .map_err(|e| DaemonError::Device(e.to_string()))?;
         if let Err(e) = daemon.start(listener) {
-            log::warn!("accepting a connection failed: {e}");
+            if !shutdown.requested() {
+                log::warn!("accepting a connection failed: {e}");
+            }
             continue;
         }
         *shutdown
