@@ -74,7 +74,7 @@ fn every_mode_serves_verified_writes_and_reconnects() {
 
 #[test]
 fn sigterm_before_any_connection_exits_cleanly_when_confined() {
-    // The shutdown path wakes accept() by connecting to its own socket.
+    // The shutdown path wakes accept() by shutting the listener down.
     for mode in ["seccomp", "full"] {
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("disk.img");
@@ -110,6 +110,8 @@ fn the_allowlist_has_no_exec_fork_open_or_network_setup() {
         "SYS_open",
         "SYS_openat",
         "SYS_openat2",
+        "SYS_socket",
+        "SYS_connect",
         "SYS_bind",
         "SYS_listen",
         "SYS_ptrace",
@@ -271,4 +273,34 @@ fn landlock_limits_files_to_the_image_and_the_socket_directory() {
     std::fs::create_dir(&dir).unwrap();
     let (code, err) = run_child(&format!("landlock:{}", dir.display()));
     assert_eq!(code, End::Exit(0), "{err}");
+}
+
+#[test]
+fn the_mode_comes_from_the_flag_or_the_config_file_and_defaults_to_seccomp() {
+    use cryptblk::config::{ServeArgs, ServeConfig};
+    use cryptblk::sandbox::SandboxMode;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("c.toml");
+    std::fs::write(
+        &file,
+        "socket = \"/tmp/x.sock\"\nimage = \"/tmp/x.img\"\ncipher = \"none\"\nsandbox = \"full\"\n",
+    )
+    .unwrap();
+    let mode = |flag: Option<SandboxMode>, config: bool| {
+        let args = ServeArgs {
+            config: config.then(|| file.clone()),
+            socket: Some("/tmp/x.sock".into()),
+            image: Some("/tmp/x.img".into()),
+            cipher: Some(cryptblk::config::Cipher::None),
+            sandbox: flag,
+            ..Default::default()
+        };
+        ServeConfig::from_args(args.with_config_file().unwrap())
+            .unwrap()
+            .sandbox
+            .mode
+    };
+    assert_eq!(mode(None, false), SandboxMode::Seccomp);
+    assert_eq!(mode(None, true), SandboxMode::Full);
+    assert_eq!(mode(Some(SandboxMode::None), true), SandboxMode::None);
 }

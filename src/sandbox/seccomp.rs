@@ -51,7 +51,6 @@ pub fn allowed() -> Vec<(&'static str, i64)> {
         SYS_sendto,
         SYS_accept4,
         SYS_shutdown,
-        SYS_connect,
         SYS_getsockopt,
         SYS_eventfd2,
         SYS_epoll_create1,
@@ -135,12 +134,6 @@ fn conditional() -> Result<Vec<Conditional>, SandboxError> {
             "prctl",
             libc::SYS_prctl,
             vec![rule(vec![c(eq(0, libc::PR_SET_NAME as u64))?])?],
-        ),
-        // The shutdown wake-up connects to our own socket: AF_UNIX only.
-        (
-            "socket",
-            libc::SYS_socket,
-            vec![rule(vec![c(eq(0, libc::AF_UNIX as u64))?])?],
         ),
         // DISCARD on a block device; std's set_nonblocking and FIOCLEX.
         (
