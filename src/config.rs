@@ -562,6 +562,63 @@ mod tests {
     }
 
     #[test]
+    fn luks_options_come_from_the_config_file_and_exclude_layout_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "socket = \"/s\"\nimage = \"/i\"\ntype = \"luks2\"\nheader = \"/h\"\nkey-slot = 1\nkeyfile-size = 8\n").unwrap();
+        let args = ServeArgs {
+            config: Some(file),
+            ..Default::default()
+        }
+        .with_config_file()
+        .unwrap();
+        assert_eq!(args.volume_type, Some(VolumeType::Luks2));
+        assert_eq!((args.key_slot, args.keyfile_size), (Some(1), Some(8)));
+        let cfg = ServeConfig::from_args(args).unwrap();
+        let l = cfg.image.luks.as_ref().unwrap();
+        assert_eq!(
+            (l.version, l.header.as_deref()),
+            (Some(2), Some(Path::new("/h")))
+        );
+        let luks = || ServeArgs {
+            socket: Some("/s".into()),
+            image: Some("/i".into()),
+            volume_type: Some(VolumeType::Luks),
+            ..Default::default()
+        };
+        for bad in [
+            ServeArgs {
+                offset: Some(8),
+                ..luks()
+            },
+            ServeArgs {
+                sector_size: Some(4096),
+                ..luks()
+            },
+            ServeArgs {
+                size: Some("1M".into()),
+                ..luks()
+            },
+            ServeArgs {
+                cipher: Some(Cipher::None),
+                ..luks()
+            },
+        ] {
+            assert!(matches!(
+                ServeConfig::from_args(bad),
+                Err(ConfigError::Invalid { .. })
+            ));
+        }
+        let plain_with_slot = ServeArgs {
+            volume_type: None,
+            key_file: Some("/k".into()),
+            key_slot: Some(0),
+            ..luks()
+        };
+        assert!(ServeConfig::from_args(plain_with_slot).is_err());
+    }
+
+    #[test]
     fn unknown_config_keys_and_bad_values_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("c.toml");
