@@ -18,20 +18,19 @@ pub fn read_passphrase(
     keyfile_offset: u64,
     keyfile_size: Option<u64>,
 ) -> Result<Zeroizing<Vec<u8>>, LuksError> {
-    let limit = keyfile_size.unwrap_or(MAX_KEYFILE);
     let pass = match key_file {
         Some("-") => {
             let mut stdin = io::stdin().lock();
             skip(&mut stdin, keyfile_offset)
                 .map_err(LuksError::io("reading the key from standard input"))?;
-            read_limited(stdin, limit, "standard input")?
+            read_limited(stdin, keyfile_size, "standard input")?
         }
         Some(path) => {
             let what = format!("cannot read the key file {path}");
             let mut f = std::fs::File::open(path).map_err(LuksError::io(what.clone()))?;
             f.seek(SeekFrom::Start(keyfile_offset))
                 .map_err(LuksError::io(what))?;
-            read_limited(f, limit, path)?
+            read_limited(f, keyfile_size, path)?
         }
         None if keyfile_offset != 0 || keyfile_size.is_some() => {
             return Err(LuksError::Invalid(
@@ -67,11 +66,28 @@ fn skip(r: &mut impl Read, n: u64) -> io::Result<()> {
     Ok(())
 }
 
-fn read_limited(r: impl Read, limit: u64, name: &str) -> Result<Zeroizing<Vec<u8>>, LuksError> {
-    let mut buf = Zeroizing::new(Vec::new());
-    r.take(limit)
+/// Reads --keyfile-size bytes, or the whole key file up to 8 MiB (a larger
+/// one is refused, as cryptsetup does).
+fn read_limited(
+    r: impl Read,
+    size: Option<u64>,
+    name: &str,
+) -> Result<Zeroizing<Vec<u8>>, LuksError> {
+    let limit = size.unwrap_or(MAX_KEYFILE);
+    // Room for the usual passphrase up front: a Vec that grows leaves
+    // unzeroized copies behind in freed memory.
+    let mut buf = Zeroizing::new(Vec::with_capacity((limit as usize + 1).min(64 << 10)));
+    r.take(limit + 1)
         .read_to_end(&mut buf)
         .map_err(LuksError::io(format!("cannot read the key from {name}")))?;
+    if buf.len() as u64 > limit {
+        if size.is_none() {
+            return Err(LuksError::Invalid(format!(
+                "the key file {name} is larger than 8 MiB; pass --keyfile-size"
+            )));
+        }
+        buf.truncate(limit as usize);
+    }
     Ok(buf)
 }
 
@@ -86,7 +102,7 @@ pub fn read_interactive(prompt: &str) -> Result<Zeroizing<Vec<u8>>, LuksError> {
     } else {
         None
     };
-    let mut line = Zeroizing::new(Vec::new());
+    let mut line = Zeroizing::new(Vec::with_capacity(4096));
     io::stdin()
         .lock()
         .take(MAX_KEYFILE)
