@@ -517,3 +517,52 @@ fn patch(path: &Path, at: u64, bytes: &[u8]) {
         .write_all_at(bytes, at)
         .unwrap();
 }
+
+#[test]
+fn kdf_costs_follow_iter_time_when_not_forced() {
+    let f = Fixture::new();
+    let pw = f.key("pw", PASS);
+    let dump = |img: &Path| {
+        String::from_utf8(ok(cryptblk().args(["dump", "--image"]).arg(img)).stdout).unwrap()
+    };
+    // 10 ms cannot afford 1 GiB even at the minimum time cost: less memory.
+    let img = f.format(
+        "a",
+        "luks2",
+        &pw,
+        &[
+            "--pbkdf",
+            "argon2id",
+            "--iter-time",
+            "10",
+            "--pbkdf-memory",
+            "1048576",
+        ],
+    );
+    let out = dump(&img);
+    let mem: u64 = out
+        .split("memory ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(out.contains("argon2id (time 4,") && mem < 1048576, "{out}");
+    assert!(cryptsetup_opens(&img, Path::new(&pw)));
+    // pbkdf2 measured, never below cryptsetup's minimum.
+    let img = f.format("b", "luks1", &pw, &["--iter-time", "20"]);
+    let out = dump(&img);
+    let iters: u64 = out
+        .split("sha256, ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(iters >= 1000, "{out}");
+    assert!(cryptsetup_opens(&img, Path::new(&pw)));
+}

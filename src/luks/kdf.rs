@@ -143,32 +143,54 @@ impl KdfChoice {
                 "--pbkdf-parallel must be at least 1".into(),
             ));
         }
-        let mut kdf = Kdf::Argon2 {
-            kind,
-            time: MIN_ARGON2_TIME,
-            memory_kib: self.memory_kib,
-            cpus: self.parallel,
-        };
-        let time = match self.forced_iterations {
+        let (time, memory_kib) = match self.forced_iterations {
             Some(n) if n < MIN_ARGON2_TIME => {
                 return Err(LuksError::Invalid(format!(
                     "--pbkdf-force-iterations for argon2 must be at least {MIN_ARGON2_TIME}"
                 )))
             }
-            Some(n) => n,
-            None => {
-                let start = Instant::now();
-                let mut out = zeroize::Zeroizing::new(vec![0u8; key_len]);
-                kdf.derive(b"benchmark", &[0u8; 32], &mut out)?;
-                let per_pass = start.elapsed().as_secs_f64() * 1000.0 / MIN_ARGON2_TIME as f64;
-                let t = (self.iter_time_ms as f64 / per_pass.max(0.001)) as u32;
-                t.max(MIN_ARGON2_TIME)
-            }
+            Some(n) => (n, self.memory_kib),
+            None => self.argon2_costs_for_iter_time(kind, key_len)?,
         };
-        if let Kdf::Argon2 { time: t, .. } = &mut kdf {
-            *t = time;
+        Ok(Kdf::Argon2 {
+            kind,
+            time,
+            memory_kib,
+            cpus: self.parallel,
+        })
+    }
+
+    /// Like cryptsetup: the time cost that makes one unlock take
+    /// --iter-time with the asked memory, or, if even the minimum time cost
+    /// is too slow, less memory. Measured on a small probe (cost grows
+    /// linearly with memory × passes), so the benchmark itself is quick.
+    fn argon2_costs_for_iter_time(
+        &self,
+        kind: Argon2Type,
+        key_len: usize,
+    ) -> Result<(u32, u32), LuksError> {
+        let probe_kib = self.memory_kib.min(64 << 10);
+        let probe = Kdf::Argon2 {
+            kind,
+            time: MIN_ARGON2_TIME,
+            memory_kib: probe_kib,
+            cpus: self.parallel,
+        };
+        let start = Instant::now();
+        let mut out = zeroize::Zeroizing::new(vec![0u8; key_len]);
+        probe.derive(b"benchmark", &[0u8; 32], &mut out)?;
+        let ms_per_kib_pass = (start.elapsed().as_secs_f64() * 1000.0
+            / (MIN_ARGON2_TIME as f64 * probe_kib as f64))
+            .max(1e-9);
+        let target = self.iter_time_ms as f64;
+        let at_min_time = ms_per_kib_pass * MIN_ARGON2_TIME as f64 * self.memory_kib as f64;
+        if at_min_time > target {
+            let kib = target / (ms_per_kib_pass * MIN_ARGON2_TIME as f64);
+            let floor = MIN_ARGON2_MEMORY_KIB.max(8 * self.parallel);
+            return Ok((MIN_ARGON2_TIME, (kib as u32).max(floor)));
         }
-        Ok(kdf)
+        let time = (target / (ms_per_kib_pass * self.memory_kib as f64)) as u32;
+        Ok((time.max(MIN_ARGON2_TIME), self.memory_kib))
     }
 }
 
