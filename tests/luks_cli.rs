@@ -220,6 +220,22 @@ fn keyfile_offset_and_size_match_cryptsetup() {
         "a short key file is an error"
     );
     assert!(read_passphrase(Some("/nonexistent/key"), 0, None).is_err());
+    let big = f.key("big", &vec![b'x'; (8 << 20) + 1]);
+    let err = read_passphrase(Some(&big), 0, None)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("larger than 8 MiB"), "{err}");
+    assert_eq!(
+        read_passphrase(Some(&big), 0, Some(9 << 20))
+            .map(|p| p.len())
+            .ok(),
+        None,
+        "short"
+    );
+    assert_eq!(
+        read_passphrase(Some(&big), 0, Some(100)).unwrap().len(),
+        100
+    );
 }
 
 #[test]

@@ -19,21 +19,20 @@ pub fn read_passphrase(
     keyfile_offset: u64,
     keyfile_size: Option<u64>,
 ) -> Result<Zeroizing<Vec<u8>>, LuksError> {
-    let limit = keyfile_size.unwrap_or(MAX_KEYFILE);
     let pass = match key_file {
         Some("-") => {
             // Unbuffered: std's stdin buffer would keep a copy, never wiped.
             let mut stdin = RawStdin;
             skip(&mut stdin, keyfile_offset)
                 .map_err(LuksError::io("reading the key from standard input"))?;
-            read_limited(stdin, limit, "standard input")?
+            read_limited(stdin, keyfile_size, "standard input")?
         }
         Some(path) => {
             let what = format!("cannot read the key file {path}");
             let mut f = std::fs::File::open(path).map_err(LuksError::io(what.clone()))?;
             f.seek(SeekFrom::Start(keyfile_offset))
                 .map_err(LuksError::io(what))?;
-            read_limited(f, limit, path)?
+            read_limited(f, keyfile_size, path)?
         }
         None if keyfile_offset != 0 || keyfile_size.is_some() => {
             return Err(LuksError::Invalid(
@@ -69,8 +68,25 @@ fn skip(r: &mut impl Read, n: u64) -> io::Result<()> {
     Ok(())
 }
 
-fn read_limited(r: impl Read, limit: u64, name: &str) -> Result<Zeroizing<Vec<u8>>, LuksError> {
-    read_secret(r, limit).map_err(LuksError::io(format!("cannot read the key from {name}")))
+/// Reads --keyfile-size bytes, or the whole key file up to 8 MiB (a larger
+/// one is refused, as cryptsetup does, rather than silently cut).
+fn read_limited(
+    r: impl Read,
+    size: Option<u64>,
+    name: &str,
+) -> Result<Zeroizing<Vec<u8>>, LuksError> {
+    let limit = size.unwrap_or(MAX_KEYFILE);
+    let mut buf = read_secret(r, limit + 1)
+        .map_err(LuksError::io(format!("cannot read the key from {name}")))?;
+    if buf.len() as u64 > limit {
+        if size.is_none() {
+            return Err(LuksError::Invalid(format!(
+                "the key file {name} is larger than 8 MiB; pass --keyfile-size"
+            )));
+        }
+        buf.truncate(limit as usize);
+    }
+    Ok(buf)
 }
 
 /// Prompts on stderr; echo is off while stdin is a terminal. Without a
