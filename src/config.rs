@@ -68,6 +68,9 @@ pub enum DeviceType {
     Plain,
     /// LUKS1 or LUKS2: passphrase in --key-file, layout from the header.
     Luks,
+    /// Like luks, but refuse a header of the other version.
+    Luks1,
+    Luks2,
 }
 
 /// Every option of `cryptblk serve`. All are optional here so that a
@@ -253,6 +256,8 @@ enum Layout {
 }
 
 struct LuksSpec {
+    /// --type luks1/luks2 insists on that version.
+    version: Option<u8>,
     /// Detached header; None means the header is at the start of the image.
     header: Option<PathBuf>,
     /// Passphrase file; None prompts on a TTY.
@@ -342,7 +347,7 @@ impl ServeConfig {
     /// Reads the key (unlocking LUKS if needed) and opens (or creates) the image.
     pub fn open_volume(&self) -> Result<Volume, ConfigError> {
         let s = &self.image;
-        let (key, rule, payload_offset) = match &s.layout {
+        let (key, rule, payload_offset, payload_size) = match &s.layout {
             Layout::Plain {
                 cipher,
                 key_file,
@@ -357,7 +362,7 @@ impl ServeConfig {
                     }
                     _ => None,
                 };
-                (key, *rule, *payload_offset)
+                (key, *rule, *payload_offset, None)
             }
             Layout::Luks(l) => {
                 let header = l.header.as_deref().unwrap_or(&s.path);
@@ -367,18 +372,23 @@ impl ServeConfig {
                 let pass =
                     luks::read_passphrase(l.key_file.as_deref(), l.keyfile_offset, l.keyfile_size)?;
                 let u = luks::unlock(header, &pass, l.key_slot)?;
+                if let Some(v) = l.version.filter(|v| *v != u.version) {
+                    let found = format!("luks{v}, but the header is LUKS{}", u.version);
+                    return invalid("--type", found, "use --type luks to accept either version");
+                }
                 let rule = IvRule {
                     sector_size: u.sector_size,
                     large_sectors: u.iv_large_sectors,
                     skip: 0,
                 };
-                (Some(u.key), rule, u.payload_offset)
+                (Some(u.key), rule, u.payload_offset, u.payload_size)
             }
         };
         Ok(open_image(ImageOptions {
             path: s.path.clone(),
             create_size: s.create_size,
             payload_offset,
+            payload_size,
             readonly: s.readonly,
             direct: s.direct,
             io: s.io,
@@ -393,7 +403,7 @@ fn is_luks_device(a: &ServeArgs) -> Result<bool, ConfigError> {
     let header = a.header.as_ref().or(a.image.as_ref());
     match (a.device_type.unwrap_or(DeviceType::Auto), header) {
         (DeviceType::Plain, _) => Ok(false),
-        (DeviceType::Luks, _) => Ok(true),
+        (DeviceType::Luks | DeviceType::Luks1 | DeviceType::Luks2, _) => Ok(true),
         (DeviceType::Auto, Some(h)) if h.exists() => {
             luks::is_luks(h).map_err(|source| ConfigError::ReadFile {
                 path: h.display().to_string(),
@@ -423,6 +433,11 @@ fn luks_spec(a: &ServeArgs) -> Result<LuksSpec, ConfigError> {
         );
     }
     Ok(LuksSpec {
+        version: match a.device_type {
+            Some(DeviceType::Luks1) => Some(1),
+            Some(DeviceType::Luks2) => Some(2),
+            _ => None,
+        },
         header: a.header.clone(),
         key_file: a.key_file.clone(),
         keyfile_offset: a.keyfile_offset.unwrap_or(0),

@@ -169,6 +169,10 @@ fn luks_refuses_layout_flags_and_wrong_passphrases() {
     let out = serve(&["--offset", "8"], &pass);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--offset"));
+    let out = serve(&["--type", "luks2"], &pass);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("the header is LUKS1"), "{err}");
     let wrong = dir.path().join("wrong");
     std::fs::write(&wrong, b"wrong").unwrap();
     let out = serve(&[], &wrong);

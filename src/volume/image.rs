@@ -16,6 +16,9 @@ pub struct ImageOptions {
     pub create_size: Option<u64>,
     /// Where the payload starts, in bytes (cryptsetup's --offset × 512).
     pub payload_offset: u64,
+    /// A fixed payload length (a LUKS2 segment with a size); None means
+    /// "to the end of the image".
+    pub payload_size: Option<u64>,
     pub readonly: bool,
     pub direct: bool,
     /// `Mmap` maps regular files; block devices and `direct` use pread.
@@ -54,8 +57,19 @@ pub fn open_image(opts: ImageOptions) -> Result<Volume, VolumeError> {
             wanted,
         });
     }
-    let capacity =
-        size.saturating_sub(opts.payload_offset) / sector_size as u64 * sector_size as u64;
+    let to_end = size.saturating_sub(opts.payload_offset);
+    let payload = match opts.payload_size {
+        Some(fixed) if fixed > to_end => {
+            return Err(VolumeError::ShorterThanSegment {
+                path,
+                size: to_end,
+                segment: fixed,
+            })
+        }
+        Some(fixed) => fixed,
+        None => to_end,
+    };
+    let capacity = payload / sector_size as u64 * sector_size as u64;
     if capacity == 0 {
         return Err(VolumeError::TooSmall {
             path,

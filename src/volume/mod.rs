@@ -57,6 +57,12 @@ pub enum VolumeError {
     },
     #[error("cannot map image {path} into memory: {source}; use --io pread")]
     Map { path: String, source: io::Error },
+    #[error("image {path} has {size} payload bytes, fewer than the {segment} its LUKS2 segment declares; is it truncated?")]
+    ShorterThanSegment {
+        path: String,
+        size: u64,
+        segment: u64,
+    },
     #[error("--offset must be a multiple of the sector size ({sector_size} bytes) when --direct is used")]
     UnalignedDirectOffset { sector_size: usize },
 }
