@@ -12,7 +12,7 @@ use crate::luks;
 use crate::sandbox::{Sandbox, SandboxMode};
 
 /// Where splitting a request across workers starts to pay (see README).
-const DEFAULT_SPLIT_THRESHOLD: u64 = 128 << 10;
+const DEFAULT_SPLIT_THRESHOLD: u64 = 512 << 10;
 /// The fused copy roughly halves the daemon's CPU time per I/O here
 /// (integration/placement.sh, inline AES-XTS: 4K random read 2.3 -> 1.2 us,
 /// 1M read 190 -> 108 us, 1M write 277 -> 122..179 us).
@@ -157,7 +157,7 @@ pub struct ServeArgs {
     /// Worker threads for --crypto workers/auto (default: one per queue).
     #[arg(long)]
     pub workers: Option<usize>,
-    /// Reads/writes at least this large are split across workers (default 128K).
+    /// Reads/writes at least this large are split across workers (default 512K).
     #[arg(long, value_name = "BYTES")]
     pub split_threshold: Option<String>,
     /// error, warn, info, debug or trace (default: RUST_LOG, else info).
