@@ -9,5 +9,7 @@ mod queue;
 mod ratelimit;
 
 pub use backend::BlkBackend;
-pub use blk::BlkDevice;
+pub use blk::{BlkDevice, Workspace};
 pub use config_space::{CryptoMode, DeviceOptions};
+/// Executes one parsed chain: public for the fuzz targets in fuzz/.
+pub use queue::complete;

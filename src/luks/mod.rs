@@ -76,6 +76,16 @@ fn open_header(path: &Path, write: bool) -> Result<(File, Header), LuksError> {
     Ok((file, header))
 }
 
+/// Parses the LUKS1 or LUKS2 header at `path` without unlocking anything
+/// and returns its version: for the fuzz targets in fuzz/ (a real unlock
+/// would run whatever KDF cost an arbitrary header asks for).
+pub fn check_header(path: &Path) -> Result<u8, LuksError> {
+    let (_, h) = open_header(path, false)?;
+    let _ = (h.cipher(), h.sector_size(), h.payload_offset(), h.uuid());
+    let _ = h.active_slots();
+    Ok(h.version())
+}
+
 /// Opens the header at `header` with `passphrase` (only `key_slot` if given).
 pub fn unlock(
     header: &Path,
