@@ -811,15 +811,7 @@ fn memory_table_with_no_regions() {
     // VhostUserMemory { num_regions: 0, padding: 0 }.
     let mut g = RawGuest::handshake(&f.daemon.socket).unwrap();
     g.send_raw(5, &[0u8; 8]).unwrap();
-    if g.connected() {
-        // Accepted: then a queue on it must not be served.
-        let r = g.start_queue(0, 16);
-        if r.is_ok() && g.connected() {
-            g.mem.header(T_IN, 0);
-            let got = g.submit(&chain3(DATA, 512, F_WRITE));
-            assert!(!matches!(got, Outcome::Used { .. }), "{got:?}");
-        }
-    }
+    assert!(!g.connected(), "an empty memory table was accepted");
     drop(g);
     // A table that claims regions but carries no fds.
     let mut g = RawGuest::handshake(&f.daemon.socket).unwrap();

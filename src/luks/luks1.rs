@@ -113,7 +113,7 @@ impl Header {
         if self.key_bytes != 32 && self.key_bytes != 64 {
             return Err(LuksError::Unsupported(format!(
                 "a {}-bit key for aes-xts-plain64 (256 or 512 expected)",
-                self.key_bytes * 8
+                u64::from(self.key_bytes) * 8
             )));
         }
         // Every slot, used or not: we write new key material where a free
@@ -330,5 +330,28 @@ mod tests {
         bytes[40..51].copy_from_slice(b"cbc-essiv:s");
         let err = Header::parse(&bytes).unwrap_err().to_string();
         assert!(err.contains("only aes-xts-plain64"), "{err}");
+    }
+
+    /// Found by fuzz/luks_header: a key size of 2^29 bytes or more made the
+    /// error message itself overflow (a panic in debug builds).
+    #[test]
+    fn huge_key_size_is_refused_without_overflow() {
+        let key = [7u8; 64];
+        let h = Header::new(
+            &key,
+            HashAlg::from_name("sha256").unwrap(),
+            1000,
+            "u".into(),
+        )
+        .unwrap();
+        let mut b = h.serialize();
+        assert!(Header::parse(&b).is_ok());
+        for bad in [0u32, 48, 0x2000_0000, u32::MAX] {
+            b[108..112].copy_from_slice(&bad.to_be_bytes());
+            assert!(
+                matches!(Header::parse(&b), Err(LuksError::Unsupported(_))),
+                "{bad}"
+            );
+        }
     }
 }
