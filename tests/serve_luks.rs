@@ -4,22 +4,35 @@
 mod common;
 mod luks_common;
 
+use std::path::PathBuf;
+
 use common::{pattern, Client, Daemon};
 use cryptblk::crypto::{IvRule, SectorCipher, XtsKey};
 use luks_common::{cryptsetup_volume_key, ok, tool};
 
-#[test]
-fn luks1_from_qemu_img_round_trips_and_qemu_img_reads_what_we_wrote() {
-    let dir = tempfile::tempdir().unwrap();
-    let pass = dir.path().join("pass");
-    std::fs::write(&pass, b"correct horse").unwrap();
-    let img = dir.path().join("disk.luks");
+/// A LUKS1 image made by `qemu-img create -f luks` (fast KDF): returns the
+/// passphrase file, the image and the `--object secret` that opens it.
+fn qemu_img_luks1(
+    dir: &std::path::Path,
+    passphrase: &[u8],
+    size: &str,
+) -> (PathBuf, PathBuf, String) {
+    let pass = dir.join("pass");
+    std::fs::write(&pass, passphrase).unwrap();
+    let img = dir.join("disk.luks");
     let secret = format!("secret,id=sec0,file={}", pass.display());
     ok(tool("qemu-img")
         .args(["create", "-q", "-f", "luks", "--object", &secret])
         .args(["-o", "key-secret=sec0,iter-time=10"])
         .arg(&img)
-        .arg("16M"));
+        .arg(size));
+    (pass, img, secret)
+}
+
+#[test]
+fn luks1_from_qemu_img_round_trips_and_qemu_img_reads_what_we_wrote() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pass, img, secret) = qemu_img_luks1(dir.path(), b"correct horse", "16M");
 
     let d = Daemon::start(
         dir.path(),
@@ -135,23 +148,7 @@ fn luks2_4k_from_cryptsetup_stores_what_its_volume_key_decrypts() {
 #[test]
 fn luks_refuses_layout_flags_and_wrong_passphrases() {
     let dir = tempfile::tempdir().unwrap();
-    let pass = dir.path().join("pass");
-    std::fs::write(&pass, b"right").unwrap();
-    let img = dir.path().join("disk.luks");
-    let secret = format!("secret,id=sec0,file={}", pass.display());
-    ok(tool("qemu-img")
-        .args([
-            "create",
-            "-q",
-            "-f",
-            "luks",
-            "--object",
-            &secret,
-            "-o",
-            "key-secret=sec0,iter-time=10",
-        ])
-        .arg(&img)
-        .arg("4M"));
+    let (pass, img, _) = qemu_img_luks1(dir.path(), b"right", "4M");
     let serve = |extra: &[&str], key: &std::path::Path| {
         std::process::Command::new(common::BIN)
             .args(["serve", "--socket"])
