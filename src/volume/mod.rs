@@ -164,15 +164,20 @@ impl Volume {
         let before = map.faults();
         let total: usize = bufs.iter().map(|b| b.len()).sum();
         let src = map.bytes(pos, total)?;
-        let first = self.first_sector(pos);
+        self.decrypt_into(self.first_sector(pos), src, &mut Segments::new(bufs));
+        Ok(self.copy_survived(map, before))
+    }
+
+    /// Decrypts the whole sectors of `src` (ciphertext of payload sectors
+    /// from `first` on) into the buffers at the cursor: the cipher is the
+    /// copy, and plaintext lands only in the caller's buffers.
+    fn decrypt_into(&self, first: u64, src: &[u8], segs: &mut Segments<'_, '_>) {
         let sector = self.sector_size();
-        let mut segs = Segments::new(bufs);
-        for_each_sector_run(&mut segs, total, sector, |index, run| {
+        for_each_sector_run(segs, src.len(), sector, |index, run| {
             let at = index as usize * sector;
             self.cipher
                 .decrypt_to(first + index, &src[at..at + run.len()], run)
         });
-        Ok(self.copy_survived(map, before))
     }
 
     /// Encrypts from the caller's buffers straight into the mapping: only
@@ -212,9 +217,7 @@ impl Volume {
             let chunk = scratch.slice_mut(len);
             self.file
                 .read_exact_at(chunk, self.payload_offset + pos + done as u64)?;
-            self.cipher
-                .decrypt(self.first_sector(pos + done as u64), chunk);
-            segs.copy_from(chunk);
+            self.decrypt_into(self.first_sector(pos + done as u64), chunk, &mut segs);
             done += len;
         }
         Ok(())
