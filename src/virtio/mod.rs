@@ -1,9 +1,11 @@
 //! virtio-blk on the wire: descriptor chains in, typed requests out.
 //! Every number a guest controls is checked here, once.
 
+mod chain;
 mod guest;
 mod request;
 
+pub use chain::chain_at;
 pub use guest::{GuestBufs, Unmapped};
 pub use request::{parse, Limits, Parsed, Request, RequestError, Segment};
 
