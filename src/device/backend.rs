@@ -1,12 +1,13 @@
 //! `VhostUserBackend` for the block device: per-queue state, one vring
 //! thread per queue, no lock shared between queues on the data path.
 
+use std::fs::File;
 use std::io;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -16,6 +17,7 @@ use vmm_sys_util::event::{
 
 use super::blk::{BlkDevice, Workspace};
 use super::config_space::{config_window, protocol_features, virtio_features, CryptoMode};
+use super::inflight::InflightRegion;
 use super::pool::Pool;
 use super::queue::{process_vring, QueueCtx};
 
@@ -33,6 +35,8 @@ pub struct BlkBackend {
     /// wait for it) ever locks it.
     workspaces: Vec<Mutex<Workspace>>,
     exit_events: Mutex<Vec<(EventNotifier, RawFd)>>,
+    /// The frontend's inflight region (SET_INFLIGHT_FD), if it sent one.
+    inflight: RwLock<Option<InflightRegion>>,
 }
 
 impl BlkBackend {
@@ -52,6 +56,7 @@ impl BlkBackend {
             event_idx: AtomicBool::new(false),
             workspaces,
             exit_events: Mutex::new(Vec::new()),
+            inflight: RwLock::new(None),
         }))
     }
 
@@ -103,6 +108,28 @@ impl VhostUserBackend for BlkBackend {
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         config_window(self.dev.config_space(), offset, size)
+    }
+
+    fn get_inflight_fd(&self, asked: &VhostUserInflight) -> io::Result<(VhostUserInflight, File)> {
+        let opts = self.dev.options();
+        InflightRegion::create(asked, opts.queues, opts.queue_size).map_err(|e| {
+            log::error!("GET_INFLIGHT_FD: {e}");
+            io::Error::other(e)
+        })
+    }
+
+    fn set_inflight_fd(&self, info: &VhostUserInflight, file: File) -> io::Result<()> {
+        let region = InflightRegion::open(info, file).map_err(|e| {
+            log::error!("SET_INFLIGHT_FD: {e}");
+            io::Error::other(e)
+        })?;
+        log::debug!(
+            "tracking in-flight requests of {} queues of {} entries",
+            info.num_queues,
+            info.queue_size
+        );
+        *self.inflight.write().unwrap_or_else(|p| p.into_inner()) = Some(region);
+        Ok(())
     }
 
     fn update_memory(&self, mem: Mem) -> io::Result<()> {
@@ -161,11 +188,18 @@ impl VhostUserBackend for BlkBackend {
                 .memory()
                 .into_inner()
         };
+        let inflight = self
+            .inflight
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .and_then(|region| region.queue(thread_id));
         let ctx = QueueCtx {
             dev: &self.dev,
             pool: self.pool.as_ref(),
             queue: thread_id,
             event_idx: self.event_idx.load(Ordering::Acquire),
+            inflight,
         };
         process_vring(&ctx, vring, &mem, &mut ws)
     }

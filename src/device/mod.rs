@@ -4,6 +4,7 @@
 mod backend;
 mod blk;
 mod config_space;
+mod inflight;
 mod pool;
 mod queue;
 mod ratelimit;

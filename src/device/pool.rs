@@ -18,6 +18,7 @@ use vhost_user_backend::VringRwLock;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::blk::{BlkDevice, Workspace};
+use super::inflight::InflightQueue;
 use super::queue::{finish_chain, IO_ERRORS};
 use crate::virtio::{Request, Segment, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 
@@ -34,6 +35,7 @@ struct Slot {
     segments: Vec<Segment>,
     vring: Option<VringRwLock>,
     mem: Option<Arc<GuestMemoryMmap>>,
+    inflight: Option<Arc<InflightQueue>>,
     parts: usize,
     parts_left: AtomicUsize,
     failed: AtomicBool,
@@ -46,6 +48,8 @@ pub struct Accepted {
     pub head: u16,
     pub status: GuestAddress,
     pub request: Request,
+    /// Where the queue tracks in-flight chains, if the frontend asked for it.
+    pub inflight: Option<Arc<InflightQueue>>,
 }
 
 struct Job {
@@ -153,6 +157,7 @@ impl Pool {
             head,
             status,
             request,
+            inflight,
         } = accepted;
         let mut slot = self.slots[queue].take();
         let parts = self.parts_for(&request);
@@ -166,6 +171,7 @@ impl Pool {
             s.segments.extend_from_slice(segments);
             s.vring = Some(vring.clone());
             s.mem = Some(mem.clone());
+            s.inflight = inflight;
             s.parts = parts;
             *s.parts_left.get_mut() = parts;
             *s.failed.get_mut() = false;
@@ -317,7 +323,7 @@ fn complete(slot: &Slot) {
         Ok(()) => written + 1,
         Err(_) => 0,
     };
-    if let Err(e) = finish_chain(vring, slot.head, used) {
+    if let Err(e) = finish_chain(vring, slot.inflight.as_deref(), slot.head, used) {
         log::warn!("cannot complete request {}: {e}", slot.head);
     }
 }

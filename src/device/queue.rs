@@ -1,5 +1,6 @@
 //! One virtqueue's loop: pop chains, parse, then run each request inline
-//! (on this vring thread) or hand it to the worker pool.
+//! (on this vring thread) or hand it to the worker pool. After a daemon
+//! restart, the chains the previous process left in flight run first.
 
 use std::io;
 use std::num::Wrapping;
@@ -7,14 +8,16 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use vhost_user_backend::{VringRwLock, VringT};
+use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::blk::{BlkDevice, Workspace};
 use super::config_space::CryptoMode;
+use super::inflight::InflightQueue;
 use super::pool::{Accepted, Pool};
 use super::ratelimit::RateLimited;
-use crate::virtio::{parse, Parsed, Request, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
+use crate::virtio::{chain_at, parse, Parsed, Request, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 
 pub static GUEST_ERRORS: RateLimited = RateLimited::new(10);
 pub static IO_ERRORS: RateLimited = RateLimited::new(10);
@@ -25,6 +28,8 @@ pub struct QueueCtx<'a> {
     pub pool: Option<&'a Pool>,
     pub queue: usize,
     pub event_idx: bool,
+    /// Where this queue tracks in-flight chains (SET_INFLIGHT_FD), if anywhere.
+    pub inflight: Option<Arc<InflightQueue>>,
 }
 
 /// The guest memory map as of now (the frontend may add regions at any time).
@@ -38,6 +43,9 @@ pub fn process_vring(
     mem: MemNow<'_>,
     ws: &mut Workspace,
 ) -> io::Result<()> {
+    if let Some(tracker) = ctx.inflight.as_deref().filter(|t| t.claim_recovery()) {
+        resubmit(ctx, tracker, vring, mem, ws)?;
+    }
     loop {
         if ctx.event_idx {
             vring.disable_notification().map_err(io::Error::other)?;
@@ -114,30 +122,99 @@ fn drain(
             ));
             continue;
         }
-        let parsed = parse(&**mem, head, chain, ctx.dev.limits(), &mut ws.segments);
-        match (to_pool(ctx, &parsed), parsed.status) {
-            (Some((pool, request)), Some(status)) => pool.submit(
-                vring,
-                mem,
-                Accepted {
-                    queue: ctx.queue,
-                    head,
-                    status,
-                    request,
-                },
-                &ws.segments,
-            ),
-            _ => {
-                let used = complete(ctx.dev, &**mem, parsed, ws);
-                vring.add_used(head, used).map_err(io::Error::other)?;
-                completed = true;
-            }
+        if let Some(tracker) = &ctx.inflight {
+            tracker.begin(head);
         }
+        completed |= serve(ctx, vring, mem, ws, head, chain)?;
     }
-    if completed && vring.needs_notification().map_err(io::Error::other)? {
-        vring.signal_used_queue()?;
+    if completed {
+        notify_guest(vring)?;
     }
     Ok(ring_ok)
+}
+
+/// Runs again what the previous daemon process popped but never completed
+/// (see inflight.rs), oldest first, and moves the avail index past every
+/// chain that process popped.
+fn resubmit(
+    ctx: &QueueCtx<'_>,
+    tracker: &InflightQueue,
+    vring: &VringRwLock,
+    mem_now: MemNow<'_>,
+    ws: &mut Workspace,
+) -> io::Result<()> {
+    let ring_mem = mem_now();
+    let (recovery, table, size) = {
+        let mut state = vring.get_mut();
+        let queue = state.get_queue_mut();
+        let used = match queue.used_idx(&*ring_mem, Ordering::Acquire) {
+            Ok(used) => used.0,
+            Err(e) => {
+                GUEST_ERRORS.warn(format_args!(
+                    "guest used ring unreadable ({e}); in-flight requests not resubmitted"
+                ));
+                return Ok(());
+            }
+        };
+        let recovery = tracker.recover(used, queue.size());
+        queue.set_next_avail(recovery.next_avail);
+        (recovery, GuestAddress(queue.desc_table()), queue.size())
+    };
+    if recovery.heads.is_empty() {
+        return Ok(());
+    }
+    log::info!(
+        "queue {}: running {} requests again that the previous daemon left unanswered",
+        ctx.queue,
+        recovery.heads.len()
+    );
+    let mut completed = false;
+    for head in recovery.heads {
+        let mem = &mem_now();
+        completed |= serve(
+            ctx,
+            vring,
+            mem,
+            ws,
+            head,
+            chain_at(&**mem, table, size, head),
+        )?;
+    }
+    if completed {
+        notify_guest(vring)?;
+    }
+    Ok(())
+}
+
+/// Parses one chain and runs it, in the pool or here. Returns whether it
+/// was completed here (the caller interrupts the guest once per batch).
+fn serve(
+    ctx: &QueueCtx<'_>,
+    vring: &VringRwLock,
+    mem: &Arc<GuestMemoryMmap>,
+    ws: &mut Workspace,
+    head: u16,
+    descs: impl Iterator<Item = Descriptor>,
+) -> io::Result<bool> {
+    let parsed = parse(&**mem, head, descs, ctx.dev.limits(), &mut ws.segments);
+    match (to_pool(ctx, &parsed), parsed.status) {
+        (Some((pool, request)), Some(status)) => {
+            let accepted = Accepted {
+                queue: ctx.queue,
+                head,
+                status,
+                request,
+                inflight: ctx.inflight.clone(),
+            };
+            pool.submit(vring, mem, accepted, &ws.segments);
+            Ok(false)
+        }
+        _ => {
+            let used = complete(ctx.dev, &**mem, parsed, ws);
+            put_used(vring, ctx.inflight.as_deref(), head, used)?;
+            Ok(true)
+        }
+    }
 }
 
 /// The placement decision: valid requests go to the pool in `workers`
@@ -154,8 +231,37 @@ fn to_pool<'a>(ctx: &QueueCtx<'a>, parsed: &Parsed) -> Option<(&'a Pool, Request
 
 /// Returns a chain to the guest from any thread and interrupts it if the
 /// event-index rules say so.
-pub fn finish_chain(vring: &VringRwLock, head: u16, used: u32) -> io::Result<()> {
-    vring.add_used(head, used).map_err(io::Error::other)?;
+pub fn finish_chain(
+    vring: &VringRwLock,
+    tracker: Option<&InflightQueue>,
+    head: u16,
+    used: u32,
+) -> io::Result<()> {
+    put_used(vring, tracker, head, used)?;
+    notify_guest(vring)
+}
+
+/// Puts a chain in the used ring. With inflight tracking its mark is
+/// cleared around the used-ring update in the order inflight.rs relies on,
+/// all under the vring lock so that completions from several threads
+/// cannot interleave their steps.
+fn put_used(
+    vring: &VringRwLock,
+    tracker: Option<&InflightQueue>,
+    head: u16,
+    used: u32,
+) -> io::Result<()> {
+    let mut state = vring.get_mut();
+    let Some(tracker) = tracker else {
+        return state.add_used(head, used).map_err(io::Error::other);
+    };
+    tracker.before_used(head);
+    state.add_used(head, used).map_err(io::Error::other)?;
+    tracker.after_used(head, state.get_queue().next_used());
+    Ok(())
+}
+
+fn notify_guest(vring: &VringRwLock) -> io::Result<()> {
     if vring.needs_notification().map_err(io::Error::other)? {
         vring.signal_used_queue()?;
     }

@@ -72,6 +72,9 @@ pub fn allowed() -> Vec<(&'static str, i64)> {
         SYS_brk,
         SYS_mlock,
         SYS_munlock,
+        // the inflight region (GET_INFLIGHT_FD: a memfd of the right size)
+        SYS_memfd_create,
+        SYS_ftruncate,
         // threads (creation is `clone` with CLONE_THREAD, below)
         SYS_futex,
         SYS_set_robust_list,

@@ -11,7 +11,9 @@ use std::path::Path;
 use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::{
+    VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
+};
 pub use vhost::vhost_user::VhostUserFrontend;
 use vhost::vhost_user::{Frontend, VhostUserVirtioFeatures};
 pub use vhost::VhostBackend;
@@ -244,6 +246,47 @@ pub struct RawGuest {
     event_idx: bool,
 }
 
+/// The inflight region a frontend got from GET_INFLIGHT_FD and keeps
+/// across daemon restarts.
+pub struct Inflight {
+    pub info: VhostUserInflight,
+    pub file: std::fs::File,
+}
+
+/// Connects, negotiates the device features (VERSION_1, INDIRECT_DESC,
+/// optionally EVENT_IDX) and REPLY_ACK plus `protocol`.
+fn open_frontend(
+    socket: &Path,
+    event_idx: bool,
+    protocol: VhostUserProtocolFeatures,
+) -> VResult<(Frontend, UnixStream)> {
+    let stream = connect_stream(socket);
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("socket timeout");
+    let raw = stream.try_clone().expect("clone socket");
+    let mut fe = Frontend::from_stream(stream, FRONTEND_MAX_QUEUES);
+    fe.set_owner()?;
+    let offered = fe.get_features()?;
+    assert_ne!(
+        offered & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
+        0
+    );
+    let proto = fe.get_protocol_features()?;
+    fe.set_protocol_features(proto & (VhostUserProtocolFeatures::REPLY_ACK | protocol))?;
+    // Every later message waits for the daemon's ack, so each step is
+    // known to be processed before the next.
+    fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    // VERSION_1 | INDIRECT_DESC | PROTOCOL_FEATURES, no EVENT_IDX: the
+    // daemon interrupts on every used entry.
+    let mut want = (1u64 << 32) | (1 << 28) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+    if event_idx {
+        want |= 1 << 29;
+    }
+    fe.set_features(offered & want)?;
+    Ok((fe, raw))
+}
+
 /// Frontend's own queue-index check is set far above the daemon's queue
 /// count so that out-of-range indices reach the daemon.
 const FRONTEND_MAX_QUEUES: u64 = 1024;
@@ -258,31 +301,52 @@ impl RawGuest {
 
     /// `handshake`, optionally negotiating VIRTIO_RING_F_EVENT_IDX.
     pub fn handshake_with(socket: &Path, event_idx: bool) -> VResult<RawGuest> {
-        let stream = connect_stream(socket);
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("socket timeout");
-        let raw = stream.try_clone().expect("clone socket");
-        let mut fe = Frontend::from_stream(stream, FRONTEND_MAX_QUEUES);
-        fe.set_owner()?;
-        let offered = fe.get_features()?;
-        assert_ne!(
-            offered & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
-            0
-        );
-        let proto = fe.get_protocol_features()?;
-        fe.set_protocol_features(proto & VhostUserProtocolFeatures::REPLY_ACK)?;
-        // Every later message waits for the daemon's ack, so each step is
-        // known to be processed before the next.
-        fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-        // VERSION_1 | INDIRECT_DESC | PROTOCOL_FEATURES, no EVENT_IDX: the
-        // daemon interrupts on every used entry.
-        let mut want = (1u64 << 32) | (1 << 28) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        if event_idx {
-            want |= 1 << 29;
-        }
-        fe.set_features(offered & want)?;
-        let mem = GuestMem::new();
+        let (fe, raw) = open_frontend(socket, event_idx, VhostUserProtocolFeatures::empty())?;
+        Self::with_memory(fe, raw, GuestMem::new(), event_idx)
+    }
+
+    /// `handshake` with INFLIGHT_SHMFD: asks for a region for `queues`
+    /// queues of `qsize` entries and hands it back, before the memory
+    /// table, as QEMU does.
+    pub fn handshake_inflight(
+        socket: &Path,
+        queues: u16,
+        qsize: u16,
+    ) -> VResult<(RawGuest, Inflight)> {
+        let (mut fe, raw) =
+            open_frontend(socket, false, VhostUserProtocolFeatures::INFLIGHT_SHMFD)?;
+        let (info, file) = fe.get_inflight_fd(&VhostUserInflight::new(0, 0, queues, qsize))?;
+        fe.set_inflight_fd(&info, file.as_raw_fd())?;
+        let g = Self::with_memory(fe, raw, GuestMem::new(), false)?;
+        Ok((g, Inflight { info, file }))
+    }
+
+    /// What QEMU does when its reconnecting chardev reaches a restarted
+    /// daemon: the same guest memory and rings, the inflight region it
+    /// kept, and queue 0 restarted at the ring's used index (its fallback
+    /// when GET_VRING_BASE failed on the dead daemon). No kick: a guest
+    /// waiting for its requests has nothing new to submit.
+    pub fn reconnect(self, socket: &Path, inflight: &Inflight) -> VResult<RawGuest> {
+        let (mut fe, raw) = open_frontend(
+            socket,
+            self.event_idx,
+            VhostUserProtocolFeatures::INFLIGHT_SHMFD,
+        )?;
+        fe.set_inflight_fd(&inflight.info, inflight.file.as_raw_fd())?;
+        fe.set_mem_table(&[self.mem.region()])?;
+        let mut g = RawGuest { fe, raw, ..self };
+        let base = g.mem.read_u16(USED + 2);
+        g.used_seen = base;
+        g.restart_queue(0, g.qsize, base)?;
+        Ok(g)
+    }
+
+    fn with_memory(
+        fe: Frontend,
+        raw: UnixStream,
+        mem: GuestMem,
+        event_idx: bool,
+    ) -> VResult<RawGuest> {
         fe.set_mem_table(&[mem.region()])?;
         Ok(RawGuest {
             fe,
@@ -311,11 +375,17 @@ impl RawGuest {
     /// SET_VRING_NUM/BASE/ADDR/KICK/CALL/ENABLE for one queue, rings at
     /// DESC/AVAIL/USED.
     pub fn start_queue(&mut self, index: usize, qsize: u16) -> VResult<()> {
-        self.qsize = qsize;
         self.mem.write(AVAIL, &[0; 0x1000]);
         self.mem.write(USED, &[0; 0x1000]);
+        self.restart_queue(index, qsize, 0)
+    }
+
+    /// `start_queue` on rings that already hold requests, from avail
+    /// index `base` on.
+    pub fn restart_queue(&mut self, index: usize, qsize: u16, base: u16) -> VResult<()> {
+        self.qsize = qsize;
         self.fe.set_vring_num(index, qsize)?;
-        self.fe.set_vring_base(index, 0)?;
+        self.fe.set_vring_base(index, base)?;
         self.set_vring_addr(
             index,
             self.mem.va(DESC),
