@@ -9,11 +9,11 @@
 #   bash integration/e2e-qemu.sh                   # BACKEND=cryptblk (default): three runs,
 #       a qemu-img LUKS1 image served in plain mode with its volume key and
 #       payload offset (--crypto inline); a cryptsetup LUKS2 image with 4 KiB
-#       sectors unlocked by passphrase (--crypto auto); a plain image with
+#       sectors unlocked by passphrase (--crypto inline --io pread); a plain image with
 #       --crypto workers, a small --split-threshold, --direct and
 #       --allow-discards; then the negative control below, which must fail on
 #       exactly the ciphertext checks
-#   E2E_FORMAT=plain E2E_SERVE_ARGS='--crypto auto' bash integration/e2e-qemu.sh  # one run
+#   E2E_FORMAT=plain E2E_SERVE_ARGS='--crypto workers' bash integration/e2e-qemu.sh  # one run
 #   BACKEND=qsd bash integration/e2e-qemu.sh       # qemu-storage-daemon's luks export
 #   BACKEND=plaintext bash integration/e2e-qemu.sh # negative control: MUST fail
 #
@@ -507,7 +507,7 @@ all_runs() {
   resolve_cryptblk
   export CRYPTBLK
   E2E_FORMAT=luks1 E2E_UNLOCK=key E2E_SERVE_ARGS='--crypto inline' bash "${BASH_SOURCE[0]}" || status=1
-  E2E_FORMAT=luks2 E2E_UNLOCK=passphrase E2E_SERVE_ARGS='--crypto auto' bash "${BASH_SOURCE[0]}" || status=1
+  E2E_FORMAT=luks2 E2E_UNLOCK=passphrase E2E_SERVE_ARGS='--crypto inline --io pread' bash "${BASH_SOURCE[0]}" || status=1
   E2E_FORMAT=plain E2E_SERVE_ARGS='--crypto workers --split-threshold 16K --direct --allow-discards' \
     bash "${BASH_SOURCE[0]}" || status=1
   log "negative control: BACKEND=plaintext must fail (log: $control)"

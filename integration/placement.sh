@@ -8,7 +8,6 @@
 #   inline      --crypto inline
 #   workers1    --crypto workers --workers 1
 #   workers2    --crypto workers --workers 2
-#   auto        --crypto auto --workers 2 (inline below --split-threshold)
 #   none-pread, inline-pread: the same with --io pread (the others use
 #               --io mmap), run on the 4K QD32 and 1M workloads only
 # Workloads: 4K randread QD1 and QD32, 4K randwrite QD32, 128K seq read and
@@ -21,8 +20,8 @@
 # memory paths, not the disk.
 #
 # Knobs (environment): SIZE=1G RUNTIME=3 (s per run) ROUNDS=3
-# QUEUE_COUNTS="1 2" TARGETS="none inline workers1 workers2 auto none-pread
-# inline-pread" SPLIT= (--split-threshold for workers/auto, default the
+# QUEUE_COUNTS="1 2" TARGETS="none inline workers1 workers2 none-pread
+# inline-pread" SPLIT= (--split-threshold for workers, default the
 # daemon's) KEEP=1 (keep the work dir with results.tsv). Needs jq.
 set -euo pipefail
 
@@ -30,7 +29,7 @@ SIZE=${SIZE:-1G}
 RUNTIME=${RUNTIME:-3}
 ROUNDS=${ROUNDS:-3}
 QUEUE_COUNTS=${QUEUE_COUNTS:-"1 2"}
-TARGETS=${TARGETS:-"none inline workers1 workers2 auto none-pread inline-pread"}
+TARGETS=${TARGETS:-"none inline workers1 workers2 none-pread inline-pread"}
 SPLIT=${SPLIT:-}
 WORKLOADS=(
   "4k-randread-qd1   --rw randread  --bs 4k   --iodepth 1"
@@ -84,7 +83,6 @@ target_args() { # target -> daemon options
     inline) echo --key-file "$WORK/key" --crypto inline --io $io ;;
     workers1) echo --key-file "$WORK/key" --crypto workers --workers 1 --io $io "${split[@]}" ;;
     workers2) echo --key-file "$WORK/key" --crypto workers --workers 2 --io $io "${split[@]}" ;;
-    auto) echo --key-file "$WORK/key" --crypto auto --workers 2 --io $io "${split[@]}" ;;
     *) die "unknown target $1" ;;
   esac
 }
@@ -160,7 +158,7 @@ val() { # queues target workload -> raw throughput number (IOPS or MiB/s)
   median "$1" "$2" "$3" $col
 }
 main_targets=()
-for t in none inline workers1 workers2 auto; do has "$t" && main_targets+=("$t"); done
+for t in none inline workers1 workers2; do has "$t" && main_targets+=("$t"); done
 
 echo
 echo "### cryptblk placement: $SIZE image in the page cache, --io mmap, ${RUNTIME}s runs, median of $ROUNDS rounds (rotated order)"
@@ -169,20 +167,18 @@ echo "Throughput: 4K rows in IOPS (k = 1000), other rows in MiB/s."
 echo
 printf '| workload | Q |'
 for t in "${main_targets[@]}"; do printf ' %s |' "$t"; done
-printf ' inline/none | workers1/inline | workers2/inline | auto/inline | auto/best other |\n'
+printf ' inline/none | workers1/inline | workers2/inline |\n'
 printf '|---|---|'
 for _ in "${main_targets[@]}"; do printf -- '---:|'; done
-printf -- '---:|---:|---:|---:|---:|\n'
+printf -- '---:|---:|---:|\n'
 for q in $QUEUE_COUNTS; do
   for workload in "${WORKLOADS[@]}"; do
     read -r name _ <<<"$workload"
     printf '| %s | %s |' "$name" "$q"
     for t in "${main_targets[@]}"; do printf ' %s |' "$(thr "$q" "$t" "$name")"; done
     inl=$(val "$q" inline "$name")
-    best=$(for t in inline workers1 workers2; do val "$q" "$t" "$name"; done | grep -v nan | sort -g | tail -1)
-    printf ' %s | %s | %s | %s | %s |\n' "$(ratio "$inl" "$(val "$q" none "$name")")" \
-      "$(ratio "$(val "$q" workers1 "$name")" "$inl")" "$(ratio "$(val "$q" workers2 "$name")" "$inl")" \
-      "$(ratio "$(val "$q" auto "$name")" "$inl")" "$(ratio "$(val "$q" auto "$name")" "${best:-nan}")"
+    printf ' %s | %s | %s |\n' "$(ratio "$inl" "$(val "$q" none "$name")")" \
+      "$(ratio "$(val "$q" workers1 "$name")" "$inl")" "$(ratio "$(val "$q" workers2 "$name")" "$inl")"
   done
 done
 

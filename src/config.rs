@@ -151,10 +151,10 @@ pub struct ServeArgs {
     /// LUKS: skip this many bytes at the start of the key file.
     #[arg(long, value_name = "BYTES")]
     pub keyfile_offset: Option<u64>,
-    /// Where crypto runs: inline (vring thread), workers (pool) or auto.
+    /// Where crypto runs: inline (vring thread) or workers (pool).
     #[arg(long, value_enum)]
     pub crypto: Option<CryptoMode>,
-    /// Worker threads for --crypto workers/auto (default: one per queue).
+    /// Worker threads for --crypto workers (default: one per queue).
     #[arg(long)]
     pub workers: Option<usize>,
     /// Reads/writes at least this large are split across workers (default 512K).

@@ -43,7 +43,7 @@ fn every_mode_serves_verified_writes_and_reconnects() {
                 "--queues",
                 "2",
                 "--crypto",
-                "auto",
+                "workers",
                 "--allow-discards",
                 "--sandbox",
                 mode,

@@ -262,40 +262,36 @@ fn bad_options_fail_with_a_message_and_no_socket() {
 }
 
 /// `--crypto workers` cuts large requests into parts that workers run in
-/// parallel (and `auto` keeps small ones inline): every part lands in its
-/// place, with dm-crypt's ciphertext.
+/// parallel: every part lands in its place, with dm-crypt's ciphertext.
 fn split_requests_on_workers_round_trip(io: &str) {
-    for crypto in ["workers", "auto"] {
-        let dir = tempfile::tempdir().unwrap();
-        let extra = [
-            "--crypto",
-            crypto,
-            "--workers",
-            "2",
-            "--split-threshold",
-            "64K",
-        ];
-        let (d, img, key) = serve_encrypted(dir.path(), io, "8M", "2", &extra);
-        let mut c = Client::connect(&d.socket, 2);
-        let big = pattern(7, 1 << 20, 1 << 20);
-        assert_eq!(c.write(0, 1 << 20, &big), 0, "{crypto}");
-        let small = pattern(8, 4096, 4096);
-        assert_eq!(c.write(1, 4096, &small), 0, "{crypto}");
-        assert_eq!(c.read(1, 1 << 20, 1 << 20).unwrap(), big, "{crypto}");
-        assert_eq!(
-            c.read(0, (1 << 20) + 65536, 8192).unwrap(),
-            big[65536..65536 + 8192],
-            "{crypto}"
-        );
-        assert_eq!(c.read(0, 4096, 4096).unwrap(), small, "{crypto}");
-        assert_eq!(c.flush(1), 0);
-        drop(c);
-        assert!(d.terminate().success());
-        let raw = std::fs::read(&img).unwrap();
-        let mut expect = big.clone();
-        cipher(&key, 512, 0).encrypt((1 << 20) / 512, &mut expect);
-        assert_eq!(&raw[1 << 20..2 << 20], &expect[..], "{crypto}");
-    }
+    let dir = tempfile::tempdir().unwrap();
+    let extra = [
+        "--crypto",
+        "workers",
+        "--workers",
+        "2",
+        "--split-threshold",
+        "64K",
+    ];
+    let (d, img, key) = serve_encrypted(dir.path(), io, "8M", "2", &extra);
+    let mut c = Client::connect(&d.socket, 2);
+    let big = pattern(7, 1 << 20, 1 << 20);
+    assert_eq!(c.write(0, 1 << 20, &big), 0);
+    let small = pattern(8, 4096, 4096);
+    assert_eq!(c.write(1, 4096, &small), 0);
+    assert_eq!(c.read(1, 1 << 20, 1 << 20).unwrap(), big);
+    assert_eq!(
+        c.read(0, (1 << 20) + 65536, 8192).unwrap(),
+        big[65536..65536 + 8192]
+    );
+    assert_eq!(c.read(0, 4096, 4096).unwrap(), small);
+    assert_eq!(c.flush(1), 0);
+    drop(c);
+    assert!(d.terminate().success());
+    let raw = std::fs::read(&img).unwrap();
+    let mut expect = big.clone();
+    cipher(&key, 512, 0).encrypt((1 << 20) / 512, &mut expect);
+    assert_eq!(&raw[1 << 20..2 << 20], &expect[..]);
 }
 
 /// The image shrinks under a daemon serving it through a mapping: the guest

@@ -27,7 +27,7 @@ type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
 /// connection, so nothing a previous VMM negotiated leaks into the next.
 pub struct BlkBackend {
     dev: Arc<BlkDevice>,
-    /// The worker pool (`workers` and `auto` modes).
+    /// The worker pool (`workers` mode).
     pool: Option<Pool>,
     mem: RwLock<Mem>,
     event_idx: AtomicBool,
@@ -47,7 +47,7 @@ impl BlkBackend {
             .collect();
         let pool = match opts.crypto {
             CryptoMode::Inline => None,
-            CryptoMode::Workers | CryptoMode::Auto => Some(Pool::new(&dev)?),
+            CryptoMode::Workers => Some(Pool::new(&dev)?),
         };
         Ok(Arc::new(BlkBackend {
             dev,

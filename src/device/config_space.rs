@@ -22,8 +22,6 @@ pub enum CryptoMode {
     Inline,
     /// On a bounded pool of worker threads; large requests are split.
     Workers,
-    /// Inline below --split-threshold, split across workers above it.
-    Auto,
 }
 
 /// What the operator chose for the device (not the image).

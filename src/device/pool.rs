@@ -190,11 +190,6 @@ impl Pool {
         }
     }
 
-    /// Whether `request` would be split (used by `auto` to route it here).
-    pub fn wants(&self, request: &Request) -> bool {
-        self.parts_for(request) > 1
-    }
-
     fn parts_for(&self, request: &Request) -> usize {
         match request {
             Request::Read { len, .. } | Request::Write { len, .. }

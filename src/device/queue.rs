@@ -13,7 +13,6 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::blk::{BlkDevice, Workspace};
-use super::config_space::CryptoMode;
 use super::inflight::InflightQueue;
 use super::pool::{Accepted, Pool};
 use super::ratelimit::RateLimited;
@@ -217,16 +216,10 @@ fn serve(
     }
 }
 
-/// The placement decision: valid requests go to the pool in `workers`
-/// mode; in `auto` only those the pool would split across workers do.
+/// The placement decision: with a pool (`--crypto workers`) every valid
+/// request goes to it; errors are answered here, without a hand-off.
 fn to_pool<'a>(ctx: &QueueCtx<'a>, parsed: &Parsed) -> Option<(&'a Pool, Request)> {
-    let pool = ctx.pool?;
-    let request = *parsed.request.as_ref().ok()?;
-    match ctx.dev.options().crypto {
-        CryptoMode::Inline => None,
-        CryptoMode::Workers => Some((pool, request)),
-        CryptoMode::Auto => pool.wants(&request).then_some((pool, request)),
-    }
+    Some((ctx.pool?, *parsed.request.as_ref().ok()?))
 }
 
 /// Returns a chain to the guest from any thread and interrupts it if the
