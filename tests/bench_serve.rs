@@ -36,37 +36,61 @@ fn key_file(dir: &Path) -> String {
 }
 
 fn serve_fresh(dir: &Path, name: &str, cipher: &str, queues: u32) -> Target {
+    serve_fresh_with(dir, name, cipher, queues, &[])
+}
+
+fn serve_fresh_with(dir: &Path, name: &str, cipher: &str, queues: u32, extra: &[&str]) -> Target {
     let image = dir.join(format!("{name}.img"));
     let key = key_file(dir);
     let queues = queues.to_string();
-    serve(
-        dir,
-        name,
-        &[
-            "--image",
-            image.to_str().unwrap(),
-            "--size",
-            "16M",
-            "--key-file",
-            &key,
-            "--cipher",
-            cipher,
-            "--queues",
-            &queues,
-        ],
-    )
+    let mut args = vec![
+        "--image",
+        image.to_str().unwrap(),
+        "--size",
+        "16M",
+        "--key-file",
+        &key,
+        "--cipher",
+        cipher,
+        "--queues",
+        &queues,
+    ];
+    args.extend_from_slice(extra);
+    serve(dir, name, &args)
 }
 
+/// Every crypto placement and I/O path passes the same verify runs under
+/// load (QD16 random writes, 256K sequential writes that the workers split,
+/// a random read/write mix), on one and on two queues.
 #[test]
-fn verify_on_one_and_two_queues() {
-    let dir = tempfile::tempdir().unwrap();
-    let target = serve_fresh(dir.path(), "xts", "aes-xts-plain64", 2);
+fn verify_on_one_and_two_queues_in_every_mode() {
+    let modes: [&[&str]; 4] = [
+        &["--crypto", "inline"],
+        &["--crypto", "inline", "--io", "pread"],
+        &[
+            "--crypto",
+            "workers",
+            "--workers",
+            "2",
+            "--split-threshold",
+            "64K",
+        ],
+        &["--crypto", "workers", "--workers", "1", "--io", "pread"],
+    ];
+    for (i, mode) in modes.iter().enumerate() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = serve_fresh_with(dir.path(), &format!("m{i}"), "aes-xts-plain64", 2, mode);
+        verify_runs(&target);
+    }
+}
+
+fn verify_runs(target: &Target) {
     for queues in [1, 2] {
         let random = JobSpec {
             size: Some(4 * MIB),
             verify: true,
             seed: u64::from(queues),
-            ..job(&target, RwMode::RandWrite, 4096, 16, queues)
+            ..job(target, RwMode::RandWrite, 4096, 16, queues)
         };
         let report = run(&random).expect("randwrite verify");
         assert_clean(&report);
@@ -75,7 +99,7 @@ fn verify_on_one_and_two_queues() {
         let sequential = JobSpec {
             len: Some(8 * MIB),
             verify: true,
-            ..job(&target, RwMode::Write, 256 * 1024, 4, queues)
+            ..job(target, RwMode::Write, 256 * 1024, 4, queues)
         };
         let report = run(&sequential).expect("write verify");
         assert_clean(&report);
@@ -84,7 +108,7 @@ fn verify_on_one_and_two_queues() {
         let mixed = JobSpec {
             size: Some(2 * MIB),
             verify: true,
-            ..job(&target, RwMode::RandRw, 8192, 8, queues)
+            ..job(target, RwMode::RandRw, 8192, 8, queues)
         };
         assert_clean(&run(&mixed).expect("randrw verify"));
     }
