@@ -40,6 +40,8 @@ LOG_TAG=e2e
 . "$INTEGRATION_DIR/guest/kernel.sh"
 # shellcheck source=integration/guest/initramfs.sh
 . "$INTEGRATION_DIR/guest/initramfs.sh"
+# shellcheck source=integration/guest/vm.sh
+. "$INTEGRATION_DIR/guest/vm.sh"
 
 BACKEND=${BACKEND:-cryptblk}
 FORMAT=${E2E_FORMAT:-luks1}
@@ -59,7 +61,6 @@ esac
 [ "$FORMAT" = luks1 ] || [ "$BACKEND" != qsd ] ||
   die "qemu-storage-daemon serves only LUKS1 images: E2E_FORMAT=$FORMAT needs BACKEND=cryptblk"
 TIMEOUT=${E2E_TIMEOUT:-180}
-E2E_PROFILE=${E2E_PROFILE:-debug}
 CPUS=2
 QUEUES=2
 MEM=512M
@@ -101,20 +102,7 @@ BACKEND_LOG=$RUN/backend.log
 RUNID=$(od -An -tx4 -N4 /dev/urandom | tr -d ' ')
 MARKER=CRYPTBLK-E2E-$RUNID
 
-backend_pid=
-qemu_pid=
-cleanup() {
-  local pid
-  for pid in $qemu_pid $backend_pid; do
-    kill "$pid" 2>/dev/null || true
-  done
-  # The key and passphrase are test values, but still do not leave them around.
-  rm -f "$KEYFILE" "$PASSFILE" "$RUN/initramfs/e2e/passphrase" "$RUN/initramfs/e2e/volume.key"
-}
-trap cleanup EXIT
-# Turn signals into an exit so that the EXIT trap always runs.
-trap 'exit 130' INT
-trap 'exit 143' TERM
+cleanup_on_exit "$KEYFILE" "$PASSFILE" "$RUN/initramfs/e2e/passphrase" "$RUN/initramfs/e2e/volume.key"
 
 # gen_pattern TAG OFF LEN: LEN bytes of 64-byte records, each naming the run,
 # the tag and its own byte offset on the disk, so that a misplaced or stale
@@ -255,21 +243,6 @@ EOF
   cp -a "$RUN/fs-src" "$e2e/fs-src"
 }
 
-resolve_cryptblk() {
-  if [ -n "${CRYPTBLK:-}" ]; then
-    [ -x "$CRYPTBLK" ] || die "CRYPTBLK=$CRYPTBLK is not an executable"
-  else
-    need_tools cargo
-    local flag=()
-    [ "$E2E_PROFILE" = debug ] || flag=(--profile "$E2E_PROFILE")
-    log "building cryptblk ($E2E_PROFILE)"
-    (cd "$REPO_DIR" && cargo build --quiet --bin cryptblk "${flag[@]}") || die "cargo build failed"
-    CRYPTBLK=${CARGO_TARGET_DIR:-$REPO_DIR/target}/$E2E_PROFILE/cryptblk
-  fi
-  "$CRYPTBLK" serve --help >/dev/null 2>&1 ||
-    die "$CRYPTBLK has no 'serve' subcommand (yet?); BACKEND=qsd runs the test against qemu-storage-daemon"
-}
-
 start_backend() {
   rm -f "$SOCK"
   case $BACKEND in
@@ -303,71 +276,15 @@ start_backend() {
     *) die "unknown BACKEND=$BACKEND (cryptblk, qsd or plaintext)" ;;
   esac
   backend_pid=$!
-  local i
-  for i in $(seq 100); do
-    [ -S "$SOCK" ] && return 0
-    kill -0 "$backend_pid" 2>/dev/null || break
-    sleep 0.1
-  done
-  tail -20 "$BACKEND_LOG" >&2
-  die "$BACKEND did not create its socket $SOCK"
-}
-
-# Stops the backend once the guest is gone (it may already have exited when the
-# frontend disconnected): SIGTERM must make it exit cleanly and promptly.
-stop_backend() {
-  local i rc=0
-  if kill -0 "$backend_pid" 2>/dev/null; then
-    kill -TERM "$backend_pid"
-    for i in $(seq 100); do
-      kill -0 "$backend_pid" 2>/dev/null || break
-      sleep 0.1
-    done
-    if kill -0 "$backend_pid" 2>/dev/null; then
-      kill -KILL "$backend_pid"
-      wait "$backend_pid" 2>/dev/null || true
-      backend_pid=
-      die "$BACKEND did not exit within 10 s of SIGTERM"
-    fi
-  fi
-  wait "$backend_pid" || rc=$?
-  backend_pid=
-  # 143: ended by the SIGTERM we sent, without handling it.
-  [ "$rc" = 0 ] || [ "$rc" = 143 ] || {
-    tail -20 "$BACKEND_LOG" >&2
-    die "$BACKEND exited with status $rc"
-  }
-  BACKEND_EXIT=$rc
-}
-
-qemu_accel() {
-  if { [ -d /sys/module/kvm_intel ] || [ -d /sys/module/kvm_amd ]; } && [ -w /dev/kvm ]; then
-    echo "-accel kvm -cpu host"
-  else
-    # /dev/kvm may be a paravirtual hypervisor that Debian's kernel dies under.
-    echo "-accel tcg,thread=multi -cpu max"
-  fi
+  wait_for_socket
 }
 
 run_guest() {
-  local accel rc=0
-  accel=$(qemu_accel)
-  local cmdline_extra=quiet
-  [ "${E2E_DEBUG:-0}" = 0 ] || cmdline_extra=e2edebug
-  log "booting the guest ($accel, $CPUS vCPUs, $QUEUES queues, timeout ${TIMEOUT}s)"
-  # shellcheck disable=SC2086 # $accel is a list of options
+  local rc=0
+  guest_qemu_args "$RUN/initramfs.cpio"
+  log "booting the guest (timeout ${TIMEOUT}s)"
   # No -no-reboot: the guest reboots once (see guest/test.sh).
-  timeout -k 5 "$TIMEOUT" qemu-system-x86_64 -nodefaults -no-user-config -display none \
-    $accel -machine q35,memory-backend=mem -m "$MEM" -smp "$CPUS" \
-    -object memory-backend-memfd,id=mem,size="$MEM",share=on \
-    -kernel "$GUEST_VMLINUX" -initrd "$RUN/initramfs.cpio" \
-    -append "console=ttyS0 rdinit=/init panic=-1 mitigations=off $cmdline_extra ${E2E_APPEND:-}" \
-    -serial file:"$SERIAL" \
-    -chardev socket,id=vhost0,path="$SOCK" \
-    -device vhost-user-blk-pci,chardev=vhost0,num-queues="$QUEUES" \
-    -drive if=none,id=ref,file="$IMG",format=raw,readonly=on,file.locking=off \
-    -device virtio-blk-pci,drive=ref,serial="$REF_SERIAL",num-queues=1 \
-    >"$RUN/qemu.log" 2>&1 &
+  timeout -k 5 "$TIMEOUT" qemu-system-x86_64 "${QEMU_ARGS[@]}" >"$RUN/qemu.log" 2>&1 &
   qemu_pid=$!
   # A panicking guest reboots (panic=-1) and would loop until the timeout.
   while kill -0 "$qemu_pid" 2>/dev/null; do
@@ -388,47 +305,6 @@ run_guest() {
   esac
 }
 
-guest_failed() {
-  echo "---- last lines of the guest console ($SERIAL) ----" >&2
-  tail -30 "$SERIAL" >&2 || true
-  echo "---- last lines of the backend log ($BACKEND_LOG) ----" >&2
-  tail -10 "$BACKEND_LOG" >&2 || true
-  die "$1"
-}
-
-# Every expected check must report PASS, between both markers.
-check_guest_results() {
-  local log=$RUN/serial.txt name
-  tr -d '\r' <"$SERIAL" >"$log"
-  grep -q '^E2E-RESULTS-BEGIN' "$log" || guest_failed "the guest never reached its init script"
-  grep -q '^E2E-RESULTS-END' "$log" || guest_failed "the guest did not finish its checks"
-  grep '^E2E-INFO' "$log" | sed 's/^E2E-INFO /  guest: /' >&2 || true
-  GUEST_FAILS=$(grep '^E2E-RESULT FAIL' "$log" || true)
-  for name in $EXPECTED_RESULTS; do
-    grep -q "^E2E-RESULT PASS $name\$" "$log" ||
-      grep -q "^E2E-RESULT FAIL $name" "$log" ||
-      GUEST_FAILS+=$'\n'"E2E-RESULT FAIL $name (never reported)"
-  done
-  # "modules" passes on both boots: count names, not lines.
-  GUEST_PASSES=$(grep '^E2E-RESULT PASS' "$log" | sort -u | wc -l)
-  BOOT_S=$(sed -n 's/^E2E-BOOTED uptime=//p' "$log" | paste -sd/)
-  REBOOT_S=$(sed -n 's/^E2E-REBOOT uptime=//p' "$log")
-  END_S=$(sed -n 's/^E2E-RESULTS-END uptime=//p' "$log")
-}
-
-# The host's own view of the image after the guest and backend are gone.
-HOST_FAILS=
-host_check() {
-  local name=$1
-  shift
-  if "$@"; then
-    log "host: PASS $name"
-  else
-    log "host: FAIL $name"
-    HOST_FAILS+=" $name"
-  fi
-}
-no_plaintext_in_image() { [ "$(grep -aFc "$MARKER" "$IMG" || true)" = 0 ]; }
 plaintext_in_decrypted() { [ "$(grep -aFc "$MARKER" "$RUN/out.raw" || true)" -gt 0 ]; }
 decrypted_region() { cmp -s -n "$2" -i "$1:0" "$RUN/out.raw" "$3"; }
 decrypted_fsck() { e2fsck -f -n "$RUN/out.raw" >"$RUN/host-fsck.log" 2>&1; }

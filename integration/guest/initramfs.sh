@@ -1,7 +1,8 @@
 # The guest's initramfs: busybox-static as the userland, e2fsprogs' mke2fs and
 # e2fsck (busybox has no fsck and its mke2fs makes only ext2), cryptsetup and
 # util-linux's blkdiscard (busybox's cannot zero) copied from the host with their shared libraries, the guest modules, the init script,
-# and /e2e, which the caller fills with the test and its data.
+# /e2e/lib.sh (guest/lib.sh: helpers for the guest tests) and /e2e, which the
+# caller fills with the test (/e2e/test.sh, which init runs) and its data.
 # Kept uncompressed: gunzip alone costs ~3 s under TCG.
 # Sourced after integration/lib.sh and guest/kernel.sh.
 # shellcheck shell=bash
@@ -28,6 +29,17 @@ guest_initramfs_stage() {
   cp -a "$GUEST_MODROOT/lib" "$root/"
   printf '%s\n' "${GUEST_MODULES[@]}" >"$root/e2e/modules"
   install -m 755 "$INTEGRATION_DIR/guest/init" "$root/init"
+  install -m 644 "$INTEGRATION_DIR/guest/lib.sh" "$root/e2e/lib.sh"
+}
+
+# guest_conf FILE NAME...: FILE (the guest's /e2e/conf) sets each shell
+# variable NAME to its value here.
+guest_conf() {
+  local file=$1 name
+  shift
+  for name in "$@"; do
+    printf '%s=%s\n' "$name" "${!name}"
+  done >"$file"
 }
 
 # copy_with_libs BINARY ROOT DEST: copies BINARY to ROOT/DEST and the shared

@@ -18,74 +18,8 @@
 # dm-crypt to open.
 # shellcheck source=/dev/null
 . /e2e/conf
-DISK=
-REF=
-pass() { echo "E2E-RESULT PASS $*"; }
-fail() { echo "E2E-RESULT FAIL $*"; }
-info() { echo "E2E-INFO $*"; }
-# check NAME COMMAND...: one result line from a command's exit status.
-check() {
-  name=$1
-  shift
-  if "$@"; then pass "$name"; else fail "$name"; fi
-}
-uptime_s() { cut -d' ' -f1 /proc/uptime; }
-
-# Forget every cached page of the disk so that the next read goes to the device.
-drop_caches() {
-  sync
-  echo 3 >/proc/sys/vm/drop_caches
-  blockdev --flushbufs "$DISK"
-}
-
-# read_region DEV OFF LEN [direct [CPU]]: the LEN bytes at byte offset OFF of
-# DEV, read on CPU if given (blk-mq then submits on that CPU's queue).
-read_region() {
-  flags=skip_bytes,count_bytes
-  [ -z "$4" ] || flags=$flags,direct
-  taskset -c "${5:-0-$(($(nproc) - 1))}" dd if="$1" iflag="$flags" bs=65536 skip="$2" count="$3" 2>/dev/null
-}
-# same_region DEV OFF LEN FILE [direct [CPU]]: DEV holds FILE at OFF.
-same_region() { read_region "$1" "$2" "$3" "$5" "$6" | cmp -s - "$4"; }
-
-# queue_irqs VIRTIO_DEV Q: interrupts of one virtqueue ("virtioN-req.Q"), summed over CPUs.
-queue_irqs() {
-  awk -v name="$1-req.$2" '$NF == name {
-      for (i = 2; i <= NF; i++) if ($i ~ /^[0-9]+$/) n += $i
-    } END { print n + 0 }' /proc/interrupts
-}
-
-# Sets DISK (the vhost-user-blk disk) and REF (the reference disk), telling
-# them apart by serial; the backend's serial may not even be readable.
-find_disks() {
-  for d in /sys/block/vd*; do
-    [ -e "$d" ] || continue
-    if [ "$(cat "$d/serial" 2>/dev/null)" = "$REF_SERIAL" ]; then
-      REF=/dev/${d##*/}
-    else
-      DISK=/dev/${d##*/}
-    fi
-  done
-  [ -n "$DISK" ] && [ -b "$DISK" ] && [ -n "$REF" ] && [ -b "$REF" ]
-}
-# kernel_log_check NAME: no block or filesystem errors in the kernel log.
-kernel_log_check() {
-  errors=$(dmesg | grep -iE 'I/O error|EXT4-fs error|blk_update_request|critical|virtio_blk.*(err|fail)|call trace' | head -5)
-  if [ -z "$errors" ]; then
-    pass "$1"
-  else
-    fail "$1" "$(echo "$errors" | tr '\n' ' ')"
-  fi
-}
-
-wait_for_disks() {
-  i=0
-  until find_disks; do
-    [ $i -lt 100 ] || return 1
-    sleep 0.1
-    i=$((i + 1))
-  done
-}
+# shellcheck source=integration/guest/lib.sh
+. /e2e/lib.sh
 
 if ! wait_for_disks; then
   fail disk-present "10 s after virtio_blk loaded: test disk '$DISK', reference disk '$REF' ($(echo /sys/block/*))"
@@ -181,7 +115,7 @@ drop_caches
 # that each queue carries requests.
 check raw-readback-a same_region "$DISK" "$PAT_A_OFF" "$PAT_A_LEN" /e2e/pat-a direct 0
 check raw-readback-b same_region "$DISK" "$PAT_B_OFF" "$PAT_B_LEN" /e2e/pat-b direct 1
-info "raw write+readback took $(awk -v a="$t0" -v b="$(uptime_s)" 'BEGIN { print b - a }') s"
+info "raw write+readback took $(since "$t0") s"
 
 q0=$(queue_irqs "$vdev" 0)
 q1=$(queue_irqs "$vdev" 1)
@@ -253,7 +187,7 @@ if mount -t ext4 -o ro "$DISK" /mnt; then
 else
   fail fs-readback "remount failed"
 fi
-info "mkfs+fill+fsck+remount took $(awk -v a="$t0" -v b="$(uptime_s)" 'BEGIN { print b - a }') s"
+info "mkfs+fill+fsck+remount took $(since "$t0") s"
 
 # The filesystem work must not have touched the patterns; read them through the page cache this time.
 drop_caches
@@ -289,7 +223,7 @@ dmcrypt_check() {
     fail "dmcrypt-$method-files" "mount of $mapped failed"
   fi
   DM_DISABLE_UDEV=1 /sbin/cryptsetup close "e2e-$method" </dev/null || info "cryptsetup close e2e-$method failed"
-  info "dm-crypt $method checks took $(awk -v a="$t0" -v b="$(uptime_s)" 'BEGIN { print b - a }') s"
+  info "dm-crypt $method checks took $(since "$t0") s"
 }
 
 # LUKS: as a user would open the image (header, passphrase, key slot).
