@@ -258,7 +258,7 @@ main() {
   host_check inflight-region-in-every-daemon [ "$INFLIGHT_MAPPED" = $((k + 1)) ]
 
   local inflight
-  inflight=$(grep -ciE 'inflight|in-flight|resubmit' "$BACKEND_LOG" || true)
+  inflight=$(grep -ciE 'inflight|in-flight|resubmit|replay' "$BACKEND_LOG" || true)
   echo "==== e2e-reconnect summary (cryptblk${SERVE_ARGS:+ $SERVE_ARGS}, guest kernel $GUEST_KVER) ===="
   printf '%s\n' "${kill_log[@]}"
   # shellcheck disable=SC2086 # counting words

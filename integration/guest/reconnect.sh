@@ -50,8 +50,9 @@ records() {
     }'
 }
 
-# writer W: rounds until /tmp/stop exists; /tmp/wW.slotS holds the last round
-# verified in slot S, /tmp/wW.rounds the number of rounds.
+# writer W: rounds until /tmp/stop exists; /tmp/wW.slotS keeps the records
+# last verified in slot S (for the final pass), /tmp/wW.rounds the number of
+# rounds.
 writer() {
   w=$1
   cpu=$((w % $(nproc)))
@@ -74,7 +75,7 @@ writer() {
       fail "writer-$w" "round $r: read-back mismatch at $off"
       return 1
     fi
-    echo "$r" >"/tmp/w$w.slot$s"
+    mv "$pat" "/tmp/w$w.slot$s"
     echo "RC-ROUND w=$w r=$r"
   done
   echo "$r" >"/tmp/w$w.rounds"
@@ -94,8 +95,7 @@ verify_all() {
     w=${w%%.*}
     s=${f##*.slot}
     off=$(slot_off "$w" "$s")
-    records "$w" "$(cat "$f")" "$off" >/tmp/verify.pat
-    if same_region "$dev" "$off" "$SLOT_BYTES" /tmp/verify.pat direct "$((w % $(nproc)))"; then
+    if same_region "$dev" "$off" "$SLOT_BYTES" "$f" direct "$((w % $(nproc)))"; then
       good=$((good + 1))
     else
       bad="$bad w$w/s$s@$off"
