@@ -257,15 +257,19 @@ main() {
   # that completed out of order (see the run with --crypto workers).
   host_check inflight-region-in-every-daemon [ "$INFLIGHT_MAPPED" = $((k + 1)) ]
 
-  local inflight
-  inflight=$(grep -ciE 'inflight|in-flight|resubmit|replay' "$BACKEND_LOG" || true)
+  # src/device/queue.rs logs "queue Q: replaying N requests ..." when a
+  # restarted daemon finds requests its predecessor left in flight.
+  local replays replayed
+  replays=$(grep -cE 'replaying [0-9]+ requests' "$BACKEND_LOG" || true)
+  replayed=$(grep -oE 'replaying [0-9]+ requests' "$BACKEND_LOG" | awk '{ s += $2 } END { print s + 0 }')
   echo "==== e2e-reconnect summary (cryptblk${SERVE_ARGS:+ $SERVE_ARGS}, guest kernel $GUEST_KVER) ===="
   printf '%s\n' "${kill_log[@]}"
   # shellcheck disable=SC2086 # counting words
   echo "kills: $k of $KILLS; writers' last rounds: $(rounds); guest checks passed: $GUEST_PASSES of" \
     "$(set -- $EXPECTED_RESULTS && echo $#); host checks failed: ${HOST_FAILS:-none}"
   echo "kills while a daemon thread was busy: $BUSY_KILLS of $k; daemons that mapped the in-flight region:" \
-    "$INFLIGHT_MAPPED of $((k + 1)); daemon log lines about in-flight requests: $inflight"
+    "$INFLIGHT_MAPPED of $((k + 1)); requests replayed from the in-flight region: $replayed" \
+    "(by $replays queue restarts)"
   echo "times: guest run $(elapsed "$t_boot" "$(now)") s (init reached at ${BOOT_S:-?} s uptime," \
     "checks done at ${END_S:-?} s), total $(elapsed "$t_start" "$(now)") s; logs in $RUN"
   if [ -n "$GUEST_FAILS" ] || [ -n "$HOST_FAILS" ]; then

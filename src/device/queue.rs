@@ -163,7 +163,7 @@ fn resubmit(
         return Ok(());
     }
     log::info!(
-        "queue {}: running {} requests again that the previous daemon left unanswered",
+        "queue {}: replaying {} requests the previous daemon left in flight",
         ctx.queue,
         recovery.heads.len()
     );
