@@ -124,10 +124,7 @@ pub trait VhostUserBackend: Send + Sync {
     /// description (size, offset) together with the file that holds it.
     ///
     /// Only called if the backend offers `VhostUserProtocolFeatures::INFLIGHT_SHMFD`.
-    fn get_inflight_fd(
-        &self,
-        _inflight: &VhostUserInflight,
-    ) -> Result<(VhostUserInflight, File)> {
+    fn get_inflight_fd(&self, _inflight: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
         Err(std::io::Error::new(
             std::io::ErrorKind::Unsupported,
             "backend does not support VHOST_USER_GET_INFLIGHT_FD",
