@@ -106,9 +106,9 @@ impl InflightRegion {
         let size = usize::from(asked.num_queues) * queue_stride(asked.queue_size);
         let file = File::from(memfd("cryptblk-inflight")?);
         file.set_len(size as u64)?;
+        // Zeroed: version 0 reads as "nothing to recover"; `open` (on
+        // SET_INFLIGHT_FD) writes each queue's desc_num.
         let info = VhostUserInflight::new(size as u64, 0, asked.num_queues, asked.queue_size);
-        // Map once to write each queue's desc_num, as libvhost-user does.
-        Self::open(&info, file.try_clone()?)?;
         Ok((info, file))
     }
 
