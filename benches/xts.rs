@@ -4,6 +4,11 @@
 //! AES-128 and AES-256, 512-byte and 4 KiB sectors, 4 KiB / 64 KiB / 1 MiB
 //! requests, encrypt and decrypt, all in place.
 //!
+//! One more row per key size, `ecb-ceiling`, is not XTS: it runs only the
+//! AES rounds (VAES, 512-bit, 8 registers in flight) over the same 64 KiB,
+//! the most any XTS kernel on this CPU could reach. The fused kernel's
+//! figure reads best as a fraction of it, measured in the same run.
+//!
 //! `cargo bench --bench xts` (about 3 minutes plus the LTO build on a quiet
 //! machine). Filter with criterion's usual argument, e.g.
 //! `cargo bench --bench xts -- aes256/encrypt/4096`.
@@ -135,11 +140,67 @@ fn best_batch(iters: u64, request: usize, mut one: impl FnMut()) -> Duration {
     best.mul_f64(iters as f64)
 }
 
+/// AES rounds alone, for the `ecb-ceiling` row.
+mod ceiling {
+    use core::arch::x86_64::*;
+
+    /// `rounds` AES rounds on every 16-byte block of `data` (a multiple of
+    /// 512 bytes), with arbitrary round keys: the speed does not depend on
+    /// their values, and nothing checks the output.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F and VAES.
+    #[target_feature(enable = "avx512f,vaes")]
+    pub unsafe fn ecb(rounds: usize, data: &mut [u8]) {
+        let keys: [__m512i; 15] = core::array::from_fn(|i| _mm512_set1_epi32(i as i32 * 0x0101));
+        for chunk in data.chunks_exact_mut(512) {
+            let p = chunk.as_mut_ptr();
+            let mut x = [_mm512_setzero_si512(); 8];
+            for (j, x) in x.iter_mut().enumerate() {
+                // SAFETY: chunk holds 512 bytes, 64 per register.
+                *x = _mm512_xor_si512(unsafe { _mm512_loadu_si512(p.add(64 * j).cast()) }, keys[0]);
+            }
+            for k in &keys[1..rounds] {
+                for x in x.iter_mut() {
+                    *x = _mm512_aesenc_epi128(*x, *k);
+                }
+            }
+            for (j, x) in x.iter().enumerate() {
+                let out = _mm512_aesenclast_epi128(*x, keys[rounds]);
+                // SAFETY: as for the load.
+                unsafe { _mm512_storeu_si512(p.add(64 * j).cast(), out) };
+            }
+        }
+    }
+}
+
+fn bench_ceiling(c: &mut Criterion, bits: usize) {
+    let rounds = if bits == 128 { 10 } else { 14 };
+    let mut group = c.benchmark_group(format!("aes{bits}/ecb-ceiling"));
+    group
+        .warm_up_time(Duration::from_millis(200))
+        .measurement_time(Duration::from_millis(600))
+        .sample_size(10)
+        .throughput(Throughput::Bytes(BATCH_BYTES as u64));
+    let mut data = vec![0x5a_u8; BATCH_BYTES];
+    assert!(
+        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("vaes"),
+        "this CPU lacks VAES/AVX-512"
+    );
+    // SAFETY: both features were just checked.
+    let mut run = || unsafe { ceiling::ecb(rounds, black_box(&mut data)) };
+    group.bench_function(BenchmarkId::new("vaes-ecb", BATCH_BYTES), |b| {
+        b.iter_custom(|iters| best_batch(iters, BATCH_BYTES, &mut run))
+    });
+    group.finish();
+}
+
 fn bench_xts(c: &mut Criterion) {
     let mean = std::env::var_os("XTS_BENCH_MEAN").is_some();
     for bits in [128, 256] {
         let raw = key_bytes(bits / 4);
         let key = XtsKey::from_bytes(&raw).expect("XTS key");
+        bench_ceiling(c, bits);
         for encrypt in [true, false] {
             let dir = if encrypt { "encrypt" } else { "decrypt" };
             for size in SECTOR_SIZES {
