@@ -31,7 +31,10 @@
 //! carrying `k ^ t` instead of `t` (one XOR less per register) plus a
 //! software prefetch 2 KiB ahead won 4–5% in a standalone loop over a
 //! mapped image but cost 4–6% (reads) and 5–10% (writes) more CPU per
-//! 1 MiB request inside the daemon, in three alternating runs.
+//! 1 MiB request inside the daemon, in three alternating runs. Prefetching
+//! a decryption's source (first sector, or one sector ahead) looked 5–10%
+//! cheaper for 4 KiB random reads in two daemon runs and no better in a
+//! third: inside the ±8% those runs vary by, so not kept.
 //!
 //! Not covered by the zeroizing: round keys that the compiler keeps in
 //! registers or spills to the stack during a call.
