@@ -37,7 +37,7 @@ for t in "${targets[@]}"; do
   mkdir -p "fuzz/corpus/$t" "fuzz/artifacts/$t"
   # Seeds: valid requests of each type (generated), real LUKS headers.
   case $t in
-    parse | complete) python3 fuzz/seeds/make_seeds.py "fuzz/corpus/$t" ;;
+    parse | complete | chain) python3 fuzz/seeds/make_seeds.py "fuzz/corpus/$t" ;;
     luks_header) cp fuzz/seeds/luks_header/* "fuzz/corpus/$t/" ;;
   esac
   out=$(mktemp)
