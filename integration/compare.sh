@@ -66,7 +66,7 @@ PAYLOAD=$(cryptsetup luksDump "$IMG" | awk '/^Payload offset:/ {print $3}')
 [[ "$PAYLOAD" =~ ^[0-9]+$ ]] || die "cannot read the payload offset of $IMG"
 # The key goes from cryptsetup's stdout to a 0600 file, never through argv.
 hex=$(cryptsetup luksDump --batch-mode --dump-volume-key --key-file "$WORK/passphrase" "$IMG" |
-  sed -n '/MK dump:/,$p' | sed 's/.*MK dump://' | grep -oE '\b[0-9a-f]{2}\b' | tr -d '\n')
+  sed -n '/MK dump:/,$p' | sed 's/.*MK dump://' | grep -oE '\b[0-9a-f]{2}\b' | tr -d '\n' || true)
 [ ${#hex} -eq 128 ] || die "expected a 512-bit volume key from cryptsetup luksDump"
 printf '%b' "$(sed 's/../\\x&/g' <<<"$hex")" >"$WORK/volume.key"
 unset hex

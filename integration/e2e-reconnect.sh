@@ -137,7 +137,7 @@ rounds() {
   local text w r
   text=$(console)
   for w in $(seq 0 $((WRITERS - 1))); do
-    r=$(grep -o "^RC-ROUND w=$w r=[0-9]*" <<<"$text" | tail -1 | sed 's/.*r=//')
+    r=$(awk -v w="w=$w" '$1 == "RC-ROUND" && $2 == w { sub(/^r=/, "", $3); r = $3 } END { print r }' <<<"$text")
     printf '%s ' "${r:-0}"
   done
 }
@@ -258,10 +258,12 @@ main() {
   host_check inflight-region-in-every-daemon [ "$INFLIGHT_MAPPED" = $((k + 1)) ]
 
   # src/device/queue.rs logs "queue Q: replaying N requests ..." when a
-  # restarted daemon finds requests its predecessor left in flight.
+  # restarted daemon finds requests its predecessor left in flight. A run
+  # may replay nothing (no kill caught a request in flight): awk alone, as
+  # grep's "no match" status would end this script under pipefail.
   local replays replayed
-  replays=$(grep -cE 'replaying [0-9]+ requests' "$BACKEND_LOG" || true)
-  replayed=$(grep -oE 'replaying [0-9]+ requests' "$BACKEND_LOG" | awk '{ s += $2 } END { print s + 0 }')
+  read -r replays replayed < <(awk '{ for (i = 1; i < NF; i++) if ($i == "replaying" && $(i + 2) == "requests") { n++; s += $(i + 1) } }
+    END { print n + 0, s + 0 }' "$BACKEND_LOG")
   echo "==== e2e-reconnect summary (cryptblk${SERVE_ARGS:+ $SERVE_ARGS}, guest kernel $GUEST_KVER) ===="
   printf '%s\n' "${kill_log[@]}"
   # shellcheck disable=SC2086 # counting words

@@ -150,7 +150,7 @@ check_guest_results() {
       GUEST_FAILS+=$'\n'"E2E-RESULT FAIL $name (never reported)"
   done
   # "modules" passes on both boots: count names, not lines.
-  GUEST_PASSES=$(grep '^E2E-RESULT PASS' "$log" | awk '{ print $3 }' | sort -u | wc -l)
+  GUEST_PASSES=$(awk '$1 == "E2E-RESULT" && $2 == "PASS" && !seen[$3]++ { n++ } END { print n + 0 }' "$log")
   BOOT_S=$(sed -n 's/^E2E-BOOTED uptime=//p' "$log" | paste -sd/)
   REBOOT_S=$(sed -n 's/^E2E-REBOOT uptime=//p' "$log")
   END_S=$(sed -n 's/^E2E-RESULTS-END uptime=//p' "$log")
