@@ -265,3 +265,53 @@ fn a_restarted_daemon_answers_what_its_killed_predecessor_left_in_flight() {
     );
     drop(second);
 }
+
+/// QEMU's vhost-user-blk starts a reconnected device's queues (kick,
+/// enable) and only then sends their call fds. A daemon that replays its
+/// predecessor's requests in between completes them with nobody to
+/// interrupt: the guest, woken by nothing, waits forever (with EVENT_IDX
+/// every later completion is suppressed too). So a new call fd is
+/// signalled once on arrival, as libvhost-user does.
+#[test]
+fn replays_completed_before_the_call_fd_arrives_still_interrupt_the_guest() {
+    let (dir, image, key) = setup();
+    let mut first = start(dir.path(), &image, &key);
+    let (mut g, inflight) = RawGuest::handshake_inflight(&first.socket, 1, QSIZE).unwrap();
+    g.start_queue(0, QSIZE).unwrap();
+    first.signal(libc::SIGKILL);
+    first.wait_exit(Duration::from_secs(10));
+
+    // The dead daemon had popped one write and not completed it.
+    let data = pattern(4, 0, 4096);
+    let lost = Chain::prepare(&g, 5, T_OUT, 8, Some(&data));
+    g.publish(lost.head, 1);
+    Region(&inflight.file).mark(5, 0);
+    let _ = g.kick.read();
+
+    let second = start(dir.path(), &image, &key);
+    let mut g = g.reconnect_call_last(&second.socket, &inflight).unwrap();
+    assert_eq!(used_entries(&g, 0, 1), vec![(5, 1)], "replayed before CALL");
+    let _ = g.call.read();
+    g.fe.set_vring_call(0, &g.call).unwrap();
+    assert!(
+        interrupted(&g, Duration::from_secs(5)),
+        "no interrupt for a completion the guest has not seen"
+    );
+
+    let read = Chain::prepare(&g, 7, T_IN, 8, None);
+    assert_eq!(run(&mut g, &read), S_OK);
+    assert_eq!(g.mem.read(read.data(), 4096), data);
+    drop(second);
+}
+
+/// Whether the guest's call eventfd fires within `limit`.
+fn interrupted(g: &RawGuest, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if g.call.read().is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    false
+}

@@ -327,6 +327,24 @@ impl RawGuest {
     /// when GET_VRING_BASE failed on the dead daemon). No kick: a guest
     /// waiting for its requests has nothing new to submit.
     pub fn reconnect(self, socket: &Path, inflight: &Inflight) -> VResult<RawGuest> {
+        let (mut g, base) = self.reopen(socket, inflight)?;
+        g.restart_queue(0, g.qsize, base)?;
+        Ok(g)
+    }
+
+    /// `reconnect` in the order of QEMU's vhost-user-blk: the queue starts
+    /// (kick, enable) before it has a call fd, which the caller sends later
+    /// with `fe.set_vring_call`.
+    pub fn reconnect_call_last(self, socket: &Path, inflight: &Inflight) -> VResult<RawGuest> {
+        let (mut g, base) = self.reopen(socket, inflight)?;
+        g.start_rings(0, g.qsize, base)?;
+        g.fe.set_vring_enable(0, true)?;
+        Ok(g)
+    }
+
+    /// A new connection that hands over the kept inflight region and memory;
+    /// returns the used index, where the queue restarts.
+    fn reopen(self, socket: &Path, inflight: &Inflight) -> VResult<(RawGuest, u16)> {
         let (mut fe, raw) = open_frontend(
             socket,
             self.event_idx,
@@ -337,8 +355,7 @@ impl RawGuest {
         let mut g = RawGuest { fe, raw, ..self };
         let base = g.mem.read_u16(USED + 2);
         g.used_seen = base;
-        g.restart_queue(0, g.qsize, base)?;
-        Ok(g)
+        Ok((g, base))
     }
 
     fn with_memory(
@@ -383,6 +400,13 @@ impl RawGuest {
     /// `start_queue` on rings that already hold requests, from avail
     /// index `base` on.
     pub fn restart_queue(&mut self, index: usize, qsize: u16, base: u16) -> VResult<()> {
+        self.start_rings(index, qsize, base)?;
+        self.fe.set_vring_call(index, &self.call)?;
+        self.fe.set_vring_enable(index, true)
+    }
+
+    /// SET_VRING_NUM/BASE/ADDR/KICK.
+    fn start_rings(&mut self, index: usize, qsize: u16, base: u16) -> VResult<()> {
         self.qsize = qsize;
         self.fe.set_vring_num(index, qsize)?;
         self.fe.set_vring_base(index, base)?;
@@ -392,9 +416,7 @@ impl RawGuest {
             self.mem.va(AVAIL),
             self.mem.va(USED),
         )?;
-        self.fe.set_vring_kick(index, &self.kick)?;
-        self.fe.set_vring_call(index, &self.call)?;
-        self.fe.set_vring_enable(index, true)
+        self.fe.set_vring_kick(index, &self.kick)
     }
 
     pub fn set_vring_addr(&self, index: usize, desc: u64, avail: u64, used: u64) -> VResult<()> {

@@ -591,7 +591,18 @@ where
             .get(index as usize)
             .ok_or(VhostUserError::InvalidParam)?;
 
+        let signal = file.is_some();
         vring.set_call(file);
+        // A started queue may have completed requests while it had no call fd
+        // (QEMU's vhost-user-blk sends SET_VRING_CALL after it started the queues,
+        // and a restarted backend replays inflight requests at once): interrupt the
+        // guest once so that it looks at the used ring, as libvhost-user does. A
+        // spurious interrupt is harmless.
+        if signal {
+            vring
+                .signal_used_queue()
+                .map_err(VhostUserError::ReqHandlerError)?;
+        }
 
         if self.vring_needs_init(vring) {
             self.initialize_vring(vring, index)?;
