@@ -33,8 +33,9 @@ WORKLOADS=(
 )
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-die() { echo "compare.sh: $*" >&2; exit 1; }
-log() { echo "== $*" >&2; }
+LOG_TAG=compare
+# shellcheck source=integration/lib.sh
+. "$ROOT/integration/lib.sh"
 
 for tool in qemu-img qemu-storage-daemon cryptsetup jq cargo; do
   command -v "$tool" >/dev/null || die "$tool not found: run integration/install-deps.sh"
@@ -108,11 +109,11 @@ start_target() { # name
   esac
   PID=$!
   for _ in $(seq 200); do
-    [ -S "$SOCK" ] && return 0
+    listening "$SOCK" && return 0
     kill -0 "$PID" 2>/dev/null || { PID=; die "$1 exited early: $(tail -5 "$WORK/daemon.log")"; }
     sleep 0.05
   done
-  die "$1 did not create its socket within 10 s"
+  die "$1 did not listen on its socket within 10 s"
 }
 
 stop_target() {

@@ -25,6 +25,14 @@ need_tools() {
     die "missing tools: ${missing[*]} (run: sudo bash integration/install-deps.sh)"
 }
 
+# listening PATH: a socket listens on PATH. Its file appears at bind(2), a
+# moment before listen(2), and a frontend that connects in between is refused
+# (QEMU then gives up); the kernel flags listening sockets in /proc/net/unix
+# (__SO_ACCEPTCON, 00010000). As src/bench/listening.rs does.
+listening() {
+  awk -v p="$1" '$4 == "00010000" && $8 == p { found = 1 } END { exit !found }' /proc/net/unix
+}
+
 # Seconds since the epoch with millisecond precision, for timings.
 now() { date +%s.%3N; }
 

@@ -44,8 +44,9 @@ WORKLOADS=(
 IO_WORKLOADS=" 4k-randread-qd32 4k-randwrite-qd32 1m-read-qd4 1m-write-qd4 "
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-die() { echo "placement.sh: $*" >&2; exit 1; }
-log() { echo "== $*" >&2; }
+LOG_TAG=placement
+# shellcheck source=integration/lib.sh
+. "$ROOT/integration/lib.sh"
 for tool in jq cargo; do
   command -v "$tool" >/dev/null || die "$tool not found: run integration/install-deps.sh"
 done
@@ -97,11 +98,11 @@ start_all() { # queues
   done
   for t in $TARGETS; do
     for _ in $(seq 200); do
-      [ -S "$WORK/$t.sock" ] && continue 2
+      listening "$WORK/$t.sock" && continue 2
       kill -0 "${PIDS[$t]}" 2>/dev/null || die "$t exited early: $(tail -5 "$WORK/daemon.log")"
       sleep 0.05
     done
-    die "$t did not create its socket within 10 s"
+    die "$t did not listen on its socket within 10 s"
   done
 }
 

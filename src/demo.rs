@@ -7,10 +7,11 @@ use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clap::Args;
 
+use crate::bench::listening::{wait_for_listener, Startup};
 use crate::bench::{self, JobSpec, Report, RwMode};
 
 #[derive(Debug, Args)]
@@ -130,19 +131,17 @@ fn start_daemon(
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !socket.exists() {
-        if let Some(status) = child.try_wait()? {
+    match wait_for_listener(socket, &mut child, Duration::from_secs(10))? {
+        Startup::Listening => Ok(child),
+        Startup::Exited(status) => {
             let log = std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default();
-            return Err(DemoError::Daemon(format!("exited with {status}: {log}")));
+            Err(DemoError::Daemon(format!("exited with {status}: {log}")))
         }
-        if Instant::now() > deadline {
+        Startup::TimedOut => {
             let _ = child.kill();
-            return Err(DemoError::Daemon("no socket after 10 s".into()));
+            Err(DemoError::Daemon("not listening after 10 s".into()))
         }
-        std::thread::sleep(Duration::from_millis(20));
     }
-    Ok(child)
 }
 
 fn benchmark(socket: &Path, secs: u64, pid: u32) -> Result<(Report, Report), DemoError> {

@@ -9,9 +9,10 @@ use std::fs::File;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{pattern, Client, BIN};
+use cryptblk::bench::listening::{wait_for_listener, Startup};
 use luks_common::{cryptsetup_volume_key, ok};
 
 /// 64 recognisable key bytes.
@@ -75,16 +76,10 @@ impl Run {
 
     /// Waits for the socket (true) or the exit (false).
     fn serving(&mut self) -> bool {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if self.socket.exists() {
-                return true;
-            }
-            if self.child.try_wait().unwrap().is_some() {
-                return false;
-            }
-            assert!(Instant::now() < deadline, "neither served nor exited");
-            std::thread::sleep(Duration::from_millis(20));
+        match wait_for_listener(&self.socket, &mut self.child, Duration::from_secs(20)).unwrap() {
+            Startup::Listening => true,
+            Startup::Exited(_) => false,
+            Startup::TimedOut => panic!("neither served nor exited"),
         }
     }
 
@@ -312,12 +307,8 @@ fn the_daemon_is_not_dumpable_and_its_key_pages_are_locked() {
         .expect("setpriv (util-linux) runs");
     let mut daemon = Reap(daemon);
     let control = Reap(as_nobody("sleep").arg("30").spawn().unwrap());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !socket.exists() {
-        assert!(daemon.0.try_wait().unwrap().is_none(), "the daemon exited");
-        assert!(Instant::now() < deadline, "no socket");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let startup = wait_for_listener(&socket, &mut daemon.0, Duration::from_secs(20)).unwrap();
+    assert_eq!(startup, Startup::Listening);
     // setpriv has exec'ed by now: both pids are the programs themselves.
     assert_eq!(proc_owner(control.0.id()), NOBODY, "control");
     assert_eq!(

@@ -85,12 +85,12 @@ resolve_cryptblk() {
 wait_for_socket() {
   local _
   for _ in $(seq 100); do
-    [ -S "$SOCK" ] && return 0
+    listening "$SOCK" && return 0
     kill -0 "$backend_pid" 2>/dev/null || break
     sleep 0.1
   done
   tail -20 "$BACKEND_LOG" >&2
-  die "$BACKEND did not create its socket $SOCK"
+  die "$BACKEND did not listen on its socket $SOCK"
 }
 
 # Stops the backend once the guest is gone (it may already have exited when the

@@ -19,6 +19,7 @@ pub mod cli;
 mod cpu;
 mod device;
 mod error;
+pub mod listening;
 pub mod pattern;
 mod progress;
 mod report;

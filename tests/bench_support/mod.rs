@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use cryptblk::bench::listening::{wait_for_listener, Startup};
+
 /// A running vhost-user-blk daemon, stopped (SIGTERM, then SIGKILL) on drop.
 pub struct Target {
     pub socket: PathBuf,
@@ -60,26 +62,21 @@ impl Target {
     }
 
     fn wait_for_socket(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !self.socket.exists() {
-            if let Ok(Some(status)) = self.child.try_wait() {
+        match wait_for_listener(&self.socket, &mut self.child, Duration::from_secs(20)) {
+            Ok(Startup::Listening) => {}
+            Ok(Startup::Exited(status)) => {
                 let mut err = String::new();
                 if let Some(mut stderr) = self.child.stderr.take() {
                     use std::io::Read;
                     let _ = stderr.read_to_string(&mut err);
                 }
-                panic!(
-                    "{} exited with {status} before creating its socket: {err}",
-                    self.name
-                );
+                panic!("{} exited with {status} before listening: {err}", self.name);
             }
-            assert!(
-                Instant::now() < deadline,
-                "{} did not create {} within 20 s",
+            other => panic!(
+                "{} did not listen on {} within 20 s: {other:?}",
                 self.name,
                 self.socket.display()
-            );
-            std::thread::sleep(Duration::from_millis(20));
+            ),
         }
     }
 }

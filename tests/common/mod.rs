@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
+use cryptblk::bench::listening::{wait_for_listener, Startup};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_cryptblk");
 
@@ -42,13 +43,10 @@ impl Daemon {
     }
 
     fn wait_for_socket(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !self.socket.exists() {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("cryptblk exited early: {status}");
-            }
-            assert!(Instant::now() < deadline, "socket never appeared");
-            std::thread::sleep(Duration::from_millis(20));
+        match wait_for_listener(&self.socket, &mut self.child, Duration::from_secs(20)) {
+            Ok(Startup::Listening) => {}
+            Ok(Startup::Exited(status)) => panic!("cryptblk exited early: {status}"),
+            other => panic!("cryptblk never listened on its socket: {other:?}"),
         }
     }
 
