@@ -5,10 +5,12 @@
 
 mod bench_support;
 
+use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::time::Duration;
 
 use bench_support::{serve, Luks, Target};
-use cryptblk::bench::{run, JobSpec, Report, RwMode};
+use cryptblk::bench::{run, BenchError, JobSpec, Report, RwMode};
 
 const MIB: u64 = 1 << 20;
 
@@ -129,6 +131,22 @@ fn plaintext_baseline_verifies_too() {
     let mut bad = 0u64;
     cryptblk::bench::pattern::check(&image[..4 * MIB as usize], 1, 0, |_, _| bad += 1);
     assert_eq!(bad, 0);
+}
+
+/// A vhost-user backend serves one frontend at a time; the socket of a busy
+/// one still accepts, then answers nothing. The bench must say so and end.
+#[test]
+fn a_backend_busy_with_another_frontend_is_reported_not_waited_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = serve_fresh(dir.path(), "busy", "aes-xts-plain64", 1);
+    let _vmm = UnixStream::connect(&target.socket).unwrap();
+    let spec = JobSpec {
+        stall_timeout: Duration::from_secs(1),
+        ..job(&target, RwMode::Read, 4096, 1, 1)
+    };
+    let err = run(&spec).unwrap_err();
+    assert!(matches!(err, BenchError::NoAnswer { .. }), "{err}");
+    assert!(err.to_string().contains("another bench"), "{err}");
 }
 
 #[test]

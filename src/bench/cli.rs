@@ -84,7 +84,8 @@ pub struct BenchArgs {
     /// The target daemon's pid: report its CPU time per I/O.
     #[arg(long)]
     pid: Option<u32>,
-    /// Fail when no request completes for this many seconds.
+    /// Fail when the backend does not answer the connection, or no request
+    /// completes, for this many seconds.
     #[arg(long, default_value = "30", value_parser = parse_secs)]
     stall_timeout: Duration,
 }

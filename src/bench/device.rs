@@ -56,10 +56,7 @@ impl Device {
         blkio
             .set_bool("read-only", !spec.writes())
             .map_err(setup_err("setting read-only"))?;
-        blkio.connect().map_err(|e| BenchError::Connect {
-            socket: spec.socket.clone(),
-            message: blkio_message(&e),
-        })?;
+        let mut blkio = connect_within(blkio, spec)?;
         let capacity = blkio
             .get_u64("capacity")
             .map_err(setup_err("reading the capacity"))?;
@@ -93,6 +90,35 @@ impl Device {
             slot_len: self.slot_len,
             slots: iodepth,
         }
+    }
+}
+
+/// libblkio's connect waits for the backend's answers, and a vhost-user
+/// backend serves one frontend at a time: the socket of a backend busy with
+/// a VMM accepts the connection and then says nothing. So connect on a
+/// helper thread and give up after the stall timeout; the helper stays
+/// blocked until the process exits or the backend answers.
+fn connect_within(mut blkio: Blkio, spec: &JobSpec) -> Result<Blkio, BenchError> {
+    let (done, result) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("bench-connect".into())
+        .spawn(move || {
+            let connected = blkio.connect().map(|()| blkio);
+            let _ = done.send(connected.map_err(|e| blkio_message(&e)));
+        })
+        .map_err(|e| BenchError::Setup {
+            step: "starting the connect thread",
+            message: e.to_string(),
+        })?;
+    match result.recv_timeout(spec.stall_timeout) {
+        Ok(connected) => connected.map_err(|message| BenchError::Connect {
+            socket: spec.socket.clone(),
+            message,
+        }),
+        Err(_) => Err(BenchError::NoAnswer {
+            socket: spec.socket.clone(),
+            secs: spec.stall_timeout.as_secs_f64(),
+        }),
     }
 }
 

@@ -13,6 +13,13 @@ pub enum BenchError {
     )]
     Connect { socket: PathBuf, message: String },
 
+    #[error(
+        "the vhost-user-blk backend on {socket} did not answer within {secs} s \
+         (a backend serves one frontend at a time: is a VMM or another bench connected to it? \
+         --stall-timeout sets the wait)"
+    )]
+    NoAnswer { socket: PathBuf, secs: f64 },
+
     #[error("device setup failed while {step}: {message}")]
     Setup { step: &'static str, message: String },
 

@@ -77,8 +77,10 @@ pub struct JobSpec {
     pub pid: Option<u32>,
     /// Print a progress line on stderr once a second.
     pub progress: bool,
-    /// Give up when no request completes for this long: a daemon that died
-    /// leaves its requests pending forever.
+    /// Give up when the backend does not answer the connection, or no
+    /// request completes, for this long: a daemon that died leaves its
+    /// requests pending forever, and one busy with another frontend never
+    /// answers.
     pub stall_timeout: Duration,
 }
 
