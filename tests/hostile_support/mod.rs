@@ -99,22 +99,10 @@ pub enum Outcome {
     Closed,
 }
 
-/// Connects to the daemon's socket. The socket file appears at bind(),
-/// a moment before listen(): retry "refused" for up to 5 s.
+/// Connects to the daemon's socket (`Daemon::start` waited until it listens).
 pub fn connect_stream(socket: &Path) -> UnixStream {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        match UnixStream::connect(socket) {
-            Ok(s) => return s,
-            Err(e)
-                if e.kind() == std::io::ErrorKind::ConnectionRefused
-                    && Instant::now() < deadline =>
-            {
-                std::thread::sleep(Duration::from_millis(20))
-            }
-            Err(e) => panic!("connect to the daemon's socket: {e}"),
-        }
-    }
+    UnixStream::connect(socket)
+        .unwrap_or_else(|e| panic!("connect to the daemon's socket {}: {e}", socket.display()))
 }
 
 /// A memfd mapped shared into this process: the guest's RAM.
