@@ -29,8 +29,13 @@ need_tools() {
 # moment before listen(2), and a frontend that connects in between is refused
 # (QEMU then gives up); the kernel flags listening sockets in /proc/net/unix
 # (__SO_ACCEPTCON, 00010000). As src/bench/listening.rs does.
+# The path is what follows the seven columns, and may hold spaces.
 listening() {
-  awk -v p="$1" '$4 == "00010000" && $8 == p { found = 1 } END { exit !found }' /proc/net/unix
+  awk -v p="$1" '$4 == "00010000" {
+      path = $0
+      sub(/^[^ ]+ +[^ ]+ +[^ ]+ +[^ ]+ +[^ ]+ +[^ ]+ +[^ ]+ /, "", path)
+      if (path == p) found = 1
+    } END { exit !found }' /proc/net/unix
 }
 
 # Seconds since the epoch with millisecond precision, for timings.

@@ -53,14 +53,26 @@ pub fn wait_for_listener(path: &Path, daemon: &mut Child, limit: Duration) -> io
 
 /// `is_listening` over the text of /proc/net/unix.
 fn listens_in(table: &[u8], path: &OsStr) -> bool {
-    // Columns: Num RefCount Protocol Flags Type St Inode [Path]; the first
-    // line is the header.
+    // The first line is the header.
     table.split(|&b| b == b'\n').skip(1).any(|line| {
-        let mut fields = line.split(|&b| b == b' ').filter(|field| !field.is_empty());
-        let flags = fields.nth(3);
-        let bound = fields.nth(3);
-        flags == Some(LISTENING_FLAGS) && bound == Some(path.as_bytes())
+        let (columns, bound) = columns_and_path(line);
+        columns[3] == LISTENING_FLAGS && bound == Some(path.as_bytes())
     })
+}
+
+/// Splits a /proc/net/unix line into its seven columns (Num RefCount
+/// Protocol Flags Type St Inode, separated by runs of spaces: the inode is
+/// padded) and the path after them, which may itself contain spaces.
+fn columns_and_path(line: &[u8]) -> ([&[u8]; 7], Option<&[u8]>) {
+    let mut columns: [&[u8]; 7] = [&[]; 7];
+    let mut rest = line;
+    for column in &mut columns {
+        let start = rest.iter().position(|&b| b != b' ').unwrap_or(rest.len());
+        rest = &rest[start..];
+        let end = rest.iter().position(|&b| b == b' ').unwrap_or(rest.len());
+        (*column, rest) = rest.split_at(end);
+    }
+    (columns, rest.strip_prefix(b" "))
 }
 
 #[cfg(test)]
@@ -71,7 +83,8 @@ mod tests {
     const TABLE: &[u8] = b"Num       RefCount Protocol Flags    Type St Inode Path\n\
         0000000000000000: 00000002 00000000 00010000 0001 01 31337 /run/a.sock\n\
         0000000000000000: 00000002 00000000 00000000 0001 01 31338 /run/b.sock\n\
-        0000000000000000: 00000003 00000000 00000000 0001 03 31339\n";
+        0000000000000000: 00000003 00000000 00000000 0001 03 31339\n\
+        0000000000000000: 00000002 00000000 00010000 0001 01   999 /run/my dir/c.sock\n";
 
     #[test]
     fn only_a_listening_entry_for_the_same_path_counts() {
@@ -79,12 +92,17 @@ mod tests {
         assert!(!listens_in(TABLE, OsStr::new("/run/b.sock")), "bound only");
         assert!(!listens_in(TABLE, OsStr::new("/run/a")), "a prefix");
         assert!(!listens_in(TABLE, OsStr::new("/run/c.sock")), "absent");
+        assert!(
+            listens_in(TABLE, OsStr::new("/run/my dir/c.sock")),
+            "a padded inode and a path with a space"
+        );
+        assert!(!listens_in(TABLE, OsStr::new("/run/my")), "half a path");
     }
 
     #[test]
     fn a_bound_socket_listens_only_after_listen() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("probe.sock");
+        let path = dir.path().join("a probe.sock");
         let bound = bind_without_listening(&path);
         assert!(path.exists(), "bind created the file");
         assert!(!is_listening(&path).unwrap(), "bound, not listening");
