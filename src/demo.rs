@@ -192,8 +192,19 @@ fn check_no_plaintext(image: &Path) -> Result<(), DemoError> {
     Ok(())
 }
 
+/// `path` as one shell word, so that the printed lines can be pasted even
+/// when `--dir` has spaces in it.
+fn shell_word(path: &Path) -> String {
+    let text = path.display().to_string();
+    let plain = |c: char| c.is_ascii_alphanumeric() || "/._-+=:@%".contains(c);
+    if !text.is_empty() && text.chars().all(plain) {
+        return text;
+    }
+    format!("'{}'", text.replace('\'', r"'\''"))
+}
+
 fn print_vmm_lines(socket: &Path, image: &Path, key: &Path) {
-    let (s, i, k) = (socket.display(), image.display(), key.display());
+    let (s, i, k) = (shell_word(socket), shell_word(image), shell_word(key));
     println!(
         "\nThe same daemon serves a VM:\n  cryptblk serve --socket {s} --image {i} --key-file {k} --sector-size 4096 --queues 4\n\
          QEMU:\n  qemu-system-x86_64 -smp 4 -m 2G -object memory-backend-memfd,id=mem,size=2G,share=on \\\n    \
@@ -204,4 +215,28 @@ fn print_vmm_lines(socket: &Path, image: &Path, key: &Path) {
          and cryptsetup opens the image on any Linux host:\n  cryptsetup open --type plain --cipher aes-xts-plain64 --key-size 512 \\\n    \
          --sector-size 4096 --key-file {k} {i} demo"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn printed_paths_are_single_shell_words() {
+        assert_eq!(
+            shell_word(Path::new("/tmp/d-1/demo.sock")),
+            "/tmp/d-1/demo.sock"
+        );
+        assert_eq!(shell_word(Path::new("/tmp/my dir/k")), "'/tmp/my dir/k'");
+        assert_eq!(shell_word(Path::new("/tmp/it's")), r"'/tmp/it'\''s'");
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "printf %s {}",
+                shell_word(Path::new("/a b/it's $HOME"))
+            ))
+            .output()
+            .unwrap();
+        assert_eq!(out.stdout, b"/a b/it's $HOME");
+    }
 }
