@@ -7,7 +7,7 @@ use clap::{Args, ValueEnum};
 use serde::Deserialize;
 
 use crate::crypto::{IvRule, KeyError, SectorCipher, XtsKey, SECTOR_SIZES};
-use crate::device::{CryptoMode, DeviceOptions};
+use crate::device::{AioMode, CryptoMode, DeviceOptions};
 use crate::luks;
 use crate::sandbox::{Sandbox, SandboxMode};
 
@@ -129,6 +129,10 @@ pub struct ServeArgs {
     /// Default mmap; block devices and --direct always use pread.
     #[arg(long, value_enum)]
     pub io: Option<IoMode>,
+    /// io_uring (default): many requests per queue at the disk at once,
+    /// for --direct, --io pread and block devices; sync: one at a time.
+    #[arg(long, value_enum)]
+    pub aio: Option<AioMode>,
     /// Offer DISCARD and punch holes (reveals which blocks are unused).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub allow_discards: Option<bool>,
@@ -208,6 +212,7 @@ impl ServeArgs {
             readonly,
             direct,
             io,
+            aio,
             allow_discards,
             serial,
             device_type,
@@ -325,6 +330,7 @@ impl ServeConfig {
                 crypto: a.crypto.unwrap_or(CryptoMode::Inline),
                 workers,
                 split_threshold: split_threshold as usize,
+                aio: a.aio.unwrap_or(AioMode::IoUring),
             },
             log_level: a.log_level,
             sandbox: Sandbox {

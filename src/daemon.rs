@@ -123,6 +123,9 @@ fn serve_connections(
             .map_err(|e| DaemonError::Device(format!("cannot start crypto workers: {e}")))?;
         let mut daemon = VhostUserDaemon::new("cryptblk".into(), backend.clone(), mem)
             .map_err(|e| DaemonError::Device(e.to_string()))?;
+        backend
+            .register_completion_fds(&daemon.get_epoll_handlers())
+            .map_err(|e| DaemonError::Device(format!("cannot wait for I/O completions: {e}")))?;
         if let Err(e) = daemon.start(listener) {
             if !shutdown.requested() {
                 log::warn!("accepting a connection failed: {e}");
@@ -160,6 +163,8 @@ fn serve_connections(
         backend.signal_exit();
         drop(daemon);
         backend.close_exit_fds();
+        // Requests still at the disk complete now, into the used ring.
+        backend.finish_in_flight();
         // The last reference: dropping it joins the worker pool, so every
         // accepted request is finished before the sync below.
         drop(backend);

@@ -11,5 +11,6 @@ pub mod device;
 pub mod luks;
 pub mod sandbox;
 pub mod secrets;
+pub mod store;
 pub mod virtio;
 pub mod volume;

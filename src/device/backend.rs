@@ -8,18 +8,19 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock};
+use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
+use super::aio::AsyncQueue;
 use super::blk::{BlkDevice, Workspace};
-use super::config_space::{config_window, protocol_features, virtio_features, CryptoMode};
-use super::inflight::InflightRegion;
+use super::config_space::{config_window, protocol_features, virtio_features, AioMode, CryptoMode};
+use super::inflight::{InflightQueue, InflightRegion};
 use super::pool::Pool;
-use super::queue::{process_vring, QueueCtx};
+use super::queue::{drain_async, process_vring, QueueCtx, QueueState};
 
 type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
 
@@ -31,9 +32,9 @@ pub struct BlkBackend {
     pool: Option<Pool>,
     mem: RwLock<Mem>,
     event_idx: AtomicBool,
-    /// One per queue; only that queue's vring thread (and stop_vring, to
-    /// wait for it) ever locks it.
-    workspaces: Vec<Mutex<Workspace>>,
+    /// One per queue; only that queue's vring thread (and stop_vring and
+    /// the end of the connection, to drain it) ever locks it.
+    queues: Vec<Mutex<QueueState>>,
     exit_events: Mutex<Vec<(EventNotifier, RawFd)>>,
     /// The frontend's inflight region (SET_INFLIGHT_FD), if it sent one.
     inflight: RwLock<Option<InflightRegion>>,
@@ -42,8 +43,14 @@ pub struct BlkBackend {
 impl BlkBackend {
     pub fn new(dev: Arc<BlkDevice>, mem: Mem) -> io::Result<Arc<Self>> {
         let opts = dev.options();
-        let workspaces = (0..opts.queues)
-            .map(|_| Mutex::new(Workspace::new(opts.queue_size)))
+        let queues = (0..opts.queues)
+            .map(|_| {
+                Mutex::new(QueueState {
+                    ws: Workspace::new(opts.queue_size),
+                    aio: async_queue(&dev),
+                    vring: None,
+                })
+            })
             .collect();
         let pool = match opts.crypto {
             CryptoMode::Inline => None,
@@ -54,7 +61,7 @@ impl BlkBackend {
             pool,
             mem: RwLock::new(mem),
             event_idx: AtomicBool::new(false),
-            workspaces,
+            queues,
             exit_events: Mutex::new(Vec::new()),
             inflight: RwLock::new(None),
         }))
@@ -64,6 +71,46 @@ impl BlkBackend {
     pub fn signal_exit(&self) {
         for (notifier, _) in lock(&self.exit_events).iter() {
             let _ = notifier.notify();
+        }
+    }
+
+    /// Has each vring thread's epoll wait on its queue's completion eventfd
+    /// beside the kick fd. Call once the daemon has made the threads.
+    pub fn register_completion_fds(
+        &self,
+        handlers: &[Arc<VringEpollHandler<Arc<BlkBackend>>>],
+    ) -> io::Result<()> {
+        for (queue, handler) in self.queues.iter().zip(handlers) {
+            if let Some(aio) = &lock(queue).aio {
+                handler.register_listener(aio.event_fd(), EventSet::IN, self.completion_event())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The epoll token of completion events: the values up to the number
+    /// of queues are the crate's (kicks and its exit event).
+    fn completion_event(&self) -> u64 {
+        self.num_queues() as u64 + 1
+    }
+
+    fn tracker(&self, queue: usize) -> Option<Arc<InflightQueue>> {
+        self.inflight
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .and_then(|region| region.queue(queue))
+    }
+
+    /// Completes every request still at the disk (the vring threads are
+    /// gone: disconnect or SIGTERM). Their guest memory stays mapped until
+    /// then, as each request holds its memory map.
+    pub fn finish_in_flight(&self) {
+        for (index, queue) in self.queues.iter().enumerate() {
+            if let Err(e) = drain_async(&self.dev, self.tracker(index).as_deref(), &mut lock(queue))
+            {
+                log::error!("queue {index}: cannot finish the requests in flight: {e}");
+            }
         }
     }
 
@@ -153,8 +200,9 @@ impl VhostUserBackend for BlkBackend {
     /// queue's thread has finished (and completed) the batch it is in, so
     /// the reported base never includes a request we have not answered.
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
-        if let Some(ws) = self.workspaces.get(queue_index as usize) {
-            drop(lock(ws));
+        let index = queue_index as usize;
+        if let Some(queue) = self.queues.get(index) {
+            drain_async(&self.dev, self.tracker(index).as_deref(), &mut lock(queue))?;
         }
         if let Some(pool) = &self.pool {
             pool.wait_idle(queue_index as usize);
@@ -172,15 +220,18 @@ impl VhostUserBackend for BlkBackend {
         if evset != EventSet::IN {
             return Err(io::Error::other(format!("unexpected event set {evset:?}")));
         }
-        let (Some(vring), Some(ws)) = (
-            vrings.get(device_event as usize),
-            self.workspaces.get(thread_id),
-        ) else {
+        // A kick names the thread's vring (one per thread); a completion
+        // event comes from the queue's own executor.
+        let index = match u64::from(device_event) {
+            e if e == self.completion_event() => 0,
+            e => e as usize,
+        };
+        let (Some(vring), Some(queue)) = (vrings.get(index), self.queues.get(thread_id)) else {
             return Err(io::Error::other(format!(
                 "event for unknown queue {device_event}"
             )));
         };
-        let mut ws = lock(ws);
+        let mut qs = lock(queue);
         let mem = || {
             self.mem
                 .read()
@@ -188,19 +239,37 @@ impl VhostUserBackend for BlkBackend {
                 .memory()
                 .into_inner()
         };
-        let inflight = self
-            .inflight
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .and_then(|region| region.queue(thread_id));
         let ctx = QueueCtx {
             dev: &self.dev,
             pool: self.pool.as_ref(),
             queue: thread_id,
             event_idx: self.event_idx.load(Ordering::Acquire),
-            inflight,
+            inflight: self.tracker(thread_id),
         };
-        process_vring(&ctx, vring, &mem, &mut ws)
+        process_vring(&ctx, vring, &mem, &mut qs)
+    }
+}
+
+/// The queue's asynchronous executor, when image I/O bypasses the mapping
+/// and the kernel allows io_uring; otherwise the synchronous path, with one
+/// warning per process.
+fn async_queue(dev: &BlkDevice) -> Option<AsyncQueue> {
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    let opts = dev.options();
+    if opts.aio != AioMode::IoUring || dev.volume().mapped() {
+        return None;
+    }
+    match AsyncQueue::new(dev.volume(), opts.queue_size) {
+        Ok(aio) => Some(aio),
+        Err(e) => {
+            if !WARNED.swap(true, Ordering::Relaxed) {
+                log::warn!(
+                    "io_uring is not available ({e}): serving one request at a time per queue \
+                     (as --aio sync); check /proc/sys/kernel/io_uring_disabled and the \
+                     container's seccomp profile"
+                );
+            }
+            None
+        }
     }
 }

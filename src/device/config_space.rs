@@ -24,6 +24,21 @@ pub enum CryptoMode {
     Workers,
 }
 
+/// How image I/O that does not go through the page-cache mapping runs
+/// (QEMU's `aio=` option).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+pub enum AioMode {
+    /// Many requests per queue in flight through io_uring (default);
+    /// falls back to `sync` with a warning where the kernel refuses it.
+    #[value(name = "io_uring")]
+    #[serde(rename = "io_uring")]
+    IoUring,
+    /// One request at a time per queue, pread/pwrite on the vring thread.
+    #[value(name = "sync")]
+    #[serde(rename = "sync")]
+    Sync,
+}
+
 /// What the operator chose for the device (not the image).
 #[derive(Debug, Clone)]
 pub struct DeviceOptions {
@@ -35,6 +50,7 @@ pub struct DeviceOptions {
     pub crypto: CryptoMode,
     pub workers: usize,
     pub split_threshold: usize,
+    pub aio: AioMode,
 }
 
 pub fn virtio_features(opts: &DeviceOptions) -> u64 {
@@ -137,6 +153,7 @@ mod tests {
             crypto: CryptoMode::Inline,
             workers: 1,
             split_threshold: 128 << 10,
+            aio: AioMode::IoUring,
         }
     }
 

@@ -1,8 +1,10 @@
 //! The vhost-user-blk device: features and config space, per-queue request
 //! processing, and the `VhostUserBackend` glue.
 
+mod aio;
 mod backend;
 mod blk;
+mod completion;
 mod config_space;
 mod inflight;
 mod pool;
@@ -11,6 +13,6 @@ mod ratelimit;
 
 pub use backend::BlkBackend;
 pub use blk::{BlkDevice, Workspace};
-pub use config_space::{CryptoMode, DeviceOptions};
+pub use config_space::{AioMode, CryptoMode, DeviceOptions};
 /// Executes one parsed chain: public for the fuzz targets in fuzz/.
 pub use queue::complete;

@@ -9,18 +9,18 @@
 //! a slot always comes back. Slots and their segment vectors are reused:
 //! no allocation per request once warm.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender};
 use vhost_user_backend::VringRwLock;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use super::blk::{BlkDevice, Workspace};
+use super::completion::{self, Finished, Outcome};
 use super::inflight::InflightQueue;
-use super::queue::{finish_chain, IO_ERRORS};
-use crate::virtio::{Request, Segment, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
+use crate::virtio::{sub_segments, Request, Segment};
 
 /// Requests one queue may have in the pool at once.
 pub const SLOTS_PER_QUEUE: usize = 128;
@@ -38,7 +38,8 @@ struct Slot {
     inflight: Option<Arc<InflightQueue>>,
     parts: usize,
     parts_left: AtomicUsize,
-    failed: AtomicBool,
+    /// The errno of the first part that failed (0: none did).
+    errno: AtomicI32,
     written: AtomicU32,
 }
 
@@ -174,7 +175,7 @@ impl Pool {
             s.inflight = inflight;
             s.parts = parts;
             *s.parts_left.get_mut() = parts;
-            *s.failed.get_mut() = false;
+            *s.errno.get_mut() = 0;
             *s.written.get_mut() = 0;
         }
         let tx = self.tx.as_ref().expect("pool is running");
@@ -250,8 +251,10 @@ fn run_part(dev: &BlkDevice, job: &Job, ws: &mut Workspace) {
             slot.written.fetch_add(n, Ordering::Relaxed);
         }
         Err(e) => {
-            IO_ERRORS.warn(format_args!("I/O error on {request:?}: {e}"));
-            slot.failed.store(true, Ordering::Relaxed);
+            let errno = e.raw_os_error().unwrap_or(libc::EIO);
+            let _ = slot
+                .errno
+                .compare_exchange(0, errno, Ordering::Relaxed, Ordering::Relaxed);
         }
     }
 }
@@ -282,43 +285,28 @@ fn part_of(
     rebuild(pos + start, end - start)
 }
 
-/// The segments covering bytes [start, start+len) of the concatenation of `segments`.
-fn sub_segments(segments: &[Segment], start: u64, len: u64, out: &mut Vec<Segment>) {
-    let (mut skip, mut want) = (start, len);
-    for s in segments {
-        if want == 0 {
-            break;
-        }
-        let slen = u64::from(s.len);
-        if skip >= slen {
-            skip -= slen;
-            continue;
-        }
-        let take = (slen - skip).min(want);
-        out.push(Segment {
-            addr: GuestAddress(s.addr.0 + skip),
-            len: take as u32,
-        });
-        want -= take;
-        skip = 0;
-    }
-}
-
 fn complete(slot: &Slot) {
-    let (Some(vring), Some(mem)) = (slot.vring.as_ref(), slot.mem.as_deref()) else {
+    let (Some(vring), Some(mem), Some(request)) =
+        (slot.vring.as_ref(), slot.mem.as_deref(), slot.request)
+    else {
         return;
     };
-    let failed = slot.failed.load(Ordering::Relaxed);
-    let (status, written) = if failed {
-        (VIRTIO_BLK_S_IOERR as u8, 0)
-    } else {
-        (VIRTIO_BLK_S_OK as u8, slot.written.load(Ordering::Relaxed))
+    let outcome = match slot.errno.load(Ordering::Relaxed) {
+        0 => Outcome::Done(slot.written.load(Ordering::Relaxed)),
+        errno => {
+            let e = std::io::Error::from_raw_os_error(errno);
+            Outcome::Failed(std::io::Error::new(e.kind(), format!("{request:?}: {e}")))
+        }
     };
-    let used = match mem.write_obj(status, slot.status) {
-        Ok(()) => written + 1,
-        Err(_) => 0,
+    let done = Finished {
+        head: slot.head,
+        status_at: Some(slot.status),
+        outcome,
     };
-    if let Err(e) = finish_chain(vring, slot.inflight.as_deref(), slot.head, used) {
+    let tracker = slot.inflight.as_deref();
+    if let Err(e) =
+        completion::finish(vring, tracker, mem, done).and_then(|()| completion::notify_guest(vring))
+    {
         log::warn!("cannot complete request {}: {e}", slot.head);
     }
 }

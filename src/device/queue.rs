@@ -1,6 +1,8 @@
-//! One virtqueue's loop: pop chains, parse, then run each request inline
-//! (on this vring thread) or hand it to the worker pool. After a daemon
-//! restart, the chains the previous process left in flight run first.
+//! One virtqueue's loop: pop chains, parse, then run each request where it
+//! belongs: inline on this vring thread, asynchronously through the store
+//! (io_uring), or in the worker pool. Every request leaves through
+//! `completion`. After a daemon restart, the chains the previous process
+//! left in flight run first.
 
 use std::io;
 use std::num::Wrapping;
@@ -10,16 +12,26 @@ use std::sync::Arc;
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
+use super::aio::AsyncQueue;
 use super::blk::{BlkDevice, Workspace};
+use super::completion::{self, Finished, Outcome, GUEST_ERRORS};
 use super::inflight::InflightQueue;
 use super::pool::{Accepted, Pool};
-use super::ratelimit::RateLimited;
-use crate::virtio::{chain_at, parse, Parsed, Request, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
+use crate::virtio::{chain_at, parse, Parsed, Request};
 
-pub static GUEST_ERRORS: RateLimited = RateLimited::new(10);
-pub static IO_ERRORS: RateLimited = RateLimited::new(10);
+/// Everything one queue owns. Its vring thread locks it for each event;
+/// `stop_vring` and the end of a connection lock it to drain the queue.
+pub struct QueueState {
+    pub ws: Workspace,
+    /// The asynchronous executor (io_uring), unless the volume is mapped,
+    /// `--aio sync` was asked for, or the kernel has no io_uring.
+    pub aio: Option<AsyncQueue>,
+    /// The vring this queue's thread serves, kept to complete requests
+    /// outside its events (draining).
+    pub vring: Option<VringRwLock>,
+}
 
 /// What one vring thread needs to serve its queue.
 pub struct QueueCtx<'a> {
@@ -34,29 +46,97 @@ pub struct QueueCtx<'a> {
 /// The guest memory map as of now (the frontend may add regions at any time).
 pub type MemNow<'a> = &'a dyn Fn() -> Arc<GuestMemoryMmap>;
 
-/// Drains the available ring. With EVENT_IDX the guest is only kicked for
-/// new work after notifications are re-enabled, so loop until it stays empty.
+/// Why popping stopped.
+#[derive(PartialEq, Eq)]
+enum Stop {
+    /// The avail ring is empty.
+    Empty,
+    /// The avail ring is broken: wait for the next kick.
+    Broken,
+    /// The asynchronous executor is full: its completions resume the queue.
+    Full,
+}
+
+/// Serves the queue after a kick or a completion event: takes completed
+/// I/O, pops and starts new requests until the ring is empty or the queue
+/// is full, and interrupts the guest once if anything completed. With
+/// EVENT_IDX the guest only kicks again after notifications are
+/// re-enabled, so loop until the ring stays empty.
 pub fn process_vring(
     ctx: &QueueCtx<'_>,
     vring: &VringRwLock,
     mem: MemNow<'_>,
-    ws: &mut Workspace,
+    qs: &mut QueueState,
 ) -> io::Result<()> {
+    qs.vring.get_or_insert_with(|| vring.clone());
+    let mut completed = false;
+    progress(ctx, vring, qs, &mut completed)?;
     if let Some(tracker) = ctx.inflight.as_deref().filter(|t| t.claim_recovery()) {
-        resubmit(ctx, tracker, vring, mem, ws)?;
+        resubmit(ctx, tracker, vring, mem, qs, &mut completed)?;
     }
     loop {
         if ctx.event_idx {
             vring.disable_notification().map_err(io::Error::other)?;
         }
-        let ring_ok = drain(ctx, vring, mem, ws)?;
-        // A broken avail ring always looks like "more work" to
-        // enable_notification: looping on it would spin this thread forever
-        // (and make GET_VRING_BASE wait forever). Wait for the next kick.
-        if !ring_ok || !ctx.event_idx || !vring.enable_notification().map_err(io::Error::other)? {
-            return Ok(());
+        let stop = drain(ctx, vring, mem, qs, &mut completed)?;
+        progress(ctx, vring, qs, &mut completed)?;
+        let again = match stop {
+            // A broken avail ring always looks like "more work" to
+            // enable_notification: looping on it would spin this thread
+            // forever (and make GET_VRING_BASE wait forever).
+            Stop::Broken => false,
+            // Full with requests in flight: their completion event comes
+            // back here. Room already (they completed meanwhile): go on,
+            // as no event may be left to wake us.
+            Stop::Full => qs.aio.as_ref().is_some_and(AsyncQueue::has_room),
+            Stop::Empty => {
+                ctx.event_idx && vring.enable_notification().map_err(io::Error::other)?
+            }
+        };
+        if !again {
+            break;
         }
     }
+    if completed {
+        completion::notify_guest(vring)?;
+    }
+    Ok(())
+}
+
+/// Takes what the asynchronous executor finished and completes it.
+fn progress(
+    ctx: &QueueCtx<'_>,
+    vring: &VringRwLock,
+    qs: &mut QueueState,
+    completed: &mut bool,
+) -> io::Result<()> {
+    let Some(aio) = qs.aio.as_mut() else {
+        return Ok(());
+    };
+    let tracker = ctx.inflight.as_deref();
+    aio.progress(ctx.dev.volume(), &mut |done, mem| {
+        *completed = true;
+        completion::finish(vring, tracker, mem, done)
+    })
+}
+
+/// Completes everything the asynchronous executor has accepted, blocking
+/// until the kernel is done (GET_VRING_BASE, disconnect, SIGTERM).
+pub fn drain_async(
+    dev: &BlkDevice,
+    tracker: Option<&InflightQueue>,
+    qs: &mut QueueState,
+) -> io::Result<()> {
+    let (Some(aio), Some(vring)) = (qs.aio.as_mut(), qs.vring.as_ref()) else {
+        return Ok(());
+    };
+    if aio.in_flight() == 0 {
+        return Ok(());
+    }
+    aio.drain(dev.volume(), &mut |done, mem| {
+        completion::finish(vring, tracker, mem, done)
+    })?;
+    completion::notify_guest(vring)
 }
 
 /// Checks what `pop_descriptor_chain` would refuse: a queue that is not
@@ -86,28 +166,31 @@ fn avail_ring_usable(queue: &Queue, mem: &GuestMemoryMmap) -> bool {
     }
 }
 
-/// Pops and serves chains until the ring is empty. Returns false if it
-/// stopped on a broken avail ring.
+/// Pops and serves chains until the ring is empty, broken, or the queue
+/// cannot take more.
 fn drain(
     ctx: &QueueCtx<'_>,
     vring: &VringRwLock,
     mem_now: MemNow<'_>,
-    ws: &mut Workspace,
-) -> io::Result<bool> {
-    let mut completed = false;
-    let mut ring_ok = true;
+    qs: &mut QueueState,
+    completed: &mut bool,
+) -> io::Result<Stop> {
     loop {
+        if qs.aio.as_ref().is_some_and(|aio| !aio.has_room()) {
+            return Ok(Stop::Full);
+        }
         let ring_mem = mem_now();
         let chain = {
             let mut state = vring.get_mut();
             let queue = state.get_queue_mut();
             if !avail_ring_usable(queue, &ring_mem) {
-                ring_ok = false;
-                break;
+                return Ok(Stop::Broken);
             }
             queue.pop_descriptor_chain(&*ring_mem)
         };
-        let Some(chain) = chain else { break };
+        let Some(chain) = chain else {
+            return Ok(Stop::Empty);
+        };
         // The buffers may lie in a region added after `ring_mem` was taken
         // (a frontend adds a region, gets the ack, then posts a request that
         // uses it): look them up in a map taken after the pop saw the request.
@@ -124,12 +207,8 @@ fn drain(
         if let Some(tracker) = &ctx.inflight {
             tracker.begin(head);
         }
-        completed |= serve(ctx, vring, mem, ws, head, chain)?;
+        serve(ctx, vring, mem, qs, head, chain, completed)?;
     }
-    if completed {
-        notify_guest(vring)?;
-    }
-    Ok(ring_ok)
 }
 
 /// Runs again what the previous daemon process popped but never completed
@@ -140,7 +219,8 @@ fn resubmit(
     tracker: &InflightQueue,
     vring: &VringRwLock,
     mem_now: MemNow<'_>,
-    ws: &mut Workspace,
+    qs: &mut QueueState,
+    completed: &mut bool,
 ) -> io::Result<()> {
     let ring_mem = mem_now();
     let (recovery, table, size) = {
@@ -167,37 +247,63 @@ fn resubmit(
         ctx.queue,
         recovery.heads.len()
     );
-    let mut completed = false;
     for head in recovery.heads {
+        // Every replayed chain must be accepted before new ones are popped.
+        if let Some(aio) = qs.aio.as_mut().filter(|aio| !aio.has_room()) {
+            let tracker = ctx.inflight.as_deref();
+            aio.wait_for_room(ctx.dev.volume(), &mut |done, mem| {
+                *completed = true;
+                completion::finish(vring, tracker, mem, done)
+            })?;
+        }
         let mem = &mem_now();
-        completed |= serve(
-            ctx,
-            vring,
-            mem,
-            ws,
-            head,
-            chain_at(&**mem, table, size, head),
-        )?;
-    }
-    if completed {
-        notify_guest(vring)?;
+        let chain = chain_at(&**mem, table, size, head);
+        serve(ctx, vring, mem, qs, head, chain, completed)?;
     }
     Ok(())
 }
 
-/// Parses one chain and runs it, in the pool or here. Returns whether it
-/// was completed here (the caller interrupts the guest once per batch).
+/// Where a valid request runs.
+enum Placement<'a> {
+    Inline,
+    Async,
+    Pool(&'a Pool),
+}
+
+/// With a pool (`--crypto workers`), reads and writes of at least
+/// `--split-threshold` bytes go to it and are split across workers: only
+/// there does a hand-off pay. Everything else stays on this thread,
+/// asynchronous when the executor takes it.
+fn placement<'a>(ctx: &QueueCtx<'a>, qs: &QueueState, request: &Request) -> Placement<'a> {
+    let large = match request {
+        Request::Read { len, .. } | Request::Write { len, .. } => {
+            *len >= ctx.dev.options().split_threshold as u64
+        }
+        _ => false,
+    };
+    match ctx.pool {
+        Some(pool) if large => Placement::Pool(pool),
+        _ if qs.aio.is_some() && AsyncQueue::takes(ctx.dev.volume(), request) => Placement::Async,
+        _ => Placement::Inline,
+    }
+}
+
+/// Parses one chain and runs it where it belongs.
 fn serve(
     ctx: &QueueCtx<'_>,
     vring: &VringRwLock,
     mem: &Arc<GuestMemoryMmap>,
-    ws: &mut Workspace,
+    qs: &mut QueueState,
     head: u16,
     descs: impl Iterator<Item = Descriptor>,
-) -> io::Result<bool> {
-    let parsed = parse(&**mem, head, descs, ctx.dev.limits(), &mut ws.segments);
-    match (to_pool(ctx, &parsed), parsed.status) {
-        (Some((pool, request)), Some(status)) => {
+    completed: &mut bool,
+) -> io::Result<()> {
+    let parsed = parse(&**mem, head, descs, ctx.dev.limits(), &mut qs.ws.segments);
+    let (Some(status), Ok(request)) = (parsed.status, parsed.request.clone()) else {
+        return complete_here(ctx, vring, mem, qs, parsed, completed);
+    };
+    match placement(ctx, qs, &request) {
+        Placement::Pool(pool) => {
             let accepted = Accepted {
                 queue: ctx.queue,
                 head,
@@ -205,59 +311,36 @@ fn serve(
                 request,
                 inflight: ctx.inflight.clone(),
             };
-            pool.submit(vring, mem, accepted, &ws.segments);
-            Ok(false)
+            pool.submit(vring, mem, accepted, &qs.ws.segments);
+            Ok(())
         }
-        _ => {
-            let used = complete(ctx.dev, &**mem, parsed, ws);
-            put_used(vring, ctx.inflight.as_deref(), head, used)?;
-            Ok(true)
+        Placement::Async => {
+            let aio = qs.aio.as_mut().expect("placed on the executor");
+            aio.start(
+                ctx.dev.volume(),
+                head,
+                status,
+                request,
+                &qs.ws.segments,
+                mem,
+            )
         }
+        Placement::Inline => complete_here(ctx, vring, mem, qs, parsed, completed),
     }
 }
 
-/// The placement decision: with a pool (`--crypto workers`) every valid
-/// request goes to it; errors are answered here, without a hand-off.
-fn to_pool<'a>(ctx: &QueueCtx<'a>, parsed: &Parsed) -> Option<(&'a Pool, Request)> {
-    Some((ctx.pool?, *parsed.request.as_ref().ok()?))
-}
-
-/// Returns a chain to the guest from any thread and interrupts it if the
-/// event-index rules say so.
-pub fn finish_chain(
+fn complete_here(
+    ctx: &QueueCtx<'_>,
     vring: &VringRwLock,
-    tracker: Option<&InflightQueue>,
-    head: u16,
-    used: u32,
+    mem: &Arc<GuestMemoryMmap>,
+    qs: &mut QueueState,
+    parsed: Parsed,
+    completed: &mut bool,
 ) -> io::Result<()> {
-    put_used(vring, tracker, head, used)?;
-    notify_guest(vring)
-}
-
-/// Puts a chain in the used ring. With inflight tracking its mark is
-/// cleared around the used-ring update in the order inflight.rs relies on,
-/// all under the vring lock so that completions from several threads
-/// cannot interleave their steps.
-fn put_used(
-    vring: &VringRwLock,
-    tracker: Option<&InflightQueue>,
-    head: u16,
-    used: u32,
-) -> io::Result<()> {
-    let mut state = vring.get_mut();
-    let Some(tracker) = tracker else {
-        return state.add_used(head, used).map_err(io::Error::other);
-    };
-    tracker.before_used(head);
-    state.add_used(head, used).map_err(io::Error::other)?;
-    tracker.after_used(head, state.get_queue().next_used());
-    Ok(())
-}
-
-fn notify_guest(vring: &VringRwLock) -> io::Result<()> {
-    if vring.needs_notification().map_err(io::Error::other)? {
-        vring.signal_used_queue()?;
-    }
+    let head = parsed.head;
+    let used = complete(ctx.dev, &**mem, parsed, &mut qs.ws);
+    completion::put_used(vring, ctx.inflight.as_deref(), head, used)?;
+    *completed = true;
     Ok(())
 }
 
@@ -269,28 +352,19 @@ pub fn complete<M: GuestMemoryBackend>(
     parsed: Parsed,
     ws: &mut Workspace,
 ) -> u32 {
-    let Some(status_addr) = parsed.status else {
-        GUEST_ERRORS.warn(format_args!(
-            "guest request (head {}) has no usable status descriptor: {:?}",
-            parsed.head, parsed.request
-        ));
-        return 0;
-    };
-    let (status, written) = match parsed.request {
-        Err(e) => {
-            GUEST_ERRORS.warn(format_args!("refused guest request: {e}"));
-            (e.status(), 0)
-        }
+    let outcome = match parsed.request {
+        Err(e) => Outcome::Refused(e),
         Ok(request) => match dev.execute(mem, request, ws) {
-            Ok(n) => (VIRTIO_BLK_S_OK as u8, n),
-            Err(e) => {
-                IO_ERRORS.warn(format_args!("I/O error on {request:?}: {e}"));
-                (VIRTIO_BLK_S_IOERR as u8, 0)
-            }
+            Ok(n) => Outcome::Done(n),
+            Err(e) => Outcome::Failed(io::Error::new(e.kind(), format!("{request:?}: {e}"))),
         },
     };
-    if mem.write_obj(status, status_addr).is_err() {
-        return 0;
-    }
-    written + 1
+    completion::write_status(
+        mem,
+        Finished {
+            head: parsed.head,
+            status_at: parsed.status,
+            outcome,
+        },
+    )
 }

@@ -39,6 +39,11 @@ pub fn allowed() -> Vec<(&'static str, i64)> {
         SYS_fsync,
         SYS_msync,
         SYS_fallocate,
+        // the asynchronous path: a ring per queue, set up per connection
+        // (restricted to read/write/fsync/fallocate before it is enabled)
+        SYS_io_uring_setup,
+        SYS_io_uring_enter,
+        SYS_io_uring_register,
         SYS_lseek,
         // vhost-user messages, eventfds, epoll, the signal thread's pipe
         SYS_read,

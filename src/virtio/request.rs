@@ -34,6 +34,28 @@ pub struct Segment {
     pub len: u32,
 }
 
+/// The segments covering bytes [start, start+len) of the concatenation of `segments`.
+pub fn sub_segments(segments: &[Segment], start: u64, len: u64, out: &mut Vec<Segment>) {
+    let (mut skip, mut want) = (start, len);
+    for s in segments {
+        if want == 0 {
+            break;
+        }
+        let slen = u64::from(s.len);
+        if skip >= slen {
+            skip -= slen;
+            continue;
+        }
+        let take = (slen - skip).min(want);
+        out.push(Segment {
+            addr: GuestAddress(s.addr.0 + skip),
+            len: take as u32,
+        });
+        want -= take;
+        skip = 0;
+    }
+}
+
 /// A validated request. Positions and lengths are in bytes of payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Request {

@@ -2,19 +2,18 @@
 //! capacity and its cipher. Everything above this layer sees plain sectors;
 //! everything below it (the file) only ever receives ciphertext.
 
-mod aligned;
 mod image;
 mod mapping;
 mod sectors;
 mod sigbus;
 
-pub use aligned::AlignedBuf;
+pub use crate::store::AlignedBuf;
 pub use image::{open_image, ImageOptions};
 
 use std::fs::File;
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
+use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::crypto::SectorCipher;
@@ -128,8 +127,11 @@ impl Volume {
 
     /// Reads `bufs.len()` bytes of plaintext starting at byte `pos` of the
     /// payload. With the mapping, the cipher decrypts from the page cache
-    /// into the caller's buffers (one pass); with pread (no O_DIRECT) the
-    /// ciphertext lands in the caller's buffers and is decrypted in place.
+    /// into the caller's buffers (one pass); otherwise ciphertext is read
+    /// into `scratch` and decrypted from there into the caller's buffers.
+    /// Ciphertext never lands in the caller's buffers: a guest racing the
+    /// daemon on its own read buffers must not see it (or swap in its own
+    /// and get it decrypted: a decryption oracle under the volume key).
     pub fn read_into(
         &self,
         pos: u64,
@@ -141,16 +143,7 @@ impl Volume {
                 return Ok(());
             }
         }
-        if self.direct {
-            return self.read_direct(pos, bufs, scratch);
-        }
-        let total = preadv_all(&self.file, bufs, self.payload_offset + pos)?;
-        let first = self.first_sector(pos);
-        let mut segs = Segments::new(bufs);
-        for_each_sector_run(&mut segs, total, self.sector_size(), |index, run| {
-            self.cipher.decrypt(first + index, run)
-        });
-        Ok(())
+        self.read_via(pos, bufs, scratch)
     }
 
     /// Decrypts from the mapping straight into the caller's buffers (the
@@ -186,10 +179,7 @@ impl Volume {
         let before = map.faults();
         let total: usize = bufs.iter().map(|b| b.len()).sum();
         let dst = map.bytes_mut(pos, total)?;
-        let first = self.first_sector(pos);
-        sectors::Gather::new(bufs, self.sector_size()).encrypt_into(dst, |index, src, dst| {
-            self.cipher.encrypt_to(first + index, src, dst)
-        });
+        self.encrypt_to(pos, bufs, dst);
         Ok(self.copy_survived(map, before))
     }
 
@@ -201,9 +191,10 @@ impl Volume {
         ok
     }
 
-    /// O_DIRECT needs aligned buffers: read ciphertext into the aligned
-    /// scratch and decrypt from there into the caller's buffers (one pass).
-    fn read_direct(
+    /// Reads ciphertext into the aligned scratch (O_DIRECT needs aligned
+    /// memory) chunk by chunk and decrypts from there into the caller's
+    /// buffers: the cipher is the copy, one pass.
+    fn read_via(
         &self,
         pos: u64,
         bufs: &mut [IoSliceMut<'_>],
@@ -263,8 +254,7 @@ impl Volume {
         while done < len {
             let n = (len - done).min(scratch.capacity() as u64) as usize;
             let chunk = scratch.slice_mut(n);
-            chunk.fill(0);
-            self.cipher.encrypt(self.first_sector(pos + done), chunk);
+            self.encrypt_zeroes(pos + done, chunk);
             self.file
                 .write_all_at(chunk, self.payload_offset + pos + done)?;
             done += n as u64;
@@ -312,6 +302,49 @@ impl Volume {
         }
     }
 
+    /// The asynchronous path (`device::aio`) moves ciphertext itself,
+    /// through a store: where byte `pos` of the payload is in the image.
+    pub fn image_offset(&self, pos: u64) -> u64 {
+        self.payload_offset + pos
+    }
+
+    /// The image's fd, for a store that submits I/O on it.
+    pub fn image_fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+
+    /// Whether requests go through the page-cache mapping (synchronous:
+    /// there the cipher is the copy and nothing waits for a disk).
+    pub fn mapped(&self) -> bool {
+        self.healthy_map().is_some()
+    }
+
+    pub fn is_block_device(&self) -> bool {
+        self.block_device
+    }
+
+    /// Decrypts `src`, the ciphertext of the payload from byte `pos`, into
+    /// the caller's buffers (one pass).
+    pub fn decrypt_to(&self, pos: u64, src: &[u8], bufs: &mut [IoSliceMut<'_>]) {
+        self.decrypt_into(self.first_sector(pos), src, &mut Segments::new(bufs));
+    }
+
+    /// Encrypts the caller's buffers, plaintext of the payload from byte
+    /// `pos`, into `dst` (one pass; `dst` is as long as the buffers).
+    pub fn encrypt_to(&self, pos: u64, bufs: &[IoSlice<'_>], dst: &mut [u8]) {
+        let first = self.first_sector(pos);
+        sectors::Gather::new(bufs, self.sector_size()).encrypt_into(dst, |index, src, dst| {
+            self.cipher.encrypt_to(first + index, src, dst)
+        });
+    }
+
+    /// Fills `dst` with the ciphertext of zeros at byte `pos` (WRITE_ZEROES:
+    /// a hole or literal zeros in the image would decrypt to garbage).
+    pub fn encrypt_zeroes(&self, pos: u64, dst: &mut [u8]) {
+        dst.fill(0);
+        self.cipher.encrypt(self.first_sector(pos), dst);
+    }
+
     fn first_sector(&self, pos: u64) -> u64 {
         pos / self.sector_size() as u64
     }
@@ -319,38 +352,6 @@ impl Volume {
 
 /// _IO(0x12, 119)
 const BLKDISCARD: libc::c_ulong = 0x1277;
-
-/// Most guest requests arrive in one preadv; a short read (signal, page
-/// cache pressure) finishes buffer by buffer. A file shorter than the payload
-/// is an error: the caller has already checked the range against capacity.
-fn preadv_all(file: &File, bufs: &mut [IoSliceMut<'_>], offset: u64) -> io::Result<usize> {
-    let total: usize = bufs.iter().map(|b| b.len()).sum();
-    let count = bufs.len().min(IOV_MAX);
-    // SAFETY: IoSliceMut is ABI-compatible with iovec on Unix, and every
-    // slice points to memory the caller lent us mutably for this call.
-    let n = unsafe {
-        libc::preadv(
-            file.as_raw_fd(),
-            bufs.as_ptr() as *const libc::iovec,
-            count as libc::c_int,
-            offset as libc::off_t,
-        )
-    };
-    let mut done = if n < 0 { 0 } else { n as usize };
-    let mut skip = done;
-    for buf in bufs.iter_mut() {
-        if skip >= buf.len() {
-            skip -= buf.len();
-            continue;
-        }
-        file.read_exact_at(&mut buf[skip..], offset + done as u64)?;
-        done += buf.len() - skip;
-        skip = 0;
-    }
-    Ok(total)
-}
-
-const IOV_MAX: usize = 1024;
 
 #[cfg(test)]
 mod tests;

@@ -31,10 +31,21 @@ impl AlignedBuf {
 
     /// The first `len` bytes (at most the capacity).
     pub fn slice_mut(&mut self, len: usize) -> &mut [u8] {
-        assert!(len <= self.len);
-        // SAFETY: ptr is valid for self.len initialised bytes and we hold
-        // &mut self, so the slice is unique.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), len) }
+        self.range_mut(0, len)
+    }
+
+    /// `len` bytes from byte `at`, within the capacity.
+    pub fn range_mut(&mut self, at: usize, len: usize) -> &mut [u8] {
+        assert!(at <= self.len && len <= self.len - at);
+        // SAFETY: the range lies inside the allocation, which holds self.len
+        // initialised bytes, and &mut self makes the slice unique.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(at), len) }
+    }
+
+    /// The start of the allocation, for the kernel (io_uring fills and
+    /// drains it while no Rust slice over it exists).
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr.as_ptr()
     }
 }
 

@@ -1,0 +1,15 @@
+//! Where ciphertext lives: byte ranges of the image file or block device,
+//! read, written, synced and discarded. Nothing here knows about encryption
+//! or virtio; the volume layer puts ciphertext in and takes it out.
+//!
+//! `uring` submits those operations asynchronously through io_uring, from
+//! buffers of a pool allocated once per queue: many operations per queue
+//! are at the disk at once and complete in any order.
+
+mod aligned;
+mod buffers;
+mod uring;
+
+pub use aligned::AlignedBuf;
+pub use buffers::{BufId, Buffers};
+pub use uring::{Op, UringStore};
