@@ -6,6 +6,10 @@
 #   qsd-raw        QSD raw over the same payload (plaintext baseline)
 #   cryptblk-xts   cryptblk plain mode: --offset = payload offset, volume key
 #   cryptblk-none  cryptblk --cipher none over the same payload (plaintext baseline)
+#   cryptblk-workers  cryptblk-xts with --crypto workers
+#   cryptblk-sync  cryptblk-xts with --aio sync (one request at a time per queue)
+#   fio            fio (io_uring, one job per queue) on the same payload bytes:
+#                  what the disk gives without any vhost-user server
 # Targets run A/B/A/B (every target once per round, ROUNDS rounds) and medians
 # are reported. Before measuring, the payload is written with a pattern through
 # QSD's luks driver and read back through every encrypted target: the
@@ -13,9 +17,13 @@
 #
 # Knobs (environment): SIZE=1G RUNTIME=5 (s per run) ROUNDS=3 QUEUES=2
 # TARGETS="qsd-luks qsd-raw cryptblk-xts cryptblk-none" CRYPTO=inline|workers
-# KEEP=1 (keep the work dir). Needs qemu-img, qemu-storage-daemon, cryptsetup,
-# jq: integration/install-deps.sh installs them. Both servers use the host page
-# cache (no O_DIRECT), so this measures CPU paths, not the disk.
+# DIRECT=1 (every server bypasses the host page cache: QSD with
+# cache.direct=on,aio=io_uring, cryptblk with --direct, fio with direct=1;
+# the image lives in WORK_PARENT, default /var/tmp, which must be a disk, not
+# tmpfs) QD1=1 (add 4K QD1 workloads) KEEP=1 (keep the work dir).
+# Needs qemu-img, qemu-storage-daemon, cryptsetup, jq (and fio for the fio
+# target): integration/install-deps.sh installs them. Without DIRECT both
+# servers use the host page cache, so this measures CPU paths, not the disk.
 set -euo pipefail
 
 SIZE=${SIZE:-1G}
@@ -24,6 +32,7 @@ ROUNDS=${ROUNDS:-3}
 QUEUES=${QUEUES:-2}
 TARGETS=${TARGETS:-"qsd-luks qsd-raw cryptblk-xts cryptblk-none"}
 CRYPTO=${CRYPTO:-}
+DIRECT=${DIRECT:-}
 SEED=4242
 WORKLOADS=(
   "4k-randread  --rw randread  --bs 4k --iodepth 32"
@@ -31,6 +40,12 @@ WORKLOADS=(
   "1m-read      --rw read      --bs 1m --iodepth 4"
   "1m-write     --rw write     --bs 1m --iodepth 4"
 )
+if [ -n "${QD1:-}" ]; then
+  WORKLOADS+=(
+    "4k-randr-qd1 --rw randread  --bs 4k --iodepth 1"
+    "4k-randw-qd1 --rw randwrite --bs 4k --iodepth 1"
+  )
+fi
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 LOG_TAG=compare
@@ -40,6 +55,7 @@ LOG_TAG=compare
 for tool in qemu-img qemu-storage-daemon cryptsetup jq cargo; do
   command -v "$tool" >/dev/null || die "$tool not found: run integration/install-deps.sh"
 done
+[[ " $TARGETS " != *" fio "* ]] || need_tools fio
 
 log "building cryptblk (release)"
 (cd "$ROOT" && cargo build --release --quiet --bin cryptblk)
@@ -48,7 +64,12 @@ if [[ " $TARGETS " == *" cryptblk-"* ]] && ! "$BIN" serve --help >/dev/null 2>&1
   die "this build has no 'cryptblk serve'; run with TARGETS='qsd-luks qsd-raw' to compare QSD only"
 fi
 
-WORK=$(mktemp -d /tmp/cryptblk-compare.XXXXXX)
+if [ -n "$DIRECT" ]; then
+  WORK=$(mktemp -d "${WORK_PARENT:-/var/tmp}/cryptblk-compare.XXXXXX")
+  [ "$(stat -f -c %T "$WORK")" != tmpfs ] || die "$WORK is on tmpfs: O_DIRECT needs a disk (set WORK_PARENT)"
+else
+  WORK=$(mktemp -d /tmp/cryptblk-compare.XXXXXX)
+fi
 PID=
 cleanup() {
   stop_target
@@ -82,9 +103,18 @@ start_target() { # name
   SOCK=$WORK/$1.sock
   rm -f "$SOCK"
   local file0="driver=file,filename=$IMG,node-name=file0"
-  local crypto=()
+  local crypto=() plain=(--type plain --image "$IMG" --key-file "$WORK/volume.key" --key-size 512
+    --offset "$PAYLOAD" --queues "$QUEUES")
   [ -z "$CRYPTO" ] || crypto=(--crypto "$CRYPTO")
+  if [ -n "$DIRECT" ]; then
+    file0+=",cache.direct=on,aio=io_uring"
+    plain+=(--direct)
+  fi
   case $1 in
+    fio)
+      PID=
+      return 0
+      ;;
     qsd-luks)
       qemu-storage-daemon --object "secret,id=sec0,file=$WORK/passphrase" --blockdev "$file0" \
         --blockdev driver=luks,file=file0,key-secret=sec0,node-name=luks0 \
@@ -96,13 +126,19 @@ start_target() { # name
         --export "$(qsd_export raw0)" 2>>"$WORK/daemon.log" &
       ;;
     cryptblk-xts)
-      "$BIN" serve --type plain --socket "$SOCK" --image "$IMG" --key-file "$WORK/volume.key" --key-size 512 \
-        --cipher aes-xts-plain64 --offset "$PAYLOAD" --queues "$QUEUES" "${crypto[@]}" \
+      "$BIN" serve --socket "$SOCK" "${plain[@]}" --cipher aes-xts-plain64 "${crypto[@]}" \
+        2>>"$WORK/daemon.log" &
+      ;;
+    cryptblk-workers)
+      "$BIN" serve --socket "$SOCK" "${plain[@]}" --cipher aes-xts-plain64 --crypto workers \
+        2>>"$WORK/daemon.log" &
+      ;;
+    cryptblk-sync)
+      "$BIN" serve --socket "$SOCK" "${plain[@]}" --cipher aes-xts-plain64 --aio sync "${crypto[@]}" \
         2>>"$WORK/daemon.log" &
       ;;
     cryptblk-none)
-      "$BIN" serve --type plain --socket "$SOCK" --image "$IMG" --key-file "$WORK/volume.key" --key-size 512 \
-        --cipher none --offset "$PAYLOAD" --queues "$QUEUES" "${crypto[@]}" \
+      "$BIN" serve --socket "$SOCK" "${plain[@]}" --cipher none "${crypto[@]}" \
         2>>"$WORK/daemon.log" &
       ;;
     *) die "unknown target $1" ;;
@@ -127,6 +163,28 @@ bench() { # extra args...; prints the JSON report
   "$BIN" bench --socket "$SOCK" --queues "$QUEUES" --json --pid "$PID" "$@"
 }
 
+# One fio run on the payload bytes with a workload's bench arguments, as one
+# TSV row (the columns the bench rows have; fio has no daemon CPU).
+fio_row() { # target workload args...
+  local target=$1 name=$2 rw bs depth runtime
+  shift 2
+  while [ $# -gt 0 ]; do
+    case $1 in
+      --rw) rw=$2 ;; --bs) bs=$2 ;; --iodepth) depth=$2 ;; --runtime) runtime=$2 ;;
+    esac
+    shift 2
+  done
+  local dir=read
+  [[ $rw == *write ]] && dir=write
+  fio --name=limit --filename="$IMG" --offset=$((PAYLOAD * 512)) --size="$SIZE" \
+    --rw="$rw" --bs="$bs" --iodepth="$depth" --numjobs="$QUEUES" --group_reporting \
+    --ioengine=io_uring --direct="${DIRECT:-0}" --time_based --runtime="$runtime" \
+    --output-format=json >"$WORK/fio.json" 2>>"$WORK/daemon.log" || die "fio failed"
+  jq -r --arg t "$target" --arg w "$name" --arg d "$dir" \
+    '.jobs[0][$d] | [$t, $w, .iops, (.bw_bytes / 1048576), (.clat_ns.percentile["99.000000"] / 1000),
+      0, 0] | @tsv' "$WORK/fio.json"
+}
+
 # --- cross-check: every encrypted target reads what QSD's luks driver wrote ----
 log "writing a pattern through qsd-luks"
 start_target qsd-luks
@@ -134,7 +192,7 @@ bench --rw write --bs 1m --iodepth 4 --seed "$SEED" --verify >"$WORK/fill.json" 
   die "pattern write through qsd-luks failed: $(jq -c '.errors, .verify.mismatches' "$WORK/fill.json")"
 stop_target
 for target in $TARGETS; do
-  case $target in qsd-luks | cryptblk-xts) ;; *) continue ;; esac
+  case $target in qsd-luks | cryptblk-xts | cryptblk-workers | cryptblk-sync) ;; *) continue ;; esac
   log "reading it back through $target"
   start_target "$target"
   bench --verify-only --bs 1m --iodepth 4 --seed "$SEED" >"$WORK/check.json" ||
@@ -151,6 +209,11 @@ for round in $(seq "$ROUNDS"); do
     start_target "$target"
     for workload in "${WORKLOADS[@]}"; do
       read -r name args <<<"$workload"
+      if [ "$target" = fio ]; then
+        # shellcheck disable=SC2086 # args is a word list on purpose
+        fio_row fio "$name" $args --runtime "$RUNTIME" >>"$RESULTS"
+        continue
+      fi
       # shellcheck disable=SC2086 # args is a word list on purpose
       bench $args --runtime "$RUNTIME" --seed "$round" >"$WORK/run.json" ||
         echo "   $name on $target reported errors: $(jq -c '.errors' "$WORK/run.json")" >&2
@@ -173,7 +236,8 @@ has() { [[ " $TARGETS " == *" $1 "* ]]; }
 
 echo
 echo "cryptblk vs qemu-storage-daemon: $SIZE LUKS1 image, $QUEUES queues, ${RUNTIME}s runs," \
-  "median of $ROUNDS rounds (A/B/A/B), client: cryptblk bench (libblkio)"
+  "median of $ROUNDS rounds (A/B/A/B), client: cryptblk bench (libblkio)," \
+  "${DIRECT:+O_DIRECT}${DIRECT:-page cache}, $(lscpu | sed -n 's/^Model name: *//p')"
 echo "throughput: 4k rows in IOPS, 1m rows in MiB/s"
 printf '%-13s' workload
 for t in $TARGETS; do printf ' %14s' "$t"; done
@@ -181,6 +245,9 @@ pairs=()
 has cryptblk-xts && has cryptblk-none && pairs+=("cryptblk-xts cryptblk-none xts/none")
 has qsd-luks && has qsd-raw && pairs+=("qsd-luks qsd-raw luks/raw")
 has cryptblk-xts && has qsd-luks && pairs+=("cryptblk-xts qsd-luks xts/qsdluks")
+has cryptblk-xts && has fio && pairs+=("cryptblk-xts fio xts/fio")
+has cryptblk-workers && has fio && pairs+=("cryptblk-workers fio wrk/fio")
+has cryptblk-workers && has cryptblk-xts && pairs+=("cryptblk-workers cryptblk-xts wrk/inline")
 has cryptblk-none && has qsd-raw && pairs+=("cryptblk-none qsd-raw none/qsdraw")
 for p in "${pairs[@]}"; do read -r _ _ label <<<"$p"; printf ' %12s' "$label"; done
 echo

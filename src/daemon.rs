@@ -160,11 +160,12 @@ fn serve_connections(
             .take();
         // Dropping the daemon stops and joins the vring threads; each
         // finishes the batch it is in first, so no accepted request is cut.
+        // Requests at the disk complete first: a vring thread's exit would
+        // cancel them.
+        backend.quiesce();
         backend.signal_exit();
         drop(daemon);
         backend.close_exit_fds();
-        // Requests still at the disk complete now, into the used ring.
-        backend.finish_in_flight();
         // The last reference: dropping it joins the worker pool, so every
         // accepted request is finished before the sync below.
         drop(backend);

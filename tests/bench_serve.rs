@@ -63,10 +63,21 @@ fn serve_fresh_with(dir: &Path, name: &str, cipher: &str, queues: u32, extra: &[
 
 /// Every crypto placement and I/O path passes the same verify runs under
 /// load (QD16 random writes, 256K sequential writes that the workers split,
-/// a random read/write mix), on one and on two queues.
+/// a random read/write mix), on one and on two queues: the page-cache
+/// mapping, io_uring (buffered and O_DIRECT) and the synchronous path.
 #[test]
 fn verify_on_one_and_two_queues_in_every_mode() {
-    let modes: [&[&str]; 4] = [
+    let modes: [&[&str]; 8] = [
+        &["--crypto", "inline", "--direct"],
+        &["--crypto", "inline", "--direct", "--aio", "sync"],
+        &[
+            "--crypto",
+            "workers",
+            "--split-threshold",
+            "64K",
+            "--direct",
+        ],
+        &["--crypto", "inline", "--io", "pread", "--aio", "sync"],
         &["--crypto", "inline"],
         &["--crypto", "inline", "--io", "pread"],
         &[
@@ -92,7 +103,7 @@ fn verify_runs(target: &Target) {
             size: Some(4 * MIB),
             verify: true,
             seed: u64::from(queues),
-            ..job(target, RwMode::RandWrite, 4096, 16, queues)
+            ..job(target, RwMode::RandWrite, 4096, 32, queues)
         };
         let report = run(&random).expect("randwrite verify");
         assert_clean(&report);

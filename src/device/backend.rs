@@ -32,6 +32,8 @@ pub struct BlkBackend {
     pool: Option<Pool>,
     mem: RwLock<Mem>,
     event_idx: AtomicBool,
+    /// The connection is ending: queues take no new requests.
+    stopping: AtomicBool,
     /// One per queue; only that queue's vring thread (and stop_vring and
     /// the end of the connection, to drain it) ever locks it.
     queues: Vec<Mutex<QueueState>>,
@@ -61,6 +63,7 @@ impl BlkBackend {
             pool,
             mem: RwLock::new(mem),
             event_idx: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
             queues,
             exit_events: Mutex::new(Vec::new()),
             inflight: RwLock::new(None),
@@ -102,10 +105,17 @@ impl BlkBackend {
             .and_then(|region| region.queue(queue))
     }
 
-    /// Completes every request still at the disk (the vring threads are
-    /// gone: disconnect or SIGTERM). Their guest memory stays mapped until
-    /// then, as each request holds its memory map.
-    pub fn finish_in_flight(&self) {
+    /// Ends the connection's I/O (disconnect, SIGTERM): queues stop taking
+    /// requests, and every request at the disk completes. This must happen
+    /// before the vring threads exit: the kernel cancels a thread's
+    /// io_uring operations when the thread exits. Guest memory stays mapped
+    /// until then, as each request holds its memory map.
+    pub fn quiesce(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.finish_in_flight();
+    }
+
+    fn finish_in_flight(&self) {
         for (index, queue) in self.queues.iter().enumerate() {
             if let Err(e) = drain_async(&self.dev, self.tracker(index).as_deref(), &mut lock(queue))
             {
@@ -244,6 +254,7 @@ impl VhostUserBackend for BlkBackend {
             pool: self.pool.as_ref(),
             queue: thread_id,
             event_idx: self.event_idx.load(Ordering::Acquire),
+            stopping: self.stopping.load(Ordering::SeqCst),
             inflight: self.tracker(thread_id),
         };
         process_vring(&ctx, vring, &mem, &mut qs)

@@ -39,6 +39,8 @@ pub struct QueueCtx<'a> {
     pub pool: Option<&'a Pool>,
     pub queue: usize,
     pub event_idx: bool,
+    /// The connection is ending: complete what is in flight, pop nothing.
+    pub stopping: bool,
     /// Where this queue tracks in-flight chains (SET_INFLIGHT_FD), if anywhere.
     pub inflight: Option<Arc<InflightQueue>>,
 }
@@ -71,6 +73,9 @@ pub fn process_vring(
     qs.vring.get_or_insert_with(|| vring.clone());
     let mut completed = false;
     progress(ctx, vring, qs, &mut completed)?;
+    if ctx.stopping {
+        return notify_if(completed, vring);
+    }
     if let Some(tracker) = ctx.inflight.as_deref().filter(|t| t.claim_recovery()) {
         resubmit(ctx, tracker, vring, mem, qs, &mut completed)?;
     }
@@ -97,6 +102,10 @@ pub fn process_vring(
             break;
         }
     }
+    notify_if(completed, vring)
+}
+
+fn notify_if(completed: bool, vring: &VringRwLock) -> io::Result<()> {
     if completed {
         completion::notify_guest(vring)?;
     }

@@ -26,17 +26,29 @@ impl Daemon {
 
     /// Like `start`, with the daemon's log going to `stderr`.
     pub fn start_with_stderr(dir: &Path, args: &[&str], stderr: Stdio) -> Daemon {
+        Self::start_command(dir, args, stderr, |_| {})
+    }
+
+    /// Like `start_with_stderr`, with a last say on the command (for
+    /// example a `pre_exec` that confines the child).
+    pub fn start_command(
+        dir: &Path,
+        args: &[&str],
+        stderr: Stdio,
+        adjust: impl FnOnce(&mut Command),
+    ) -> Daemon {
         let socket = dir.join("s.sock");
-        let child = Command::new(BIN)
+        let mut command = Command::new(BIN);
+        command
             .arg("serve")
             .arg("--socket")
             .arg(&socket)
             .args(args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .expect("spawn cryptblk");
+            .stderr(stderr);
+        adjust(&mut command);
+        let child = command.spawn().expect("spawn cryptblk");
         let mut d = Daemon { child, socket };
         d.wait_for_socket();
         d

@@ -39,6 +39,15 @@ pub const INDIRECT2: u64 = GPA_BASE + 0xc000;
 pub const DATA: u64 = GPA_BASE + 0x10000;
 /// One past the last guest physical address.
 pub const GPA_END: u64 = GPA_BASE + MEM_SIZE as u64;
+/// Batches of requests (`post`): request `i` keeps its header, status byte
+/// and indirect table in the 128 bytes at `batch_meta(i)`; their data
+/// buffers lie between DATA and BATCH.
+pub const BATCH: u64 = GPA_END - 0x10000;
+
+pub fn batch_meta(i: u16) -> u64 {
+    assert!(i < 512, "test bug: batch request {i} beyond the batch area");
+    BATCH + 128 * u64::from(i)
+}
 
 pub const F_NEXT: u16 = 1;
 pub const F_WRITE: u16 = 2;
@@ -484,6 +493,65 @@ impl RawGuest {
             unsafe { libc::poll(&mut pfd, 1, ms) };
             let _ = self.call.read();
         }
+    }
+
+    /// Posts request `i` of a batch as head `i`, through an indirect table
+    /// (so hundreds fit in the ring): header, the data buffers `data`
+    /// (device-writable if `into_guest`), status. No waiting: collect the
+    /// completions with `used_entries`.
+    pub fn post(&mut self, i: u16, kind: u32, sector: u64, data: &[(u64, u32)], into_guest: bool) {
+        let meta = batch_meta(i);
+        let mut hdr = [0u8; 16];
+        hdr[..4].copy_from_slice(&kind.to_le_bytes());
+        hdr[8..].copy_from_slice(&sector.to_le_bytes());
+        self.mem.write(meta, &hdr);
+        self.mem.write(meta + 16, &[UNTOUCHED]);
+        let dir = if into_guest { F_WRITE } else { 0 };
+        let n = data.len() as u16;
+        let mut table = vec![Desc::new(meta, 16, F_NEXT, 1)];
+        for (k, &(addr, len)) in data.iter().enumerate() {
+            table.push(Desc::new(addr, len, dir | F_NEXT, k as u16 + 2));
+        }
+        table.push(Desc::new(meta + 16, 1, F_WRITE, 0));
+        assert!(
+            table.len() <= 6,
+            "test bug: the indirect table has room for 4 buffers"
+        );
+        self.mem.write_descs(meta + 32, &table);
+        let main = Desc::new(meta + 32, 16 * (u32::from(n) + 2), F_INDIRECT, 0);
+        self.mem.write_descs(DESC + 16 * u64::from(i), &[main]);
+        self.publish(i, 1);
+    }
+
+    /// The status byte of batch request `i`.
+    pub fn batch_status(&self, i: u16) -> u8 {
+        self.mem.read(batch_meta(i) + 16, 1)[0]
+    }
+
+    /// Used-ring entries (head, length) that arrive within `limit`, up to `want`.
+    pub fn used_entries(&mut self, want: usize, limit: Duration) -> Vec<(u32, u32)> {
+        let deadline = Instant::now() + limit;
+        let mut got = Vec::new();
+        while got.len() < want && Instant::now() < deadline {
+            let idx = self.mem.read_u16(USED + 2);
+            while self.used_seen != idx && got.len() < want {
+                let slot = u64::from(self.used_seen % self.qsize.max(1));
+                self.used_seen = self.used_seen.wrapping_add(1);
+                got.push((
+                    self.mem.read_u32(USED + 4 + 8 * slot),
+                    self.mem.read_u32(USED + 8 + 8 * slot),
+                ));
+            }
+            if got.len() < want {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+        got
+    }
+
+    /// How many used-ring entries the daemon has written so far.
+    pub fn used_index(&self) -> u16 {
+        self.mem.read_u16(USED + 2)
     }
 
     /// Writes `descs` at table slots 0.., resets the status byte, submits
