@@ -6,10 +6,12 @@
 # new daemon resubmits the requests that were in flight when the old one died:
 # the guest must see no I/O error, no hang and no lost or stale write.
 #
-#   bash integration/e2e-reconnect.sh    # two runs: --crypto inline, then
-#       --crypto workers --split-threshold 16K (requests of one queue complete
-#       out of order: the VMM cannot tell from the used ring alone which ones
-#       were in flight, only the inflight region can)
+#   bash integration/e2e-reconnect.sh    # three runs: --crypto inline (page
+#       cache mapping), --crypto inline --direct (io_uring: many requests per
+#       queue at the disk, completed out of order), then --crypto workers
+#       --split-threshold 16K --direct (large requests in the pool, the rest
+#       through io_uring). Out of order, the VMM cannot tell from the used
+#       ring alone which requests were in flight: only the inflight region can
 #   E2E_SERVE_ARGS='--crypto inline' bash integration/e2e-reconnect.sh  # one run
 #
 # The guest (guest/reconnect.sh) runs one verified write loop per queue on the
@@ -282,14 +284,16 @@ main() {
   echo "PASS"
 }
 
-# Without E2E_SERVE_ARGS: both crypto placements, each a run of this script.
+# Without E2E_SERVE_ARGS: both crypto placements and both I/O paths, each a run
+# of this script.
 all_runs() {
   local status=0 t0
   t0=$(now)
   resolve_cryptblk
   export CRYPTBLK
   RECONNECT_RUN=inline E2E_SERVE_ARGS='--crypto inline' bash "${BASH_SOURCE[0]}" || status=1
-  RECONNECT_RUN=workers E2E_SERVE_ARGS='--crypto workers --split-threshold 16K' \
+  RECONNECT_RUN=direct E2E_SERVE_ARGS='--crypto inline --direct' bash "${BASH_SOURCE[0]}" || status=1
+  RECONNECT_RUN=workers E2E_SERVE_ARGS='--crypto workers --split-threshold 16K --direct' \
     bash "${BASH_SOURCE[0]}" || status=1
   echo "==== e2e-reconnect: $([ $status = 0 ] && echo PASS || echo FAILED), all runs in $(elapsed "$t0" "$(now)") s"
   return $status

@@ -99,6 +99,9 @@ pub fn process_vring(
             }
         };
         if !again {
+            if stop == Stop::Empty {
+                finish_lone_request(ctx, vring, qs, &mut completed)?;
+            }
             break;
         }
     }
@@ -123,10 +126,34 @@ fn progress(
         return Ok(());
     };
     let tracker = ctx.inflight.as_deref();
-    aio.progress(ctx.dev.volume(), &mut |done, mem| {
+    aio.progress(ctx.dev.volume(), &mut completer(vring, tracker, completed))
+}
+
+/// The completion path for what the asynchronous executor finished; notes
+/// that the guest is to be interrupted.
+fn completer<'a>(
+    vring: &'a VringRwLock,
+    tracker: Option<&'a InflightQueue>,
+    completed: &'a mut bool,
+) -> impl FnMut(Finished, &GuestMemoryMmap) -> io::Result<()> + 'a {
+    move |done, mem| {
         *completed = true;
         completion::finish(vring, tracker, mem, done)
-    })
+    }
+}
+
+/// See `AsyncQueue::finish_lone_request`.
+fn finish_lone_request(
+    ctx: &QueueCtx<'_>,
+    vring: &VringRwLock,
+    qs: &mut QueueState,
+    completed: &mut bool,
+) -> io::Result<()> {
+    let Some(aio) = qs.aio.as_mut() else {
+        return Ok(());
+    };
+    let tracker = ctx.inflight.as_deref();
+    aio.finish_lone_request(ctx.dev.volume(), &mut completer(vring, tracker, completed))
 }
 
 /// Completes everything the asynchronous executor has accepted, blocking
@@ -139,13 +166,9 @@ pub fn drain_async(
     let (Some(aio), Some(vring)) = (qs.aio.as_mut(), qs.vring.as_ref()) else {
         return Ok(());
     };
-    if aio.in_flight() == 0 {
-        return Ok(());
-    }
-    aio.drain(dev.volume(), &mut |done, mem| {
-        completion::finish(vring, tracker, mem, done)
-    })?;
-    completion::notify_guest(vring)
+    let mut completed = false;
+    aio.drain(dev.volume(), &mut completer(vring, tracker, &mut completed))?;
+    notify_if(completed, vring)
 }
 
 /// Checks what `pop_descriptor_chain` would refuse: a queue that is not
@@ -260,10 +283,7 @@ fn resubmit(
         // Every replayed chain must be accepted before new ones are popped.
         if let Some(aio) = qs.aio.as_mut().filter(|aio| !aio.has_room()) {
             let tracker = ctx.inflight.as_deref();
-            aio.wait_for_room(ctx.dev.volume(), &mut |done, mem| {
-                *completed = true;
-                completion::finish(vring, tracker, mem, done)
-            })?;
+            aio.wait_for_room(ctx.dev.volume(), &mut completer(vring, tracker, completed))?;
         }
         let mem = &mem_now();
         let chain = chain_at(&**mem, table, size, head);
