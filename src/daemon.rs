@@ -15,16 +15,12 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::device::{BlkBackend, BlkDevice};
 use crate::sandbox::{Sandbox, SandboxError};
+use crate::socket::{SocketAccess, SocketError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    #[error(
-        "cannot listen on {path}: {source} (is the directory writable? another daemon on it?)"
-    )]
-    Listen {
-        path: String,
-        source: vhost::vhost_user::Error,
-    },
+    #[error(transparent)]
+    Socket(#[from] SocketError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
     #[error("cannot start the vhost-user device: {0}")]
@@ -68,13 +64,18 @@ impl Shutdown {
     }
 }
 
-/// Serves `dev` on `socket` until SIGTERM or SIGINT, confined by `sandbox`
-/// from the moment the socket listens (before any thread starts).
-pub fn serve(dev: Arc<BlkDevice>, socket: &Path, sandbox: &Sandbox) -> Result<(), DaemonError> {
-    let mut listener = Listener::new(socket, true).map_err(|source| DaemonError::Listen {
-        path: socket.display().to_string(),
-        source,
-    })?;
+/// Serves `dev` on `socket`, created as `access` says, until
+/// SIGTERM or SIGINT, confined by `sandbox` from the moment the socket
+/// listens (before any thread starts).
+pub fn serve(
+    dev: Arc<BlkDevice>,
+    socket: &Path,
+    access: &SocketAccess,
+    sandbox: &Sandbox,
+) -> Result<(), DaemonError> {
+    // Built from our own UnixListener, which has the mode and group already
+    // (vhost's Listener::new would leave them to the umask).
+    let mut listener = Listener::from(crate::socket::listen(socket, access)?);
     let shutdown = Arc::new(Shutdown {
         requested: AtomicBool::new(false),
         connection: Mutex::new(None),
@@ -83,6 +84,7 @@ pub fn serve(dev: Arc<BlkDevice>, socket: &Path, sandbox: &Sandbox) -> Result<()
     let mut signals = Signals::new([SIGTERM, SIGINT]).map_err(DaemonError::Signals)?;
     if let Err(e) = sandbox.apply() {
         drop(listener);
+        let _ = std::fs::remove_file(socket);
         return Err(e.into());
     }
     let signal_handle = signals.handle();
