@@ -11,7 +11,7 @@ use crate::device::{AioMode, CryptoMode, DeviceOptions};
 use crate::luks;
 use crate::sandbox::{Sandbox, SandboxMode};
 use crate::socket::ids::{IdSpec, Kind};
-use crate::socket::SocketAccess;
+use crate::socket::{Allowlist, SocketAccess};
 
 /// Where splitting a request across workers starts to pay (see README).
 const DEFAULT_SPLIT_THRESHOLD: u64 = 512 << 10;
@@ -94,6 +94,12 @@ pub struct ServeArgs {
     /// Socket file mode in octal (default 0600, or 0660 with --socket-group).
     #[arg(long, value_name = "MODE")]
     pub socket_mode: Option<String>,
+    /// Serve only peers running as one of these users (names or uids).
+    #[arg(long, value_name = "UID[,UID...]", value_delimiter = ',')]
+    pub allow_uid: Option<Vec<IdSpec>>,
+    /// Serve only peers in one of these groups, primary or supplementary.
+    #[arg(long, value_name = "GID[,GID...]", value_delimiter = ',')]
+    pub allow_gid: Option<Vec<IdSpec>>,
     /// Image file or block device holding the ciphertext.
     #[arg(long, value_name = "PATH")]
     pub image: Option<PathBuf>,
@@ -209,6 +215,8 @@ impl ServeArgs {
             socket,
             socket_group,
             socket_mode,
+            allow_uid,
+            allow_gid,
             image,
             size,
             key_file,
@@ -416,7 +424,7 @@ impl ServeConfig {
     }
 }
 
-/// Who may connect: the socket file's group and mode.
+/// Who may connect: the socket file's group and mode, and the peers served.
 fn socket_access(a: &ServeArgs) -> Result<SocketAccess, ConfigError> {
     let group = a
         .socket_group
@@ -428,7 +436,20 @@ fn socket_access(a: &ServeArgs) -> Result<SocketAccess, ConfigError> {
         (None, Some(_)) => crate::socket::GROUP_MODE,
         (None, None) => crate::socket::DEFAULT_MODE,
     };
-    Ok(SocketAccess { mode, group })
+    let ids = |flag, list: &Option<Vec<IdSpec>>, kind| {
+        list.iter()
+            .flatten()
+            .map(|id| resolve_id(flag, id, kind))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    Ok(SocketAccess {
+        mode,
+        group,
+        allow: Allowlist {
+            uids: ids("--allow-uid", &a.allow_uid, Kind::User)?,
+            gids: ids("--allow-gid", &a.allow_gid, Kind::Group)?,
+        },
+    })
 }
 
 fn resolve_id(flag: &'static str, id: &IdSpec, kind: Kind) -> Result<u32, ConfigError> {
@@ -736,14 +757,16 @@ mod tests {
 
     #[test]
     fn socket_keys_come_from_the_config_file_with_names_or_numbers() {
-        let toml = "socket = \"/s\"\nimage = \"/i\"\ncipher = \"none\"\nsocket-group = \"root\"\nsocket-mode = \"0620\"\n";
+        let toml = "socket = \"/s\"\nimage = \"/i\"\ncipher = \"none\"\nsocket-group = \"root\"\nsocket-mode = \"0620\"\nallow-uid = [107, \"root\"]\nallow-gid = [\"36\"]\n";
         let cfg = ServeConfig::from_args(with_file(toml, ServeArgs::default()).unwrap()).unwrap();
         assert_eq!(cfg.access.mode, 0o620);
         assert_eq!(cfg.access.group, Some(0));
+        assert_eq!(cfg.access.allow.uids, vec![107, 0]);
+        assert_eq!(cfg.access.allow.gids, vec![36]);
     }
 
     #[test]
-    fn unknown_groups_are_refused_by_flag_name() {
+    fn unknown_users_and_groups_are_refused_by_flag_name() {
         let no_group = ServeConfig::from_args(ServeArgs {
             socket_group: Some("no-such-group-cryptblk".parse().unwrap()),
             ..base()
@@ -753,6 +776,11 @@ mod tests {
             err.contains("--socket-group") && err.contains("no-such-group-cryptblk"),
             "{err}"
         );
+        let no_user = ServeConfig::from_args(ServeArgs {
+            allow_uid: Some(vec!["no-such-user-cryptblk".parse().unwrap()]),
+            ..base()
+        });
+        assert!(no_user.err().unwrap().to_string().contains("--allow-uid"));
     }
 
     #[test]

@@ -9,13 +9,13 @@ use std::sync::{Arc, Mutex};
 
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
-use vhost::vhost_user::{Error as VhostUserError, Listener};
+use vhost::vhost_user::Error as VhostUserError;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::device::{BlkBackend, BlkDevice};
 use crate::sandbox::{Sandbox, SandboxError};
-use crate::socket::{SocketAccess, SocketError};
+use crate::socket::{Gate, SocketAccess, SocketError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -64,7 +64,7 @@ impl Shutdown {
     }
 }
 
-/// Serves `dev` on `socket`, created as `access` says, until
+/// Serves `dev` on `socket`, created and guarded as `access` says, until
 /// SIGTERM or SIGINT, confined by `sandbox` from the moment the socket
 /// listens (before any thread starts).
 pub fn serve(
@@ -73,9 +73,7 @@ pub fn serve(
     access: &SocketAccess,
     sandbox: &Sandbox,
 ) -> Result<(), DaemonError> {
-    // Built from our own UnixListener, which has the mode and group already
-    // (vhost's Listener::new would leave them to the umask).
-    let mut listener = Listener::from(crate::socket::listen(socket, access)?);
+    let mut listener = Gate::new(crate::socket::listen(socket, access)?, access.allow.clone());
     let shutdown = Arc::new(Shutdown {
         requested: AtomicBool::new(false),
         connection: Mutex::new(None),
@@ -115,7 +113,7 @@ pub fn serve(
 
 fn serve_connections(
     dev: &Arc<BlkDevice>,
-    listener: &mut Listener,
+    listener: &mut Gate,
     shutdown: &Shutdown,
 ) -> Result<(), DaemonError> {
     let mut connections = 0u64;
@@ -128,7 +126,7 @@ fn serve_connections(
         backend
             .register_completion_fds(&daemon.get_epoll_handlers())
             .map_err(|e| DaemonError::Device(format!("cannot wait for I/O completions: {e}")))?;
-        if let Err(e) = daemon.start(listener) {
+        if let Err(e) = start_next(&mut daemon, listener) {
             if !shutdown.requested() {
                 log::warn!("accepting a connection failed: {e}");
             }
@@ -176,4 +174,17 @@ fn serve_connections(
         }
     }
     Ok(())
+}
+
+/// `VhostUserDaemon::start`, with the accept done by `gate` so that only
+/// admitted peers reach the vhost-user handler. Errors are those `start`
+/// gives for a failed accept.
+fn start_next(
+    daemon: &mut VhostUserDaemon<Arc<BlkBackend>>,
+    gate: &mut Gate,
+) -> Result<(), vhost_user_backend::Error> {
+    let stream = gate.accept().map_err(|e| {
+        vhost_user_backend::Error::CreateBackendListener(VhostUserError::SocketError(e))
+    })?;
+    daemon.start_with_stream(stream)
 }

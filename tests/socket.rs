@@ -1,6 +1,6 @@
 //! Who may connect to the daemon's socket: its mode whatever the umask,
-//! `--socket-group`/`--socket-mode` and the directory check (with clients
-//! forked as another user).
+//! `--socket-group`/`--socket-mode`, the directory check, `--allow-uid`/
+//! `--allow-gid` (with clients forked as another user).
 //!
 //! Run as root (as ./test.sh does): the clients switch to uid 65534.
 
@@ -12,7 +12,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -47,6 +47,22 @@ fn with_umask(cmd: &mut Command, umask: u32) {
             libc::umask(umask);
             Ok(())
         });
+    }
+}
+
+fn log_of(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("daemon.log")).unwrap()
+}
+
+/// Waits up to 10 s for `needle` in the daemon's log.
+fn wait_for_log(dir: &Path, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = log_of(dir);
+        if log.contains(needle) || Instant::now() > deadline {
+            return log;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -278,5 +294,57 @@ fn a_directory_anyone_may_write_needs_the_sticky_bit() {
     let d = serve_in(&dir).expect("refused a sticky directory");
     assert_eq!(mode_and_gid(&d.socket).0, 0o600);
     assert_serves(&d.socket);
+    assert!(d.terminate().success());
+}
+
+#[test]
+fn allow_uid_closes_other_users_and_serves_listed_ones() {
+    // Control: with the same open mode and no list, another user is served,
+    // so a close below is the list's doing.
+    let dir = tempfile::tempdir().unwrap();
+    let d = start(dir.path(), &["--socket-mode", "0666"], 0o022);
+    assert_eq!(mode_and_gid(&d.socket).0, 0o666);
+    assert_eq!(
+        connect_as(&d.socket, NOBODY, NOBODY, &[]).1,
+        Outcome::Served
+    );
+    let log = wait_for_log(dir.path(), "every user on this host may connect");
+    assert!(log.contains("WARN"), "no warning for mode 0666: {log}");
+    assert!(d.terminate().success());
+
+    let dir = tempfile::tempdir().unwrap();
+    let list = ["--socket-mode", "0666", "--allow-uid", "4243,0"];
+    let mut d = start(dir.path(), &list, 0o022);
+    let (pid, outcome) = connect_as(&d.socket, NOBODY, NOBODY, &[]);
+    assert_eq!(outcome, Outcome::Closed);
+    let needle = format!("refused a connection from pid {pid} (uid {NOBODY}, gid {NOBODY})");
+    let log = wait_for_log(dir.path(), &needle);
+    assert!(log.contains(&needle), "{log}");
+    assert!(d.alive());
+    assert_serves(&d.socket);
+    assert!(
+        log_of(dir.path()).contains("(uid 0, gid 0)"),
+        "admission not logged"
+    );
+    assert!(d.terminate().success());
+}
+
+#[test]
+fn allow_gid_admits_a_primary_or_supplementary_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let gid = SPARE_GID.to_string();
+    let d = start(
+        dir.path(),
+        &["--socket-mode", "0666", "--allow-gid", &gid],
+        0o022,
+    );
+    let primary = connect_as(&d.socket, NOBODY, SPARE_GID, &[]).1;
+    assert_eq!(primary, Outcome::Served);
+    let supplementary = connect_as(&d.socket, NOBODY, NOBODY, &[5, SPARE_GID]).1;
+    assert_eq!(supplementary, Outcome::Served);
+    let neither = connect_as(&d.socket, NOBODY, NOBODY, &[5]).1;
+    assert_eq!(neither, Outcome::Closed);
+    // root is not in the list either.
+    assert_eq!(connect_as(&d.socket, 0, 0, &[]).1, Outcome::Closed);
     assert!(d.terminate().success());
 }

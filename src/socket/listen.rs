@@ -138,10 +138,14 @@ fn log_who_may_connect(path: &Path, access: &SocketAccess) {
     let mode = access.mode;
     if mode & 0o002 == 0 {
         log::debug!("socket {path}: mode {mode:04o}, group {:?}", access.group);
-    } else {
+    } else if access.allow.is_empty() {
         log::warn!(
             "socket {path} has mode {mode:04o}: every user on this host may connect and read \
-             the decrypted disk; use --socket-group"
+             the decrypted disk; use --socket-group, or --allow-uid/--allow-gid"
+        );
+    } else {
+        log::info!(
+            "socket {path} has mode {mode:04o}: every user may connect, only --allow-uid/--allow-gid peers are served"
         );
     }
 }

@@ -4,15 +4,19 @@
 //! - [`listen`] creates it 0600 whatever the umask, gives it the operator's
 //!   group and mode (`--socket-group`, `--socket-mode`) before it listens,
 //!   and refuses a directory where others could replace it.
+//! - [`Gate`] accepts connections and serves only peers whose credentials
+//!   (SO_PEERCRED) are in `--allow-uid` / `--allow-gid`.
 //! - [`ids`] turns user and group names into ids at start-up, before the
 //!   sandbox forbids reading /etc/passwd and /etc/group.
 
 pub mod ids;
 mod listen;
+mod peer;
 
 use std::path::PathBuf;
 
 pub use listen::listen;
+pub use peer::{Gate, Peer};
 
 /// The socket file's mode when nothing else is asked for: the daemon's user only.
 pub const DEFAULT_MODE: u32 = 0o600;
@@ -26,6 +30,7 @@ pub struct SocketAccess {
     pub mode: u32,
     /// Group to give the socket file, if not the daemon's own.
     pub group: Option<u32>,
+    pub allow: Allowlist,
 }
 
 impl Default for SocketAccess {
@@ -33,7 +38,30 @@ impl Default for SocketAccess {
         SocketAccess {
             mode: DEFAULT_MODE,
             group: None,
+            allow: Allowlist::default(),
         }
+    }
+}
+
+/// `--allow-uid` / `--allow-gid`. Empty means "whoever the file mode lets
+/// connect"; otherwise a peer is served if its uid is listed or its primary
+/// or a supplementary group is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Allowlist {
+    pub uids: Vec<u32>,
+    pub gids: Vec<u32>,
+}
+
+impl Allowlist {
+    pub fn is_empty(&self) -> bool {
+        self.uids.is_empty() && self.gids.is_empty()
+    }
+
+    pub fn admits(&self, peer: &Peer) -> bool {
+        self.is_empty()
+            || self.uids.contains(&peer.uid)
+            || self.gids.contains(&peer.gid)
+            || peer.groups.iter().any(|g| self.gids.contains(g))
     }
 }
 
@@ -87,6 +115,30 @@ fn directory_of(path: &std::path::Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn peer(uid: u32, gid: u32, groups: &[u32]) -> Peer {
+        Peer {
+            pid: 1,
+            uid,
+            gid,
+            groups: groups.to_vec(),
+        }
+    }
+
+    #[test]
+    fn allowlist_matches_uid_primary_or_supplementary_group() {
+        let open = Allowlist::default();
+        assert!(open.admits(&peer(1000, 1000, &[])));
+        let list = Allowlist {
+            uids: vec![107],
+            gids: vec![36],
+        };
+        assert!(list.admits(&peer(107, 107, &[])));
+        assert!(list.admits(&peer(1000, 36, &[])));
+        assert!(list.admits(&peer(1000, 1000, &[5, 36])));
+        assert!(!list.admits(&peer(1000, 1000, &[5])));
+        assert!(!list.admits(&peer(0, 0, &[])), "root is not implied");
+    }
 
     #[test]
     fn a_bare_file_name_lives_in_the_current_directory() {
