@@ -1,6 +1,6 @@
 //! Who may connect to the daemon's socket: its mode whatever the umask,
 //! `--socket-group`/`--socket-mode`, the directory check, `--allow-uid`/
-//! `--allow-gid` (with clients forked as another user).
+//! `--allow-gid` (with clients forked as another user), and SIGHUP.
 //!
 //! Run as root (as ./test.sh does): the clients switch to uid 65534.
 
@@ -347,4 +347,24 @@ fn allow_gid_admits_a_primary_or_supplementary_group() {
     // root is not in the list either.
     assert_eq!(connect_as(&d.socket, 0, 0, &[]).1, Outcome::Closed);
     assert!(d.terminate().success());
+}
+
+#[test]
+fn sighup_is_logged_and_ignored_while_idle_and_while_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = start(dir.path(), &[], 0o022);
+    d.signal(libc::SIGHUP);
+    let log = wait_for_log(dir.path(), "SIGHUP ignored");
+    assert!(log.contains("SIGHUP ignored"), "{log}");
+    assert!(d.alive(), "SIGHUP killed the idle daemon");
+
+    let mut c = Client::connect(&d.socket, 1);
+    let data = pattern(2, 8192, 8192);
+    assert_eq!(c.write(0, 8192, &data), 0);
+    d.signal(libc::SIGHUP);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(d.alive(), "SIGHUP killed the serving daemon");
+    assert_eq!(c.read(0, 8192, 8192).unwrap(), data);
+    drop(c);
+    assert!(d.terminate().success(), "SIGTERM still stops it cleanly");
 }
