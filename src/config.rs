@@ -10,6 +10,8 @@ use crate::crypto::{IvRule, KeyError, SectorCipher, XtsKey, SECTOR_SIZES};
 use crate::device::{AioMode, CryptoMode, DeviceOptions};
 use crate::luks;
 use crate::sandbox::{Sandbox, SandboxMode};
+use crate::socket::ids::{IdSpec, Kind};
+use crate::socket::{Allowlist, SocketAccess};
 
 /// Where splitting a request across workers starts to pay (see README).
 const DEFAULT_SPLIT_THRESHOLD: u64 = 512 << 10;
@@ -85,6 +87,19 @@ pub struct ServeArgs {
     /// Unix socket to listen on (the VMM connects to it).
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
+    /// Group (name or gid) that owns the socket, so a VMM running as another
+    /// user in that group can connect; the mode becomes 0660.
+    #[arg(long, value_name = "GROUP")]
+    pub socket_group: Option<IdSpec>,
+    /// Socket file mode in octal (default 0600, or 0660 with --socket-group).
+    #[arg(long, value_name = "MODE")]
+    pub socket_mode: Option<String>,
+    /// Serve only peers running as one of these users (names or uids).
+    #[arg(long, value_name = "UID[,UID...]", value_delimiter = ',')]
+    pub allow_uid: Option<Vec<IdSpec>>,
+    /// Serve only peers in one of these groups, primary or supplementary.
+    #[arg(long, value_name = "GID[,GID...]", value_delimiter = ',')]
+    pub allow_gid: Option<Vec<IdSpec>>,
     /// Image file or block device holding the ciphertext.
     #[arg(long, value_name = "PATH")]
     pub image: Option<PathBuf>,
@@ -198,6 +213,10 @@ impl ServeArgs {
             self,
             file,
             socket,
+            socket_group,
+            socket_mode,
+            allow_uid,
+            allow_gid,
             image,
             size,
             key_file,
@@ -233,6 +252,7 @@ impl ServeArgs {
 /// Validated options, ready to open the volume and start serving.
 pub struct ServeConfig {
     pub socket: PathBuf,
+    pub access: SocketAccess,
     pub device: DeviceOptions,
     pub log_level: Option<String>,
     pub sandbox: Sandbox,
@@ -321,6 +341,7 @@ impl ServeConfig {
         };
         Ok(ServeConfig {
             socket: socket.clone(),
+            access: socket_access(&a)?,
             device: DeviceOptions {
                 queues,
                 queue_size: queue_size as u16,
@@ -400,6 +421,62 @@ impl ServeConfig {
             io: s.io,
             cipher: SectorCipher::new(key.as_ref(), rule),
         })?)
+    }
+}
+
+/// Who may connect: the socket file's group and mode, and the peers served.
+fn socket_access(a: &ServeArgs) -> Result<SocketAccess, ConfigError> {
+    let group = a
+        .socket_group
+        .as_ref()
+        .map(|g| resolve_id("--socket-group", g, Kind::Group))
+        .transpose()?;
+    let mode = match (&a.socket_mode, group) {
+        (Some(m), _) => parse_mode(m)?,
+        (None, Some(_)) => crate::socket::GROUP_MODE,
+        (None, None) => crate::socket::DEFAULT_MODE,
+    };
+    let ids = |flag, list: &Option<Vec<IdSpec>>, kind| {
+        list.iter()
+            .flatten()
+            .map(|id| resolve_id(flag, id, kind))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    Ok(SocketAccess {
+        mode,
+        group,
+        allow: Allowlist {
+            uids: ids("--allow-uid", &a.allow_uid, Kind::User)?,
+            gids: ids("--allow-gid", &a.allow_gid, Kind::Group)?,
+        },
+    })
+}
+
+fn resolve_id(flag: &'static str, id: &IdSpec, kind: Kind) -> Result<u32, ConfigError> {
+    let why = match id.resolve(kind) {
+        Ok(Some(n)) => return Ok(n),
+        Ok(None) => match kind {
+            Kind::User => "no such user here (getent passwd NAME); give a uid or an existing name",
+            Kind::Group => "no such group here (getent group NAME); give a gid or an existing name",
+        },
+        Err(_) => "the user/group database cannot be read; give a number instead",
+    };
+    invalid(flag, id, why)
+}
+
+/// `0660`, `660` or `0o660`: permission bits only (setuid, setgid and
+/// sticky mean nothing on a socket).
+fn parse_mode(s: &str) -> Result<u32, ConfigError> {
+    let t = s.trim();
+    let digits = t.strip_prefix("0o").unwrap_or(t);
+    let octal = (1..=4).contains(&digits.len()) && digits.bytes().all(|b| matches!(b, b'0'..=b'7'));
+    match u32::from_str_radix(digits, 8) {
+        Ok(mode) if octal && mode <= 0o777 => Ok(mode),
+        _ => invalid(
+            "--socket-mode",
+            s,
+            "use octal permission bits up to 0777, e.g. 0660",
+        ),
     }
 }
 
@@ -649,6 +726,61 @@ mod tests {
             ..base()
         })
         .is_err());
+    }
+
+    #[test]
+    fn socket_mode_is_octal_permission_bits_only() {
+        assert_eq!(parse_mode("0660").unwrap(), 0o660);
+        assert_eq!(parse_mode("600").unwrap(), 0o600);
+        assert_eq!(parse_mode("0o640").unwrap(), 0o640);
+        for bad in ["", "0999", "1777", "4755", "+660", "rw-rw----", "06600"] {
+            assert!(parse_mode(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn socket_access_defaults_to_0600_and_0660_with_a_group() {
+        let access = |args| ServeConfig::from_args(args).unwrap().access;
+        assert_eq!(access(base()), SocketAccess::default());
+        let grouped = access(ServeArgs {
+            socket_group: Some("root".parse().unwrap()),
+            ..base()
+        });
+        assert_eq!((grouped.mode, grouped.group), (0o660, Some(0)));
+        let explicit = access(ServeArgs {
+            socket_group: Some("5".parse().unwrap()),
+            socket_mode: Some("0640".into()),
+            ..base()
+        });
+        assert_eq!((explicit.mode, explicit.group), (0o640, Some(5)));
+    }
+
+    #[test]
+    fn socket_keys_come_from_the_config_file_with_names_or_numbers() {
+        let toml = "socket = \"/s\"\nimage = \"/i\"\ncipher = \"none\"\nsocket-group = \"root\"\nsocket-mode = \"0620\"\nallow-uid = [107, \"root\"]\nallow-gid = [\"36\"]\n";
+        let cfg = ServeConfig::from_args(with_file(toml, ServeArgs::default()).unwrap()).unwrap();
+        assert_eq!(cfg.access.mode, 0o620);
+        assert_eq!(cfg.access.group, Some(0));
+        assert_eq!(cfg.access.allow.uids, vec![107, 0]);
+        assert_eq!(cfg.access.allow.gids, vec![36]);
+    }
+
+    #[test]
+    fn unknown_users_and_groups_are_refused_by_flag_name() {
+        let no_group = ServeConfig::from_args(ServeArgs {
+            socket_group: Some("no-such-group-cryptblk".parse().unwrap()),
+            ..base()
+        });
+        let err = no_group.err().unwrap().to_string();
+        assert!(
+            err.contains("--socket-group") && err.contains("no-such-group-cryptblk"),
+            "{err}"
+        );
+        let no_user = ServeConfig::from_args(ServeArgs {
+            allow_uid: Some(vec!["no-such-user-cryptblk".parse().unwrap()]),
+            ..base()
+        });
+        assert!(no_user.err().unwrap().to_string().contains("--allow-uid"));
     }
 
     #[test]

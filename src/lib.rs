@@ -11,6 +11,7 @@ pub mod device;
 pub mod luks;
 pub mod sandbox;
 pub mod secrets;
+pub mod socket;
 pub mod store;
 pub mod virtio;
 pub mod volume;

@@ -20,7 +20,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve an encrypted image to a VMM as a vhost-user-blk device.
-    Serve(ServeArgs),
+    // Boxed: the other variants need not be as large as every serve option.
+    Serve(Box<ServeArgs>),
     /// Load-test a vhost-user-blk socket (fio-like).
     Bench(cryptblk::bench::BenchArgs),
     /// First run, no VM needed: make an encrypted image, serve it, benchmark and verify it.
@@ -36,7 +37,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         Command::Bench(args) => std::process::exit(cryptblk::bench::cli::main(args)),
         Command::Demo(args) => cryptblk::demo::run(&args).map_err(Into::into),
         Command::Format(a) => {
@@ -80,6 +81,6 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
     init_logging(cfg.log_level.as_deref());
     let volume = cfg.open_volume()?;
     let dev = BlkDevice::new(volume, cfg.device.clone());
-    daemon::serve(dev, &cfg.socket, &cfg.sandbox)?;
+    daemon::serve(dev, &cfg.socket, &cfg.access, &cfg.sandbox)?;
     Ok(())
 }

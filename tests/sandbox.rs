@@ -45,6 +45,12 @@ fn every_mode_serves_verified_writes_and_reconnects() {
                 "--crypto",
                 "workers",
                 "--allow-discards",
+                // The peer check (getsockopt SO_PEERCRED/SO_PEERGROUPS)
+                // runs confined, on every accept.
+                "--allow-uid",
+                "0",
+                "--allow-gid",
+                "0",
                 "--sandbox",
                 mode,
             ],

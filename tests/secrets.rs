@@ -291,7 +291,9 @@ fn the_daemon_is_not_dumpable_and_its_key_pages_are_locked() {
     // Run as an unprivileged user: a root process's /proc entries belong to
     // root either way.
     let dir = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    // The daemon's user owns the directory it creates image and socket in
+    // (a world-writable one without sticky bit is refused).
+    std::os::unix::fs::chown(dir.path(), Some(NOBODY), Some(NOBODY)).unwrap();
     let key = key_file(dir.path(), "key", KEY, 0o600);
     std::os::unix::fs::chown(&key, Some(NOBODY), Some(NOBODY)).unwrap();
     let img = dir.path().join("disk.img");

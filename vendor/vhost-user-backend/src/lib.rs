@@ -218,6 +218,15 @@ where
         self.start_daemon(backend_handler)
     }
 
+    /// Run a dedicated thread handling all requests coming through `stream`,
+    /// a connection the caller accepted itself (for instance after checking
+    /// the peer's credentials, which [`start`](Self::start) cannot do since
+    /// it accepts internally). Otherwise the same as `start`.
+    pub fn start_with_stream(&mut self, stream: UnixStream) -> Result<()> {
+        let backend_handler = BackendReqHandler::from_stream(stream, self.handler.clone());
+        self.start_daemon(backend_handler)
+    }
+
     fn accept(
         &self,
         backend_listener: &mut BackendListener<Mutex<VhostUserHandler<T>>>,
