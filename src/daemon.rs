@@ -13,7 +13,7 @@ use vhost::vhost_user::Error as VhostUserError;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
-use crate::device::{BlkBackend, BlkDevice};
+use crate::device::{AioMode, BlkBackend, BlkDevice};
 use crate::sandbox::{Sandbox, SandboxError};
 use crate::socket::{Gate, SocketAccess, SocketError};
 
@@ -104,11 +104,16 @@ pub fn serve(
         }
     });
     log::info!(
-        "serving {} bytes on {} ({} queues, io {:?})",
+        "serving {} bytes on {} ({} queues, io {:?}{})",
         dev.volume().capacity_bytes(),
         socket.display(),
         dev.options().queues,
-        dev.volume().io()
+        dev.volume().io(),
+        match (dev.volume().mapped(), dev.options().aio) {
+            (true, _) => "",
+            (false, AioMode::IoUring) => ", io_uring",
+            (false, AioMode::Sync) => ", synchronous",
+        }
     );
     let result = serve_connections(&dev, &mut listener, &shutdown);
     signal_handle.close();
