@@ -33,6 +33,10 @@ pub enum LuksError {
     LastSlot { slot: usize },
     #[error("{0}")]
     Invalid(String),
+    /// A header asks for more KDF memory or time than any unlock may take
+    /// (the caps in kdf.rs); the message names the slot and the cost.
+    #[error("{0}")]
+    OverLimit(String),
     #[error("key derivation failed: {0}")]
     Kdf(String),
     #[error("the OS random source failed: {0}")]

@@ -110,6 +110,15 @@ impl Header {
         }
     }
 
+    /// Refuses `slot` if its KDF or its digest's costs more than the caps
+    /// (kdf.rs), as an unlock would before deriving anything.
+    pub fn check_costs(&self, slot: usize) -> Result<(), LuksError> {
+        match self {
+            Header::V1(h) => h.check_costs(slot),
+            Header::V2(h) => h.usable_slot(slot).map(|_| ()),
+        }
+    }
+
     fn open_slot(
         &self,
         file: &File,

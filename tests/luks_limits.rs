@@ -1,0 +1,176 @@
+//! Forged LUKS headers: real cryptsetup headers edited the way a forger
+//! would (LUKS2 checksums recomputed, so the header itself looks intact).
+//! Each is refused before a costly KDF runs or anything big is allocated;
+//! each test also shows that the unedited header, or the legitimate
+//! variant closest to the forgery, still opens.
+
+mod luks_common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use cryptblk::luks::{check_header, unlock, LuksError, Unlocked};
+use luks_common::*;
+use serde_json::{json, Value};
+
+const PBKDF2: &[&str] = &["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"];
+const ARGON2: &[&str] = &[
+    "--pbkdf",
+    "argon2id",
+    "--pbkdf-force-iterations",
+    "4",
+    "--pbkdf-memory",
+    "32",
+    "--pbkdf-parallel",
+    "1",
+];
+
+/// Far more than the checks need (microseconds), far less than any of the
+/// forged costs would take to compute.
+const QUICK: Duration = Duration::from_secs(1);
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    pw: String,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let pw = write_file(&dir.path().join("pw"), PASS);
+        Fixture { dir, pw }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// A cryptsetup image that opens (the positive control for its edits).
+    fn image(&self, name: &str, args: &[&str]) -> PathBuf {
+        let img = self.path(name);
+        cryptsetup_format(&img, &self.pw, args);
+        let key = cryptsetup_volume_key(&img, Path::new(&self.pw));
+        assert_eq!(unlock(&img, PASS, None).unwrap().key.bytes(), key);
+        assert!(check_header(&img).is_ok());
+        img
+    }
+
+    /// A copy of `img` with its LUKS2 JSON edited.
+    fn forged(&self, img: &Path, name: &str, edit: impl Fn(&mut Value)) -> PathBuf {
+        let copy = self.path(name);
+        std::fs::copy(img, &copy).unwrap();
+        edit_luks2_json(&copy, edit);
+        copy
+    }
+
+    /// A copy of the LUKS1 `img` with the big-endian u32 at `at` set.
+    fn forged_luks1(&self, img: &Path, name: &str, at: u64, value: u32) -> PathBuf {
+        let copy = self.path(name);
+        std::fs::copy(img, &copy).unwrap();
+        patch(&copy, at, &value.to_be_bytes());
+        copy
+    }
+}
+
+/// Runs `f` on its own thread and returns what it returns within `limit`.
+/// Without the caps `f` would run a KDF for minutes or for ever: the test
+/// then fails on the timeout instead of hanging (the thread is left behind).
+fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let start = Instant::now();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    let out = rx
+        .recv_timeout(limit)
+        .unwrap_or_else(|_| panic!("not refused within {limit:?}: the KDF ran"));
+    assert!(start.elapsed() < limit);
+    out
+}
+
+/// The error unlocking `img` with `pass` gives, quickly.
+fn refused(img: &Path, pass: &'static [u8]) -> LuksError {
+    let img = img.to_path_buf();
+    let r: Result<Unlocked, LuksError> = within(QUICK, move || unlock(&img, pass, None));
+    r.expect_err("a forged header must not unlock")
+}
+
+/// Unlock and `check_header` (what the fuzz target runs) both refuse `img`
+/// for a cost over a cap, naming the cost.
+fn over_limit(img: &Path, mentions: &[&str]) {
+    let err = refused(img, PASS);
+    let msg = err.to_string();
+    assert!(matches!(err, LuksError::OverLimit(_)), "{msg}");
+    for m in mentions {
+        assert!(msg.contains(m), "{msg:?} does not mention {m:?}");
+    }
+    let path = img.to_path_buf();
+    let checked = within(QUICK, move || check_header(&path));
+    assert!(
+        matches!(checked, Err(LuksError::OverLimit(_))),
+        "{checked:?}"
+    );
+}
+
+fn set_kdf(field: &'static str, value: u64) -> impl Fn(&mut Value) {
+    move |v| v["keyslots"]["0"]["kdf"][field] = json!(value)
+}
+
+#[test]
+fn argon2_memory_above_4_gib_is_refused_at_once() {
+    let f = Fixture::new();
+    let img = f.image("argon2.img", ARGON2);
+    for (i, memory) in [(4u64 << 20) + 1, u32::MAX as u64].into_iter().enumerate() {
+        let forged = f.forged(&img, &format!("m{i}"), set_kdf("memory", memory));
+        over_limit(
+            &forged,
+            &["key slot 0", &memory.to_string(), "4 GiB", "tampered"],
+        );
+    }
+}
+
+#[test]
+fn argon2_time_lanes_and_total_work_above_the_caps_are_refused_at_once() {
+    let f = Fixture::new();
+    let img = f.image("argon2.img", ARGON2);
+    // (copy name, kdf fields to set, what the message must name)
+    type Case = (&'static str, &'static [(&'static str, u64)], &'static str);
+    let cases: &[Case] = &[
+        ("t-max", &[("time", u32::MAX as u64)], "time cost"),
+        ("t-cap", &[("time", (1 << 24) + 1)], "time cost"),
+        ("lanes", &[("cpus", 5), ("memory", 64)], "5 Argon2 lanes"),
+        ("lanes-max", &[("cpus", u32::MAX as u64)], "Argon2 lanes"),
+        // 2^20 passes over 4 MiB: each within its own cap, 2^32 KiB-passes
+        // (an hour or more) together.
+        ("work", &[("time", 1 << 20), ("memory", 4096)], "KiB-passes"),
+    ];
+    for (name, fields, mention) in cases {
+        let forged = f.forged(&img, name, |v| {
+            for (field, value) in *fields {
+                v["keyslots"]["0"]["kdf"][field] = json!(value);
+            }
+        });
+        over_limit(&forged, &["key slot 0", mention]);
+    }
+}
+
+#[test]
+fn pbkdf2_iterations_above_the_cap_are_refused_at_once() {
+    let f = Fixture::new();
+    let img = f.image("luks2.img", PBKDF2);
+    for (i, n) in [100_000_001u64, u32::MAX as u64].into_iter().enumerate() {
+        let forged = f.forged(&img, &format!("k{i}"), set_kdf("iterations", n));
+        over_limit(&forged, &["key slot 0", &format!("{n} PBKDF2 iterations")]);
+    }
+    // The digest runs after the key slot's KDF: it is checked before it.
+    let forged = f.forged(&img, "digest", |v| {
+        v["digests"]["0"]["iterations"] = json!(u32::MAX)
+    });
+    over_limit(&forged, &["digest", "PBKDF2 iterations"]);
+
+    let l1 = f.image("luks1.img", &[&["--type", "luks1"], PBKDF2].concat());
+    let slot = f.forged_luks1(&l1, "l1-slot", luks1_slot_iterations(0), u32::MAX);
+    over_limit(&slot, &["key slot 0", "PBKDF2 iterations"]);
+    let digest = f.forged_luks1(&l1, "l1-digest", LUKS1_MK_DIGEST_ITERATIONS, u32::MAX);
+    over_limit(&digest, &["master key digest", "PBKDF2 iterations"]);
+}
