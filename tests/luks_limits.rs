@@ -174,3 +174,62 @@ fn pbkdf2_iterations_above_the_cap_are_refused_at_once() {
     let digest = f.forged_luks1(&l1, "l1-digest", LUKS1_MK_DIGEST_ITERATIONS, u32::MAX);
     over_limit(&digest, &["master key digest", "PBKDF2 iterations"]);
 }
+
+#[test]
+fn key_sizes_other_than_32_or_64_bytes_are_refused_before_allocation() {
+    let f = Fixture::new();
+    let img = f.image("luks2.img", PBKDF2);
+    for (name, edit) in [
+        ("area", "area"),
+        ("slot", ""), // the volume key size of the key slot itself
+    ] {
+        let forged = f.forged(&img, name, |v| {
+            let ks = &mut v["keyslots"]["0"];
+            let target = if edit.is_empty() { ks } else { &mut ks[edit] };
+            target["key_size"] = json!(1u64 << 30);
+        });
+        let err = refused(&forged, PASS).to_string();
+        assert!(
+            err.contains("key_size is 1073741824") && err.contains("32 or 64 bytes"),
+            "{err}"
+        );
+    }
+    // The area key need not be the volume key's size: cryptsetup's
+    // --keyslot-key-size sets it on its own, and such headers still open.
+    f.image(
+        "area-key-256.img",
+        &[
+            PBKDF2,
+            &[
+                "--keyslot-cipher",
+                "aes-xts-plain64",
+                "--keyslot-key-size",
+                "256",
+            ],
+        ]
+        .concat(),
+    );
+}
+
+#[test]
+fn keyslot_ids_from_32_up_or_spelt_twice_are_refused() {
+    let f = Fixture::new();
+    let img = f.image("luks2.img", PBKDF2);
+    let move_slot = |to: &'static str| {
+        move |v: &mut Value| {
+            let ks = v["keyslots"].as_object_mut().unwrap().remove("0").unwrap();
+            v["keyslots"][to] = ks;
+            v["digests"]["0"]["keyslots"] = json!([to]);
+        }
+    };
+    // The highest id LUKS2 has still opens: the control for the edit.
+    let last = f.forged(&img, "31", move_slot("31"));
+    assert!(unlock(&last, PASS, None).is_ok());
+    for id in ["32", "40", "4294967296", "01", "+1"] {
+        let forged = f.forged(&img, &format!("id{id}"), move_slot(id));
+        let err = refused(&forged, PASS);
+        let msg = err.to_string();
+        assert!(matches!(err, LuksError::Corrupt(_)), "{msg}");
+        assert!(msg.contains("keyslot id"), "{msg}");
+    }
+}

@@ -94,6 +94,7 @@ impl Luks2 {
         passphrase: &[u8],
     ) -> Result<Option<Zeroizing<Vec<u8>>>, LuksError> {
         let (ks, digest) = self.usable_slot(id)?;
+        // area_key_size is 32 or 64 (meta.rs), so this is small.
         let mut derived = Zeroizing::new(vec![0u8; ks.area_key_size]);
         ks.kdf.derive(passphrase, &ks.salt, &mut derived)?;
         let key = area::open(
