@@ -24,6 +24,7 @@ const ARGON2: &[&str] = &[
     "--pbkdf-parallel",
     "1",
 ];
+const WRONG: &[u8] = b"not the passphrase";
 
 /// Far more than the checks need (microseconds), far less than any of the
 /// forged costs would take to compute.
@@ -232,4 +233,41 @@ fn keyslot_ids_from_32_up_or_spelt_twice_are_refused() {
         assert!(matches!(err, LuksError::Corrupt(_)), "{msg}");
         assert!(msg.contains("keyslot id"), "{msg}");
     }
+}
+
+#[test]
+fn a_short_or_empty_digest_never_accepts_a_wrong_passphrase() {
+    let f = Fixture::new();
+    let img = f.image("luks2.img", PBKDF2);
+    assert!(matches!(
+        unlock(&img, WRONG, None),
+        Err(LuksError::WrongPassphrase)
+    ));
+    for (name, field, value) in [
+        ("empty", "digest", String::new()),
+        (
+            "short",
+            "digest",
+            "AAAAAAAAAAAAAAAAAAAAAAAAAA==".to_string(),
+        ), // 19 bytes
+        ("no-salt", "salt", String::new()),
+    ] {
+        let forged = f.forged(&img, name, |v| v["digests"]["0"][field] = json!(value));
+        for pass in [WRONG, PASS] {
+            let err = refused(&forged, pass);
+            assert!(matches!(err, LuksError::Corrupt(_)), "{name}: {err}");
+        }
+    }
+    // `cryptsetup convert` keeps LUKS1's 20-byte digest under sha256: still
+    // a full-strength check, and such headers open.
+    let l1 = f.image("conv.img", &[&["--type", "luks1"], PBKDF2].concat());
+    ok(tool("cryptsetup")
+        .args(["convert", "--batch-mode", "--type", "luks2"])
+        .arg(&l1));
+    let key = cryptsetup_volume_key(&l1, Path::new(&f.pw));
+    assert_eq!(unlock(&l1, PASS, None).unwrap().key.bytes(), key);
+    assert!(matches!(
+        unlock(&l1, WRONG, None),
+        Err(LuksError::WrongPassphrase)
+    ));
 }

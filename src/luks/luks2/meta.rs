@@ -14,8 +14,9 @@ use crate::luks::LuksError;
 use super::MAX_SLOTS;
 
 pub const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
-/// cryptsetup's LUKS_SALTSIZE.
+/// cryptsetup's LUKS_SALTSIZE, for keyslots and digests alike.
 const SALT_LEN: usize = 32;
+const LUKS1_DIGEST_LEN: usize = 20;
 
 fn bad(what: &str) -> LuksError {
     LuksError::Corrupt(format!("LUKS2 metadata: {what}"))
@@ -254,13 +255,31 @@ pub fn parse_digest(d: &Value, id: &str) -> Result<VkDigest, LuksError> {
             "{ctx}: digest type other than pbkdf2"
         )));
     }
+    let hash = HashAlg::from_name(string(d, "hash", &ctx)?)?;
+    let digest = b64(d, "digest", &ctx)?;
+    if !digest_len_ok(hash, digest.len()) {
+        return Err(bad(&format!(
+            "{ctx} is {} bytes; a {} digest is {} bytes (or 20, as LUKS1 and cryptsetup convert write)",
+            digest.len(),
+            hash.name(),
+            hash.size()
+        )));
+    }
     Ok(VkDigest {
         keyslots: ids(d, "keyslots", &ctx)?,
-        hash: HashAlg::from_name(string(d, "hash", &ctx)?)?,
+        hash,
         iterations: num(d, "iterations", &ctx)?,
-        salt: b64(d, "salt", &ctx)?,
-        digest: b64(d, "digest", &ctx)?,
+        salt: salt(d, &ctx)?,
+        digest,
     })
+}
+
+/// The lengths cryptsetup compares (luks2_digest_pbkdf2.c): the hash's
+/// output, or LUKS1's 20 bytes kept by `cryptsetup convert`. Also 32, which
+/// cryptblk wrote for every hash before it wrote the hash's length. A short
+/// digest would let almost any passphrase through; an empty one, every one.
+fn digest_len_ok(hash: HashAlg, len: usize) -> bool {
+    len == hash.size() || len == LUKS1_DIGEST_LEN || len == 32
 }
 
 fn refuse_requirements(config: &Value) -> Result<(), LuksError> {
@@ -350,6 +369,29 @@ mod tests {
             "99999999999999999999999",
         ] {
             assert!(keyslot_id(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn digests_are_as_long_as_cryptsetup_writes_them() {
+        use HashAlg::*;
+        for (hash, len) in [
+            (Sha1, 20),
+            (Sha256, 32),
+            (Sha512, 64),
+            (Sha256, 20),
+            (Sha512, 32),
+        ] {
+            assert!(digest_len_ok(hash, len), "{hash:?} {len}");
+        }
+        for (hash, len) in [
+            (Sha256, 0),
+            (Sha256, 1),
+            (Sha256, 19),
+            (Sha512, 48),
+            (Sha1, 64),
+        ] {
+            assert!(!digest_len_ok(hash, len), "{hash:?} {len}");
         }
     }
 }

@@ -303,7 +303,8 @@ fn digest_kdf(d: &meta::VkDigest) -> Kdf {
     }
 }
 
-/// Whether `key` is the volume key `d` describes.
+/// Whether `key` is the volume key `d` describes (its length is checked
+/// in meta.rs: never empty or short).
 fn verify_digest(d: &meta::VkDigest, key: &[u8]) -> Result<bool, LuksError> {
     let mut out = Zeroizing::new(vec![0u8; d.digest.len()]);
     digest_kdf(d).derive(key, &d.salt, &mut out)?;
@@ -324,7 +325,8 @@ pub struct NewHeader<'a> {
 pub fn format(file: &File, key: &[u8], passphrase: &[u8], p: &NewHeader) -> Result<(), LuksError> {
     let mut dsalt = [0u8; 32];
     random::fill(&mut dsalt)?;
-    let mut digest = [0u8; 32];
+    // As long as the hash's output, as cryptsetup writes it.
+    let mut digest = vec![0u8; p.af_hash.size()];
     p.af_hash
         .pbkdf2(key, &dsalt, p.digest_iterations, &mut digest);
     let json_size = DEFAULT_HDR_SIZE - binary::BIN_SIZE as u64;
