@@ -9,7 +9,7 @@ mod luks_common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use cryptblk::luks::{check_header, unlock, LuksError, Unlocked};
+use cryptblk::luks::{check_header, unlock, unlock_image, LuksError, Unlocked};
 use luks_common::*;
 use serde_json::{json, Value};
 
@@ -270,4 +270,61 @@ fn a_short_or_empty_digest_never_accepts_a_wrong_passphrase() {
         unlock(&l1, WRONG, None),
         Err(LuksError::WrongPassphrase)
     ));
+}
+
+#[test]
+fn a_data_offset_inside_an_embedded_header_is_refused() {
+    let f = Fixture::new();
+    let img = f.image("luks2.img", PBKDF2);
+    let forged = f.forged(&img, "zero", |v| v["segments"]["0"]["offset"] = json!("0"));
+    let l1 = f.image("luks1.img", &[&["--type", "luks1"], PBKDF2].concat());
+    let forged1 = f.forged_luks1(&l1, "zero1", LUKS1_PAYLOAD_OFFSET, 0);
+    // LUKS2: both header copies and the keyslots area, 16 MiB in all;
+    // LUKS1: the header and its eight key slot areas, about 2 MiB.
+    for (img, header_end) in [
+        (&forged, 16u64 << 20..=16 << 20),
+        (&forged1, 1 << 20..=2 << 20),
+    ] {
+        // A "detached" header that is the image itself is no better.
+        for header in [None, Some(img.as_path())] {
+            let err = unlock_image(img, header, PASS, None).unwrap_err();
+            let msg = err.to_string();
+            match err {
+                LuksError::PayloadOverlapsHeader {
+                    offset: 0,
+                    header_end: end,
+                } if header_end.contains(&end) => {}
+                _ => panic!("{}: {msg}", img.display()),
+            }
+            assert!(msg.contains("--header"), "{msg}");
+        }
+    }
+    // Offset 0 is what cryptsetup writes for a detached header, which is
+    // where such headers belong.
+    for kind in ["luks2", "luks1"] {
+        let (hdr, data) = (
+            f.path(&format!("{kind}.hdr")),
+            f.path(&format!("{kind}.data")),
+        );
+        std::fs::File::create(&data)
+            .unwrap()
+            .set_len(4 << 20)
+            .unwrap();
+        ok(tool("cryptsetup")
+            .args([
+                "luksFormat",
+                "--batch-mode",
+                "--type",
+                kind,
+                "--key-file",
+                &f.pw,
+            ])
+            .args(PBKDF2)
+            .arg("--header")
+            .arg(&hdr)
+            .arg(&data));
+        let u = unlock_image(&data, Some(&hdr), PASS, None).unwrap();
+        assert_eq!(u.payload_offset, 0);
+        assert_eq!(u.key.bytes(), cryptsetup_volume_key(&hdr, Path::new(&f.pw)));
+    }
 }

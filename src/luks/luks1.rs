@@ -209,6 +209,16 @@ impl Header {
         self.slot_kdf(slot).check_costs(&format!("key slot {slot}"))
     }
 
+    /// Bytes from the start of the header's file that the header and every
+    /// key slot area take: data in the same file must start after them.
+    pub fn metadata_end(&self) -> u64 {
+        let key_len = self.key_bytes as usize;
+        self.slots
+            .iter()
+            .map(|s| s.offset as u64 * 512 + area::material_len(key_len, s.stripes as usize) as u64)
+            .fold(PHDR_SIZE as u64, u64::max)
+    }
+
     /// Tries one slot: the volume key if the passphrase opens it.
     pub fn open_slot(
         &self,
