@@ -392,13 +392,12 @@ impl ServeConfig {
                 (key, *rule, *payload_offset, None)
             }
             Layout::Luks(l) => {
-                let header = l.header.as_deref().unwrap_or(&s.path);
                 if let Some(path) = &l.key_file {
                     warn_if_key_file_is_exposed(path);
                 }
                 let pass =
                     luks::read_passphrase(l.key_file.as_deref(), l.keyfile_offset, l.keyfile_size)?;
-                let u = luks::unlock(header, &pass, l.key_slot)?;
+                let u = luks::unlock_image(&s.path, l.header.as_deref(), &pass, l.key_slot)?;
                 if let Some(v) = l.version.filter(|v| *v != u.version) {
                     let found = format!("luks{v}, but the header is LUKS{}", u.version);
                     return invalid("--type", found, "use --type luks to accept either version");

@@ -524,16 +524,6 @@ fn unsupported_ciphers_and_reencryption_are_refused_by_name() {
     assert!(err.contains("re-encryption is in progress"), "{err}");
 }
 
-fn patch(path: &Path, at: u64, bytes: &[u8]) {
-    use std::os::unix::fs::FileExt;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(path)
-        .unwrap()
-        .write_all_at(bytes, at)
-        .unwrap();
-}
-
 #[test]
 fn kdf_costs_follow_iter_time_when_not_forced() {
     let f = Fixture::new();

@@ -125,17 +125,6 @@ fn luks1_from_qemu_img_decrypts_to_the_plaintext() {
     assert!(decrypt_payload(&img, &u, DATA) == plain);
 }
 
-fn cryptsetup_format(img: &Path, pw: &str, args: &[&str]) {
-    std::fs::File::create(img)
-        .unwrap()
-        .set_len(20 << 20)
-        .unwrap();
-    ok(tool("cryptsetup")
-        .args(["luksFormat", "--batch-mode", "--key-file", pw])
-        .args(args)
-        .arg(img));
-}
-
 #[test]
 fn luks1_from_cryptsetup_for_each_hash() {
     let dir = tempfile::tempdir().unwrap();
@@ -230,12 +219,6 @@ fn every_key_slot_unlocks_and_key_slot_picks_one() {
         unlock(&img, b"nope", None),
         Err(LuksError::WrongPassphrase)
     ));
-}
-
-fn patch(path: &Path, at: u64, bytes: &[u8]) {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
-    f.write_all_at(bytes, at).unwrap();
 }
 
 #[test]

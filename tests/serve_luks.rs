@@ -238,3 +238,76 @@ fn luks1_payload_in_plain_mode_with_the_dumped_volume_key() {
     drop(c);
     assert!(d.terminate().success());
 }
+
+/// A header whose data offset is 0 (what `cryptsetup --header` writes)
+/// belongs in a file of its own. As a detached --header it serves the whole
+/// data file; at the start of the image it is refused, since the guest would
+/// read the key slots and could overwrite the header.
+#[test]
+fn data_offset_0_serves_with_a_detached_header_and_is_refused_inside_the_image() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let pass = dir.path().join("pass");
+    std::fs::write(&pass, b"detached").unwrap();
+    let (hdr, data) = (dir.path().join("hdr"), dir.path().join("data"));
+    std::fs::File::create(&data)
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
+    ok(tool("cryptsetup")
+        .args(["luksFormat", "--batch-mode", "--type", "luks2"])
+        .args(["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"])
+        .arg("--key-file")
+        .arg(&pass)
+        .arg("--header")
+        .arg(&hdr)
+        .arg(&data));
+    let args = |image: &std::path::Path| {
+        vec![
+            "--image".to_string(),
+            image.display().to_string(),
+            "--key-file".to_string(),
+            pass.display().to_string(),
+        ]
+    };
+    let mut detached = args(&data);
+    detached.extend(["--header".to_string(), hdr.display().to_string()]);
+    let detached: Vec<&str> = detached.iter().map(String::as_str).collect();
+    let d = Daemon::start(dir.path(), &detached);
+    let mut c = Client::connect(&d.socket, 1);
+    assert_eq!(c.capacity(), 4 << 20);
+    let block = pattern(3, 0, 4096);
+    assert_eq!(c.write(0, 0, &block), 0);
+    assert_eq!(c.read(0, 0, block.len()).unwrap(), block);
+    drop(c);
+    assert!(d.terminate().success());
+
+    // The same header at the start of an image: its data would start at 0.
+    let img = dir.path().join("embedded");
+    std::fs::copy(&hdr, &img).unwrap();
+    let child = std::process::Command::new(common::BIN)
+        .args(["serve", "--socket"])
+        .arg(dir.path().join("e.sock"))
+        .args(args(&img))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut d = Daemon {
+        child,
+        socket: dir.path().join("e.sock"),
+    };
+    // Without the check it would serve: wait_exit then fails the test.
+    let status = d.wait_exit(std::time::Duration::from_secs(20));
+    let mut err = String::new();
+    d.child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("inside the LUKS header") && err.contains("--header"),
+        "{err}"
+    );
+}

@@ -8,7 +8,7 @@ use zeroize::Zeroizing;
 
 use super::format::{self, Kind};
 use super::hash::HashAlg;
-use super::kdf::KdfChoice;
+use super::kdf::{half_ram_kib, KdfChoice};
 use super::passphrase::{read_interactive, read_passphrase};
 use super::{dump, keyops, open_header, LuksError};
 
@@ -68,12 +68,9 @@ impl KdfArgs {
     }
 }
 
+/// cryptsetup's default: 1 GiB, at most half the RAM.
 fn default_memory_kib() -> u32 {
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let pages = unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) };
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    let half_kib = (pages.max(0) as u64 * page.max(0) as u64 / 2048).max(32);
-    half_kib.min(1 << 20) as u32
+    half_ram_kib().unwrap_or(0).clamp(32, 1 << 20) as u32
 }
 
 /// `1024`, `64K`, `10M`, `2G`, `1T` (binary units; `MiB`/`MB` spellings too).

@@ -33,6 +33,13 @@ pub enum LuksError {
     LastSlot { slot: usize },
     #[error("{0}")]
     Invalid(String),
+    /// A header asks for more KDF memory or time than any unlock may take
+    /// (the caps in kdf.rs); the message names the slot and the cost.
+    #[error("{0}")]
+    OverLimit(String),
+    /// The data area would include the LUKS header or key slots.
+    #[error("the LUKS data area starts at byte {offset}, inside the LUKS header and key slots (bytes 0..{header_end} of the image): serving it would let the guest read and overwrite them. A data offset this low is only valid with a detached header: pass the header file with --header, or restore the header from a backup (cryptsetup luksHeaderRestore)")]
+    PayloadOverlapsHeader { offset: u64, header_end: u64 },
     #[error("key derivation failed: {0}")]
     Kdf(String),
     #[error("the OS random source failed: {0}")]

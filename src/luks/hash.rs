@@ -71,7 +71,23 @@ impl HashAlg {
     }
 }
 
-/// Compares two secrets-derived values without an early exit.
+/// Compares two secrets-derived values without an early exit. Empty input
+/// is never equal: a digest check over nothing would accept any key.
 pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    !a.is_empty()
+        && a.len() == b.len()
+        && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ct_eq;
+
+    #[test]
+    fn ct_eq_never_accepts_empty_input() {
+        assert!(!ct_eq(&[], &[]));
+        assert!(!ct_eq(&[1], &[]));
+        assert!(!ct_eq(&[1, 2], &[1, 3]));
+        assert!(ct_eq(&[1, 2], &[1, 2]));
+    }
 }

@@ -110,6 +110,36 @@ impl Header {
         }
     }
 
+    /// Refuses `slot` if its KDF or its digest's costs more than the caps
+    /// (kdf.rs), as an unlock would before deriving anything.
+    pub fn check_costs(&self, slot: usize) -> Result<(), LuksError> {
+        match self {
+            Header::V1(h) => h.check_costs(slot),
+            Header::V2(h) => h.usable_slot(slot).map(|_| ()),
+        }
+    }
+
+    /// Bytes from the start of the header's file taken by the header copies
+    /// and key slot areas.
+    pub fn metadata_end(&self) -> u64 {
+        match self {
+            Header::V1(h) => h.metadata_end(),
+            Header::V2(h) => (2 * h.copy.hdr_size).saturating_add(h.meta.keyslots_size),
+        }
+    }
+
+    /// For a header at the start of the data file: the data must start past
+    /// the header and key slots, or the guest could read the key material
+    /// and overwrite the header. A data offset of 0 is what cryptsetup
+    /// writes for detached headers, which this check is not for.
+    pub fn check_embedded(&self) -> Result<(), LuksError> {
+        let (offset, header_end) = (self.payload_offset(), self.metadata_end());
+        if offset < header_end {
+            return Err(LuksError::PayloadOverlapsHeader { offset, header_end });
+        }
+        Ok(())
+    }
+
     fn open_slot(
         &self,
         file: &File,

@@ -180,11 +180,43 @@ impl Header {
             .map_err(LuksError::io("writing the LUKS1 header"))
     }
 
-    fn digest_of(&self, key: &[u8]) -> [u8; DIGEST_LEN] {
+    fn digest_kdf(&self) -> Kdf {
+        Kdf::Pbkdf2 {
+            hash: self.hash,
+            iterations: self.mk_digest_iterations,
+        }
+    }
+
+    fn slot_kdf(&self, slot: usize) -> Kdf {
+        Kdf::Pbkdf2 {
+            hash: self.hash,
+            iterations: self.slots[slot].iterations,
+        }
+    }
+
+    fn digest_of(&self, key: &[u8]) -> Result<[u8; DIGEST_LEN], LuksError> {
         let mut d = [0u8; DIGEST_LEN];
-        self.hash
-            .pbkdf2(key, &self.mk_digest_salt, self.mk_digest_iterations, &mut d);
-        d
+        self.digest_kdf()
+            .derive(key, &self.mk_digest_salt, &mut d)?;
+        Ok(d)
+    }
+
+    /// Refuses slot `slot` if it or the master key digest costs more than
+    /// the caps (kdf.rs), before either KDF runs.
+    pub fn check_costs(&self, slot: usize) -> Result<(), LuksError> {
+        self.digest_kdf()
+            .check_costs("the LUKS1 master key digest")?;
+        self.slot_kdf(slot).check_costs(&format!("key slot {slot}"))
+    }
+
+    /// Bytes from the start of the header's file that the header and every
+    /// key slot area take: data in the same file must start after them.
+    pub fn metadata_end(&self) -> u64 {
+        let key_len = self.key_bytes as usize;
+        self.slots
+            .iter()
+            .map(|s| s.offset as u64 * 512 + area::material_len(key_len, s.stripes as usize) as u64)
+            .fold(PHDR_SIZE as u64, u64::max)
     }
 
     /// Tries one slot: the volume key if the passphrase opens it.
@@ -194,14 +226,12 @@ impl Header {
         slot: usize,
         passphrase: &[u8],
     ) -> Result<Option<Zeroizing<Vec<u8>>>, LuksError> {
+        self.check_costs(slot)?;
         let s = &self.slots[slot];
         let key_len = self.key_bytes as usize;
         let mut derived = Zeroizing::new(vec![0u8; key_len]);
-        let kdf = Kdf::Pbkdf2 {
-            hash: self.hash,
-            iterations: s.iterations,
-        };
-        kdf.derive(passphrase, &s.salt, &mut derived)?;
+        self.slot_kdf(slot)
+            .derive(passphrase, &s.salt, &mut derived)?;
         let offset = s.offset as u64 * 512;
         let key = area::open(
             file,
@@ -211,7 +241,7 @@ impl Header {
             s.stripes as usize,
             self.hash,
         )?;
-        Ok(ct_eq(&self.digest_of(&key), &self.mk_digest).then_some(key))
+        Ok(ct_eq(&self.digest_of(&key)?, &self.mk_digest).then_some(key))
     }
 
     /// Where slot `i`'s area lies in cryptsetup's layout: areas aligned to
@@ -254,7 +284,7 @@ impl Header {
             uuid,
             slots: slots.try_into().expect("8 slots"),
         };
-        h.mk_digest = h.digest_of(key);
+        h.mk_digest = h.digest_of(key)?;
         Ok(h)
     }
 

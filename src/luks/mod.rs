@@ -77,26 +77,50 @@ fn open_header(path: &Path, write: bool) -> Result<(File, Header), LuksError> {
 }
 
 /// Parses the LUKS1 or LUKS2 header at `path` without unlocking anything
-/// and returns its version: for the fuzz targets in fuzz/ (a real unlock
-/// would run whatever KDF cost an arbitrary header asks for).
+/// and returns its version: for the fuzz targets in fuzz/. Every active key
+/// slot's costs are checked against the caps (kdf.rs) as an unlock would
+/// before deriving anything, so the fuzzer reaches those checks; it never
+/// runs a KDF itself, which even within the caps can take minutes.
 pub fn check_header(path: &Path) -> Result<u8, LuksError> {
     let (_, h) = open_header(path, false)?;
-    let _ = (h.cipher(), h.sector_size(), h.payload_offset(), h.uuid());
-    let _ = h.active_slots();
+    let _ = (h.cipher(), h.sector_size(), h.uuid(), h.check_embedded());
+    for slot in h.active_slots() {
+        h.check_costs(slot)?;
+    }
     Ok(h.version())
 }
 
-/// Opens the header at `header` with `passphrase` (only `key_slot` if given).
+/// Opens the LUKS image at `image`, whose header is at its start, with
+/// `passphrase` (only `key_slot` if given).
 pub fn unlock(
-    header: &Path,
+    image: &Path,
     passphrase: &[u8],
     key_slot: Option<usize>,
 ) -> Result<Unlocked, LuksError> {
-    let (file, h) = open_header(header, false)?;
+    unlock_image(image, None, passphrase, key_slot)
+}
+
+/// Opens `image` with the header in `header` if given (a detached header,
+/// as `cryptsetup --header`), else at the start of `image`. A header in the
+/// image (`header` naming the image itself counts) must end before the data.
+pub fn unlock_image(
+    image: &Path,
+    header: Option<&Path>,
+    passphrase: &[u8],
+    key_slot: Option<usize>,
+) -> Result<Unlocked, LuksError> {
+    let detached = header.filter(|h| !same_file(h, image));
+    let path = detached.unwrap_or(image);
+    let (file, h) = open_header(path, false)?;
+    if detached.is_none() {
+        // Before any KDF runs: an image that cannot be served is refused
+        // at once.
+        h.check_embedded()?;
+    }
     let (slot, key) = h.unlock(&file, passphrase, key_slot)?;
     log::info!(
         "{}: LUKS{} key slot {slot} unlocked",
-        header.display(),
+        path.display(),
         h.version()
     );
     Ok(Unlocked {
@@ -108,4 +132,14 @@ pub fn unlock(
         iv_large_sectors: false,
         payload_size: h.payload_size(),
     })
+}
+
+/// Whether `a` and `b` are one file (same device and inode); false if
+/// either cannot be read, so a missing image counts as another file.
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
+    }
 }

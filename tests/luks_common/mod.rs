@@ -121,3 +121,62 @@ pub fn decrypt_payload(image: &Path, u: &cryptblk::luks::Unlocked, len: usize) -
     cipher.decrypt(0, &mut buf);
     buf
 }
+
+/// `cryptsetup luksFormat` on a new 20 MiB file (pass small KDF costs).
+pub fn cryptsetup_format(img: &Path, pw: &str, args: &[&str]) {
+    std::fs::File::create(img)
+        .unwrap()
+        .set_len(20 << 20)
+        .unwrap();
+    ok(tool("cryptsetup")
+        .args(["luksFormat", "--batch-mode", "--key-file", pw])
+        .args(args)
+        .arg(img));
+}
+
+pub fn patch(path: &Path, at: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(bytes, at).unwrap();
+}
+
+/// Rewrites the JSON metadata of both LUKS2 header copies of `img` with
+/// `edit` and recomputes each copy's sha256 checksum, as a forger would:
+/// the result passes every integrity check of the header itself.
+pub fn edit_luks2_json(img: &Path, edit: impl Fn(&mut serde_json::Value)) {
+    use sha2::{Digest, Sha256};
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(img)
+        .unwrap();
+    let mut size = [0u8; 8];
+    f.read_exact_at(&mut size, 8).unwrap();
+    let hdr_size = u64::from_be_bytes(size);
+    for at in [0, hdr_size] {
+        let mut copy = vec![0u8; hdr_size as usize];
+        f.read_exact_at(&mut copy, at).unwrap();
+        let (bin, area) = copy.split_at_mut(4096);
+        let end = area.iter().position(|&b| b == 0).unwrap();
+        let mut json: serde_json::Value = serde_json::from_slice(&area[..end]).unwrap();
+        edit(&mut json);
+        let text = serde_json::to_vec(&json).unwrap();
+        area.fill(0);
+        area[..text.len()].copy_from_slice(&text);
+        bin[448..512].fill(0);
+        let sum = Sha256::new()
+            .chain_update(&*bin)
+            .chain_update(&*area)
+            .finalize();
+        bin[448..480].copy_from_slice(&sum);
+        f.write_all_at(&copy, at).unwrap();
+    }
+}
+
+/// LUKS1 header fields (big-endian u32), as the on-disk format spec lays them out.
+pub const LUKS1_PAYLOAD_OFFSET: u64 = 104;
+pub const LUKS1_MK_DIGEST_ITERATIONS: u64 = 164;
+pub fn luks1_slot_iterations(slot: u64) -> u64 {
+    208 + 48 * slot + 4
+}

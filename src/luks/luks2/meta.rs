@@ -11,7 +11,12 @@ use crate::luks::hash::HashAlg;
 use crate::luks::kdf::{Argon2Type, Kdf};
 use crate::luks::LuksError;
 
+use super::MAX_SLOTS;
+
 pub const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+/// cryptsetup's LUKS_SALTSIZE, for keyslots and digests alike.
+const SALT_LEN: usize = 32;
+const LUKS1_DIGEST_LEN: usize = 20;
 
 fn bad(what: &str) -> LuksError {
     LuksError::Corrupt(format!("LUKS2 metadata: {what}"))
@@ -50,6 +55,30 @@ fn num(v: &Value, key: &str, ctx: &str) -> Result<u32, LuksError> {
 fn b64(v: &Value, key: &str, ctx: &str) -> Result<Vec<u8>, LuksError> {
     B64.decode(string(v, key, ctx)?)
         .map_err(|_| bad(&format!("{ctx}.{key} is not base64")))
+}
+
+/// Reads a key size that must fit aes-xts-plain64 (the only cipher of
+/// segments and keyslot areas here): checked before anything of that size
+/// is allocated.
+fn xts_key_size(v: &Value, key: &str, ctx: &str) -> Result<usize, LuksError> {
+    match num(v, key, ctx)? {
+        n @ (32 | 64) => Ok(n as usize),
+        n => Err(bad(&format!(
+            "{ctx}.{key} is {n}; aes-xts-plain64 keys are 32 or 64 bytes"
+        ))),
+    }
+}
+
+/// A salt of the one size cryptsetup writes and accepts.
+fn salt(v: &Value, ctx: &str) -> Result<Vec<u8>, LuksError> {
+    let salt = b64(v, "salt", ctx)?;
+    if salt.len() != SALT_LEN {
+        return Err(bad(&format!(
+            "{ctx}.salt is {} bytes, not {SALT_LEN}",
+            salt.len()
+        )));
+    }
+    Ok(salt)
 }
 
 fn ids(v: &Value, key: &str, ctx: &str) -> Result<Vec<usize>, LuksError> {
@@ -123,24 +152,21 @@ impl Keyslot {
                 "{ctx}: keyslot cipher {enc:?}; only aes-xts-plain64 is supported"
             )));
         }
+        // The area key may differ from the volume key: cryptsetup's
+        // --keyslot-key-size sets it on its own.
         let ks = Keyslot {
-            key_size: num(v, "key_size", ctx)? as usize,
+            key_size: xts_key_size(v, "key_size", ctx)?,
             kdf,
-            salt: b64(kdf_v, "salt", &kctx)?,
+            salt: salt(kdf_v, &kctx)?,
             stripes: num(af, "stripes", ctx)? as usize,
             af_hash: HashAlg::from_name(string(af, "hash", ctx)?)?,
             area_offset: u64_str(area, "offset", &actx)?,
             area_size: u64_str(area, "size", &actx)?,
-            area_key_size: num(area, "key_size", &actx)? as usize,
+            area_key_size: xts_key_size(area, "key_size", &actx)?,
             priority: v.get("priority").and_then(Value::as_u64).unwrap_or(1) as u32,
         };
         let need = crate::luks::area::material_len(ks.key_size, ks.stripes) as u64;
-        if ks.stripes == 0
-            || ks.stripes > 100_000
-            || ks.key_size == 0
-            || ks.key_size > 512
-            || need > ks.area_size
-        {
+        if ks.stripes == 0 || ks.stripes > 100_000 || need > ks.area_size {
             return Err(bad(&format!("{ctx}: key material does not fit its area")));
         }
         Ok(ks)
@@ -183,9 +209,7 @@ pub fn parse(v: &Value) -> Result<Meta, LuksError> {
     let segment = parse_segment(v)?;
     let mut keyslots = BTreeMap::new();
     for (id, ks) in obj(v, "keyslots", "metadata")? {
-        let n: usize = id
-            .parse()
-            .map_err(|_| bad("a keyslot id is not a number"))?;
+        let n = keyslot_id(id)?;
         let ctx = format!("keyslot {n}");
         let parsed = match string(ks, "type", &ctx)? {
             "luks2" => Keyslot::parse(ks, &ctx).map_err(|e| e.to_string()),
@@ -206,6 +230,24 @@ pub fn parse(v: &Value) -> Result<Meta, LuksError> {
     })
 }
 
+/// Keyslot ids are "0" to "31": cryptsetup looks no further, and a second
+/// spelling of one number ("01", "+1") would let one slot hide another.
+fn keyslot_id(id: &str) -> Result<usize, LuksError> {
+    let n: usize = id
+        .parse()
+        .ok()
+        .filter(|n: &usize| n.to_string() == id)
+        .ok_or_else(|| bad(&format!("keyslot id {id:?} is not a plain decimal number")))?;
+    if n >= MAX_SLOTS {
+        return Err(bad(&format!(
+            "keyslot id {n} is out of range (LUKS2 has keyslots 0 to {}); \
+             cryptsetup never writes it, so the header was tampered with",
+            MAX_SLOTS - 1
+        )));
+    }
+    Ok(n)
+}
+
 pub fn parse_digest(d: &Value, id: &str) -> Result<VkDigest, LuksError> {
     let ctx = format!("digest {id}");
     if string(d, "type", &ctx)? != "pbkdf2" {
@@ -213,13 +255,31 @@ pub fn parse_digest(d: &Value, id: &str) -> Result<VkDigest, LuksError> {
             "{ctx}: digest type other than pbkdf2"
         )));
     }
+    let hash = HashAlg::from_name(string(d, "hash", &ctx)?)?;
+    let digest = b64(d, "digest", &ctx)?;
+    if !digest_len_ok(hash, digest.len()) {
+        return Err(bad(&format!(
+            "{ctx} is {} bytes; a {} digest is {} bytes (or 20, as LUKS1 and cryptsetup convert write)",
+            digest.len(),
+            hash.name(),
+            hash.size()
+        )));
+    }
     Ok(VkDigest {
         keyslots: ids(d, "keyslots", &ctx)?,
-        hash: HashAlg::from_name(string(d, "hash", &ctx)?)?,
+        hash,
         iterations: num(d, "iterations", &ctx)?,
-        salt: b64(d, "salt", &ctx)?,
-        digest: b64(d, "digest", &ctx)?,
+        salt: salt(d, &ctx)?,
+        digest,
     })
+}
+
+/// The lengths cryptsetup compares (luks2_digest_pbkdf2.c): the hash's
+/// output, or LUKS1's 20 bytes kept by `cryptsetup convert`. Also 32, which
+/// cryptblk wrote for every hash before it wrote the hash's length. A short
+/// digest would let almost any passphrase through; an empty one, every one.
+fn digest_len_ok(hash: HashAlg, len: usize) -> bool {
+    len == hash.size() || len == LUKS1_DIGEST_LEN || len == 32
 }
 
 fn refuse_requirements(config: &Value) -> Result<(), LuksError> {
@@ -287,4 +347,51 @@ fn parse_segment(v: &Value) -> Result<Segment, LuksError> {
         encryption,
         sector_size,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keyslot_ids_are_plain_numbers_below_32() {
+        assert_eq!(keyslot_id("0").unwrap(), 0);
+        assert_eq!(keyslot_id("31").unwrap(), 31);
+        for bad in [
+            "32",
+            "40",
+            "01",
+            "+1",
+            "-1",
+            "",
+            " 1",
+            "1e1",
+            "99999999999999999999999",
+        ] {
+            assert!(keyslot_id(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn digests_are_as_long_as_cryptsetup_writes_them() {
+        use HashAlg::*;
+        for (hash, len) in [
+            (Sha1, 20),
+            (Sha256, 32),
+            (Sha512, 64),
+            (Sha256, 20),
+            (Sha512, 32),
+        ] {
+            assert!(digest_len_ok(hash, len), "{hash:?} {len}");
+        }
+        for (hash, len) in [
+            (Sha256, 0),
+            (Sha256, 1),
+            (Sha256, 19),
+            (Sha512, 48),
+            (Sha1, 64),
+        ] {
+            assert!(!digest_len_ok(hash, len), "{hash:?} {len}");
+        }
+    }
 }

@@ -67,13 +67,9 @@ impl Luks2 {
         Ok(())
     }
 
-    /// Tries one slot: the volume key if the passphrase opens it.
-    pub fn open_slot(
-        &self,
-        file: &File,
-        id: usize,
-        passphrase: &[u8],
-    ) -> Result<Option<Zeroizing<Vec<u8>>>, LuksError> {
+    /// Keyslot `id` and its digest, once both KDFs are known to be within
+    /// the caps (kdf.rs): nothing may be allocated or derived before this.
+    pub fn usable_slot(&self, id: usize) -> Result<(&meta::Keyslot, &meta::VkDigest), LuksError> {
         let ks = match self.meta.keyslots.get(&id) {
             Some(Ok(ks)) => ks,
             Some(Err(why)) => return Err(LuksError::Unsupported(format!("keyslot {id}: {why}"))),
@@ -85,6 +81,20 @@ impl Luks2 {
             .iter()
             .find(|d| d.keyslots.contains(&id))
             .ok_or_else(|| LuksError::Corrupt(format!("keyslot {id} has no digest")))?;
+        digest_kdf(digest).check_costs(&format!("the volume key digest of key slot {id}"))?;
+        ks.kdf.check_costs(&format!("key slot {id}"))?;
+        Ok((ks, digest))
+    }
+
+    /// Tries one slot: the volume key if the passphrase opens it.
+    pub fn open_slot(
+        &self,
+        file: &File,
+        id: usize,
+        passphrase: &[u8],
+    ) -> Result<Option<Zeroizing<Vec<u8>>>, LuksError> {
+        let (ks, digest) = self.usable_slot(id)?;
+        // area_key_size is 32 or 64 (meta.rs), so this is small.
         let mut derived = Zeroizing::new(vec![0u8; ks.area_key_size]);
         ks.kdf.derive(passphrase, &ks.salt, &mut derived)?;
         let key = area::open(
@@ -95,7 +105,7 @@ impl Luks2 {
             ks.stripes,
             ks.af_hash,
         )?;
-        Ok(verify_digest(digest, &key).then_some(key))
+        Ok(verify_digest(digest, &key)?.then_some(key))
     }
 
     /// Slot ids in the order cryptsetup tries them: priority 2 first, then 1;
@@ -192,10 +202,9 @@ impl Luks2 {
     fn digest_id_for(&self, key: &[u8]) -> Result<String, LuksError> {
         let digests = self.value.get("digests").and_then(Value::as_object);
         for (id, d) in digests.into_iter().flatten() {
-            if let Ok(parsed) = meta::parse_digest(d, id) {
-                if verify_digest(&parsed, key) {
-                    return Ok(id.clone());
-                }
+            let parsed = meta::parse_digest(d, id);
+            if parsed.is_ok_and(|p| matches!(verify_digest(&p, key), Ok(true))) {
+                return Ok(id.clone());
             }
         }
         Err(LuksError::Corrupt(
@@ -287,10 +296,19 @@ impl Luks2 {
     }
 }
 
-fn verify_digest(d: &meta::VkDigest, key: &[u8]) -> bool {
+fn digest_kdf(d: &meta::VkDigest) -> Kdf {
+    Kdf::Pbkdf2 {
+        hash: d.hash,
+        iterations: d.iterations,
+    }
+}
+
+/// Whether `key` is the volume key `d` describes (its length is checked
+/// in meta.rs: never empty or short).
+fn verify_digest(d: &meta::VkDigest, key: &[u8]) -> Result<bool, LuksError> {
     let mut out = Zeroizing::new(vec![0u8; d.digest.len()]);
-    d.hash.pbkdf2(key, &d.salt, d.iterations, &mut out);
-    ct_eq(&out, &d.digest)
+    digest_kdf(d).derive(key, &d.salt, &mut out)?;
+    Ok(ct_eq(&out, &d.digest))
 }
 
 /// What `format` needs besides the key and passphrase.
@@ -307,7 +325,8 @@ pub struct NewHeader<'a> {
 pub fn format(file: &File, key: &[u8], passphrase: &[u8], p: &NewHeader) -> Result<(), LuksError> {
     let mut dsalt = [0u8; 32];
     random::fill(&mut dsalt)?;
-    let mut digest = [0u8; 32];
+    // As long as the hash's output, as cryptsetup writes it.
+    let mut digest = vec![0u8; p.af_hash.size()];
     p.af_hash
         .pbkdf2(key, &dsalt, p.digest_iterations, &mut digest);
     let json_size = DEFAULT_HDR_SIZE - binary::BIN_SIZE as u64;
