@@ -80,6 +80,14 @@ impl Mapping {
         self.slot.as_ref().map_or(0, Slot::faults)
     }
 
+    /// Counts a fault as the SIGBUS handler would (tests only).
+    #[cfg(test)]
+    pub fn count_fault(&self) {
+        if let Some(slot) = &self.slot {
+            slot.count_fault();
+        }
+    }
+
     /// The payload bytes `[pos, pos + len)`, for the cipher to read.
     pub fn bytes(&self, pos: u64, len: usize) -> io::Result<&[u8]> {
         let p = self.range(pos, len)?;

@@ -154,11 +154,10 @@ impl Volume {
         pos: u64,
         bufs: &mut [IoSliceMut<'_>],
     ) -> io::Result<bool> {
-        let before = map.faults();
         let total: usize = bufs.iter().map(|b| b.len()).sum();
         let src = map.bytes(pos, total)?;
         self.decrypt_into(self.first_sector(pos), src, &mut Segments::new(bufs));
-        Ok(self.copy_survived(map, before))
+        Ok(self.copy_survived(map))
     }
 
     /// Decrypts the whole sectors of `src` (ciphertext of payload sectors
@@ -176,15 +175,19 @@ impl Volume {
     /// Encrypts from the caller's buffers straight into the mapping: only
     /// ciphertext is ever stored there (`SectorCipher::encrypt_to`).
     fn write_mapped(&self, map: &Mapping, pos: u64, bufs: &[IoSlice<'_>]) -> io::Result<bool> {
-        let before = map.faults();
         let total: usize = bufs.iter().map(|b| b.len()).sum();
         let dst = map.bytes_mut(pos, total)?;
         self.encrypt_to(pos, bufs, dst);
-        Ok(self.copy_survived(map, before))
+        Ok(self.copy_survived(map))
     }
 
-    fn copy_survived(&self, map: &Mapping, faults_before: u64) -> bool {
-        let ok = map.faults() == faults_before;
+    /// Whether a copy through the mapping met no SIGBUS. The copy started
+    /// only on a healthy mapping (no fault ever), so any fault counted now,
+    /// ours or another queue's during our copy, spoils it: comparing with
+    /// a count read after the health check would miss a fault that landed
+    /// between the two reads (its page may then be anonymous memory).
+    fn copy_survived(&self, map: &Mapping) -> bool {
+        let ok = map.faults() == 0;
         if !ok {
             self.mapping_failed();
         }

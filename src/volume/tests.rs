@@ -280,3 +280,32 @@ fn a_write_that_faults_is_redone_with_pwrite() {
     cipher(4096).encrypt(16, &mut expect);
     assert_eq!(&raw[65536..], &expect[..]);
 }
+
+/// Another queue's SIGBUS that lands after this request found the mapping
+/// healthy, but before its copy, must spoil the copy too: the faulting page
+/// may now be anonymous memory, and a copy judged against a fault count
+/// read after the fault would report success (a write that never reached
+/// the file, or a read of bytes that exist only in memory).
+#[test]
+fn a_fault_between_the_health_check_and_the_copy_spoils_the_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("img");
+    let vol = open_with(&path, Some(1 << 20), 0, 512, false, IoMode::Mmap);
+    let map = vol.healthy_map().expect("a fresh mapping is healthy");
+    map.count_fault();
+    let mut buf = vec![0u8; 4096];
+    let spoiled_read = !vol
+        .read_mapped(map, 0, &mut [IoSliceMut::new(&mut buf)])
+        .unwrap();
+    let data = pattern(4096, 9);
+    let spoiled_write = !vol.write_mapped(map, 0, &[IoSlice::new(&data)]).unwrap();
+    assert!(
+        spoiled_read,
+        "a read after another queue's fault counted as good"
+    );
+    assert!(
+        spoiled_write,
+        "a write after another queue's fault counted as good"
+    );
+    assert_eq!(vol.io(), IoMode::Pread);
+}
