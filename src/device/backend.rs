@@ -176,10 +176,12 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn set_inflight_fd(&self, info: &VhostUserInflight, file: File) -> io::Result<()> {
-        let region = InflightRegion::open(info, file).map_err(|e| {
-            log::error!("SET_INFLIGHT_FD: {e}");
-            io::Error::other(e)
-        })?;
+        let opts = self.dev.options();
+        let region =
+            InflightRegion::open(info, file, opts.queues, opts.queue_size).map_err(|e| {
+                log::error!("SET_INFLIGHT_FD: {e}");
+                io::Error::other(e)
+            })?;
         log::debug!(
             "tracking in-flight requests of {} queues of {} entries",
             info.num_queues,

@@ -27,7 +27,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
@@ -69,6 +69,12 @@ pub enum InflightError {
         queues: u16,
         size: u16,
     },
+    #[error(
+        "the frontend's inflight region is not sealed against shrinking and cannot be \
+         sealed now ({0}): a frontend could truncate it under the daemon and kill it with \
+         SIGBUS. Let the VMM use the region GET_INFLIGHT_FD gave it"
+    )]
+    Unsealed(io::Error),
     #[error("cannot create or map the inflight region: {0}")]
     Io(#[from] io::Error),
 }
@@ -91,21 +97,17 @@ impl InflightRegion {
         queues: usize,
         max_queue_size: u16,
     ) -> Result<(VhostUserInflight, File), InflightError> {
-        if asked.num_queues == 0
-            || usize::from(asked.num_queues) > queues
-            || asked.queue_size == 0
-            || asked.queue_size > max_queue_size
-        {
-            return Err(InflightError::Shape {
-                asked: asked.num_queues,
-                size: asked.queue_size,
-                queues,
-                max: max_queue_size,
-            });
-        }
+        check_shape(asked, queues, max_queue_size)?;
         let size = usize::from(asked.num_queues) * queue_stride(asked.queue_size);
         let file = File::from(memfd("cryptblk-inflight")?);
         file.set_len(size as u64)?;
+        // Sealed at its size: nobody, the frontend included, can truncate
+        // it under a daemon that has it mapped (bug found in review: the
+        // next access would kill the daemon with SIGBUS).
+        add_seals(
+            &file,
+            libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL,
+        )?;
         // Zeroed: version 0 reads as "nothing to recover"; `open` (on
         // SET_INFLIGHT_FD) writes each queue's desc_num.
         let info = VhostUserInflight::new(size as u64, 0, asked.num_queues, asked.queue_size);
@@ -113,8 +115,16 @@ impl InflightRegion {
     }
 
     /// SET_INFLIGHT_FD: map the region the frontend kept (fresh from
-    /// `create`, or left by an earlier daemon process).
-    pub fn open(info: &VhostUserInflight, file: File) -> Result<Self, InflightError> {
+    /// `create`, or left by an earlier daemon process), if it fits this
+    /// device and cannot shrink under the mapping.
+    pub fn open(
+        info: &VhostUserInflight,
+        file: File,
+        queues: usize,
+        max_queue_size: u16,
+    ) -> Result<Self, InflightError> {
+        check_shape(info, queues, max_queue_size)?;
+        require_shrink_seal(&file)?;
         let stride = queue_stride(info.queue_size);
         let need = (usize::from(info.num_queues) * stride) as u64;
         let have = file.metadata()?.len().saturating_sub(info.mmap_offset);
@@ -155,11 +165,55 @@ impl InflightRegion {
     }
 }
 
+/// Refuses regions for more queues or larger queues than the device has:
+/// the region's size is charged to the daemon.
+fn check_shape(
+    asked: &VhostUserInflight,
+    queues: usize,
+    max_queue_size: u16,
+) -> Result<(), InflightError> {
+    if asked.num_queues == 0
+        || usize::from(asked.num_queues) > queues
+        || asked.queue_size == 0
+        || asked.queue_size > max_queue_size
+    {
+        return Err(InflightError::Shape {
+            asked: asked.num_queues,
+            size: asked.queue_size,
+            queues,
+            max: max_queue_size,
+        });
+    }
+    Ok(())
+}
+
+fn add_seals(file: &File, seals: libc::c_int) -> io::Result<()> {
+    // SAFETY: fcntl on an fd we own, with an integer argument.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A region the frontend could shrink would turn the daemon's next access
+/// into a SIGBUS outside the image mapping, ending the process. The regions
+/// `create` hands out are sealed; one that is not is sealed here, or
+/// refused if it cannot be.
+fn require_shrink_seal(file: &File) -> Result<(), InflightError> {
+    // SAFETY: fcntl on an fd we own, no pointer argument.
+    let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+    if seals >= 0 && seals & libc::F_SEAL_SHRINK != 0 {
+        return Ok(());
+    }
+    add_seals(file, libc::F_SEAL_SHRINK).map_err(InflightError::Unsealed)
+}
+
 fn memfd(name: &str) -> io::Result<OwnedFd> {
     let name = std::ffi::CString::new(name).map_err(io::Error::other)?;
     // SAFETY: `name` is a valid C string; the returned fd is checked and
     // owned from here on.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    let fd =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -309,7 +363,7 @@ mod tests {
     }
 
     fn reopen(info: &VhostUserInflight, file: &File) -> InflightRegion {
-        InflightRegion::open(info, file.try_clone().unwrap()).unwrap()
+        InflightRegion::open(info, file.try_clone().unwrap(), 4, 256).unwrap()
     }
 
     #[test]
@@ -335,15 +389,57 @@ mod tests {
         let (mut info, file) = fresh();
         info.queue_size = 64;
         assert!(matches!(
-            InflightRegion::open(&info, file.try_clone().unwrap()),
+            InflightRegion::open(&info, file.try_clone().unwrap(), 4, 256),
             Err(InflightError::TooSmall { .. })
         ));
-        let (info, file) = fresh();
-        file.set_len(100).unwrap();
+        let (info, _) = fresh();
+        let small = File::from(memfd("small").unwrap());
+        small.set_len(100).unwrap();
         assert!(matches!(
-            InflightRegion::open(&info, file),
+            InflightRegion::open(&info, small, 4, 256),
             Err(InflightError::TooSmall { .. })
         ));
+    }
+
+    /// Review bug: a frontend that truncated the region after
+    /// SET_INFLIGHT_FD killed the daemon with SIGBUS at its next access.
+    #[test]
+    fn the_region_cannot_shrink_under_the_daemon() {
+        let (info, file) = fresh();
+        let region = reopen(&info, &file);
+        let err = file.set_len(16).expect_err("truncating the region");
+        assert_eq!(err.raw_os_error(), Some(libc::EPERM));
+        // The mapping is still whole: this would fault on a shrunk file.
+        region.queue(1).unwrap().begin(3);
+        // A region made by someone else is sealed on open, then holds too.
+        let other = File::from(memfd("frontend-made").unwrap());
+        other.set_len(info.mmap_size).unwrap();
+        let _kept = InflightRegion::open(&info, other.try_clone().unwrap(), 4, 256).unwrap();
+        assert!(other.set_len(16).is_err(), "a sealed-on-open region shrank");
+    }
+
+    #[test]
+    fn a_region_that_cannot_be_sealed_is_refused() {
+        let (info, _) = fresh();
+        let plain = tempfile::tempfile().unwrap();
+        plain.set_len(info.mmap_size).unwrap();
+        assert!(matches!(
+            InflightRegion::open(&info, plain, 4, 256),
+            Err(InflightError::Unsealed(_))
+        ));
+    }
+
+    /// Review bug: SET_INFLIGHT_FD for far more queues or larger queues
+    /// than the device has was accepted (up to ~256 MiB charged to us).
+    #[test]
+    fn open_refuses_shapes_beyond_the_device() {
+        let (info, file) = fresh();
+        for (queues, max) in [(1, 256), (4, 4)] {
+            assert!(matches!(
+                InflightRegion::open(&info, file.try_clone().unwrap(), queues, max),
+                Err(InflightError::Shape { .. })
+            ));
+        }
     }
 
     #[test]
