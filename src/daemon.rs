@@ -15,7 +15,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::device::{AioMode, BlkBackend, BlkDevice};
 use crate::sandbox::{Sandbox, SandboxError};
-use crate::socket::{Gate, SocketAccess, SocketError};
+use crate::socket::{Gate, SocketAccess, SocketError, SocketFile};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -77,14 +77,15 @@ pub fn serve(
     // signal at once, and must not meet the default actions.
     let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP]).map_err(DaemonError::Signals)?;
     let mut listener = Gate::new(crate::socket::listen(socket, access)?, access.allow.clone());
+    let socket_file = SocketFile::open(socket)?;
     let shutdown = Arc::new(Shutdown {
         requested: AtomicBool::new(false),
         connection: Mutex::new(None),
         listener: listener.as_raw_fd(),
     });
-    if let Err(e) = sandbox.apply() {
+    if let Err(e) = sandbox.apply(socket_file.dir_fd()) {
         drop(listener);
-        let _ = std::fs::remove_file(socket);
+        socket_file.remove();
         return Err(e.into());
     }
     let signal_handle = signals.handle();
@@ -119,7 +120,7 @@ pub fn serve(
     signal_handle.close();
     let _ = signal_thread.join();
     drop(listener);
-    let _ = std::fs::remove_file(socket);
+    socket_file.remove();
     result?;
     dev.volume().flush().map_err(DaemonError::FinalSync)?;
     log::info!("image synced, socket removed, exiting");

@@ -149,7 +149,7 @@ fn confined_child() {
     if let Some(rest) = action.strip_prefix("landlock:") {
         return landlock_child(Path::new(rest));
     }
-    seccomp::install(OnViolation::Trap).expect("install the filter");
+    seccomp::install(OnViolation::Trap, None).expect("install the filter");
     // SAFETY (all blocks below): plain libc calls with valid C strings.
     match action.as_str() {
         "thread" => {
@@ -170,6 +170,27 @@ fn confined_child() {
         "spawn" => {
             let _ = Command::new("/bin/true").status();
         }
+        "mmap-exec" => unsafe {
+            let prot = libc::PROT_READ | libc::PROT_EXEC;
+            let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+            libc::mmap(std::ptr::null_mut(), 4096, prot, flags, -1, 0);
+        },
+        "mmap-data" => unsafe {
+            let prot = libc::PROT_READ | libc::PROT_WRITE;
+            let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+            let p = libc::mmap(std::ptr::null_mut(), 4096, prot, flags, -1, 0);
+            assert_ne!(p, libc::MAP_FAILED);
+        },
+        "fcntl-setown" => unsafe {
+            libc::fcntl(2, libc::F_SETOWN, 1);
+        },
+        "fcntl-getfl" => unsafe {
+            assert!(libc::fcntl(2, libc::F_GETFL) >= 0);
+        },
+        "abort" => std::process::abort(),
+        "unlink" => unsafe {
+            libc::unlinkat(libc::AT_FDCWD, c"/tmp/cryptblk-no-such-file".as_ptr(), 0);
+        },
         other => panic!("unknown action {other}"),
     }
     // SAFETY: ends the process without running the harness further.
@@ -242,6 +263,39 @@ fn run_child(action: &str) -> (End, String) {
         _ => End::Other(out.status),
     };
     (end, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Review findings: executable memory, fcntl commands that can signal
+/// other processes, unlinking any path, and abort() (tgkill) showing up as
+/// a trapped call.
+#[test]
+fn no_executable_memory_no_fcntl_signalling_and_abort_aborts() {
+    for action in ["mmap-data", "fcntl-getfl"] {
+        let (end, err) = run_child(action);
+        assert_eq!(end, End::Exit(0), "{action} must work: {err}");
+    }
+    for (action, nr) in [
+        ("mmap-exec", libc::SYS_mmap),
+        ("fcntl-setown", libc::SYS_fcntl),
+        // The daemon unlinks only its socket, through its directory's fd.
+        ("unlink", libc::SYS_unlinkat),
+    ] {
+        let (end, err) = run_child(action);
+        assert_eq!(
+            end,
+            End::Exit(TRAPPED_EXIT),
+            "{action} was not stopped: {err}"
+        );
+        assert!(
+            err.contains(&format!("stopped system call {nr} ")),
+            "{action}: {err}"
+        );
+    }
+    let (end, err) = run_child("abort");
+    assert!(
+        matches!(end, End::Other(s) if std::os::unix::process::ExitStatusExt::signal(&s) == Some(libc::SIGABRT)),
+        "abort() must end in SIGABRT: {end:?} {err}"
+    );
 }
 
 #[test]

@@ -12,6 +12,7 @@
 pub mod landlock;
 pub mod seccomp;
 
+use std::os::fd::RawFd;
 use std::path::PathBuf;
 
 use clap::ValueEnum;
@@ -72,7 +73,10 @@ impl Sandbox {
     /// Confines the calling process. Call it once, before the serve loop
     /// starts threads (Landlock binds only the calling thread and its
     /// future children; seccomp is synchronised to all threads).
-    pub fn apply(&self) -> Result<(), SandboxError> {
+    ///
+    /// `socket_dir` is the directory fd the daemon removes its socket
+    /// through at exit: the only place anything may be unlinked.
+    pub fn apply(&self, socket_dir: RawFd) -> Result<(), SandboxError> {
         match self.mode {
             SandboxMode::None => {
                 log::info!("sandbox: none");
@@ -97,7 +101,7 @@ impl Sandbox {
         } else {
             seccomp::OnViolation::Trap
         };
-        seccomp::install(on_violation)?;
+        seccomp::install(on_violation, Some(socket_dir))?;
         log::info!(
             "sandbox: {} ({} system calls allowed)",
             self.mode.name(),

@@ -11,6 +11,7 @@
 //! the kernel log what the filter would have trapped (SECCOMP_RET_LOG).
 
 use std::collections::BTreeMap;
+use std::os::fd::RawFd;
 
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
@@ -62,17 +63,14 @@ pub fn allowed() -> Vec<(&'static str, i64)> {
         SYS_epoll_ctl,
         SYS_epoll_pwait,
         SYS_ppoll,
-        SYS_fcntl,
         SYS_close,
         SYS_dup,
         SYS_fstat,
         SYS_statx,
         SYS_newfstatat,
         // guest memory (memfds from the VMM), allocator, key pages
-        SYS_mmap,
         SYS_munmap,
         SYS_mremap,
-        SYS_mprotect,
         SYS_madvise,
         SYS_brk,
         SYS_mlock,
@@ -99,9 +97,6 @@ pub fn allowed() -> Vec<(&'static str, i64)> {
         SYS_restart_syscall,
         SYS_exit,
         SYS_exit_group,
-        // removing the socket at exit
-        SYS_unlink,
-        SYS_unlinkat,
     ];
     #[cfg(target_arch = "x86_64")]
     v.extend(calls![SYS_epoll_wait, SYS_poll]);
@@ -111,7 +106,7 @@ pub fn allowed() -> Vec<(&'static str, i64)> {
 /// How many system calls the filter lets through (some only with certain
 /// arguments), clone3 (made to fail with ENOSYS) included.
 pub fn allowed_count() -> usize {
-    allowed().len() + conditional().map_or(0, |c| c.len()) + 1
+    allowed().len() + conditional(Some(0)).map_or(0, |c| c.len()) + 1
 }
 
 /// (name, number, rules): the call is allowed when any rule matches.
@@ -119,7 +114,10 @@ type Conditional = (&'static str, i64, Vec<SeccompRule>);
 
 /// Calls allowed only with some arguments: (name, number, rules; any rule
 /// matching allows the call).
-fn conditional() -> Result<Vec<Conditional>, SandboxError> {
+///
+/// `socket_dir`: the directory fd through which the socket is removed at
+/// exit (unlinkat on that fd only: no other file can be deleted).
+fn conditional(socket_dir: Option<RawFd>) -> Result<Vec<Conditional>, SandboxError> {
     let eq = |arg: u8, value: u64| {
         SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value)
     };
@@ -134,7 +132,7 @@ fn conditional() -> Result<Vec<Conditional>, SandboxError> {
     .map_err(SandboxError::seccomp)?;
     let c =
         |r: Result<SeccompCondition, seccompiler::BackendError>| r.map_err(SandboxError::seccomp);
-    Ok(vec![
+    let mut v = vec![
         // Threads yes, new processes no (fork, vfork, posix_spawn).
         ("clone", libc::SYS_clone, vec![rule(vec![thread_only])?]),
         // Thread names only.
@@ -142,6 +140,31 @@ fn conditional() -> Result<Vec<Conditional>, SandboxError> {
             "prctl",
             libc::SYS_prctl,
             vec![rule(vec![c(eq(0, libc::PR_SET_NAME as u64))?])?],
+        ),
+        // Memory, never executable: no code can be made at run time.
+        ("mmap", libc::SYS_mmap, vec![rule(vec![not_exec()?])?]),
+        (
+            "mprotect",
+            libc::SYS_mprotect,
+            vec![rule(vec![not_exec()?])?],
+        ),
+        // The commands std, vhost and the inflight region use; not
+        // F_SETOWN/F_SETSIG (they could signal other processes), leases or
+        // notifications.
+        (
+            "fcntl",
+            libc::SYS_fcntl,
+            FCNTL_COMMANDS
+                .iter()
+                .map(|&cmd| rule(vec![c(eq(1, cmd as u64))?]))
+                .collect::<Result<_, _>>()?,
+        ),
+        // abort() signals its own thread: allowed for this process only, so
+        // a panic that aborts shows as SIGABRT, not as a trapped call.
+        (
+            "tgkill",
+            libc::SYS_tgkill,
+            vec![rule(vec![c(eq(0, std::process::id() as u64))?])?],
         ),
         // DISCARD on a block device; std's set_nonblocking and FIOCLEX.
         (
@@ -153,10 +176,32 @@ fn conditional() -> Result<Vec<Conditional>, SandboxError> {
                 rule(vec![c(eq(1, libc::FIOCLEX))?])?,
             ],
         ),
-    ])
+    ];
+    if let Some(dir) = socket_dir {
+        let rules = vec![rule(vec![c(eq(0, dir as u64))?])?];
+        v.push(("unlinkat", libc::SYS_unlinkat, rules));
+    }
+    Ok(v)
 }
 
 const CLONE_THREAD_FLAG: u64 = libc::CLONE_THREAD as u64;
+
+const FCNTL_COMMANDS: [libc::c_int; 7] = [
+    libc::F_GETFD,
+    libc::F_SETFD,
+    libc::F_GETFL,
+    libc::F_SETFL,
+    libc::F_DUPFD_CLOEXEC,
+    libc::F_ADD_SEALS,
+    libc::F_GET_SEALS,
+];
+
+/// The `prot` argument (2) of mmap/mprotect has no PROT_EXEC.
+fn not_exec() -> Result<SeccompCondition, SandboxError> {
+    let exec = libc::PROT_EXEC as u64;
+    SeccompCondition::new(2, SeccompCmpArgLen::Dword, SeccompCmpOp::MaskedEq(exec), 0)
+        .map_err(SandboxError::seccomp)
+}
 /// _IO(0x12, 119), as in volume/mod.rs.
 const BLKDISCARD: u64 = 0x1277;
 
@@ -170,12 +215,15 @@ pub enum OnViolation {
 }
 
 /// The allowlist filter, compiled for this CPU architecture.
-pub fn allowlist(on_violation: OnViolation) -> Result<BpfProgram, SandboxError> {
+pub fn allowlist(
+    on_violation: OnViolation,
+    socket_dir: Option<RawFd>,
+) -> Result<BpfProgram, SandboxError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     for (_, nr) in allowed() {
         rules.insert(nr, vec![]);
     }
-    for (_, nr, r) in conditional()? {
+    for (_, nr, r) in conditional(socket_dir)? {
         rules.insert(nr, r);
     }
     // clone3 passes its flags in memory, where seccomp cannot look: it is
@@ -212,8 +260,8 @@ fn compile(
 
 /// Installs both filters on every thread of the process (TSYNC) and the
 /// SIGSYS handler that reports a trapped call.
-pub fn install(on_violation: OnViolation) -> Result<(), SandboxError> {
-    let allow = allowlist(on_violation)?;
+pub fn install(on_violation: OnViolation, socket_dir: Option<RawFd>) -> Result<(), SandboxError> {
+    let allow = allowlist(on_violation, socket_dir)?;
     let clone3 = no_clone3()?;
     if on_violation == OnViolation::Trap {
         install_sigsys_handler()?;
@@ -290,7 +338,7 @@ mod tests {
 
     #[test]
     fn filters_compile_and_leave_out_process_creation_and_file_opening() {
-        assert!(!allowlist(OnViolation::Trap).unwrap().is_empty());
+        assert!(!allowlist(OnViolation::Trap, Some(3)).unwrap().is_empty());
         assert!(!no_clone3().unwrap().is_empty());
         let names: Vec<&str> = allowed().iter().map(|(n, _)| *n).collect();
         for forbidden in [

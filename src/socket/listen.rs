@@ -165,6 +165,47 @@ fn cvt(rc: libc::c_int) -> io::Result<()> {
     }
 }
 
+/// The socket's name in its directory, held through an O_PATH fd on that
+/// directory: the daemon removes its socket at exit with unlinkat on this
+/// fd, and the sandbox allows unlinkat on this fd alone.
+pub struct SocketFile {
+    dir: OwnedFd,
+    name: std::ffi::CString,
+}
+
+impl SocketFile {
+    pub fn open(path: &Path) -> Result<Self, SocketError> {
+        let dir = directory_of(path);
+        let c_dir = std::ffi::CString::new(dir.as_os_str().as_bytes())
+            .map_err(|e| listen_error(path, io::Error::other(e)))?;
+        let name = path
+            .file_name()
+            .map(|n| std::ffi::CString::new(n.as_bytes()))
+            .ok_or_else(|| {
+                listen_error(path, io::Error::other("the socket path has no file name"))
+            })?
+            .map_err(|e| listen_error(path, io::Error::other(e)))?;
+        let flags = libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC;
+        // SAFETY: open(2) with a valid C string; the fd is ours on success.
+        let fd = unsafe { libc::open(c_dir.as_ptr(), flags) };
+        cvt(fd).map_err(|e| listen_error(path, e))?;
+        // SAFETY: a fresh descriptor nothing else owns.
+        let dir = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(SocketFile { dir, name })
+    }
+
+    /// The directory fd, for the sandbox's unlinkat rule.
+    pub fn dir_fd(&self) -> std::os::fd::RawFd {
+        self.dir.as_raw_fd()
+    }
+
+    /// Removes the socket (at exit); a socket already gone is fine.
+    pub fn remove(&self) {
+        // SAFETY: unlinkat(2) on our directory fd with a valid C string.
+        unsafe { libc::unlinkat(self.dir.as_raw_fd(), self.name.as_ptr(), 0) };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

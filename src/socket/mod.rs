@@ -15,7 +15,7 @@ mod peer;
 
 use std::path::PathBuf;
 
-pub use listen::listen;
+pub use listen::{listen, SocketFile};
 pub use peer::{Gate, Peer};
 
 /// The socket file's mode when nothing else is asked for: the daemon's user only.
