@@ -31,8 +31,11 @@ use crate::store::{BufId, Buffers, Op, UringStore};
 use crate::virtio::{sub_segments, GuestBufs, Request, Segment};
 use crate::volume::Volume;
 
-/// Bytes of one pool buffer: the largest piece of a request.
+/// Bytes of one pool buffer.
 const BUF_BYTES: usize = 128 << 10;
+/// Most adjacent buffers one piece takes: pieces of up to 1 MiB, so a large
+/// request reaches the disk as large operations.
+const MAX_RUN: usize = 8;
 /// Buffers per queue: 16 MiB of pool, 128 4K requests at the disk at once.
 const BUFS: usize = 128;
 /// Most requests one queue keeps in flight.
@@ -80,10 +83,12 @@ impl Pending {
     }
 }
 
-/// What a buffer in flight belongs to.
+/// What a run of buffers in flight (named by its first) belongs to.
 #[derive(Clone, Copy, Default)]
 struct Piece {
     request: u16,
+    /// Buffers in the run.
+    bufs: u8,
     /// Byte offset of the piece in its request.
     at: u64,
     len: u32,
@@ -201,14 +206,17 @@ impl AsyncQueue {
     /// marks it stalled if they run out first.
     fn queue_pieces(&mut self, volume: &Volume, index: u16) -> io::Result<()> {
         while !self.requests[index as usize].all_queued() {
-            let Some(buf) = self.store.buffers().take() else {
+            let p = &self.requests[index as usize];
+            let remaining = p.data_len() - p.queued;
+            let want = (remaining.div_ceil(BUF_BYTES as u64) as usize).min(MAX_RUN);
+            let Some((buf, bufs)) = self.store.buffers().take_run(want) else {
                 self.stalled = Some(index);
                 return Ok(());
             };
-            let p = &self.requests[index as usize];
-            let len = (p.data_len() - p.queued).min(BUF_BYTES as u64) as u32;
+            let len = remaining.min((bufs * BUF_BYTES) as u64) as u32;
             let piece = Piece {
                 request: index,
+                bufs: bufs as u8,
                 at: p.queued,
                 len,
                 retries: 0,
@@ -216,7 +224,7 @@ impl AsyncQueue {
             self.requests[index as usize].queued += u64::from(len);
             self.pieces[buf as usize] = piece;
             if let Err(e) = self.fill(volume, buf) {
-                self.store.buffers().put(buf);
+                self.store.buffers().put_run(buf, bufs);
                 self.requests[index as usize].fail(e);
                 break;
             }
@@ -366,7 +374,7 @@ impl AsyncQueue {
                 } else if let Err(e) = self.drain_read(volume, buf) {
                     self.requests[piece.request as usize].fail(e);
                 }
-                self.store.buffers().put(buf);
+                self.store.buffers().put_run(buf, usize::from(piece.bufs));
                 piece.request
             }
         };
