@@ -8,6 +8,8 @@
 #   cryptblk-none  cryptblk --cipher none over the same payload (plaintext baseline)
 #   cryptblk-workers  cryptblk-xts with --crypto workers
 #   cryptblk-sync  cryptblk-xts with --aio sync (one request at a time per queue)
+#   cryptblk-pread cryptblk-xts with --io pread (buffered io_uring instead of the
+#                  page-cache mapping; without DIRECT only)
 #   fio            fio (io_uring, one job per queue) on the same payload bytes:
 #                  what the disk gives without any vhost-user server
 # Targets run A/B/A/B (every target once per round, ROUNDS rounds) and medians
@@ -137,6 +139,10 @@ start_target() { # name
       "$BIN" serve --socket "$SOCK" "${plain[@]}" --cipher aes-xts-plain64 --aio sync "${crypto[@]}" \
         2>>"$WORK/daemon.log" &
       ;;
+    cryptblk-pread)
+      "$BIN" serve --socket "$SOCK" "${plain[@]}" --cipher aes-xts-plain64 --io pread "${crypto[@]}" \
+        2>>"$WORK/daemon.log" &
+      ;;
     cryptblk-none)
       "$BIN" serve --socket "$SOCK" "${plain[@]}" --cipher none "${crypto[@]}" \
         2>>"$WORK/daemon.log" &
@@ -196,7 +202,7 @@ bench --rw write --bs 1m --iodepth 4 --seed "$SEED" --verify >"$WORK/fill.json" 
   die "pattern write through qsd-luks failed: $(jq -c '.errors, .verify.mismatches' "$WORK/fill.json")"
 stop_target
 for target in $TARGETS; do
-  case $target in qsd-luks | cryptblk-xts | cryptblk-workers | cryptblk-sync) ;; *) continue ;; esac
+  case $target in qsd-luks | cryptblk-xts | cryptblk-workers | cryptblk-sync | cryptblk-pread) ;; *) continue ;; esac
   log "reading it back through $target"
   start_target "$target"
   bench --verify-only --bs 1m --iodepth 4 --seed "$SEED" >"$WORK/check.json" ||
@@ -252,6 +258,7 @@ has cryptblk-xts && has qsd-luks && pairs+=("cryptblk-xts qsd-luks xts/qsdluks")
 has cryptblk-xts && has fio && pairs+=("cryptblk-xts fio xts/fio")
 has cryptblk-workers && has fio && pairs+=("cryptblk-workers fio wrk/fio")
 has cryptblk-workers && has cryptblk-xts && pairs+=("cryptblk-workers cryptblk-xts wrk/inline")
+has cryptblk-pread && has cryptblk-xts && pairs+=("cryptblk-pread cryptblk-xts pread/mmap")
 has cryptblk-none && has qsd-raw && pairs+=("cryptblk-none qsd-raw none/qsdraw")
 for p in "${pairs[@]}"; do read -r _ _ label <<<"$p"; printf ' %12s' "$label"; done
 echo

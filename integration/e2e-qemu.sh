@@ -9,10 +9,11 @@
 #   bash integration/e2e-qemu.sh                   # BACKEND=cryptblk (default): three runs,
 #       a qemu-img LUKS1 image served in plain mode with its volume key and
 #       payload offset (--crypto inline); a cryptsetup LUKS2 image with 4 KiB
-#       sectors unlocked by passphrase (--crypto inline --io pread); a plain image with
-#       --crypto workers, a small --split-threshold, --direct and
-#       --allow-discards; then the negative control below, which must fail on
-#       exactly the ciphertext checks
+#       sectors unlocked by passphrase (--crypto inline --io pread); a LUKS2 image
+#       that `cryptblk format` made (4 KiB sectors, --direct); a plain image with
+#       4 KiB sectors, --iv-large-sectors --skip 8, --crypto workers, a small
+#       --split-threshold, --direct and --allow-discards; then the negative
+#       control below, which must fail on exactly the ciphertext checks
 #   E2E_FORMAT=plain E2E_SERVE_ARGS='--crypto workers' bash integration/e2e-qemu.sh  # one run
 #   BACKEND=qsd bash integration/e2e-qemu.sh       # qemu-storage-daemon's luks export
 #   BACKEND=plaintext bash integration/e2e-qemu.sh # negative control: MUST fail
@@ -24,7 +25,8 @@
 # Environment: BACKEND (cryptblk|qsd|plaintext); E2E_FORMAT (luks1|luks2|plain;
 # set: one run); E2E_UNLOCK (key|passphrase: how cryptblk opens a LUKS image;
 # default key for luks1, passphrase for luks2); E2E_SECTOR (luks2 sector size,
-# default 4096); E2E_SERVE_ARGS (extra `cryptblk serve` options); CRYPTBLK
+# default 4096; plain: default 512); E2E_LUKS2_MAKER (cryptsetup|cryptblk);
+# E2E_PLAIN_IV (plain mode's IV options for both sides); E2E_SERVE_ARGS (extra `cryptblk serve` options); CRYPTBLK
 # (path to the binary; default: built here with cargo, profile
 # E2E_PROFILE=debug|release); E2E_TIMEOUT (seconds the guest may run, default
 # 180); E2E_DEBUG=1 (kernel messages and a shell trace of the guest test on the
@@ -46,11 +48,18 @@ LOG_TAG=e2e
 BACKEND=${BACKEND:-cryptblk}
 FORMAT=${E2E_FORMAT:-luks1}
 SERVE_ARGS=${E2E_SERVE_ARGS:-}
+# Who formats a LUKS2 image: cryptsetup, or cryptblk itself (then the guest's
+# dm-crypt proves that cryptblk's headers are what cryptsetup expects).
+LUKS2_MAKER=${E2E_LUKS2_MAKER:-cryptsetup}
+# Plain mode's IV options, given to cryptblk serve and to the guest's
+# cryptsetup alike (e.g. "--iv-large-sectors --skip 8").
+PLAIN_IV=${E2E_PLAIN_IV:-}
 # How cryptblk opens a LUKS image: "key" (the volume key with the payload
 # offset, in plain mode: what dm-crypt's table holds) or "passphrase" (it
 # reads the header itself, as cryptsetup open does).
 case $FORMAT in
   luks2) UNLOCK=${E2E_UNLOCK:-passphrase} SECTOR=${E2E_SECTOR:-4096} ;;
+  plain) UNLOCK=${E2E_UNLOCK:-key} SECTOR=${E2E_SECTOR:-512} ;;
   *) UNLOCK=${E2E_UNLOCK:-key} SECTOR=512 ;;
 esac
 case $FORMAT in
@@ -93,6 +102,7 @@ DISCARD=1
 [ "$DISCARD" = 0 ] || EXPECTED_RESULTS+=" fs-trim"
 
 RUN=$WORK_DIR/e2e-$BACKEND-$FORMAT
+[ "$FORMAT" != luks2 ] || [ "$LUKS2_MAKER" = cryptsetup ] || RUN+=-$LUKS2_MAKER
 SOCK=$RUN/vhost.sock
 IMG=$RUN/img.$FORMAT
 PASSFILE=$RUN/passphrase
@@ -172,10 +182,16 @@ make_luks1_image() {
 make_luks2_image() {
   new_passphrase
   local header=$((16 << 20)) dump offset
-  truncate -s $((DISK_BYTES + header)) "$IMG"
-  cryptsetup luksFormat --batch-mode --type luks2 --cipher aes-xts-plain64 --key-size 512 \
-    --sector-size "$SECTOR" --pbkdf pbkdf2 --pbkdf-force-iterations 1000 \
-    --key-file "$PASSFILE" "$IMG" || die "cryptsetup luksFormat --type luks2 failed"
+  if [ "$LUKS2_MAKER" = cryptblk ]; then
+    "$CRYPTBLK" format --type luks2 --image "$IMG" --size "$DISK_BYTES" --key-size 512 \
+      --sector-size "$SECTOR" --pbkdf pbkdf2 --pbkdf-force-iterations 1000 \
+      --key-file "$PASSFILE" || die "cryptblk format --type luks2 failed"
+  else
+    truncate -s $((DISK_BYTES + header)) "$IMG"
+    cryptsetup luksFormat --batch-mode --type luks2 --cipher aes-xts-plain64 --key-size 512 \
+      --sector-size "$SECTOR" --pbkdf pbkdf2 --pbkdf-force-iterations 1000 \
+      --key-file "$PASSFILE" "$IMG" || die "cryptsetup luksFormat --type luks2 failed"
+  fi
   dump=$(cryptsetup luksDump "$IMG") || die "cryptsetup luksDump $IMG failed"
   [ "$(field Version)" = 2 ] || die "expected a LUKS2 image, luksDump says version $(field Version)"
   [ "$(field cipher)" = aes-xts-plain64 ] || die "expected aes-xts-plain64, luksDump says $(field cipher)"
@@ -217,6 +233,7 @@ DISCARD=$DISCARD
 REF_SERIAL=$REF_SERIAL
 FORMAT=$FORMAT
 PAYLOAD_SECTORS=$PAYLOAD
+PLAIN_IV="$([ "$FORMAT" = plain ] && echo "$PLAIN_IV")"
 EOF
   install -m 600 "$KEYFILE" "$e2e/volume.key"
   [ "$FORMAT" = plain ] || install -m 600 "$PASSFILE" "$e2e/passphrase"
@@ -251,6 +268,8 @@ start_backend() {
       if [ "$UNLOCK" = key ]; then
         open=(--type plain --key-file "$KEYFILE" --key-size 512 --offset "$PAYLOAD")
         [ "$SECTOR" = 512 ] || open+=(--sector-size "$SECTOR")
+        # shellcheck disable=SC2206 # PLAIN_IV is a list of options
+        [ "$FORMAT" != plain ] || open+=($PLAIN_IV)
       fi
       # shellcheck disable=SC2086 # SERVE_ARGS is a list of options
       RUST_LOG=${RUST_LOG:-info} "$CRYPTBLK" serve --socket "$SOCK" --image "$IMG" "${open[@]}" \
@@ -355,6 +374,8 @@ main() {
   t_end=$(now)
 
   local how="$FORMAT image, $SECTOR-byte sectors"
+  [ "$FORMAT" != luks2 ] || how+=", made by $LUKS2_MAKER"
+  [ -z "$PLAIN_IV" ] || [ "$FORMAT" != plain ] || how+=", $PLAIN_IV"
   [ "$BACKEND" != cryptblk ] || [ "$FORMAT" = plain ] || how+=", unlocked by $UNLOCK"
   echo "==== e2e-qemu summary (backend $BACKEND${SERVE_ARGS:+ ($SERVE_ARGS)}, $how, guest kernel $GUEST_KVER) ===="
   # shellcheck disable=SC2086 # counting words
@@ -384,7 +405,10 @@ all_runs() {
   export CRYPTBLK
   E2E_FORMAT=luks1 E2E_UNLOCK=key E2E_SERVE_ARGS='--crypto inline' bash "${BASH_SOURCE[0]}" || status=1
   E2E_FORMAT=luks2 E2E_UNLOCK=passphrase E2E_SERVE_ARGS='--crypto inline --io pread' bash "${BASH_SOURCE[0]}" || status=1
-  E2E_FORMAT=plain E2E_SERVE_ARGS='--crypto workers --split-threshold 16K --direct --allow-discards' \
+  E2E_FORMAT=luks2 E2E_LUKS2_MAKER=cryptblk E2E_UNLOCK=passphrase E2E_SERVE_ARGS='--crypto inline --direct' \
+    bash "${BASH_SOURCE[0]}" || status=1
+  E2E_FORMAT=plain E2E_SECTOR=4096 E2E_PLAIN_IV='--iv-large-sectors --skip 8' \
+    E2E_SERVE_ARGS='--crypto workers --split-threshold 16K --direct --allow-discards' \
     bash "${BASH_SOURCE[0]}" || status=1
   log "negative control: BACKEND=plaintext must fail (log: $control)"
   if BACKEND=plaintext E2E_FORMAT=luks1 bash "${BASH_SOURCE[0]}" >"$control" 2>&1; then

@@ -232,8 +232,9 @@ dmcrypt_check() {
 # Plain: the bare volume key and payload offset, i.e. how the backend is
 # configured in plain mode; for a LUKS image this proves that key + offset
 # (IVs in 512-byte units, as LUKS2 with 4 KiB sectors has them) reads the same data.
+# shellcheck disable=SC2086 # PLAIN_IV is a list of options
 dmcrypt_check plain --type plain --cipher aes-xts-plain64 --key-size 512 \
-  --sector-size "$SECTOR" --key-file /e2e/volume.key --offset "$PAYLOAD_SECTORS"
+  --sector-size "$SECTOR" --key-file /e2e/volume.key --offset "$PAYLOAD_SECTORS" $PLAIN_IV
 
 kernel_log_check kernel-log
 
