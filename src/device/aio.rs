@@ -141,6 +141,12 @@ impl AsyncQueue {
         self.store.event_fd()
     }
 
+    /// The completion eventfd woke the vring thread: clear it before taking
+    /// completions (one that lands meanwhile sets it again).
+    pub fn clear_event(&self) {
+        self.store.clear_event();
+    }
+
     /// Whether `request` runs here. GET_ID touches only guest memory, and
     /// a block device's discard is an ioctl: those run inline.
     pub fn takes(volume: &Volume, request: &Request) -> bool {

@@ -234,16 +234,17 @@ impl VhostUserBackend for BlkBackend {
         }
         // A kick names the thread's vring (one per thread); a completion
         // event comes from the queue's own executor.
-        let index = match u64::from(device_event) {
-            e if e == self.completion_event() => 0,
-            e => e as usize,
-        };
+        let completion = u64::from(device_event) == self.completion_event();
+        let index = if completion { 0 } else { device_event as usize };
         let (Some(vring), Some(queue)) = (vrings.get(index), self.queues.get(thread_id)) else {
             return Err(io::Error::other(format!(
                 "event for unknown queue {device_event}"
             )));
         };
         let mut qs = lock(queue);
+        if let Some(aio) = qs.aio.as_ref().filter(|_| completion) {
+            aio.clear_event();
+        }
         let mem = || {
             self.mem
                 .read()

@@ -85,6 +85,9 @@ pub fn process_vring(
         }
         let stop = drain(ctx, vring, mem, qs, &mut completed)?;
         progress(ctx, vring, qs, &mut completed)?;
+        // Tell the guest about this round's completions now: while it keeps
+        // posting, this loop may go on for a while.
+        notify_if(std::mem::take(&mut completed), vring)?;
         let again = match stop {
             // A broken avail ring always looks like "more work" to
             // enable_notification: looping on it would spin this thread

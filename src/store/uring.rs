@@ -191,12 +191,15 @@ impl UringStore {
         }
     }
 
-    /// Clears the eventfd, then calls `f(tag, result)` for every operation
-    /// that completed (result: bytes moved, or a negative errno).
-    pub fn reap(&mut self, mut f: impl FnMut(u64, i32)) -> io::Result<()> {
-        // Clear the eventfd before looking at the completion queue, so a
-        // completion that lands in between sets it again.
+    /// Clears the eventfd: call it before `reap` when the eventfd woke the
+    /// caller, so that a completion landing during the reap sets it again.
+    pub fn clear_event(&self) {
         let _ = self.event.read();
+    }
+
+    /// Calls `f(tag, result)` for every operation that completed (result:
+    /// bytes moved, or a negative errno).
+    pub fn reap(&mut self, mut f: impl FnMut(u64, i32)) -> io::Result<()> {
         loop {
             let mut reaped = 0;
             for c in self.ring.completion() {
