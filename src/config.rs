@@ -11,7 +11,7 @@ use crate::device::{AioMode, CryptoMode, DeviceOptions};
 use crate::luks;
 use crate::sandbox::{Sandbox, SandboxMode};
 use crate::socket::ids::{IdSpec, Kind};
-use crate::socket::{Allowlist, SocketAccess};
+use crate::socket::{Activation, Allowlist, ListenOn, Origin, SocketAccess};
 
 /// Where splitting a request across workers starts to pay (see README).
 const DEFAULT_SPLIT_THRESHOLD: u64 = 512 << 10;
@@ -43,6 +43,11 @@ pub enum ConfigError {
     },
     #[error("{0} conflicts with the image's LUKS header, which decides it: drop {0}, or add --type plain to serve the payload as plain dm-crypt (as cryptsetup open --type plain)")]
     LuksDecides(&'static str),
+    #[error("{option} cannot be used with {from}: the socket is inherited, so its path, group and mode are set by whoever created it (SocketMode=/SocketGroup= in a .socket unit); drop {option}")]
+    InheritedSocket {
+        option: &'static str,
+        from: &'static str,
+    },
     #[error(transparent)]
     Key(#[from] KeyError),
     #[error(transparent)]
@@ -84,9 +89,15 @@ pub struct ServeArgs {
     #[arg(long, value_name = "FILE")]
     #[serde(skip)]
     pub config: Option<PathBuf>,
-    /// Unix socket to listen on (the VMM connects to it).
+    /// Unix socket to listen on (the VMM connects to it). Not needed with
+    /// --fd or systemd socket activation.
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
+    /// Serve on this inherited, already listening unix socket instead of
+    /// creating one (the vhost-user backend convention; qemu-storage-daemon's
+    /// addr.type=fd). Never removed at exit.
+    #[arg(long, value_name = "FDNUM")]
+    pub fd: Option<i32>,
     /// Group (name or gid) that owns the socket, so a VMM running as another
     /// user in that group can connect; the mode becomes 0660.
     #[arg(long, value_name = "GROUP")]
@@ -213,6 +224,7 @@ impl ServeArgs {
             self,
             file,
             socket,
+            fd,
             socket_group,
             socket_mode,
             allow_uid,
@@ -251,7 +263,7 @@ impl ServeArgs {
 
 /// Validated options, ready to open the volume and start serving.
 pub struct ServeConfig {
-    pub socket: PathBuf,
+    pub listen: ListenOn,
     pub access: SocketAccess,
     pub device: DeviceOptions,
     pub log_level: Option<String>,
@@ -293,8 +305,18 @@ struct LuksSpec {
 }
 
 impl ServeConfig {
+    /// The options alone, as when the daemon was not socket-activated.
     pub fn from_args(a: ServeArgs) -> Result<Self, ConfigError> {
-        let socket = a.socket.clone().ok_or(ConfigError::Missing("--socket"))?;
+        Self::from_args_and_activation(a, None)
+    }
+
+    /// The options, and the socket systemd passed if the daemon was
+    /// socket-activated ([`crate::socket::activation_from_env`]).
+    pub fn from_args_and_activation(
+        a: ServeArgs,
+        activation: Option<Activation>,
+    ) -> Result<Self, ConfigError> {
+        let listen = listen_on(&a, activation)?;
         let path = a.image.clone().ok_or(ConfigError::Missing("--image"))?;
         let queue_size = a.queue_size.unwrap_or(256);
         if !(2..=32768).contains(&queue_size) || !queue_size.is_power_of_two() {
@@ -339,8 +361,12 @@ impl ServeConfig {
         } else {
             plain_layout(&a)?
         };
+        let socket_file = match &listen {
+            ListenOn::Path(p) => Some(p.clone()),
+            ListenOn::Inherited { .. } => None,
+        };
         Ok(ServeConfig {
-            socket: socket.clone(),
+            listen,
             access: socket_access(&a)?,
             device: DeviceOptions {
                 queues,
@@ -357,7 +383,7 @@ impl ServeConfig {
             sandbox: Sandbox {
                 mode: a.sandbox.unwrap_or_default(),
                 image: path.clone(),
-                socket: socket.clone(),
+                socket: socket_file,
                 readonly,
             },
             image: ImageSpec {
@@ -421,6 +447,43 @@ impl ServeConfig {
             cipher: SectorCipher::new(key.as_ref(), rule),
         })?)
     }
+}
+
+/// `--socket`, `--fd` or socket activation: exactly one. The file mode and
+/// group of an inherited socket are its creator's to set.
+fn listen_on(a: &ServeArgs, activation: Option<Activation>) -> Result<ListenOn, ConfigError> {
+    let inherited = match (a.fd, activation) {
+        (Some(fd), _) if fd < 0 => return invalid("--fd", fd, "a descriptor number is 0 or more"),
+        (Some(fd), Some(_)) => {
+            log::warn!("--fd {fd} given: the socket systemd passed (LISTEN_FDS) is not used");
+            Some((fd, Origin::Flag))
+        }
+        (Some(fd), None) => Some((fd, Origin::Flag)),
+        (None, Some(act)) => Some((act.fd, Origin::Systemd { name: act.name })),
+        (None, None) => None,
+    };
+    let Some((fd, origin)) = inherited else {
+        return a
+            .socket
+            .clone()
+            .map(ListenOn::Path)
+            .ok_or(ConfigError::Missing(
+                "--socket (or --fd, or a socket passed by systemd socket activation)",
+            ));
+    };
+    let flag = match origin {
+        Origin::Flag => "--fd",
+        Origin::Systemd { .. } => "socket activation",
+    };
+    let conflicts = [
+        ("--socket", a.socket.is_some()),
+        ("--socket-group", a.socket_group.is_some()),
+        ("--socket-mode", a.socket_mode.is_some()),
+    ];
+    if let Some((option, _)) = conflicts.iter().find(|(_, set)| *set) {
+        return Err(ConfigError::InheritedSocket { option, from: flag });
+    }
+    Ok(ListenOn::Inherited { fd, origin })
 }
 
 /// Who may connect: the socket file's group and mode, and the peers served.
@@ -780,6 +843,95 @@ mod tests {
             ..base()
         });
         assert!(no_user.err().unwrap().to_string().contains("--allow-uid"));
+    }
+
+    #[test]
+    fn the_socket_is_a_path_an_fd_or_systemds_and_only_one() {
+        let no_socket = || ServeArgs {
+            socket: None,
+            ..base()
+        };
+        let activated = || {
+            Some(Activation {
+                fd: 3,
+                name: Some("vm1.socket".into()),
+            })
+        };
+        let listen = |a, act| ServeConfig::from_args_and_activation(a, act).map(|c| c.listen);
+        assert_eq!(listen(base(), None).unwrap(), ListenOn::Path("/s".into()));
+        let fd = listen(
+            ServeArgs {
+                fd: Some(5),
+                ..no_socket()
+            },
+            None,
+        );
+        assert_eq!(
+            fd.unwrap(),
+            ListenOn::Inherited {
+                fd: 5,
+                origin: Origin::Flag
+            }
+        );
+        let systemd = listen(no_socket(), activated()).unwrap();
+        assert!(matches!(
+            systemd,
+            ListenOn::Inherited {
+                fd: 3,
+                origin: Origin::Systemd { name: Some(_) }
+            }
+        ));
+        // An explicit --fd wins over the environment.
+        let both = listen(
+            ServeArgs {
+                fd: Some(7),
+                ..no_socket()
+            },
+            activated(),
+        );
+        assert!(matches!(both.unwrap(), ListenOn::Inherited { fd: 7, .. }));
+        assert!(matches!(
+            listen(no_socket(), None),
+            Err(ConfigError::Missing(_))
+        ));
+        let err = |a, act| listen(a, act).err().unwrap().to_string();
+        let fd_and_path = err(
+            ServeArgs {
+                fd: Some(5),
+                ..base()
+            },
+            None,
+        );
+        assert!(
+            fd_and_path.contains("--socket cannot be used with --fd"),
+            "{fd_and_path}"
+        );
+        let mode = err(
+            ServeArgs {
+                socket_mode: Some("0660".into()),
+                ..no_socket()
+            },
+            activated(),
+        );
+        assert!(
+            mode.contains("--socket-mode") && mode.contains("SocketMode="),
+            "{mode}"
+        );
+        assert!(err(
+            ServeArgs {
+                fd: Some(-1),
+                ..no_socket()
+            },
+            None
+        )
+        .contains("--fd"));
+        // The sandbox gets no socket to remove when it is inherited.
+        let cfg = ServeConfig::from_args_and_activation(no_socket(), activated()).unwrap();
+        assert_eq!(cfg.sandbox.socket, None);
+        assert_eq!(
+            ServeConfig::from_args(base()).unwrap().sandbox.socket,
+            Some("/s".into())
+        );
     }
 
     #[test]

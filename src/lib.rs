@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod demo;
 pub mod device;
 pub mod luks;
+pub mod notify;
 pub mod sandbox;
 pub mod secrets;
 pub mod socket;

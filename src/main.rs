@@ -6,7 +6,8 @@ use cryptblk::config::{ServeArgs, ServeConfig};
 use cryptblk::daemon;
 use cryptblk::device::BlkDevice;
 use cryptblk::luks::cli as luks_cli;
-use cryptblk::secrets;
+use cryptblk::notify::Notifier;
+use cryptblk::{secrets, socket};
 
 /// cryptblk: a vhost-user-blk daemon that gives guests a plain disk and
 /// stores only dm-crypt compatible AES-XTS ciphertext.
@@ -77,10 +78,15 @@ fn with_logging<E: std::error::Error + 'static>(
 fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
     // Before the key is read: no core dump or ptrace by others may hold it.
     secrets::forbid_core_dumps();
-    let cfg = ServeConfig::from_args(args.with_config_file()?)?;
-    init_logging(cfg.log_level.as_deref());
+    let args = args.with_config_file()?;
+    init_logging(args.log_level.as_deref());
+    // Both read (and remove) environment variables: here, while the
+    // process has a single thread.
+    let notify = Notifier::from_env();
+    let activation = socket::activation_from_env()?;
+    let cfg = ServeConfig::from_args_and_activation(args, activation)?;
     let volume = cfg.open_volume()?;
     let dev = BlkDevice::new(volume, cfg.device.clone());
-    daemon::serve(dev, &cfg.socket, &cfg.access, &cfg.sandbox)?;
+    daemon::serve(dev, &cfg.listen, &cfg.access, &cfg.sandbox, &notify)?;
     Ok(())
 }
