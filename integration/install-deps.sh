@@ -17,6 +17,10 @@ command -v debugfs >/dev/null || need+=(e2fsprogs)
 command -v xz >/dev/null || need+=(xz-utils)
 # integration/compare.sh reads the bench's --json output.
 command -v jq >/dev/null || need+=(jq)
+# tests/systemd.rs: systemd-analyze verify/security/syscall-filter, systemd-socket-activate,
+# and strace to list the system calls the daemon makes.
+command -v systemd-socket-activate >/dev/null || need+=(systemd)
+command -v strace >/dev/null || need+=(strace)
 
 # qemu-system-x86 must come from bookworm-backports: plain bookworm's 7.2 would
 # replace the preinstalled qemu-utils 10.0 (see shared/notes/FACTS.md).

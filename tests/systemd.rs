@@ -1,7 +1,9 @@
 //! Running under a service manager: a listening socket handed over with
 //! `--fd` or by systemd socket activation (`systemd-socket-activate`, which
-//! sets LISTEN_FDS as systemd does), and readiness reported over
-//! NOTIFY_SOCKET (READY=1, STATUS=, STOPPING=1), with the sandbox on.
+//! sets LISTEN_FDS as systemd does), readiness reported over NOTIFY_SOCKET
+//! (READY=1, STATUS=, STOPPING=1) with the sandbox on, and the units in
+//! configs/ (systemd-analyze verify and security, and the system calls the
+//! daemon makes under strace against the unit's SystemCallFilter=).
 
 mod common;
 
@@ -386,4 +388,274 @@ fn wait_until(mut done: impl FnMut() -> bool, what: &str) {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// configs/NAME with the installed binary's path replaced by this build's.
+fn unit_text(name: &str) -> String {
+    let path = format!("{}/configs/{name}", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read_to_string(path)
+        .unwrap()
+        .replace("/usr/local/bin/cryptblk", BIN)
+}
+
+/// `systemd-analyze ARGS`: (success, stdout + stderr).
+fn systemd_analyze(args: &[&str]) -> (bool, String) {
+    let out = Command::new("systemd-analyze")
+        .args(args)
+        .output()
+        .expect("systemd-analyze (package systemd)");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+/// Writes the two units into DIR (the service's text changed by `edit`)
+/// and runs `systemd-analyze verify` on an instance of each.
+fn verify_units(dir: &Path, edit: impl Fn(String) -> String) -> (bool, String) {
+    let service = dir.join("cryptblk@.service");
+    std::fs::write(&service, edit(unit_text("cryptblk@.service"))).unwrap();
+    std::fs::write(dir.join("cryptblk@.socket"), unit_text("cryptblk@.socket")).unwrap();
+    let instance = |unit: &str| dir.join(unit).to_str().unwrap().to_string();
+    systemd_analyze(&[
+        "verify",
+        "--man=no",
+        &instance("cryptblk@vm1.service"),
+        &instance("cryptblk@vm1.socket"),
+    ])
+}
+
+#[test]
+fn the_units_pass_systemd_analyze_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, out) = verify_units(dir.path(), |s| s);
+    assert!(ok && out.trim().is_empty(), "systemd-analyze verify: {out}");
+    // Negative controls: verify does see a mistyped setting and a missing
+    // binary in these very files.
+    let (_, typo) = verify_units(dir.path(), |s| {
+        s.replace("ProtectSystem=strict", "ProtectSystem=strictly")
+    });
+    assert!(typo.contains("strictly"), "{typo}");
+    let (ok, missing) = verify_units(dir.path(), |s| s.replace(BIN, "/nonexistent/cryptblk"));
+    assert!(
+        !ok && missing.contains("/nonexistent/cryptblk"),
+        "{missing}"
+    );
+}
+
+#[test]
+fn the_units_have_the_asked_for_settings_and_an_exposure_below_one() {
+    let socket = unit_text("cryptblk@.socket");
+    for line in [
+        "ListenStream=/run/cryptblk/%i.sock",
+        "SocketMode=0600",
+        "Accept=no",
+    ] {
+        assert!(
+            socket.lines().any(|l| l == line),
+            "socket unit lacks {line}"
+        );
+    }
+    let service = unit_text("cryptblk@.service");
+    for line in [
+        "Type=notify",
+        "ExecStart=".to_string().as_str(),
+        "ProtectSystem=strict",
+        "StateDirectory=cryptblk",
+        "PrivateTmp=yes",
+        "NoNewPrivileges=yes",
+        "CapabilityBoundingSet=",
+        "MemoryDenyWriteExecute=yes",
+        "LockPersonality=yes",
+        "RestrictAddressFamilies=AF_UNIX",
+        "SystemCallArchitectures=native",
+        "ProtectKernelTunables=yes",
+        "ProtectKernelModules=yes",
+        "ProtectKernelLogs=yes",
+        "RestrictNamespaces=yes",
+        "LimitMEMLOCK=64M",
+    ] {
+        assert!(
+            service.lines().any(|l| l.starts_with(line)),
+            "service unit lacks {line}"
+        );
+    }
+    assert!(service.contains(&format!(
+        "ExecStart={BIN} serve --config /etc/cryptblk/%i.toml"
+    )));
+    // systemd's own offline rating of the hardening: 0 (safe) to 10.
+    let dir = tempfile::tempdir().unwrap();
+    let unit = dir.path().join("cryptblk@.service");
+    std::fs::write(&unit, &service).unwrap();
+    let rate = |path: &Path| {
+        systemd_analyze(&[
+            "security",
+            "--offline=yes",
+            "--no-pager",
+            "--threshold=10",
+            path.to_str().unwrap(),
+        ])
+    };
+    let exposure = |out: &str| -> f64 {
+        let line = out
+            .lines()
+            .find(|l| l.contains("Overall exposure level"))
+            .unwrap_or_else(|| panic!("no rating: {out}"));
+        let after = line.split(": ").nth(1).unwrap();
+        after.split_whitespace().next().unwrap().parse().unwrap()
+    };
+    let (_, out) = rate(&unit);
+    assert!(exposure(&out) < 1.0, "{out}");
+    // Control: the same unit without its [Service] hardening rates unsafe.
+    let bare: String = service
+        .lines()
+        .take_while(|l| !l.starts_with("LimitMEMLOCK"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let bare_unit = dir.path().join("bare@.service");
+    std::fs::write(&bare_unit, bare).unwrap();
+    let (_, out) = rate(&bare_unit);
+    assert!(exposure(&out) > 5.0, "{out}");
+}
+
+/// Every system call name that systemd's `@group` stands for, from
+/// `systemd-analyze syscall-filter` (groups nest).
+fn syscall_groups() -> std::collections::HashMap<String, Vec<String>> {
+    let (ok, out) = systemd_analyze(&["syscall-filter", "--no-pager"]);
+    assert!(ok, "{out}");
+    let mut groups = std::collections::HashMap::new();
+    let mut current: Option<String> = None;
+    for line in out.lines() {
+        if line.starts_with('@') {
+            let name = line.split_whitespace().next().unwrap().to_string();
+            groups.insert(name.clone(), Vec::new());
+            current = Some(name);
+        } else if let Some(group) = &current {
+            let t = line.trim();
+            if !t.is_empty() && !t.starts_with('#') {
+                groups.get_mut(group).unwrap().push(t.to_string());
+            }
+        }
+    }
+    groups
+}
+
+fn expand(
+    groups: &std::collections::HashMap<String, Vec<String>>,
+    item: &str,
+    into: &mut std::collections::HashSet<String>,
+) {
+    match groups.get(item) {
+        Some(members) => members.iter().for_each(|m| expand(groups, m, into)),
+        None if item.starts_with('@') => panic!("unknown group {item}"),
+        None => {
+            into.insert(item.to_string());
+        }
+    }
+}
+
+/// What the service's SystemCallFilter= lines allow: the first lists what
+/// is allowed, a `~` line takes calls away.
+fn unit_filter() -> std::collections::HashSet<String> {
+    let groups = syscall_groups();
+    let mut allowed = std::collections::HashSet::new();
+    for line in unit_text("cryptblk@.service").lines() {
+        let Some(value) = line.strip_prefix("SystemCallFilter=") else {
+            continue;
+        };
+        match value.strip_prefix('~') {
+            Some(denied) => {
+                let mut gone = std::collections::HashSet::new();
+                denied
+                    .split_whitespace()
+                    .for_each(|i| expand(&groups, i, &mut gone));
+                allowed.retain(|c| !gone.contains(c));
+            }
+            None => value
+                .split_whitespace()
+                .for_each(|i| expand(&groups, i, &mut allowed)),
+        }
+    }
+    allowed
+}
+
+/// System calls that `strace -f -c` counted in FILE (its summary table).
+fn traced_calls(summary: &str) -> Vec<String> {
+    summary
+        .lines()
+        .filter(|l| {
+            l.trim_start()
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_digit())
+        })
+        .filter_map(|l| l.split_whitespace().last().map(String::from))
+        .filter(|name| name != "total")
+        .collect()
+}
+
+#[test]
+fn every_system_call_cryptblk_makes_is_in_the_units_filter() {
+    let allowed = unit_filter();
+    assert!(allowed.contains("read") && !allowed.contains("setuid"));
+    let mut all = std::collections::BTreeSet::new();
+    // The page-cache mapping, and io_uring with registered buffers.
+    for io in ["mmap", "pread"] {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = Disk::new(dir.path());
+        let path = dir.path().join("s.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let notify = NotifySocket::at_path(&dir.path().join("notify"));
+        let summary = dir.path().join("strace.txt");
+        let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
+        let mut cmd = Command::new("strace");
+        cmd.args(["-f", "-c", "-o"])
+            .arg(&summary)
+            .arg(BIN)
+            .arg("serve")
+            .args(disk.args())
+            .args(["--io", io, "--fd", &FD.to_string()])
+            .env("NOTIFY_SOCKET", &notify.target)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log);
+        let fd = listener.as_raw_fd();
+        // SAFETY: dup2 is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::dup2(fd, FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut notify = notify;
+        let mut d = Daemon {
+            child: cmd.spawn().expect("strace (package strace)"),
+            socket: path.clone(),
+        };
+        notify.expect("READY=1");
+        round_trip(&path, &disk, 4);
+        // SIGTERM goes to the daemon (strace would detach from it);
+        // strace exits with the daemon's status.
+        let strace_pid = d.child.id();
+        let children =
+            std::fs::read_to_string(format!("/proc/{strace_pid}/task/{strace_pid}/children"))
+                .unwrap();
+        let daemon_pid: i32 = children.trim().parse().unwrap();
+        // SAFETY: kill(2) on the daemon strace started for this test.
+        unsafe { libc::kill(daemon_pid, libc::SIGTERM) };
+        notify.expect("STOPPING=1");
+        let status = d.wait_exit(Duration::from_secs(30));
+        assert!(status.success(), "{}", log_of(dir.path()));
+        all.extend(traced_calls(&std::fs::read_to_string(&summary).unwrap()));
+    }
+    // The trace saw the whole life: the sandbox, io_uring, the notify socket.
+    for expected in ["seccomp", "io_uring_setup", "connect", "sendto", "mlock"] {
+        assert!(all.contains(expected), "{expected} not traced: {all:?}");
+    }
+    let refused: Vec<&String> = all.iter().filter(|c| !allowed.contains(*c)).collect();
+    assert!(
+        refused.is_empty(),
+        "the unit's SystemCallFilter= refuses calls cryptblk makes: {refused:?}"
+    );
 }
