@@ -91,7 +91,8 @@ pub struct ServeArgs {
     pub config: Option<PathBuf>,
     /// Unix socket to listen on (the VMM connects to it). Not needed with
     /// --fd or systemd socket activation.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, visible_alias = "socket-path", value_name = "PATH")]
+    #[serde(alias = "socket-path")]
     pub socket: Option<PathBuf>,
     /// Serve on this inherited, already listening unix socket instead of
     /// creating one (the vhost-user backend convention; qemu-storage-daemon's
@@ -112,7 +113,8 @@ pub struct ServeArgs {
     #[arg(long, value_name = "GID[,GID...]", value_delimiter = ',')]
     pub allow_gid: Option<Vec<IdSpec>>,
     /// Image file or block device holding the ciphertext.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, visible_alias = "blk-file", value_name = "PATH")]
+    #[serde(alias = "blk-file")]
     pub image: Option<PathBuf>,
     /// Create a sparse image with this much payload (e.g. 10G) if none exists.
     #[arg(long, value_name = "BYTES")]
@@ -145,7 +147,8 @@ pub struct ServeArgs {
     #[arg(long)]
     pub queue_size: Option<u32>,
     /// Offer a read-only disk.
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    #[arg(long, visible_alias = "read-only", num_args = 0..=1, default_missing_value = "true")]
+    #[serde(alias = "read-only")]
     pub readonly: Option<bool>,
     /// Open the image with O_DIRECT (bypass the host page cache).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
@@ -843,6 +846,15 @@ mod tests {
             ..base()
         });
         assert!(no_user.err().unwrap().to_string().contains("--allow-uid"));
+    }
+
+    #[test]
+    fn the_vhost_user_convention_names_are_config_keys_too() {
+        let toml = "socket-path = \"/s\"\nblk-file = \"/i\"\nread-only = true\ncipher = \"none\"\n";
+        let merged = with_file(toml, ServeArgs::default()).unwrap();
+        assert_eq!(merged.socket, Some("/s".into()));
+        assert_eq!(merged.image, Some("/i".into()));
+        assert_eq!(merged.readonly, Some(true));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! `crypto` → `volume` → `virtio` (request parsing) → `device` (vhost-user).
 
 pub mod bench;
+pub mod capabilities;
 pub mod config;
 pub mod crypto;
 pub mod daemon;

@@ -1,21 +1,39 @@
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use cryptblk::config::{ServeArgs, ServeConfig};
 use cryptblk::daemon;
 use cryptblk::device::BlkDevice;
 use cryptblk::luks::cli as luks_cli;
 use cryptblk::notify::Notifier;
-use cryptblk::{secrets, socket};
+use cryptblk::{capabilities, secrets, socket};
 
 /// cryptblk: a vhost-user-blk daemon that gives guests a plain disk and
 /// stores only dm-crypt compatible AES-XTS ciphertext.
+///
+/// Without a subcommand it serves, as `cryptblk serve` does, so that it can
+/// be started the way the vhost-user backend program conventions say
+/// (`cryptblk --socket-path=PATH --blk-file=IMAGE [--read-only] ...`).
 #[derive(Parser)]
-#[command(version, about)]
+#[command(
+    version,
+    about,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
 struct Cli {
+    /// Print the vhost-user backend capabilities as JSON (QEMU's
+    /// docs/interop/vhost-user.json) and exit; other arguments are ignored.
+    #[arg(long)]
+    print_capabilities: bool,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+    #[command(
+        flatten,
+        next_help_heading = "Serving without a subcommand (as `cryptblk serve`)"
+    )]
+    serve: ServeArgs,
 }
 
 #[derive(Subcommand)]
@@ -36,8 +54,24 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    if capabilities::requested(&args) {
+        println!("{}", capabilities::document());
+        return ExitCode::SUCCESS;
+    }
     let cli = Cli::parse();
-    let result = match cli.command {
+    let command = match cli.command {
+        Some(command) => command,
+        // A bare `cryptblk` prints the usage rather than complaining that
+        // --socket is missing.
+        None if args.is_empty() => {
+            eprintln!("{}", Cli::command().render_usage());
+            eprintln!("For more information, try '--help'.");
+            return ExitCode::from(2);
+        }
+        None => Command::Serve(Box::new(cli.serve)),
+    };
+    let result = match command {
         Command::Serve(args) => serve(*args),
         Command::Bench(args) => std::process::exit(cryptblk::bench::cli::main(args)),
         Command::Demo(args) => cryptblk::demo::run(&args).map_err(Into::into),
