@@ -21,6 +21,8 @@ command -v jq >/dev/null || need+=(jq)
 # and strace to list the system calls the daemon makes.
 command -v systemd-socket-activate >/dev/null || need+=(systemd)
 command -v strace >/dev/null || need+=(strace)
+# tests/keyring.rs: keyctl session/padd/search for --key-keyring.
+command -v keyctl >/dev/null || need+=(keyutils)
 
 # qemu-system-x86 must come from bookworm-backports: plain bookworm's 7.2 would
 # replace the preinstalled qemu-utils 10.0 (see shared/notes/FACTS.md).

@@ -8,6 +8,7 @@ use serde::Deserialize;
 
 use crate::crypto::{IvRule, KeyError, SectorCipher, XtsKey, SECTOR_SIZES};
 use crate::device::{AioMode, CryptoMode, DeviceOptions};
+use crate::keyring::{KeySpec, KeyringError};
 use crate::luks;
 use crate::sandbox::{Sandbox, SandboxMode};
 use crate::socket::ids::{IdSpec, Kind};
@@ -48,6 +49,21 @@ pub enum ConfigError {
         option: &'static str,
         from: &'static str,
     },
+    #[error("--key-file and --key-keyring both name a key; keep one")]
+    TwoKeySources,
+    #[error(
+        "key {spec} holds {got} bytes but --key-size {bits} needs {}; add the raw key of that \
+         length (keyctl padd user NAME @u < keyfile) or fix --key-size", bits / 8
+    )]
+    KeyringLength {
+        spec: String,
+        got: usize,
+        bits: usize,
+    },
+    #[error("key {0} is empty; a LUKS passphrase needs at least one byte")]
+    EmptyKeyringPassphrase(String),
+    #[error(transparent)]
+    Keyring(#[from] KeyringError),
     #[error(transparent)]
     Key(#[from] KeyError),
     #[error(transparent)]
@@ -122,6 +138,13 @@ pub struct ServeArgs {
     /// File holding the raw key (key-size/8 bytes); "-" reads standard input.
     #[arg(long, value_name = "PATH")]
     pub key_file: Option<String>,
+    /// The key (plain) or passphrase (LUKS) from the kernel keyring instead
+    /// of a file: %user:DESCRIPTION, or DESCRIPTION (a user key).
+    #[arg(long, value_name = "%user:NAME")]
+    pub key_keyring: Option<String>,
+    /// Unlink the --key-keyring key from this process's keyrings once read.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub key_keyring_unlink: Option<bool>,
     /// Key size in bits: 256 (AES-128-XTS) or 512 (AES-256-XTS). Default 512.
     #[arg(long, value_name = "BITS")]
     pub key_size: Option<usize>,
@@ -235,6 +258,8 @@ impl ServeArgs {
             image,
             size,
             key_file,
+            key_keyring,
+            key_keyring_unlink,
             key_size,
             cipher,
             sector_size,
@@ -283,11 +308,19 @@ struct ImageSpec {
     layout: Layout,
 }
 
+/// Where a key (plain) or passphrase (LUKS) is read from.
+enum KeySource {
+    /// A file, or "-" for standard input.
+    File(String),
+    /// The kernel keyring, unlinked after reading if `unlink`.
+    Keyring { spec: KeySpec, unlink: bool },
+}
+
 /// Where the key and the payload layout come from.
 enum Layout {
     Plain {
         cipher: Cipher,
-        key_file: Option<String>,
+        key: Option<KeySource>,
         key_size: usize,
         rule: IvRule,
         payload_offset: u64,
@@ -300,8 +333,8 @@ struct LuksSpec {
     version: Option<u8>,
     /// Detached header; None means the header is at the start of the image.
     header: Option<PathBuf>,
-    /// Passphrase file; None prompts on a TTY.
-    key_file: Option<String>,
+    /// Passphrase file or key; None prompts on a TTY.
+    key: Option<KeySource>,
     keyfile_offset: u64,
     keyfile_size: Option<u64>,
     key_slot: Option<usize>,
@@ -406,26 +439,34 @@ impl ServeConfig {
         let (key, rule, payload_offset, payload_size) = match &s.layout {
             Layout::Plain {
                 cipher,
-                key_file,
+                key,
                 key_size,
                 rule,
                 payload_offset,
             } => {
-                let key = match (cipher, key_file) {
-                    (Cipher::AesXtsPlain64, Some(path)) => {
+                let key = match (cipher, key) {
+                    (Cipher::AesXtsPlain64, Some(KeySource::File(path))) => {
                         warn_if_key_file_is_exposed(path);
                         Some(XtsKey::from_key_file(path, *key_size)?)
+                    }
+                    (Cipher::AesXtsPlain64, Some(KeySource::Keyring { spec, unlink })) => {
+                        Some(key_from_keyring(spec, *unlink, *key_size)?)
                     }
                     _ => None,
                 };
                 (key, *rule, *payload_offset, None)
             }
             Layout::Luks(l) => {
-                if let Some(path) = &l.key_file {
-                    warn_if_key_file_is_exposed(path);
-                }
-                let pass =
-                    luks::read_passphrase(l.key_file.as_deref(), l.keyfile_offset, l.keyfile_size)?;
+                let pass = match &l.key {
+                    Some(KeySource::Keyring { spec, unlink }) => {
+                        passphrase_from_keyring(spec, *unlink)?
+                    }
+                    Some(KeySource::File(path)) => {
+                        warn_if_key_file_is_exposed(path);
+                        luks::read_passphrase(Some(path), l.keyfile_offset, l.keyfile_size)?
+                    }
+                    None => luks::read_passphrase(None, l.keyfile_offset, l.keyfile_size)?,
+                };
                 let u = luks::unlock_image(&s.path, l.header.as_deref(), &pass, l.key_slot)?;
                 if let Some(v) = l.version.filter(|v| *v != u.version) {
                     let found = format!("luks{v}, but the header is LUKS{}", u.version);
@@ -587,11 +628,79 @@ fn luks_spec(a: &ServeArgs) -> Result<LuksSpec, ConfigError> {
             _ => None,
         },
         header: a.header.clone(),
-        key_file: a.key_file.clone(),
+        key: key_source(a)?,
         keyfile_offset: a.keyfile_offset.unwrap_or(0),
         keyfile_size: a.keyfile_size,
         key_slot: a.key_slot,
     })
+}
+
+/// `--key-file` or `--key-keyring` (with `--key-keyring-unlink`): one at most.
+fn key_source(a: &ServeArgs) -> Result<Option<KeySource>, ConfigError> {
+    let unlink = a.key_keyring_unlink.unwrap_or(false);
+    match (&a.key_file, &a.key_keyring) {
+        (Some(_), Some(_)) => Err(ConfigError::TwoKeySources),
+        (_, None) if unlink => invalid(
+            "--key-keyring-unlink",
+            "set",
+            "it unlinks the --key-keyring key; add --key-keyring or drop it",
+        ),
+        (Some(path), None) => Ok(Some(KeySource::File(path.clone()))),
+        (None, Some(spec)) => {
+            let offsets = [
+                ("--keyfile-offset", a.keyfile_offset.is_some()),
+                ("--keyfile-size", a.keyfile_size.is_some()),
+            ];
+            if let Some((flag, _)) = offsets.iter().find(|(_, set)| *set) {
+                return invalid(
+                    flag,
+                    "set",
+                    "it applies to --key-file only; a keyring key is used whole",
+                );
+            }
+            Ok(Some(KeySource::Keyring {
+                spec: spec.parse()?,
+                unlink,
+            }))
+        }
+        (None, None) => Ok(None),
+    }
+}
+
+/// The plain-mode key, read by the kernel straight into its locked page.
+fn key_from_keyring(spec: &KeySpec, unlink: bool, bits: usize) -> Result<XtsKey, ConfigError> {
+    let serial = spec.find()?;
+    let key = XtsKey::filled_by(bits, |buf| {
+        spec.read_into(&serial, buf).map_err(ConfigError::from)
+    });
+    if unlink {
+        spec.unlink(&serial);
+    }
+    key.map_err(|e| match e {
+        ConfigError::Key(KeyError::WrongLength { got, bits }) => ConfigError::KeyringLength {
+            spec: spec.to_string(),
+            got,
+            bits,
+        },
+        e => e,
+    })
+}
+
+/// A LUKS passphrase: the key's whole payload.
+fn passphrase_from_keyring(
+    spec: &KeySpec,
+    unlink: bool,
+) -> Result<zeroize::Zeroizing<Vec<u8>>, ConfigError> {
+    let serial = spec.find()?;
+    let pass = spec.read(&serial);
+    if unlink {
+        spec.unlink(&serial);
+    }
+    let pass = pass?;
+    if pass.is_empty() {
+        return Err(ConfigError::EmptyKeyringPassphrase(spec.to_string()));
+    }
+    Ok(pass)
 }
 
 fn plain_layout(a: &ServeArgs) -> Result<Layout, ConfigError> {
@@ -618,8 +727,11 @@ fn plain_layout(a: &ServeArgs) -> Result<Layout, ConfigError> {
         return invalid("--skip", skip, "with --iv-large-sectors it must be a multiple of sector-size/512 (dm-crypt refuses it too)");
     }
     let cipher = a.cipher.unwrap_or(Cipher::AesXtsPlain64);
-    if cipher == Cipher::AesXtsPlain64 && a.key_file.is_none() {
-        return Err(ConfigError::Missing("--key-file (or --cipher none)"));
+    let key = key_source(a)?;
+    if cipher == Cipher::AesXtsPlain64 && key.is_none() {
+        return Err(ConfigError::Missing(
+            "--key-file or --key-keyring (or --cipher none)",
+        ));
     }
     let payload_offset = a
         .offset
@@ -632,7 +744,7 @@ fn plain_layout(a: &ServeArgs) -> Result<Layout, ConfigError> {
         })?;
     Ok(Layout::Plain {
         cipher,
-        key_file: a.key_file.clone(),
+        key,
         key_size: a.key_size.unwrap_or(512),
         rule: IvRule {
             sector_size,
@@ -846,6 +958,47 @@ mod tests {
             ..base()
         });
         assert!(no_user.err().unwrap().to_string().contains("--allow-uid"));
+    }
+
+    #[test]
+    fn a_keyring_key_excludes_a_key_file_and_key_file_offsets() {
+        let keyring = |extra: ServeArgs| {
+            ServeConfig::from_args(ServeArgs {
+                cipher: None,
+                key_keyring: Some("%user:vm1".into()),
+                ..extra
+            })
+        };
+        assert!(keyring(base()).is_ok());
+        let two = keyring(ServeArgs {
+            key_file: Some("/k".into()),
+            ..base()
+        });
+        assert!(matches!(two, Err(ConfigError::TwoKeySources)));
+        let luks_offset = keyring(ServeArgs {
+            device_type: Some(DeviceType::Luks),
+            keyfile_offset: Some(4),
+            ..base()
+        });
+        let err = luks_offset.err().unwrap().to_string();
+        assert!(err.contains("--keyfile-offset"), "{err}");
+        let bad = ServeConfig::from_args(ServeArgs {
+            cipher: None,
+            key_keyring: Some("%trusted:x".into()),
+            ..base()
+        });
+        assert!(matches!(bad, Err(ConfigError::Keyring(_))));
+        let unlink_alone = ServeConfig::from_args(ServeArgs {
+            key_keyring_unlink: Some(true),
+            ..base()
+        });
+        let err = unlink_alone.err().unwrap().to_string();
+        assert!(err.contains("--key-keyring-unlink"), "{err}");
+        let toml = "socket = \"/s\"\nimage = \"/i\"\nkey-keyring = \"%user:vm1\"\nkey-keyring-unlink = true\n";
+        let merged = with_file(toml, ServeArgs::default()).unwrap();
+        assert_eq!(merged.key_keyring.as_deref(), Some("%user:vm1"));
+        assert_eq!(merged.key_keyring_unlink, Some(true));
+        assert!(ServeConfig::from_args(merged).is_ok());
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod crypto;
 pub mod daemon;
 pub mod demo;
 pub mod device;
+pub mod keyring;
 pub mod luks;
 pub mod notify;
 pub mod sandbox;
