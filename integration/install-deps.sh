@@ -23,6 +23,10 @@ command -v systemd-socket-activate >/dev/null || need+=(systemd)
 command -v strace >/dev/null || need+=(strace)
 # tests/keyring.rs: keyctl session/padd/search for --key-keyring.
 command -v keyctl >/dev/null || need+=(keyutils)
+# tests/docs.rs: the README's libvirt domain through virt-xml-validate (libvirt0 ships the
+# schemas; xmllint does the validating).
+command -v virt-xml-validate >/dev/null || need+=(libvirt-clients)
+command -v xmllint >/dev/null || need+=(libxml2-utils)
 
 # qemu-system-x86 must come from bookworm-backports: plain bookworm's 7.2 would
 # replace the preinstalled qemu-utils 10.0 (see shared/notes/FACTS.md).
