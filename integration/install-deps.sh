@@ -17,6 +17,16 @@ command -v debugfs >/dev/null || need+=(e2fsprogs)
 command -v xz >/dev/null || need+=(xz-utils)
 # integration/compare.sh reads the bench's --json output.
 command -v jq >/dev/null || need+=(jq)
+# tests/systemd.rs: systemd-analyze verify/security/syscall-filter, systemd-socket-activate,
+# and strace to list the system calls the daemon makes.
+command -v systemd-socket-activate >/dev/null || need+=(systemd)
+command -v strace >/dev/null || need+=(strace)
+# tests/keyring.rs: keyctl session/padd/search for --key-keyring.
+command -v keyctl >/dev/null || need+=(keyutils)
+# tests/docs.rs: the README's libvirt domain through virt-xml-validate (libvirt0 ships the
+# schemas; xmllint does the validating).
+command -v virt-xml-validate >/dev/null || need+=(libvirt-clients)
+command -v xmllint >/dev/null || need+=(libxml2-utils)
 
 # qemu-system-x86 must come from bookworm-backports: plain bookworm's 7.2 would
 # replace the preinstalled qemu-utils 10.0 (see shared/notes/FACTS.md).

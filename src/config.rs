@@ -8,10 +8,11 @@ use serde::Deserialize;
 
 use crate::crypto::{IvRule, KeyError, SectorCipher, XtsKey, SECTOR_SIZES};
 use crate::device::{AioMode, CryptoMode, DeviceOptions};
+use crate::keyring::{KeySpec, KeyringError};
 use crate::luks;
 use crate::sandbox::{Sandbox, SandboxMode};
 use crate::socket::ids::{IdSpec, Kind};
-use crate::socket::{Allowlist, SocketAccess};
+use crate::socket::{Activation, Allowlist, ListenOn, Origin, SocketAccess};
 
 /// Where splitting a request across workers starts to pay (see README).
 const DEFAULT_SPLIT_THRESHOLD: u64 = 512 << 10;
@@ -43,6 +44,26 @@ pub enum ConfigError {
     },
     #[error("{0} conflicts with the image's LUKS header, which decides it: drop {0}, or add --type plain to serve the payload as plain dm-crypt (as cryptsetup open --type plain)")]
     LuksDecides(&'static str),
+    #[error("{option} cannot be used with {from}: the socket is inherited, so its path, group and mode are set by whoever created it (SocketMode=/SocketGroup= in a .socket unit); drop {option}")]
+    InheritedSocket {
+        option: &'static str,
+        from: &'static str,
+    },
+    #[error("--key-file and --key-keyring both name a key; keep one")]
+    TwoKeySources,
+    #[error(
+        "key {spec} holds {got} bytes but --key-size {bits} needs {}; add the raw key of that \
+         length (keyctl padd user NAME @u < keyfile) or fix --key-size", bits / 8
+    )]
+    KeyringLength {
+        spec: String,
+        got: usize,
+        bits: usize,
+    },
+    #[error("key {0} is empty; a LUKS passphrase needs at least one byte")]
+    EmptyKeyringPassphrase(String),
+    #[error(transparent)]
+    Keyring(#[from] KeyringError),
     #[error(transparent)]
     Key(#[from] KeyError),
     #[error(transparent)]
@@ -84,9 +105,16 @@ pub struct ServeArgs {
     #[arg(long, value_name = "FILE")]
     #[serde(skip)]
     pub config: Option<PathBuf>,
-    /// Unix socket to listen on (the VMM connects to it).
-    #[arg(long, value_name = "PATH")]
+    /// Unix socket to listen on (the VMM connects to it). Not needed with
+    /// --fd or systemd socket activation.
+    #[arg(long, visible_alias = "socket-path", value_name = "PATH")]
+    #[serde(alias = "socket-path")]
     pub socket: Option<PathBuf>,
+    /// Serve on this inherited, already listening unix socket instead of
+    /// creating one (the vhost-user backend convention; qemu-storage-daemon's
+    /// addr.type=fd). Never removed at exit.
+    #[arg(long, value_name = "FDNUM")]
+    pub fd: Option<i32>,
     /// Group (name or gid) that owns the socket, so a VMM running as another
     /// user in that group can connect; the mode becomes 0660.
     #[arg(long, value_name = "GROUP")]
@@ -101,7 +129,8 @@ pub struct ServeArgs {
     #[arg(long, value_name = "GID[,GID...]", value_delimiter = ',')]
     pub allow_gid: Option<Vec<IdSpec>>,
     /// Image file or block device holding the ciphertext.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, visible_alias = "blk-file", value_name = "PATH")]
+    #[serde(alias = "blk-file")]
     pub image: Option<PathBuf>,
     /// Create a sparse image with this much payload (e.g. 10G) if none exists.
     #[arg(long, value_name = "BYTES")]
@@ -109,6 +138,13 @@ pub struct ServeArgs {
     /// File holding the raw key (key-size/8 bytes); "-" reads standard input.
     #[arg(long, value_name = "PATH")]
     pub key_file: Option<String>,
+    /// The key (plain) or passphrase (LUKS) from the kernel keyring instead
+    /// of a file: %user:DESCRIPTION, or DESCRIPTION (a user key).
+    #[arg(long, value_name = "%user:NAME")]
+    pub key_keyring: Option<String>,
+    /// Unlink the --key-keyring key from this process's keyrings once read.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub key_keyring_unlink: Option<bool>,
     /// Key size in bits: 256 (AES-128-XTS) or 512 (AES-256-XTS). Default 512.
     #[arg(long, value_name = "BITS")]
     pub key_size: Option<usize>,
@@ -134,7 +170,8 @@ pub struct ServeArgs {
     #[arg(long)]
     pub queue_size: Option<u32>,
     /// Offer a read-only disk.
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    #[arg(long, visible_alias = "read-only", num_args = 0..=1, default_missing_value = "true")]
+    #[serde(alias = "read-only")]
     pub readonly: Option<bool>,
     /// Open the image with O_DIRECT (bypass the host page cache).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
@@ -213,6 +250,7 @@ impl ServeArgs {
             self,
             file,
             socket,
+            fd,
             socket_group,
             socket_mode,
             allow_uid,
@@ -220,6 +258,8 @@ impl ServeArgs {
             image,
             size,
             key_file,
+            key_keyring,
+            key_keyring_unlink,
             key_size,
             cipher,
             sector_size,
@@ -251,7 +291,7 @@ impl ServeArgs {
 
 /// Validated options, ready to open the volume and start serving.
 pub struct ServeConfig {
-    pub socket: PathBuf,
+    pub listen: ListenOn,
     pub access: SocketAccess,
     pub device: DeviceOptions,
     pub log_level: Option<String>,
@@ -268,11 +308,19 @@ struct ImageSpec {
     layout: Layout,
 }
 
+/// Where a key (plain) or passphrase (LUKS) is read from.
+enum KeySource {
+    /// A file, or "-" for standard input.
+    File(String),
+    /// The kernel keyring, unlinked after reading if `unlink`.
+    Keyring { spec: KeySpec, unlink: bool },
+}
+
 /// Where the key and the payload layout come from.
 enum Layout {
     Plain {
         cipher: Cipher,
-        key_file: Option<String>,
+        key: Option<KeySource>,
         key_size: usize,
         rule: IvRule,
         payload_offset: u64,
@@ -285,16 +333,26 @@ struct LuksSpec {
     version: Option<u8>,
     /// Detached header; None means the header is at the start of the image.
     header: Option<PathBuf>,
-    /// Passphrase file; None prompts on a TTY.
-    key_file: Option<String>,
+    /// Passphrase file or key; None prompts on a TTY.
+    key: Option<KeySource>,
     keyfile_offset: u64,
     keyfile_size: Option<u64>,
     key_slot: Option<usize>,
 }
 
 impl ServeConfig {
+    /// The options alone, as when the daemon was not socket-activated.
     pub fn from_args(a: ServeArgs) -> Result<Self, ConfigError> {
-        let socket = a.socket.clone().ok_or(ConfigError::Missing("--socket"))?;
+        Self::from_args_and_activation(a, None)
+    }
+
+    /// The options, and the socket systemd passed if the daemon was
+    /// socket-activated ([`crate::socket::activation_from_env`]).
+    pub fn from_args_and_activation(
+        a: ServeArgs,
+        activation: Option<Activation>,
+    ) -> Result<Self, ConfigError> {
+        let listen = listen_on(&a, activation)?;
         let path = a.image.clone().ok_or(ConfigError::Missing("--image"))?;
         let queue_size = a.queue_size.unwrap_or(256);
         if !(2..=32768).contains(&queue_size) || !queue_size.is_power_of_two() {
@@ -339,8 +397,12 @@ impl ServeConfig {
         } else {
             plain_layout(&a)?
         };
+        let socket_file = match &listen {
+            ListenOn::Path(p) => Some(p.clone()),
+            ListenOn::Inherited { .. } => None,
+        };
         Ok(ServeConfig {
-            socket: socket.clone(),
+            listen,
             access: socket_access(&a)?,
             device: DeviceOptions {
                 queues,
@@ -357,7 +419,7 @@ impl ServeConfig {
             sandbox: Sandbox {
                 mode: a.sandbox.unwrap_or_default(),
                 image: path.clone(),
-                socket: socket.clone(),
+                socket: socket_file,
                 readonly,
             },
             image: ImageSpec {
@@ -377,26 +439,34 @@ impl ServeConfig {
         let (key, rule, payload_offset, payload_size) = match &s.layout {
             Layout::Plain {
                 cipher,
-                key_file,
+                key,
                 key_size,
                 rule,
                 payload_offset,
             } => {
-                let key = match (cipher, key_file) {
-                    (Cipher::AesXtsPlain64, Some(path)) => {
+                let key = match (cipher, key) {
+                    (Cipher::AesXtsPlain64, Some(KeySource::File(path))) => {
                         warn_if_key_file_is_exposed(path);
                         Some(XtsKey::from_key_file(path, *key_size)?)
+                    }
+                    (Cipher::AesXtsPlain64, Some(KeySource::Keyring { spec, unlink })) => {
+                        Some(key_from_keyring(spec, *unlink, *key_size)?)
                     }
                     _ => None,
                 };
                 (key, *rule, *payload_offset, None)
             }
             Layout::Luks(l) => {
-                if let Some(path) = &l.key_file {
-                    warn_if_key_file_is_exposed(path);
-                }
-                let pass =
-                    luks::read_passphrase(l.key_file.as_deref(), l.keyfile_offset, l.keyfile_size)?;
+                let pass = match &l.key {
+                    Some(KeySource::Keyring { spec, unlink }) => {
+                        passphrase_from_keyring(spec, *unlink)?
+                    }
+                    Some(KeySource::File(path)) => {
+                        warn_if_key_file_is_exposed(path);
+                        luks::read_passphrase(Some(path), l.keyfile_offset, l.keyfile_size)?
+                    }
+                    None => luks::read_passphrase(None, l.keyfile_offset, l.keyfile_size)?,
+                };
                 let u = luks::unlock_image(&s.path, l.header.as_deref(), &pass, l.key_slot)?;
                 if let Some(v) = l.version.filter(|v| *v != u.version) {
                     let found = format!("luks{v}, but the header is LUKS{}", u.version);
@@ -421,6 +491,43 @@ impl ServeConfig {
             cipher: SectorCipher::new(key.as_ref(), rule),
         })?)
     }
+}
+
+/// `--socket`, `--fd` or socket activation: exactly one. The file mode and
+/// group of an inherited socket are its creator's to set.
+fn listen_on(a: &ServeArgs, activation: Option<Activation>) -> Result<ListenOn, ConfigError> {
+    let inherited = match (a.fd, activation) {
+        (Some(fd), _) if fd < 0 => return invalid("--fd", fd, "a descriptor number is 0 or more"),
+        (Some(fd), Some(_)) => {
+            log::warn!("--fd {fd} given: the socket systemd passed (LISTEN_FDS) is not used");
+            Some((fd, Origin::Flag))
+        }
+        (Some(fd), None) => Some((fd, Origin::Flag)),
+        (None, Some(act)) => Some((act.fd, Origin::Systemd { name: act.name })),
+        (None, None) => None,
+    };
+    let Some((fd, origin)) = inherited else {
+        return a
+            .socket
+            .clone()
+            .map(ListenOn::Path)
+            .ok_or(ConfigError::Missing(
+                "--socket (or --fd, or a socket passed by systemd socket activation)",
+            ));
+    };
+    let flag = match origin {
+        Origin::Flag => "--fd",
+        Origin::Systemd { .. } => "socket activation",
+    };
+    let conflicts = [
+        ("--socket", a.socket.is_some()),
+        ("--socket-group", a.socket_group.is_some()),
+        ("--socket-mode", a.socket_mode.is_some()),
+    ];
+    if let Some((option, _)) = conflicts.iter().find(|(_, set)| *set) {
+        return Err(ConfigError::InheritedSocket { option, from: flag });
+    }
+    Ok(ListenOn::Inherited { fd, origin })
 }
 
 /// Who may connect: the socket file's group and mode, and the peers served.
@@ -521,11 +628,79 @@ fn luks_spec(a: &ServeArgs) -> Result<LuksSpec, ConfigError> {
             _ => None,
         },
         header: a.header.clone(),
-        key_file: a.key_file.clone(),
+        key: key_source(a)?,
         keyfile_offset: a.keyfile_offset.unwrap_or(0),
         keyfile_size: a.keyfile_size,
         key_slot: a.key_slot,
     })
+}
+
+/// `--key-file` or `--key-keyring` (with `--key-keyring-unlink`): one at most.
+fn key_source(a: &ServeArgs) -> Result<Option<KeySource>, ConfigError> {
+    let unlink = a.key_keyring_unlink.unwrap_or(false);
+    match (&a.key_file, &a.key_keyring) {
+        (Some(_), Some(_)) => Err(ConfigError::TwoKeySources),
+        (_, None) if unlink => invalid(
+            "--key-keyring-unlink",
+            "set",
+            "it unlinks the --key-keyring key; add --key-keyring or drop it",
+        ),
+        (Some(path), None) => Ok(Some(KeySource::File(path.clone()))),
+        (None, Some(spec)) => {
+            let offsets = [
+                ("--keyfile-offset", a.keyfile_offset.is_some()),
+                ("--keyfile-size", a.keyfile_size.is_some()),
+            ];
+            if let Some((flag, _)) = offsets.iter().find(|(_, set)| *set) {
+                return invalid(
+                    flag,
+                    "set",
+                    "it applies to --key-file only; a keyring key is used whole",
+                );
+            }
+            Ok(Some(KeySource::Keyring {
+                spec: spec.parse()?,
+                unlink,
+            }))
+        }
+        (None, None) => Ok(None),
+    }
+}
+
+/// The plain-mode key, read by the kernel straight into its locked page.
+fn key_from_keyring(spec: &KeySpec, unlink: bool, bits: usize) -> Result<XtsKey, ConfigError> {
+    let serial = spec.find()?;
+    let key = XtsKey::filled_by(bits, |buf| {
+        spec.read_into(&serial, buf).map_err(ConfigError::from)
+    });
+    if unlink {
+        spec.unlink(&serial);
+    }
+    key.map_err(|e| match e {
+        ConfigError::Key(KeyError::WrongLength { got, bits }) => ConfigError::KeyringLength {
+            spec: spec.to_string(),
+            got,
+            bits,
+        },
+        e => e,
+    })
+}
+
+/// A LUKS passphrase: the key's whole payload.
+fn passphrase_from_keyring(
+    spec: &KeySpec,
+    unlink: bool,
+) -> Result<zeroize::Zeroizing<Vec<u8>>, ConfigError> {
+    let serial = spec.find()?;
+    let pass = spec.read(&serial);
+    if unlink {
+        spec.unlink(&serial);
+    }
+    let pass = pass?;
+    if pass.is_empty() {
+        return Err(ConfigError::EmptyKeyringPassphrase(spec.to_string()));
+    }
+    Ok(pass)
 }
 
 fn plain_layout(a: &ServeArgs) -> Result<Layout, ConfigError> {
@@ -552,8 +727,11 @@ fn plain_layout(a: &ServeArgs) -> Result<Layout, ConfigError> {
         return invalid("--skip", skip, "with --iv-large-sectors it must be a multiple of sector-size/512 (dm-crypt refuses it too)");
     }
     let cipher = a.cipher.unwrap_or(Cipher::AesXtsPlain64);
-    if cipher == Cipher::AesXtsPlain64 && a.key_file.is_none() {
-        return Err(ConfigError::Missing("--key-file (or --cipher none)"));
+    let key = key_source(a)?;
+    if cipher == Cipher::AesXtsPlain64 && key.is_none() {
+        return Err(ConfigError::Missing(
+            "--key-file or --key-keyring (or --cipher none)",
+        ));
     }
     let payload_offset = a
         .offset
@@ -566,7 +744,7 @@ fn plain_layout(a: &ServeArgs) -> Result<Layout, ConfigError> {
         })?;
     Ok(Layout::Plain {
         cipher,
-        key_file: a.key_file.clone(),
+        key,
         key_size: a.key_size.unwrap_or(512),
         rule: IvRule {
             sector_size,
@@ -780,6 +958,145 @@ mod tests {
             ..base()
         });
         assert!(no_user.err().unwrap().to_string().contains("--allow-uid"));
+    }
+
+    #[test]
+    fn a_keyring_key_excludes_a_key_file_and_key_file_offsets() {
+        let keyring = |extra: ServeArgs| {
+            ServeConfig::from_args(ServeArgs {
+                cipher: None,
+                key_keyring: Some("%user:vm1".into()),
+                ..extra
+            })
+        };
+        assert!(keyring(base()).is_ok());
+        let two = keyring(ServeArgs {
+            key_file: Some("/k".into()),
+            ..base()
+        });
+        assert!(matches!(two, Err(ConfigError::TwoKeySources)));
+        let luks_offset = keyring(ServeArgs {
+            device_type: Some(DeviceType::Luks),
+            keyfile_offset: Some(4),
+            ..base()
+        });
+        let err = luks_offset.err().unwrap().to_string();
+        assert!(err.contains("--keyfile-offset"), "{err}");
+        let bad = ServeConfig::from_args(ServeArgs {
+            cipher: None,
+            key_keyring: Some("%trusted:x".into()),
+            ..base()
+        });
+        assert!(matches!(bad, Err(ConfigError::Keyring(_))));
+        let unlink_alone = ServeConfig::from_args(ServeArgs {
+            key_keyring_unlink: Some(true),
+            ..base()
+        });
+        let err = unlink_alone.err().unwrap().to_string();
+        assert!(err.contains("--key-keyring-unlink"), "{err}");
+        let toml = "socket = \"/s\"\nimage = \"/i\"\nkey-keyring = \"%user:vm1\"\nkey-keyring-unlink = true\n";
+        let merged = with_file(toml, ServeArgs::default()).unwrap();
+        assert_eq!(merged.key_keyring.as_deref(), Some("%user:vm1"));
+        assert_eq!(merged.key_keyring_unlink, Some(true));
+        assert!(ServeConfig::from_args(merged).is_ok());
+    }
+
+    #[test]
+    fn the_vhost_user_convention_names_are_config_keys_too() {
+        let toml = "socket-path = \"/s\"\nblk-file = \"/i\"\nread-only = true\ncipher = \"none\"\n";
+        let merged = with_file(toml, ServeArgs::default()).unwrap();
+        assert_eq!(merged.socket, Some("/s".into()));
+        assert_eq!(merged.image, Some("/i".into()));
+        assert_eq!(merged.readonly, Some(true));
+    }
+
+    #[test]
+    fn the_socket_is_a_path_an_fd_or_systemds_and_only_one() {
+        let no_socket = || ServeArgs {
+            socket: None,
+            ..base()
+        };
+        let activated = || {
+            Some(Activation {
+                fd: 3,
+                name: Some("vm1.socket".into()),
+            })
+        };
+        let listen = |a, act| ServeConfig::from_args_and_activation(a, act).map(|c| c.listen);
+        assert_eq!(listen(base(), None).unwrap(), ListenOn::Path("/s".into()));
+        let fd = listen(
+            ServeArgs {
+                fd: Some(5),
+                ..no_socket()
+            },
+            None,
+        );
+        assert_eq!(
+            fd.unwrap(),
+            ListenOn::Inherited {
+                fd: 5,
+                origin: Origin::Flag
+            }
+        );
+        let systemd = listen(no_socket(), activated()).unwrap();
+        assert!(matches!(
+            systemd,
+            ListenOn::Inherited {
+                fd: 3,
+                origin: Origin::Systemd { name: Some(_) }
+            }
+        ));
+        // An explicit --fd wins over the environment.
+        let both = listen(
+            ServeArgs {
+                fd: Some(7),
+                ..no_socket()
+            },
+            activated(),
+        );
+        assert!(matches!(both.unwrap(), ListenOn::Inherited { fd: 7, .. }));
+        assert!(matches!(
+            listen(no_socket(), None),
+            Err(ConfigError::Missing(_))
+        ));
+        let err = |a, act| listen(a, act).err().unwrap().to_string();
+        let fd_and_path = err(
+            ServeArgs {
+                fd: Some(5),
+                ..base()
+            },
+            None,
+        );
+        assert!(
+            fd_and_path.contains("--socket cannot be used with --fd"),
+            "{fd_and_path}"
+        );
+        let mode = err(
+            ServeArgs {
+                socket_mode: Some("0660".into()),
+                ..no_socket()
+            },
+            activated(),
+        );
+        assert!(
+            mode.contains("--socket-mode") && mode.contains("SocketMode="),
+            "{mode}"
+        );
+        assert!(err(
+            ServeArgs {
+                fd: Some(-1),
+                ..no_socket()
+            },
+            None
+        )
+        .contains("--fd"));
+        // The sandbox gets no socket to remove when it is inherited.
+        let cfg = ServeConfig::from_args_and_activation(no_socket(), activated()).unwrap();
+        assert_eq!(cfg.sandbox.socket, None);
+        assert_eq!(
+            ServeConfig::from_args(base()).unwrap().sandbox.socket,
+            Some("/s".into())
+        );
     }
 
     #[test]

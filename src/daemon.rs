@@ -1,9 +1,8 @@
 //! The serve loop: accept a VMM, run the device until it disconnects, then
 //! accept the next one; on SIGTERM/SIGINT finish in-flight requests, sync
-//! the image, remove the socket and return. SIGHUP is logged and ignored.
+//! the image, remove the socket (if cryptblk created it) and return.
+//! SIGHUP is logged and ignored.
 
-use std::os::unix::io::{AsRawFd, RawFd};
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -14,8 +13,12 @@ use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::device::{AioMode, BlkBackend, BlkDevice};
+use crate::notify::Notifier;
 use crate::sandbox::{Sandbox, SandboxError};
-use crate::socket::{Gate, SocketAccess, SocketError, SocketFile};
+use crate::socket::{inherited, Gate, ListenOn, SocketAccess, SocketError, SocketFile, Stopper};
+
+/// STATUS= while no VMM is connected.
+const WAITING: &str = "waiting for a VMM";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -23,6 +26,8 @@ pub enum DaemonError {
     Socket(#[from] SocketError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error("cannot set up the accept loop: {0}; raise the open file limit (ulimit -n)")]
+    Accept(std::io::Error),
     #[error("cannot start the vhost-user device: {0}")]
     Device(String),
     #[error(transparent)]
@@ -35,27 +40,23 @@ pub enum DaemonError {
 struct Shutdown {
     requested: AtomicBool,
     connection: Mutex<Option<ShutdownHandle>>,
-    /// The listening socket, open until the signal thread has been joined.
-    listener: RawFd,
+    /// Ends a wait for the next connection.
+    stopper: Stopper,
 }
 
 impl Shutdown {
     fn request(&self) {
         self.requested.store(true, Ordering::SeqCst);
+        // Every accept from now on returns at once, so a connection that
+        // ends after this point is the last one.
+        self.stopper.stop();
         let handle = self
             .connection
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
-        match handle {
-            Some(h) => h.shutdown(),
-            // Nobody connected: shutting the listening socket down makes the
-            // blocking accept() fail (EINVAL), also when the socket file has
-            // been deleted and nobody could connect to it any more.
-            None => {
-                // SAFETY: the listener fd stays open until this thread is joined.
-                unsafe { libc::shutdown(self.listener, libc::SHUT_RDWR) };
-            }
+        if let Some(h) = handle {
+            h.shutdown();
         }
     }
 
@@ -64,32 +65,73 @@ impl Shutdown {
     }
 }
 
-/// Serves `dev` on `socket`, created and guarded as `access` says, until
-/// SIGTERM or SIGINT, confined by `sandbox` from the moment the socket
-/// listens (before any thread starts).
+/// The listening socket and, when cryptblk created it, its file.
+struct Listening {
+    gate: Gate,
+    /// None for an inherited socket: its file is not ours to remove.
+    file: Option<SocketFile>,
+    /// Where it listens, as the log says it.
+    shown: String,
+}
+
+impl Listening {
+    fn open(at: &ListenOn, access: &SocketAccess) -> Result<Self, DaemonError> {
+        let (listener, file, shown) = match at {
+            ListenOn::Path(path) => {
+                let listener = crate::socket::listen(path, access)?;
+                let file = SocketFile::open(path)?;
+                (listener, Some(file), path.display().to_string())
+            }
+            ListenOn::Inherited { fd, origin } => {
+                let listener = inherited::adopt(*fd, origin)?;
+                let shown = match inherited::bound_path(&listener) {
+                    Some(p) => format!("{} (fd {fd} from {origin})", p.display()),
+                    None => format!("fd {fd} (from {origin})"),
+                };
+                (listener, None, shown)
+            }
+        };
+        let gate = Gate::new(listener, access.allow.clone()).map_err(DaemonError::Accept)?;
+        Ok(Listening { gate, file, shown })
+    }
+
+    /// Closes the socket and removes its file if cryptblk created it.
+    fn close(self) {
+        drop(self.gate);
+        if let Some(file) = self.file {
+            file.remove();
+        }
+    }
+}
+
+/// Serves `dev` on the socket `at` says (created and guarded as `access`
+/// says, or inherited), until SIGTERM or SIGINT, confined by `sandbox` from
+/// the moment the socket listens (before any thread starts). `notify` hears
+/// READY=1 once the sandbox is in place, the connection state as STATUS=,
+/// and STOPPING=1 at a signal.
 pub fn serve(
     dev: Arc<BlkDevice>,
-    socket: &Path,
+    at: &ListenOn,
     access: &SocketAccess,
     sandbox: &Sandbox,
+    notify: &Notifier,
 ) -> Result<(), DaemonError> {
     // Before the socket listens: a VMM (or test) that sees it listening may
     // signal at once, and must not meet the default actions.
     let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP]).map_err(DaemonError::Signals)?;
-    let mut listener = Gate::new(crate::socket::listen(socket, access)?, access.allow.clone());
-    let socket_file = SocketFile::open(socket)?;
+    let mut listening = Listening::open(at, access)?;
     let shutdown = Arc::new(Shutdown {
         requested: AtomicBool::new(false),
         connection: Mutex::new(None),
-        listener: listener.as_raw_fd(),
+        stopper: listening.gate.stopper(),
     });
-    if let Err(e) = sandbox.apply(socket_file.dir_fd()) {
-        drop(listener);
-        socket_file.remove();
+    if let Err(e) = sandbox.apply(listening.file.as_ref().map(SocketFile::dir_fd)) {
+        listening.close();
         return Err(e.into());
     }
     let signal_handle = signals.handle();
     let for_signals = shutdown.clone();
+    let notify_stop = notify.clone();
     let signal_thread = std::thread::spawn(move || {
         for sig in signals.forever() {
             // SIGHUP's default action would kill the daemon, and with it
@@ -100,6 +142,7 @@ pub fn serve(
                 continue;
             }
             log::info!("signal {sig}: finishing requests in flight, then exiting");
+            notify_stop.stopping("stopping: finishing requests in flight, syncing the image");
             for_signals.request();
             break;
         }
@@ -107,7 +150,7 @@ pub fn serve(
     log::info!(
         "serving {} bytes on {} ({} queues, io {:?}{})",
         dev.volume().capacity_bytes(),
-        socket.display(),
+        listening.shown,
         dev.options().queues,
         dev.volume().io(),
         match (dev.volume().mapped(), dev.options().aio) {
@@ -116,14 +159,19 @@ pub fn serve(
             (false, AioMode::Sync) => ", synchronous",
         }
     );
-    let result = serve_connections(&dev, &mut listener, &shutdown);
+    notify.ready(WAITING);
+    let result = serve_connections(&dev, &mut listening.gate, &shutdown, notify);
     signal_handle.close();
     let _ = signal_thread.join();
-    drop(listener);
-    socket_file.remove();
+    let owned = listening.file.is_some();
+    listening.close();
     result?;
     dev.volume().flush().map_err(DaemonError::FinalSync)?;
-    log::info!("image synced, socket removed, exiting");
+    if owned {
+        log::info!("image synced, socket removed, exiting");
+    } else {
+        log::info!("image synced, exiting (the inherited socket stays with its owner)");
+    }
     Ok(())
 }
 
@@ -131,6 +179,7 @@ fn serve_connections(
     dev: &Arc<BlkDevice>,
     listener: &mut Gate,
     shutdown: &Shutdown,
+    notify: &Notifier,
 ) -> Result<(), DaemonError> {
     let mut connections = 0u64;
     while !shutdown.requested() {
@@ -160,6 +209,7 @@ fn serve_connections(
         } else {
             connections += 1;
             log::info!("frontend connected (connection {connections})");
+            notify.status(&format!("serving a VMM (connection {connections})"));
         }
         match daemon.wait() {
             _ if wake_up => {}
@@ -187,6 +237,9 @@ fn serve_connections(
         drop(backend);
         if let Err(e) = dev.volume().flush() {
             log::error!("fdatasync after disconnect failed: {e}");
+        }
+        if !wake_up && !shutdown.requested() {
+            notify.status(WAITING);
         }
     }
     Ok(())

@@ -3,12 +3,15 @@
 //! `crypto` → `volume` → `virtio` (request parsing) → `device` (vhost-user).
 
 pub mod bench;
+pub mod capabilities;
 pub mod config;
 pub mod crypto;
 pub mod daemon;
 pub mod demo;
 pub mod device;
+pub mod keyring;
 pub mod luks;
+pub mod notify;
 pub mod sandbox;
 pub mod secrets;
 pub mod socket;

@@ -1,20 +1,39 @@
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use cryptblk::config::{ServeArgs, ServeConfig};
 use cryptblk::daemon;
 use cryptblk::device::BlkDevice;
 use cryptblk::luks::cli as luks_cli;
-use cryptblk::secrets;
+use cryptblk::notify::Notifier;
+use cryptblk::{capabilities, secrets, socket};
 
 /// cryptblk: a vhost-user-blk daemon that gives guests a plain disk and
 /// stores only dm-crypt compatible AES-XTS ciphertext.
+///
+/// Without a subcommand it serves, as `cryptblk serve` does, so that it can
+/// be started the way the vhost-user backend program conventions say
+/// (`cryptblk --socket-path=PATH --blk-file=IMAGE [--read-only] ...`).
 #[derive(Parser)]
-#[command(version, about)]
+#[command(
+    version,
+    about,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
 struct Cli {
+    /// Print the vhost-user backend capabilities as JSON (QEMU's
+    /// docs/interop/vhost-user.json) and exit; other arguments are ignored.
+    #[arg(long)]
+    print_capabilities: bool,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+    #[command(
+        flatten,
+        next_help_heading = "Serving without a subcommand (as `cryptblk serve`)"
+    )]
+    serve: ServeArgs,
 }
 
 #[derive(Subcommand)]
@@ -35,8 +54,24 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    if capabilities::requested(&args) {
+        println!("{}", capabilities::document());
+        return ExitCode::SUCCESS;
+    }
     let cli = Cli::parse();
-    let result = match cli.command {
+    let command = match cli.command {
+        Some(command) => command,
+        // A bare `cryptblk` prints the usage rather than complaining that
+        // --socket is missing.
+        None if args.is_empty() => {
+            eprintln!("{}", Cli::command().render_usage());
+            eprintln!("For more information, try '--help'.");
+            return ExitCode::from(2);
+        }
+        None => Command::Serve(Box::new(cli.serve)),
+    };
+    let result = match command {
         Command::Serve(args) => serve(*args),
         Command::Bench(args) => std::process::exit(cryptblk::bench::cli::main(args)),
         Command::Demo(args) => cryptblk::demo::run(&args).map_err(Into::into),
@@ -77,10 +112,15 @@ fn with_logging<E: std::error::Error + 'static>(
 fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
     // Before the key is read: no core dump or ptrace by others may hold it.
     secrets::forbid_core_dumps();
-    let cfg = ServeConfig::from_args(args.with_config_file()?)?;
-    init_logging(cfg.log_level.as_deref());
+    let args = args.with_config_file()?;
+    init_logging(args.log_level.as_deref());
+    // Both read (and remove) environment variables: here, while the
+    // process has a single thread.
+    let notify = Notifier::from_env();
+    let activation = socket::activation_from_env()?;
+    let cfg = ServeConfig::from_args_and_activation(args, activation)?;
     let volume = cfg.open_volume()?;
     let dev = BlkDevice::new(volume, cfg.device.clone());
-    daemon::serve(dev, &cfg.socket, &cfg.access, &cfg.sandbox)?;
+    daemon::serve(dev, &cfg.listen, &cfg.access, &cfg.sandbox, &notify)?;
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! The example configs under configs/ parse and validate (paths aside).
 
 use cryptblk::config::{ServeArgs, ServeConfig};
+use cryptblk::socket::Activation;
 
 #[test]
 fn every_example_config_is_valid() {
@@ -17,11 +18,16 @@ fn every_example_config_is_valid() {
         let merged = args
             .with_config_file()
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        ServeConfig::from_args(merged).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        // A config without a socket is a systemd instance's: the socket
+        // comes from socket activation.
+        let activation = (merged.socket.is_none() && merged.fd.is_none())
+            .then_some(Activation { fd: 3, name: None });
+        ServeConfig::from_args_and_activation(merged, activation)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         seen += 1;
     }
     assert!(
-        seen >= 3,
-        "expected the QEMU, cloud-hypervisor and baseline examples"
+        seen >= 4,
+        "expected the QEMU, cloud-hypervisor, baseline and systemd instance examples"
     );
 }

@@ -208,7 +208,8 @@ fn landlock_child(dir: &Path) {
         dir.file_name().unwrap().to_str().unwrap()
     ));
     std::fs::write(&outside, b"x").unwrap();
-    let status = cryptblk::sandbox::landlock::restrict(&image, &socket, false).expect("landlock");
+    let status =
+        cryptblk::sandbox::landlock::restrict(&image, Some(&socket), false).expect("landlock");
     assert_eq!(status, landlock::RulesetStatus::FullyEnforced);
     // The image: read and write.
     std::fs::OpenOptions::new()

@@ -80,6 +80,26 @@ impl XtsKey {
         Ok(XtsKey::copy_of(&buf))
     }
 
+    /// A `bits`-bit key written by `fill` straight into the locked page (no
+    /// copy anywhere else), as the kernel keyring's KEYCTL_READ does.
+    /// `fill` gets room for the longest key and returns the key's true
+    /// length; any other length than `bits / 8` is refused (the page is
+    /// wiped on the way out).
+    pub fn filled_by<E: From<KeyError>>(
+        bits: usize,
+        fill: impl FnOnce(&mut [u8]) -> Result<usize, E>,
+    ) -> Result<Self, E> {
+        if bits != 256 && bits != 512 {
+            return Err(KeyError::UnsupportedSize(bits).into());
+        }
+        let mut bytes = Locked::<[u8; MAX_KEY]>::zeroed_bytes();
+        let got = fill(&mut bytes[..])?;
+        if got != bits / 8 {
+            return Err(KeyError::WrongLength { got, bits }.into());
+        }
+        Ok(XtsKey { bytes, len: got })
+    }
+
     pub fn bytes(&self) -> &[u8] {
         &self.bytes[..self.len]
     }
@@ -92,5 +112,27 @@ impl XtsKey {
 impl fmt::Debug for XtsKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "XtsKey({} bits, redacted)", self.bits())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_filled_key_must_have_exactly_the_asked_length() {
+        let key = XtsKey::filled_by(256, |buf: &mut [u8]| {
+            buf[..32].fill(7);
+            Ok::<_, KeyError>(32)
+        })
+        .unwrap();
+        assert_eq!(key.bytes(), &[7u8; 32]);
+        // Longer than the page holds, or shorter: refused by length.
+        for got in [31, 64, 100] {
+            let r = XtsKey::filled_by(256, |_: &mut [u8]| Ok::<_, KeyError>(got));
+            assert!(matches!(r, Err(KeyError::WrongLength { got: g, bits: 256 }) if g == got));
+        }
+        let r = XtsKey::filled_by(384, |_: &mut [u8]| Ok::<_, KeyError>(48));
+        assert!(matches!(r, Err(KeyError::UnsupportedSize(384))));
     }
 }

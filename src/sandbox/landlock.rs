@@ -1,5 +1,6 @@
 //! Landlock for `--sandbox full`: once serving, the daemon may touch the
-//! image (already open) and remove its socket; every other path is denied,
+//! image (already open) and remove its socket (if it created one: an
+//! inherited socket is not its to remove); every other path is denied,
 //! as are TCP bind/connect, abstract unix sockets and signals to other
 //! processes. Applies to the calling thread and the threads it creates
 //! later, so it runs before the serve loop spawns any.
@@ -19,14 +20,14 @@ const ABI_TARGET: ABI = ABI::V6;
 
 pub fn restrict(
     image: &Path,
-    socket: &Path,
+    socket: Option<&Path>,
     readonly: bool,
 ) -> Result<RulesetStatus, SandboxError> {
     let err = |e: landlock::RulesetError| SandboxError::Landlock(e.to_string());
-    let socket_dir = match socket.parent() {
+    let socket_dir = socket.map(|socket| match socket.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
-    };
+    });
     let image_access = if readonly {
         AccessFs::ReadFile.into()
     } else {
@@ -35,7 +36,7 @@ pub fn restrict(
     let path_fd = |p: &Path| {
         PathFd::new(p).map_err(|e| SandboxError::Landlock(format!("{}: {e}", p.display())))
     };
-    let status = Ruleset::default()
+    let mut ruleset = Ruleset::default()
         .handle_access(AccessFs::from_all(ABI_TARGET))
         .map_err(err)?
         .handle_access(AccessNet::from_all(ABI_TARGET))
@@ -45,11 +46,13 @@ pub fn restrict(
         .create()
         .map_err(err)?
         .add_rule(PathBeneath::new(path_fd(image)?, image_access))
-        .map_err(err)?
-        // The socket file is unlinked at exit.
-        .add_rule(PathBeneath::new(path_fd(socket_dir)?, AccessFs::RemoveFile))
-        .map_err(err)?
-        .restrict_self()
         .map_err(err)?;
+    if let Some(dir) = socket_dir {
+        // The socket file is unlinked at exit.
+        ruleset = ruleset
+            .add_rule(PathBeneath::new(path_fd(dir)?, AccessFs::RemoveFile))
+            .map_err(err)?;
+    }
+    let status = ruleset.restrict_self().map_err(err)?;
     Ok(status.ruleset)
 }

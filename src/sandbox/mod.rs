@@ -65,7 +65,9 @@ impl SandboxMode {
 pub struct Sandbox {
     pub mode: SandboxMode,
     pub image: PathBuf,
-    pub socket: PathBuf,
+    /// The socket file cryptblk created and removes at exit; None for an
+    /// inherited socket (`--fd`, socket activation), which is not ours.
+    pub socket: Option<PathBuf>,
     pub readonly: bool,
 }
 
@@ -75,15 +77,17 @@ impl Sandbox {
     /// future children; seccomp is synchronised to all threads).
     ///
     /// `socket_dir` is the directory fd the daemon removes its socket
-    /// through at exit: the only place anything may be unlinked.
-    pub fn apply(&self, socket_dir: RawFd) -> Result<(), SandboxError> {
+    /// through at exit: the only place anything may be unlinked. None (an
+    /// inherited socket) allows no unlinking at all.
+    pub fn apply(&self, socket_dir: Option<RawFd>) -> Result<(), SandboxError> {
         match self.mode {
             SandboxMode::None => {
                 log::info!("sandbox: none");
                 return Ok(());
             }
             SandboxMode::Full => {
-                let status = landlock::restrict(&self.image, &self.socket, self.readonly)?;
+                let status =
+                    landlock::restrict(&self.image, self.socket.as_deref(), self.readonly)?;
                 match status {
                     ::landlock::RulesetStatus::NotEnforced => {
                         return Err(SandboxError::LandlockUnavailable)
@@ -101,7 +105,7 @@ impl Sandbox {
         } else {
             seccomp::OnViolation::Trap
         };
-        seccomp::install(on_violation, Some(socket_dir))?;
+        seccomp::install(on_violation, socket_dir)?;
         log::info!(
             "sandbox: {} ({} system calls allowed)",
             self.mode.name(),

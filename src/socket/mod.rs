@@ -10,13 +10,26 @@
 //!   sandbox forbids reading /etc/passwd and /etc/group.
 
 pub mod ids;
+pub mod inherited;
 mod listen;
 mod peer;
 
+use std::os::fd::RawFd;
 use std::path::PathBuf;
 
+pub use inherited::{activation_from_env, Activation, Origin};
 pub use listen::{listen, SocketFile};
-pub use peer::{Gate, Peer};
+pub use peer::{Gate, Peer, Stopper};
+
+/// Where the daemon listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenOn {
+    /// A socket file cryptblk creates (`--socket`), and removes at exit.
+    Path(PathBuf),
+    /// A listening socket handed over by the parent (`--fd`) or by systemd
+    /// (socket activation); cryptblk neither creates nor removes its file.
+    Inherited { fd: RawFd, origin: Origin },
+}
 
 /// The socket file's mode when nothing else is asked for: the daemon's user only.
 pub const DEFAULT_MODE: u32 = 0o600;
@@ -90,6 +103,14 @@ pub enum SocketError {
         path: String,
         gid: u32,
         source: std::io::Error,
+    },
+    #[error("socket activation: {0}")]
+    Activation(String),
+    #[error("cannot serve on fd {fd} (from {origin}): {why}")]
+    NotAListener {
+        fd: RawFd,
+        origin: String,
+        why: String,
     },
     #[error("cannot set mode {mode:04o} on {path}: {source}")]
     Chmod {

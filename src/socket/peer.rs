@@ -7,8 +7,9 @@
 //! allowlist already has.
 
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::Allowlist;
@@ -34,25 +35,67 @@ pub struct Gate {
     listener: UnixListener,
     allow: Allowlist,
     refusals: RefusalLog,
+    stop: Stopper,
+}
+
+/// Wakes a [`Gate::accept`] that waits, and makes every later one return
+/// at once: an eventfd that accept polls beside the listener. The
+/// listening socket itself is left alone, so an inherited one (systemd's,
+/// the parent's) still works for whoever owns it after this daemon.
+#[derive(Clone)]
+pub struct Stopper(Arc<OwnedFd>);
+
+impl Stopper {
+    fn new() -> io::Result<Self> {
+        // SAFETY: eventfd(2) with constant arguments; the fd is ours on success.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor nothing else owns.
+        Ok(Stopper(Arc::new(unsafe { OwnedFd::from_raw_fd(fd) })))
+    }
+
+    /// Async-signal-safe: one write(2).
+    pub fn stop(&self) {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a live buffer to our eventfd. A full
+        // counter (EAGAIN) would still be readable, which is all we need.
+        unsafe { libc::write(self.0.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+    }
 }
 
 impl Gate {
-    pub fn new(listener: UnixListener, allow: Allowlist) -> Self {
-        Gate {
+    /// Fails only if no eventfd can be made (out of descriptors).
+    pub fn new(listener: UnixListener, allow: Allowlist) -> io::Result<Self> {
+        Ok(Gate {
             listener,
             allow,
             refusals: RefusalLog::default(),
-        }
+            stop: Stopper::new()?,
+        })
+    }
+
+    /// A handle that ends [`Gate::accept`] from another thread.
+    pub fn stopper(&self) -> Stopper {
+        self.stop.clone()
     }
 
     /// Blocks until an admitted peer connects. Refused peers are closed and
-    /// logged; an error means the listener is unusable (or was shut down to
-    /// wake this call up).
+    /// logged; an error means the listener is unusable, or the stopper was
+    /// used (`ErrorKind::Interrupted` then, whatever the listener's state).
     pub fn accept(&mut self) -> io::Result<UnixStream> {
         loop {
+            if !self.wait_for_peer()? {
+                return Err(io::Error::new(
+                    io::ErrorKind::Interrupted,
+                    "stopped while waiting for a connection",
+                ));
+            }
             let stream = match self.listener.accept() {
                 Ok((stream, _)) => stream,
-                // Interrupted by a signal, or the peer gave up first.
+                // Interrupted by a signal, the peer gave up first, or a
+                // non-blocking inherited socket had nothing after all.
                 Err(e) if retry(&e) => continue,
                 Err(e) => return Err(e),
             };
@@ -77,16 +120,47 @@ impl Gate {
     }
 }
 
-impl AsRawFd for Gate {
-    fn as_raw_fd(&self) -> RawFd {
-        self.listener.as_raw_fd()
+impl Gate {
+    /// Waits until a connection is pending (true) or the stopper was used
+    /// (false).
+    fn wait_for_peer(&self) -> io::Result<bool> {
+        let mut fds = [
+            libc::pollfd {
+                fd: self.stop.0.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.listener.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        loop {
+            // SAFETY: fds is a live array of two pollfd.
+            let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+            if rc >= 0 {
+                break;
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+        if fds[0].revents != 0 {
+            return Ok(false);
+        }
+        if fds[1].revents & (libc::POLLERR | libc::POLLNVAL) != 0 {
+            return Err(io::Error::other("the listening socket failed"));
+        }
+        Ok(true)
     }
 }
 
 fn retry(e: &io::Error) -> bool {
     matches!(
         e.kind(),
-        io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
+        io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted | io::ErrorKind::WouldBlock
     )
 }
 
@@ -193,6 +267,27 @@ mod tests {
         assert_eq!(peer.uid, unsafe { libc::getuid() });
         assert_eq!(peer.gid, unsafe { libc::getgid() });
         assert!(peer_of(&a, false).unwrap().groups.is_empty());
+    }
+
+    #[test]
+    fn the_stopper_ends_a_waiting_accept_and_leaves_the_socket_listening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let mut gate = Gate::new(UnixListener::bind(&path).unwrap(), Allowlist::default()).unwrap();
+        let stopper = gate.stopper();
+        let waiter = std::thread::spawn(move || {
+            let e = gate.accept().unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::Interrupted);
+            // Every later accept returns at once too.
+            assert!(gate.accept().is_err());
+            gate
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        stopper.stop();
+        let gate = waiter.join().unwrap();
+        // Not shut down: a connection still reaches the listener.
+        UnixStream::connect(&path).unwrap();
+        drop(gate);
     }
 
     #[test]
