@@ -17,6 +17,8 @@ command -v debugfs >/dev/null || need+=(e2fsprogs)
 command -v xz >/dev/null || need+=(xz-utils)
 # integration/compare.sh reads the bench's --json output.
 command -v jq >/dev/null || need+=(jq)
+# integration/direct.sh measures the disk's own limit with fio.
+command -v fio >/dev/null || need+=(fio)
 # tests/systemd.rs: systemd-analyze verify/security/syscall-filter, systemd-socket-activate,
 # and strace to list the system calls the daemon makes.
 command -v systemd-socket-activate >/dev/null || need+=(systemd)
