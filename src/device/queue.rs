@@ -14,12 +14,13 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use super::aio::AsyncQueue;
+use super::aio::{AsyncQueue, Done};
 use super::blk::{BlkDevice, Workspace};
 use super::completion::{self, Finished, Outcome, GUEST_ERRORS};
 use super::inflight::InflightQueue;
 use super::pool::{Accepted, Pool};
 use crate::virtio::{chain_at, parse, Parsed, Request};
+use crate::volume::Volume;
 
 /// Everything one queue owns. Its vring thread locks it for each event;
 /// `stop_vring` and the end of a connection lock it to drain the queue.
@@ -125,11 +126,37 @@ fn progress(
     qs: &mut QueueState,
     completed: &mut bool,
 ) -> io::Result<()> {
+    on_executor(ctx, vring, qs, completed, AsyncQueue::progress)
+}
+
+/// See `AsyncQueue::finish_lone_request`.
+fn finish_lone_request(
+    ctx: &QueueCtx<'_>,
+    vring: &VringRwLock,
+    qs: &mut QueueState,
+    completed: &mut bool,
+) -> io::Result<()> {
+    on_executor(ctx, vring, qs, completed, AsyncQueue::finish_lone_request)
+}
+
+/// Runs `step` on the queue's asynchronous executor, if it has one, with
+/// the completion path for what it finishes.
+fn on_executor(
+    ctx: &QueueCtx<'_>,
+    vring: &VringRwLock,
+    qs: &mut QueueState,
+    completed: &mut bool,
+    step: impl FnOnce(&mut AsyncQueue, &Volume, &mut Done<'_>) -> io::Result<()>,
+) -> io::Result<()> {
     let Some(aio) = qs.aio.as_mut() else {
         return Ok(());
     };
     let tracker = ctx.inflight.as_deref();
-    aio.progress(ctx.dev.volume(), &mut completer(vring, tracker, completed))
+    step(
+        aio,
+        ctx.dev.volume(),
+        &mut completer(vring, tracker, completed),
+    )
 }
 
 /// The completion path for what the asynchronous executor finished; notes
@@ -143,20 +170,6 @@ fn completer<'a>(
         *completed = true;
         completion::finish(vring, tracker, mem, done)
     }
-}
-
-/// See `AsyncQueue::finish_lone_request`.
-fn finish_lone_request(
-    ctx: &QueueCtx<'_>,
-    vring: &VringRwLock,
-    qs: &mut QueueState,
-    completed: &mut bool,
-) -> io::Result<()> {
-    let Some(aio) = qs.aio.as_mut() else {
-        return Ok(());
-    };
-    let tracker = ctx.inflight.as_deref();
-    aio.finish_lone_request(ctx.dev.volume(), &mut completer(vring, tracker, completed))
 }
 
 /// Completes everything the asynchronous executor has accepted, blocking
