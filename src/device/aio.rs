@@ -41,8 +41,9 @@ const BUFS: usize = 128;
 /// Most requests one queue keeps in flight.
 const MAX_REQUESTS: usize = 256;
 /// A read or write that moves fewer bytes than asked (the image shrank
-/// under us?) is redone this often before the guest gets an error.
-const SHORT_RETRIES: u8 = 3;
+/// under us?) or meets EAGAIN is redone this often before the guest gets
+/// an error.
+const RETRIES: u8 = 3;
 /// Tags of operations without a buffer (FLUSH, DISCARD) carry the request
 /// index with this bit; data operations are tagged with their buffer.
 const NO_BUFFER: u64 = 1 << 32;
@@ -178,7 +179,7 @@ impl AsyncQueue {
         request: Request,
         segments: &[Segment],
         mem: &Arc<GuestMemoryMmap>,
-    ) -> io::Result<()> {
+    ) {
         let index = self.free.pop().expect("start() without has_room()");
         let p = &mut self.requests[index as usize];
         p.head = head;
@@ -191,33 +192,36 @@ impl AsyncQueue {
         p.outstanding = 0;
         p.error = None;
         match request {
-            Request::Flush => self.push_unbuffered(index, Op::Sync)?,
+            Request::Flush => self.push_unbuffered(index, Op::Sync),
             Request::Discard { pos, len } => {
                 let offset = volume.image_offset(pos);
-                self.push_unbuffered(index, Op::Discard { offset, len })?
+                self.push_unbuffered(index, Op::Discard { offset, len })
             }
-            _ => self.queue_pieces(volume, index)?,
+            _ => self.queue_pieces(volume, index),
         }
         self.finish_if_done(index);
-        Ok(())
     }
 
-    fn push_unbuffered(&mut self, index: u16, op: Op) -> io::Result<()> {
-        self.store.push(op, NO_BUFFER | u64::from(index))?;
-        self.requests[index as usize].outstanding += 1;
-        Ok(())
+    /// Queues an operation without a buffer; a ring that refuses it fails
+    /// the request (never the queue).
+    fn push_unbuffered(&mut self, index: u16, op: Op) {
+        let p = &mut self.requests[index as usize];
+        match self.store.push(op, NO_BUFFER | u64::from(index)) {
+            Ok(()) => p.outstanding += 1,
+            Err(e) => p.fail(e),
+        }
     }
 
     /// Gives the request's remaining bytes to pieces while buffers last;
     /// marks it stalled if they run out first.
-    fn queue_pieces(&mut self, volume: &Volume, index: u16) -> io::Result<()> {
+    fn queue_pieces(&mut self, volume: &Volume, index: u16) {
         while !self.requests[index as usize].all_queued() {
             let p = &self.requests[index as usize];
             let remaining = p.data_len() - p.queued;
             let want = (remaining.div_ceil(BUF_BYTES as u64) as usize).min(MAX_RUN);
             let Some((buf, bufs)) = self.store.buffers().take_run(want) else {
                 self.stalled = Some(index);
-                return Ok(());
+                return;
             };
             let len = remaining.min((bufs * BUF_BYTES) as u64) as u32;
             let piece = Piece {
@@ -234,12 +238,11 @@ impl AsyncQueue {
                 self.requests[index as usize].fail(e);
                 break;
             }
-            self.push_piece(volume, buf)?;
+            self.push_piece(volume, buf);
         }
         if self.stalled == Some(index) {
             self.stalled = None;
         }
-        Ok(())
     }
 
     /// Writes put their ciphertext into the buffer before submission.
@@ -267,7 +270,9 @@ impl AsyncQueue {
         }
     }
 
-    fn push_piece(&mut self, volume: &Volume, buf: BufId) -> io::Result<()> {
+    /// Queues a piece's operation; a ring that refuses it returns the
+    /// buffers and fails the request (never the queue).
+    fn push_piece(&mut self, volume: &Volume, buf: BufId) {
         let piece = self.pieces[buf as usize];
         let offset = |pos: u64| volume.image_offset(pos + piece.at);
         let len = piece.len;
@@ -286,9 +291,14 @@ impl AsyncQueue {
             }
             other => unreachable!("a buffer for {other:?}"),
         };
-        self.store.push(op, u64::from(buf))?;
-        self.requests[piece.request as usize].outstanding += 1;
-        Ok(())
+        let p = &mut self.requests[piece.request as usize];
+        match self.store.push(op, u64::from(buf)) {
+            Ok(()) => p.outstanding += 1,
+            Err(e) => {
+                p.fail(e);
+                self.store.buffers().put_run(buf, usize::from(piece.bufs));
+            }
+        }
     }
 
     /// Takes what the kernel completed, continues a stalled request,
@@ -297,12 +307,12 @@ impl AsyncQueue {
         let mut reaped = std::mem::take(&mut self.reaped);
         self.store.reap(|tag, result| reaped.push((tag, result)))?;
         for &(tag, result) in &reaped {
-            self.complete_op(volume, decode(tag), result)?;
+            self.complete_op(volume, decode(tag), result);
         }
         reaped.clear();
         self.reaped = reaped;
         if let Some(index) = self.stalled {
-            self.queue_pieces(volume, index)?;
+            self.queue_pieces(volume, index);
             self.finish_if_done(index);
         }
         self.store.submit()?;
@@ -348,7 +358,7 @@ impl AsyncQueue {
         Ok(())
     }
 
-    fn complete_op(&mut self, volume: &Volume, tag: Tag, result: i32) -> io::Result<()> {
+    fn complete_op(&mut self, volume: &Volume, tag: Tag, result: i32) {
         let index = match tag {
             Tag::Unbuffered(index) => {
                 let p = &mut self.requests[index as usize];
@@ -360,13 +370,14 @@ impl AsyncQueue {
             }
             Tag::Buffer(buf) => {
                 let piece = self.pieces[buf as usize];
-                if result == -libc::EAGAIN
-                    || (result >= 0 && result as u32 != piece.len && piece.retries < SHORT_RETRIES)
-                {
+                let again = result == -libc::EAGAIN || (result >= 0 && result as u32 != piece.len);
+                if again && piece.retries < RETRIES {
                     // Redo the whole piece: reads and writes are idempotent.
                     self.pieces[buf as usize].retries += 1;
                     self.requests[piece.request as usize].outstanding -= 1;
-                    return self.push_piece(volume, buf);
+                    self.push_piece(volume, buf);
+                    self.finish_if_done(piece.request);
+                    return;
                 }
                 let p = &mut self.requests[piece.request as usize];
                 p.outstanding -= 1;
@@ -385,7 +396,6 @@ impl AsyncQueue {
             }
         };
         self.finish_if_done(index);
-        Ok(())
     }
 
     /// A read piece arrived: decrypt it from its buffer into guest memory.

@@ -368,7 +368,8 @@ fn serve(
                 request,
                 &qs.ws.segments,
                 mem,
-            )
+            );
+            Ok(())
         }
         Placement::Inline => complete_here(ctx, vring, mem, qs, parsed, completed),
     }
