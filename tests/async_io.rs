@@ -32,9 +32,13 @@ struct Setup {
 /// A daemon on a fresh 8 MiB image (written in full, so O_DIRECT reads
 /// really go to the disk), logging to a file the test reads afterwards.
 fn serve(cipher: &str, extra: &[&str]) -> Setup {
+    serve_sized(PAYLOAD, cipher, extra)
+}
+
+fn serve_sized(bytes: u64, cipher: &str, extra: &[&str]) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.img");
-    std::fs::write(&image, pattern(7, 0, PAYLOAD as usize)).unwrap();
+    std::fs::write(&image, pattern(7, 0, bytes as usize)).unwrap();
     let (key, _) = write_key(dir.path(), 64);
     let log = dir.path().join("daemon.log");
     let mut args = vec![
@@ -296,6 +300,40 @@ fn writes_with_a_flush_among_them_all_land() {
                 );
             }
         }
+        assert_no_panic(&s);
+    }
+}
+
+/// A request larger than the whole buffer pool (16 MiB per queue): a
+/// 32 MiB WRITE_ZEROES waits for buffers piece by piece while reads go on
+/// beside it, and every byte of it reads back as zeros.
+#[test]
+fn a_request_larger_than_the_buffer_pool_waits_for_buffers() {
+    const ZEROES: u64 = 32 << 20;
+    for mode in [&["--direct"][..], &["--io", "pread"]] {
+        let s = serve_sized(48 << 20, "none", mode);
+        let mut g = RawGuest::connect(&s.daemon.socket, QSIZE);
+        let mut range = [0u8; 16];
+        range[..8].copy_from_slice(&(4096u64 / 512).to_le_bytes());
+        range[8..12].copy_from_slice(&((ZEROES / 512) as u32).to_le_bytes());
+        g.mem.write(RANGE, &range);
+        g.post(0, T_WRITE_ZEROES, 0, &[(RANGE, 16)], false);
+        for i in 1..33u16 {
+            let sector = (40 << 20) / 512 + u64::from(i) * 16;
+            g.post(i, T_IN, sector, &[(buf(i, 8192), 8192)], true);
+        }
+        let used = g.used_entries(33, Duration::from_secs(60));
+        assert_eq!(used.len(), 33, "{mode:?}");
+        for i in 0..33u16 {
+            assert_eq!(g.batch_status(i), S_OK, "{mode:?}: request {i}");
+        }
+        let image = std::fs::read(&s.image).unwrap();
+        let zeroed = &image[4096..4096 + ZEROES as usize];
+        assert!(
+            zeroed.iter().all(|&b| b == 0),
+            "{mode:?}: a byte of the range is not zero"
+        );
+        assert_ne!(image[4095], 0, "{mode:?}: zeroed before the range");
         assert_no_panic(&s);
     }
 }
