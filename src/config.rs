@@ -188,6 +188,10 @@ pub struct ServeArgs {
     /// Offer DISCARD and punch holes (reveals which blocks are unused).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub allow_discards: Option<bool>,
+    /// Offer INFLIGHT_SHMFD so that requests in flight survive a daemon
+    /// restart (default true; false only shows what it protects against).
+    #[arg(long, value_name = "BOOL")]
+    pub inflight_tracking: Option<bool>,
     /// Serial number returned by GET_ID (at most 20 bytes).
     #[arg(long)]
     pub serial: Option<String>,
@@ -273,6 +277,7 @@ impl ServeArgs {
             io,
             aio,
             allow_discards,
+            inflight_tracking,
             serial,
             device_type,
             header,
@@ -409,6 +414,7 @@ impl ServeConfig {
                 queue_size: queue_size as u16,
                 readonly,
                 allow_discards: a.allow_discards.unwrap_or(false),
+                inflight_tracking: a.inflight_tracking.unwrap_or(true),
                 serial,
                 crypto: a.crypto.unwrap_or(CryptoMode::Inline),
                 workers,

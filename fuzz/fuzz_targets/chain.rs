@@ -8,7 +8,7 @@
 use cryptblk::virtio::chain_at;
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{QueueOwnedT, QueueT};
+use virtio_queue::QueueT;
 use vm_memory::GuestAddress;
 
 /// (addr, len, flags, next)

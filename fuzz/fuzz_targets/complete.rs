@@ -10,8 +10,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use cryptblk::crypto::{IvRule, SectorCipher, XtsKey};
-use cryptblk::device::{complete, BlkDevice, CryptoMode, DeviceOptions, Workspace};
-use cryptblk::volume::{open_image, ImageOptions};
+use cryptblk::device::{complete, AioMode, BlkDevice, CryptoMode, DeviceOptions, Workspace};
+use cryptblk::volume::{open_image, ImageOptions, IoMode};
 use libfuzzer_sys::fuzz_target;
 
 const HEADER: usize = 4096;
@@ -40,8 +40,10 @@ fn disk() -> &'static Disk {
             path: path.clone(),
             create_size: None,
             payload_offset: HEADER as u64,
+            payload_size: None,
             readonly: false,
             direct: false,
+            io: IoMode::Pread,
             cipher: SectorCipher::new(Some(&key), rule),
         })
         .expect("volume");
@@ -56,6 +58,8 @@ fn disk() -> &'static Disk {
                 crypto: CryptoMode::Inline,
                 workers: 1,
                 split_threshold: 1 << 17,
+                aio: AioMode::Sync,
+                inflight_tracking: true,
             },
         );
         Disk {

@@ -156,7 +156,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        protocol_features()
+        protocol_features(self.dev.options())
     }
 
     fn set_event_idx(&self, enabled: bool) {

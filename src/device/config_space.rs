@@ -51,6 +51,8 @@ pub struct DeviceOptions {
     pub workers: usize,
     pub split_threshold: usize,
     pub aio: AioMode,
+    /// Offer INFLIGHT_SHMFD (requests survive a daemon restart).
+    pub inflight_tracking: bool,
 }
 
 pub fn virtio_features(opts: &DeviceOptions) -> u64 {
@@ -74,12 +76,16 @@ pub fn virtio_features(opts: &DeviceOptions) -> u64 {
     )
 }
 
-pub fn protocol_features() -> VhostUserProtocolFeatures {
-    VhostUserProtocolFeatures::CONFIG
+pub fn protocol_features(opts: &DeviceOptions) -> VhostUserProtocolFeatures {
+    let base = VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::REPLY_ACK
-        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-        | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+    if opts.inflight_tracking {
+        base | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+    } else {
+        base
+    }
 }
 
 /// Guest-visible limits that request parsing enforces.
@@ -154,6 +160,7 @@ mod tests {
             workers: 1,
             split_threshold: 128 << 10,
             aio: AioMode::IoUring,
+            inflight_tracking: true,
         }
     }
 
