@@ -139,17 +139,23 @@ fn the_allowlist_has_no_exec_fork_open_or_network_setup() {
 
 const CHILD_ENV: &str = "CRYPTBLK_SANDBOX_CHILD";
 
-/// Not a test on its own: with CHILD_ENV set, confines this process and
-/// does what the variable says; the parent checks how it ended.
+/// Not a test on its own: run by `run_child` with CHILD_ENV set, it
+/// confines this process and does what the variable says; the parent
+/// checks how it ended. It prints `CHILD-RAN action` once confined, just
+/// before the action, and `CHILD-DONE action` if the action returned: the
+/// parent requires the first (a harness filter that stopped matching would
+/// otherwise exit 0 having run nothing) and checks the second.
 #[test]
+#[ignore = "the child process of the sandbox tests, run by them"]
 fn confined_child() {
-    let Ok(action) = std::env::var(CHILD_ENV) else {
-        return;
-    };
+    let action = std::env::var(CHILD_ENV).unwrap_or_else(|_| {
+        panic!("confined_child is not a test of its own: run_child runs it with {CHILD_ENV} set")
+    });
     if let Some(rest) = action.strip_prefix("landlock:") {
         return landlock_child(Path::new(rest));
     }
     seccomp::install(OnViolation::Trap, None).expect("install the filter");
+    eprintln!("CHILD-RAN {action}");
     // SAFETY (all blocks below): plain libc calls with valid C strings.
     match action.as_str() {
         "thread" => {
@@ -193,6 +199,7 @@ fn confined_child() {
         },
         other => panic!("unknown action {other}"),
     }
+    eprintln!("CHILD-DONE {action}");
     // SAFETY: ends the process without running the harness further.
     unsafe { libc::_exit(0) };
 }
@@ -210,6 +217,7 @@ fn landlock_child(dir: &Path) {
     std::fs::write(&outside, b"x").unwrap();
     let status = cryptblk::sandbox::landlock::restrict(&image, &socket, false).expect("landlock");
     assert_eq!(status, landlock::RulesetStatus::FullyEnforced);
+    eprintln!("CHILD-RAN landlock");
     // The image: read and write.
     std::fs::OpenOptions::new()
         .read(true)
@@ -229,6 +237,7 @@ fn landlock_child(dir: &Path) {
     );
     // Removing the socket at exit still works.
     std::fs::remove_file(&socket).expect("remove the socket");
+    eprintln!("CHILD-DONE landlock");
     // SAFETY: ends the process without running the harness further.
     unsafe { libc::_exit(0) };
 }
@@ -245,12 +254,16 @@ enum End {
 }
 
 /// Runs `confined_child` with `action`; returns how it ended and stderr.
+/// The child must have reached the action (its `CHILD-RAN` line); an
+/// action that returned must say so (`CHILD-DONE`), one that was stopped
+/// must not.
 fn run_child(action: &str) -> (End, String) {
     use std::os::unix::process::ExitStatusExt;
     let out = Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
             "confined_child",
+            "--ignored",
             "--nocapture",
             "--test-threads=1",
         ])
@@ -262,7 +275,21 @@ fn run_child(action: &str) -> (End, String) {
         (None, Some(libc::SIGSYS)) => End::KilledBySigsys,
         _ => End::Other(out.status),
     };
-    (end, String::from_utf8_lossy(&out.stderr).into_owned())
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    let what = action.split(':').next().unwrap();
+    assert!(
+        err.contains(&format!("CHILD-RAN {what}\n")),
+        "the child never reached {what} (does --exact still match confined_child?): \
+         {end:?}\nstdout: {}\nstderr: {err}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let done = err.contains(&format!("CHILD-DONE {what}\n"));
+    assert_eq!(
+        done,
+        end == End::Exit(0),
+        "{what}: CHILD-DONE printed {done}, but the child ended {end:?}: {err}"
+    );
+    (end, err)
 }
 
 /// Review findings: executable memory, fcntl commands that can signal

@@ -13,6 +13,8 @@ use cryptblk::bench::listening::{wait_for_listener, Startup};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_cryptblk");
 
+pub mod writer;
+
 pub struct Daemon {
     pub child: Child,
     pub socket: PathBuf,
