@@ -2,7 +2,8 @@
 # Installs the host tools the tests use as oracles and peers: cryptsetup (LUKS and
 # plain-mode reference), qemu-img / qemu-storage-daemon (LUKS1 images and the
 # comparison backend), qemu-system-x86 (end-to-end guest), busybox-static and a
-# Debian kernel package (the guest itself). Idempotent; needs root (apt-get).
+# Debian kernel package (the guest itself), strace and losetup (observers for the
+# durability and sandbox tests). Idempotent; needs root (apt-get).
 set -euo pipefail
 
 need=()
@@ -17,6 +18,10 @@ command -v debugfs >/dev/null || need+=(e2fsprogs)
 command -v xz >/dev/null || need+=(xz-utils)
 # integration/compare.sh reads the bench's --json output.
 command -v jq >/dev/null || need+=(jq)
+# tests/durability.rs and tests/sandbox.rs watch the daemon's system calls;
+# tests/durability.rs puts an image on a loop device of its own.
+command -v strace >/dev/null || need+=(strace)
+command -v losetup >/dev/null || need+=(mount)
 
 # qemu-system-x86 must come from bookworm-backports: plain bookworm's 7.2 would
 # replace the preinstalled qemu-utils 10.0 (see shared/notes/FACTS.md).
