@@ -78,6 +78,137 @@ fn every_mode_serves_verified_writes_and_reconnects() {
     }
 }
 
+/// The `access` flags strace printed for `field` in `args`
+/// (`allowed_access=A|B`, `handled_access_fs=A|B|0xc000`).
+fn access_flags(args: &str, field: &str) -> Vec<String> {
+    let Some(at) = args.find(&format!("{field}=")) else {
+        return Vec::new();
+    };
+    let rest = &args[at + field.len() + 1..];
+    let end = rest.find([',', '}']).unwrap_or(rest.len());
+    let mut flags: Vec<String> = rest[..end].split('|').map(str::to_string).collect();
+    flags.sort();
+    flags
+}
+
+/// Landlock leaves no mark in /proc (Seccomp: 2 is seccomp's, and NoNewPrivs
+/// is set for seccomp anyway), and nothing the daemon does once serving
+/// touches a path Landlock would refuse, so its domain cannot be probed
+/// from outside either. What can be watched is the daemon setting it up:
+/// under `strace -f -y`, `--sandbox full` must create a ruleset that
+/// handles file access, allow exactly the image (read and write; read only
+/// with --readonly) and removing files in the socket's directory, and
+/// enforce it (landlock_restrict_self = 0) in the main thread before any
+/// thread is created (a thread from before would stay unconfined). The
+/// default `--sandbox seccomp` must make no Landlock call at all.
+#[test]
+fn full_mode_sets_up_landlock_in_the_real_daemon_before_any_thread() {
+    use common::strace::Strace;
+    for (mode, readonly) in [("full", false), ("full", true), ("seccomp", false)] {
+        let dir = tempfile::tempdir().unwrap();
+        let (key, _) = write_key(dir.path(), 64);
+        let img = dir.path().join("disk.img");
+        std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+        let trace = Strace::new(&dir.path().join("strace.log"));
+        let wrapper = trace.wrapper(&[
+            "landlock_create_ruleset",
+            "landlock_add_rule",
+            "landlock_restrict_self",
+            "clone",
+            "clone3",
+        ]);
+        let mut args = vec![
+            "--image",
+            img.to_str().unwrap(),
+            "--key-file",
+            key.to_str().unwrap(),
+            "--queues",
+            "1",
+            "--sandbox",
+            mode,
+        ];
+        if readonly {
+            args.push("--readonly");
+        }
+        let d = Daemon::start_wrapped(dir.path(), &wrapper, &args, std::process::Stdio::inherit());
+        // A connection: the vring threads start.
+        let mut c = Client::connect_with(&d.socket, 1, readonly);
+        c.read(0, 0, 4096).unwrap();
+        drop(c);
+        let pid = d.pid;
+        assert!(d.terminate().success(), "{mode}");
+        let calls = trace.calls();
+        let log = std::fs::read_to_string(&trace.log).unwrap();
+        let what = format!("--sandbox {mode} readonly {readonly}:\n{log}");
+        let landlock: Vec<_> = calls
+            .iter()
+            .filter(|c| c.name.starts_with("landlock"))
+            .collect();
+        if mode == "seccomp" {
+            assert!(landlock.is_empty(), "{what}");
+            continue;
+        }
+        let at = calls
+            .iter()
+            .position(|c| c.name == "landlock_restrict_self")
+            .unwrap_or_else(|| panic!("no landlock_restrict_self: {what}"));
+        assert!(calls[at].ok() && calls[at].tid == pid, "{what}");
+        assert!(
+            !calls[..at].iter().any(|c| c.name.starts_with("clone")),
+            "a thread was created before Landlock was enforced: {what}"
+        );
+        assert!(
+            calls[at..]
+                .iter()
+                .any(|c| c.name.starts_with("clone") && c.ok()),
+            "no thread seen at all (is clone traced?): {what}"
+        );
+        let ruleset = calls[..at]
+            .iter()
+            .find(|c| c.name == "landlock_create_ruleset" && c.args.contains("handled_access_fs="))
+            .unwrap_or_else(|| panic!("no ruleset: {what}"));
+        let handled = access_flags(&ruleset.args, "handled_access_fs");
+        for right in [
+            "EXECUTE",
+            "READ_FILE",
+            "WRITE_FILE",
+            "READ_DIR",
+            "REMOVE_FILE",
+            "MAKE_REG",
+            "MAKE_SOCK",
+        ] {
+            let right = format!("LANDLOCK_ACCESS_FS_{right}");
+            assert!(handled.contains(&right), "{right} is not handled: {what}");
+        }
+        let rules: Vec<_> = calls[..at]
+            .iter()
+            .filter(|c| c.name == "landlock_add_rule")
+            .collect();
+        assert_eq!(rules.len(), 2, "{what}");
+        assert!(rules.iter().all(|r| r.ok()), "{what}");
+        let image = std::fs::canonicalize(&img).unwrap();
+        let socket_dir = std::fs::canonicalize(dir.path()).unwrap();
+        let rule_for = |path: &Path| {
+            let fd = format!("<{}>}}", path.display());
+            let rule = rules
+                .iter()
+                .find(|r| r.args.contains(&fd))
+                .unwrap_or_else(|| panic!("no rule for {}: {what}", path.display()));
+            access_flags(&rule.args, "allowed_access")
+        };
+        let mut image_access = vec!["LANDLOCK_ACCESS_FS_READ_FILE".to_string()];
+        if !readonly {
+            image_access.push("LANDLOCK_ACCESS_FS_WRITE_FILE".to_string());
+        }
+        assert_eq!(rule_for(&image), image_access, "{what}");
+        assert_eq!(
+            rule_for(&socket_dir),
+            ["LANDLOCK_ACCESS_FS_REMOVE_FILE"],
+            "{what}"
+        );
+    }
+}
+
 #[test]
 fn sigterm_before_any_connection_exits_cleanly_when_confined() {
     // The shutdown path wakes accept() by shutting the listener down.
