@@ -346,6 +346,12 @@ fn landlock_child(dir: &Path) {
         dir.file_name().unwrap().to_str().unwrap()
     ));
     std::fs::write(&outside, b"x").unwrap();
+    // An abstract unix socket bound outside the domain (by this process,
+    // before it confines itself).
+    use std::os::linux::net::SocketAddrExt;
+    let name = format!("cryptblk-landlock-test-{}", std::process::id());
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+    let _listener = std::os::unix::net::UnixListener::bind_addr(&addr).unwrap();
     let status = cryptblk::sandbox::landlock::restrict(&image, &socket, false).expect("landlock");
     assert_eq!(status, landlock::RulesetStatus::FullyEnforced);
     eprintln!("CHILD-RAN landlock");
@@ -365,6 +371,20 @@ fn landlock_child(dir: &Path) {
     denied(
         std::net::TcpStream::connect("127.0.0.1:9").map(drop),
         "TCP connect",
+    );
+    denied(
+        std::os::unix::net::UnixStream::connect_addr(&addr).map(drop),
+        "connect to an abstract unix socket from outside the domain",
+    );
+    // Signals: to itself yes, to the parent (outside the domain) no.
+    // SAFETY: kill(2) with signal 0 only checks permission.
+    assert_eq!(unsafe { libc::kill(std::process::id() as i32, 0) }, 0);
+    // SAFETY: as above.
+    let rc = unsafe { libc::kill(libc::getppid(), 0) };
+    let err = std::io::Error::last_os_error();
+    assert!(
+        rc == -1 && err.raw_os_error() == Some(libc::EPERM),
+        "signal to the parent: {rc} {err}"
     );
     // Removing the socket at exit still works.
     std::fs::remove_file(&socket).expect("remove the socket");
