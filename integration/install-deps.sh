@@ -2,7 +2,8 @@
 # Installs the host tools the tests use as oracles and peers: cryptsetup (LUKS and
 # plain-mode reference), qemu-img / qemu-storage-daemon (LUKS1 images and the
 # comparison backend), qemu-system-x86 (end-to-end guest), busybox-static and a
-# Debian kernel package (the guest itself). Idempotent; needs root (apt-get).
+# Debian kernel package (the guest itself), strace and losetup (observers for the
+# durability and sandbox tests). Idempotent; needs root (apt-get).
 set -euo pipefail
 
 need=()
@@ -19,10 +20,13 @@ command -v xz >/dev/null || need+=(xz-utils)
 command -v jq >/dev/null || need+=(jq)
 # integration/direct.sh measures the disk's own limit with fio.
 command -v fio >/dev/null || need+=(fio)
-# tests/systemd.rs: systemd-analyze verify/security/syscall-filter, systemd-socket-activate,
-# and strace to list the system calls the daemon makes.
+# tests/systemd.rs: systemd-analyze verify/security/syscall-filter, systemd-socket-activate;
+# strace: tests/systemd.rs lists the system calls the daemon makes, tests/durability.rs and
+# tests/sandbox.rs watch them.
 command -v systemd-socket-activate >/dev/null || need+=(systemd)
 command -v strace >/dev/null || need+=(strace)
+# tests/durability.rs puts an image on a loop device of its own.
+command -v losetup >/dev/null || need+=(mount)
 # tests/keyring.rs: keyctl session/padd/search for --key-keyring.
 command -v keyctl >/dev/null || need+=(keyutils)
 # tests/docs.rs: the README's libvirt domain through virt-xml-validate (libvirt0 ships the

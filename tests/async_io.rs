@@ -156,10 +156,7 @@ fn hundreds_of_reads_in_flight_then_a_disconnect_50_times_and_the_next_client_is
 /// A placeholder after the real daemon was moved out for `terminate`.
 fn dead() -> Daemon {
     let child = std::process::Command::new("true").spawn().unwrap();
-    Daemon {
-        child,
-        socket: PathBuf::new(),
-    }
+    Daemon::adopt(child, PathBuf::new())
 }
 
 /// A guest that overwrites its read buffers with a marker while the reads

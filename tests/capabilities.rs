@@ -89,7 +89,8 @@ fn serve_by_convention(dir: &Path, extra: &[&str]) -> Daemon {
         Startup::Listening => {}
         other => panic!("cryptblk never listened: {other:?}"),
     }
-    Daemon { child, socket }
+    let pid = child.id();
+    Daemon { child, pid, socket }
 }
 
 #[test]

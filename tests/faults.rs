@@ -4,115 +4,45 @@
 //! the daemon keeps serving.
 //!
 //! Acknowledged writes are known exactly: a child process (this test binary,
-//! re-run with `WRITER_ENV`) writes blocks in order at queue depth 1 and
-//! prints each block number after its completion, before submitting the
-//! next; whatever the parent has read from its stdout was acknowledged.
+//! re-run as `writer_process`, see `common::writer`) writes blocks in order
+//! at queue depth 1 and prints each write after its completion, before
+//! submitting the next; whatever the parent has read from its stdout was
+//! acknowledged.
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::writer::{self, Fill, Job, Writer};
 use common::*;
 
-const WRITER_ENV: &str = "CRYPTBLK_FAULTS_WRITER";
 const BLOCK: usize = 4096;
 /// The writer cycles over this many blocks (1 MiB).
 const BLOCKS: u64 = 256;
 
-/// Not a test on its own: the VMM stand-in the other tests kill. Without
-/// `WRITER_ENV` it returns at once.
+/// Not a test on its own: the VMM stand-in the other tests kill
+/// (`common::writer`).
 #[test]
+#[ignore = "the child process of the writer tests, run by them"]
 fn writer_process() {
-    let Ok(spec) = std::env::var(WRITER_ENV) else {
-        return;
-    };
-    let (socket, seed) = spec.split_once('|').expect("socket|seed");
-    let seed: u64 = seed.parse().expect("seed");
-    let mut c = Client::connect(Path::new(socket), 1);
-    let mut out = std::io::stdout().lock();
-    for i in 0u64.. {
-        let block = i % BLOCKS;
-        let off = block * BLOCK as u64;
-        let ret = c.write(0, off, &pattern(seed, off, BLOCK));
-        if ret != 0 {
-            writeln!(out, "ERR {ret}").unwrap();
-            std::process::exit(3);
-        }
-        writeln!(out, "ACK {block}").unwrap();
-        out.flush().unwrap();
+    writer::child_main()
+}
+
+fn job(seed: u64) -> Job {
+    Job {
+        fill: Fill::Pattern,
+        seed,
+        block: BLOCK,
+        blocks: BLOCKS,
     }
 }
 
-struct Writer {
-    child: Child,
-    acks: Receiver<u64>,
-    acked: Vec<u64>,
-}
-
-impl Writer {
-    fn spawn(socket: &Path, seed: u64) -> Writer {
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "writer_process",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(WRITER_ENV, format!("{}|{seed}", socket.display()))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn the writer");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, acks) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if let Some(n) = line.strip_prefix("ACK ") {
-                    if tx.send(n.parse().unwrap()).is_err() {
-                        break;
-                    }
-                }
-            }
-        });
-        Writer {
-            child,
-            acks,
-            acked: Vec::new(),
-        }
-    }
-
-    /// Waits until `n` writes were acknowledged.
-    fn wait_acks(&mut self, n: usize) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while self.acked.len() < n {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.acks.recv_timeout(left) {
-                Ok(b) => self.acked.push(b),
-                Err(e) => panic!("writer stalled after {} acks: {e:?}", self.acked.len()),
-            }
-        }
-    }
-
-    /// SIGKILLs the writer (if still running) and returns every block it
-    /// reported as acknowledged.
-    fn kill(mut self) -> Vec<u64> {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        loop {
-            match self.acks.recv_timeout(Duration::from_secs(5)) {
-                Ok(b) => self.acked.push(b),
-                Err(RecvTimeoutError::Disconnected) => break,
-                Err(RecvTimeoutError::Timeout) => panic!("writer's stdout never closed"),
-            }
-        }
-        self.acked
-    }
+/// The blocks that writes `acked` went to.
+fn blocks(acked: &[u64]) -> Vec<u64> {
+    acked.iter().map(|i| i % BLOCKS).collect()
 }
 
 fn verify_blocks(socket: &Path, seed: u64, blocks: &[u64]) {
@@ -153,12 +83,12 @@ fn vmm_killed_mid_write_50_times_loses_no_acknowledged_write() {
     let start = Instant::now();
     for round in 0..50u64 {
         let seed = 1000 + round;
-        let mut w = Writer::spawn(&d.socket, seed);
+        let mut w = Writer::spawn(&d.socket, job(seed));
         // Kill at a different point each round: after 1 to ~100 acks, and
         // then a few hundred microseconds into the next write.
         w.wait_acks(1 + (round as usize * 37) % 100);
         std::thread::sleep(Duration::from_micros(round * 13 % 400));
-        let acked = w.kill();
+        let acked = blocks(&w.kill());
         assert!(d.alive(), "daemon died in round {round}");
         verify_blocks(&d.socket, seed, &acked);
     }
@@ -175,13 +105,13 @@ fn sigterm_under_write_load_keeps_every_acknowledged_write() {
     for round in 0..5u64 {
         let seed = 2000 + round;
         let mut d = Daemon::start(dir.path(), &plain_args(img_s, key_s));
-        let mut w = Writer::spawn(&d.socket, seed);
+        let mut w = Writer::spawn(&d.socket, job(seed));
         w.wait_acks(20 + round as usize * 30);
         d.signal(libc::SIGTERM);
         let status = d.wait_exit(Duration::from_secs(30));
         assert!(status.success(), "SIGTERM under load: {status}");
         assert!(!d.socket.exists(), "socket left behind");
-        let acked = w.kill();
+        let acked = blocks(&w.kill());
         let d = Daemon::start(dir.path(), &plain_args(img_s, key_s));
         verify_blocks(&d.socket, seed, &acked);
         assert!(d.terminate().success());
@@ -197,10 +127,10 @@ fn a_crashed_daemon_keeps_acknowledged_writes_in_the_image() {
     let img = dir.path().join("disk.img");
     let (img_s, key_s) = (img.to_str().unwrap(), key.to_str().unwrap());
     let d = Daemon::start(dir.path(), &plain_args(img_s, key_s));
-    let mut w = Writer::spawn(&d.socket, 3000);
+    let mut w = Writer::spawn(&d.socket, job(3000));
     w.wait_acks(50);
     d.signal(libc::SIGKILL);
-    let acked = w.kill();
+    let acked = blocks(&w.kill());
     drop(d);
     std::fs::remove_file(dir.path().join("s.sock")).unwrap();
     let d = Daemon::start(dir.path(), &plain_args(img_s, key_s));

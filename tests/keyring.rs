@@ -60,7 +60,8 @@ fn serve_with_key(kind: &str, desc: &str, payload: &Path, dir: &Path, args: &[&s
             std::fs::read_to_string(dir.join("daemon.log")).unwrap()
         ),
     }
-    Daemon { child, socket }
+    let pid = child.id();
+    Daemon { child, pid, socket }
 }
 
 /// Runs the daemon as `in_session` says, expecting it to refuse to start;

@@ -78,6 +78,137 @@ fn every_mode_serves_verified_writes_and_reconnects() {
     }
 }
 
+/// The `access` flags strace printed for `field` in `args`
+/// (`allowed_access=A|B`, `handled_access_fs=A|B|0xc000`).
+fn access_flags(args: &str, field: &str) -> Vec<String> {
+    let Some(at) = args.find(&format!("{field}=")) else {
+        return Vec::new();
+    };
+    let rest = &args[at + field.len() + 1..];
+    let end = rest.find([',', '}']).unwrap_or(rest.len());
+    let mut flags: Vec<String> = rest[..end].split('|').map(str::to_string).collect();
+    flags.sort();
+    flags
+}
+
+/// Landlock leaves no mark in /proc (Seccomp: 2 is seccomp's, and NoNewPrivs
+/// is set for seccomp anyway), and nothing the daemon does once serving
+/// touches a path Landlock would refuse, so its domain cannot be probed
+/// from outside either. What can be watched is the daemon setting it up:
+/// under `strace -f -y`, `--sandbox full` must create a ruleset that
+/// handles file access, allow exactly the image (read and write; read only
+/// with --readonly) and removing files in the socket's directory, and
+/// enforce it (landlock_restrict_self = 0) in the main thread before any
+/// thread is created (a thread from before would stay unconfined). The
+/// default `--sandbox seccomp` must make no Landlock call at all.
+#[test]
+fn full_mode_sets_up_landlock_in_the_real_daemon_before_any_thread() {
+    use common::strace::Strace;
+    for (mode, readonly) in [("full", false), ("full", true), ("seccomp", false)] {
+        let dir = tempfile::tempdir().unwrap();
+        let (key, _) = write_key(dir.path(), 64);
+        let img = dir.path().join("disk.img");
+        std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+        let trace = Strace::new(&dir.path().join("strace.log"));
+        let wrapper = trace.wrapper(&[
+            "landlock_create_ruleset",
+            "landlock_add_rule",
+            "landlock_restrict_self",
+            "clone",
+            "clone3",
+        ]);
+        let mut args = vec![
+            "--image",
+            img.to_str().unwrap(),
+            "--key-file",
+            key.to_str().unwrap(),
+            "--queues",
+            "1",
+            "--sandbox",
+            mode,
+        ];
+        if readonly {
+            args.push("--readonly");
+        }
+        let d = Daemon::start_wrapped(dir.path(), &wrapper, &args, std::process::Stdio::inherit());
+        // A connection: the vring threads start.
+        let mut c = Client::connect_with(&d.socket, 1, readonly);
+        c.read(0, 0, 4096).unwrap();
+        drop(c);
+        let pid = d.pid;
+        assert!(d.terminate().success(), "{mode}");
+        let calls = trace.calls();
+        let log = std::fs::read_to_string(&trace.log).unwrap();
+        let what = format!("--sandbox {mode} readonly {readonly}:\n{log}");
+        let landlock: Vec<_> = calls
+            .iter()
+            .filter(|c| c.name.starts_with("landlock"))
+            .collect();
+        if mode == "seccomp" {
+            assert!(landlock.is_empty(), "{what}");
+            continue;
+        }
+        let at = calls
+            .iter()
+            .position(|c| c.name == "landlock_restrict_self")
+            .unwrap_or_else(|| panic!("no landlock_restrict_self: {what}"));
+        assert!(calls[at].ok() && calls[at].tid == pid, "{what}");
+        assert!(
+            !calls[..at].iter().any(|c| c.name.starts_with("clone")),
+            "a thread was created before Landlock was enforced: {what}"
+        );
+        assert!(
+            calls[at..]
+                .iter()
+                .any(|c| c.name.starts_with("clone") && c.ok()),
+            "no thread seen at all (is clone traced?): {what}"
+        );
+        let ruleset = calls[..at]
+            .iter()
+            .find(|c| c.name == "landlock_create_ruleset" && c.args.contains("handled_access_fs="))
+            .unwrap_or_else(|| panic!("no ruleset: {what}"));
+        let handled = access_flags(&ruleset.args, "handled_access_fs");
+        for right in [
+            "EXECUTE",
+            "READ_FILE",
+            "WRITE_FILE",
+            "READ_DIR",
+            "REMOVE_FILE",
+            "MAKE_REG",
+            "MAKE_SOCK",
+        ] {
+            let right = format!("LANDLOCK_ACCESS_FS_{right}");
+            assert!(handled.contains(&right), "{right} is not handled: {what}");
+        }
+        let rules: Vec<_> = calls[..at]
+            .iter()
+            .filter(|c| c.name == "landlock_add_rule")
+            .collect();
+        assert_eq!(rules.len(), 2, "{what}");
+        assert!(rules.iter().all(|r| r.ok()), "{what}");
+        let image = std::fs::canonicalize(&img).unwrap();
+        let socket_dir = std::fs::canonicalize(dir.path()).unwrap();
+        let rule_for = |path: &Path| {
+            let fd = format!("<{}>}}", path.display());
+            let rule = rules
+                .iter()
+                .find(|r| r.args.contains(&fd))
+                .unwrap_or_else(|| panic!("no rule for {}: {what}", path.display()));
+            access_flags(&rule.args, "allowed_access")
+        };
+        let mut image_access = vec!["LANDLOCK_ACCESS_FS_READ_FILE".to_string()];
+        if !readonly {
+            image_access.push("LANDLOCK_ACCESS_FS_WRITE_FILE".to_string());
+        }
+        assert_eq!(rule_for(&image), image_access, "{what}");
+        assert_eq!(
+            rule_for(&socket_dir),
+            ["LANDLOCK_ACCESS_FS_REMOVE_FILE"],
+            "{what}"
+        );
+    }
+}
+
 #[test]
 fn sigterm_before_any_connection_exits_cleanly_when_confined() {
     // The shutdown path wakes accept() by shutting the listener down.
@@ -139,17 +270,23 @@ fn the_allowlist_has_no_exec_fork_open_or_network_setup() {
 
 const CHILD_ENV: &str = "CRYPTBLK_SANDBOX_CHILD";
 
-/// Not a test on its own: with CHILD_ENV set, confines this process and
-/// does what the variable says; the parent checks how it ended.
+/// Not a test on its own: run by `run_child` with CHILD_ENV set, it
+/// confines this process and does what the variable says; the parent
+/// checks how it ended. It prints `CHILD-RAN action` once confined, just
+/// before the action, and `CHILD-DONE action` if the action returned: the
+/// parent requires the first (a harness filter that stopped matching would
+/// otherwise exit 0 having run nothing) and checks the second.
 #[test]
+#[ignore = "the child process of the sandbox tests, run by them"]
 fn confined_child() {
-    let Ok(action) = std::env::var(CHILD_ENV) else {
-        return;
-    };
+    let action = std::env::var(CHILD_ENV).unwrap_or_else(|_| {
+        panic!("confined_child is not a test of its own: run_child runs it with {CHILD_ENV} set")
+    });
     if let Some(rest) = action.strip_prefix("landlock:") {
         return landlock_child(Path::new(rest));
     }
     seccomp::install(OnViolation::Trap, None).expect("install the filter");
+    eprintln!("CHILD-RAN {action}");
     // SAFETY (all blocks below): plain libc calls with valid C strings.
     match action.as_str() {
         "thread" => {
@@ -193,6 +330,7 @@ fn confined_child() {
         },
         other => panic!("unknown action {other}"),
     }
+    eprintln!("CHILD-DONE {action}");
     // SAFETY: ends the process without running the harness further.
     unsafe { libc::_exit(0) };
 }
@@ -208,9 +346,16 @@ fn landlock_child(dir: &Path) {
         dir.file_name().unwrap().to_str().unwrap()
     ));
     std::fs::write(&outside, b"x").unwrap();
+    // An abstract unix socket bound outside the domain (by this process,
+    // before it confines itself).
+    use std::os::linux::net::SocketAddrExt;
+    let name = format!("cryptblk-landlock-test-{}", std::process::id());
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+    let _listener = std::os::unix::net::UnixListener::bind_addr(&addr).unwrap();
     let status =
         cryptblk::sandbox::landlock::restrict(&image, Some(&socket), false).expect("landlock");
     assert_eq!(status, landlock::RulesetStatus::FullyEnforced);
+    eprintln!("CHILD-RAN landlock");
     // The image: read and write.
     std::fs::OpenOptions::new()
         .read(true)
@@ -228,8 +373,23 @@ fn landlock_child(dir: &Path) {
         std::net::TcpStream::connect("127.0.0.1:9").map(drop),
         "TCP connect",
     );
+    denied(
+        std::os::unix::net::UnixStream::connect_addr(&addr).map(drop),
+        "connect to an abstract unix socket from outside the domain",
+    );
+    // Signals: to itself yes, to the parent (outside the domain) no.
+    // SAFETY: kill(2) with signal 0 only checks permission.
+    assert_eq!(unsafe { libc::kill(std::process::id() as i32, 0) }, 0);
+    // SAFETY: as above.
+    let rc = unsafe { libc::kill(libc::getppid(), 0) };
+    let err = std::io::Error::last_os_error();
+    assert!(
+        rc == -1 && err.raw_os_error() == Some(libc::EPERM),
+        "signal to the parent: {rc} {err}"
+    );
     // Removing the socket at exit still works.
     std::fs::remove_file(&socket).expect("remove the socket");
+    eprintln!("CHILD-DONE landlock");
     // SAFETY: ends the process without running the harness further.
     unsafe { libc::_exit(0) };
 }
@@ -246,12 +406,16 @@ enum End {
 }
 
 /// Runs `confined_child` with `action`; returns how it ended and stderr.
+/// The child must have reached the action (its `CHILD-RAN` line); an
+/// action that returned must say so (`CHILD-DONE`), one that was stopped
+/// must not.
 fn run_child(action: &str) -> (End, String) {
     use std::os::unix::process::ExitStatusExt;
     let out = Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
             "confined_child",
+            "--ignored",
             "--nocapture",
             "--test-threads=1",
         ])
@@ -263,7 +427,21 @@ fn run_child(action: &str) -> (End, String) {
         (None, Some(libc::SIGSYS)) => End::KilledBySigsys,
         _ => End::Other(out.status),
     };
-    (end, String::from_utf8_lossy(&out.stderr).into_owned())
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    let what = action.split(':').next().unwrap();
+    assert!(
+        err.contains(&format!("CHILD-RAN {what}\n")),
+        "the child never reached {what} (does --exact still match confined_child?): \
+         {end:?}\nstdout: {}\nstderr: {err}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let done = err.contains(&format!("CHILD-DONE {what}\n"));
+    assert_eq!(
+        done,
+        end == End::Exit(0),
+        "{what}: CHILD-DONE printed {done}, but the child ended {end:?}: {err}"
+    );
+    (end, err)
 }
 
 /// Review findings: executable memory, fcntl commands that can signal

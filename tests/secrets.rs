@@ -36,14 +36,38 @@ fn spellings(secret: &[u8]) -> Vec<Vec<u8>> {
     v
 }
 
+/// How `secret` shows in `haystack`, if it does in any of its spellings.
+fn find_secret(secret: &[u8], haystack: &[u8]) -> Option<String> {
+    spellings(secret)
+        .into_iter()
+        .find(|s| haystack.windows(s.len()).any(|w| w == s))
+        .map(|s| String::from_utf8_lossy(&s).into_owned())
+}
+
 fn assert_absent(secret: &[u8], haystack: &[u8], where_: &str) {
-    for s in spellings(secret) {
-        assert!(
-            !haystack.windows(s.len()).any(|w| w == s),
-            "{where_} contains the secret as {:?}",
-            String::from_utf8_lossy(&s)
-        );
+    if let Some(spelling) = find_secret(secret, haystack) {
+        panic!("{where_} contains the secret as {spelling:?}");
     }
+}
+
+/// The descriptors of process `pid` open on `file`.
+fn descriptors_on(pid: u32, file: &Path) -> Vec<String> {
+    let file = std::fs::canonicalize(file).unwrap();
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter(|fd| std::fs::read_link(fd.path()).ok().as_deref() == Some(file.as_path()))
+        .map(|fd| fd.file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+/// The line the daemon logs at trace level once it holds the volume key:
+/// the key's Debug, which must be redacted. Requiring it proves that trace
+/// logging ran and that the key itself went through the logger.
+fn logged_the_key_at_trace_level(logs: &[u8]) -> bool {
+    String::from_utf8_lossy(logs)
+        .lines()
+        .any(|l| l.contains(" TRACE ") && l.contains("volume key Some(XtsKey("))
 }
 
 struct Run {
@@ -55,17 +79,33 @@ struct Run {
 
 impl Run {
     fn start(dir: &Path, args: &[&str]) -> Run {
+        Self::start_with_stdin(dir, args, None)
+    }
+
+    /// `start`, with `stdin` written to the daemon's standard input (then
+    /// closed).
+    fn start_with_stdin(dir: &Path, args: &[&str], stdin: Option<&[u8]>) -> Run {
         let socket = dir.join("s.sock");
         let (out, err) = (dir.join("stdout"), dir.join("stderr"));
-        let child = Command::new(BIN)
+        let mut child = Command::new(BIN)
             .args(["serve", "--log-level", "trace", "--socket"])
             .arg(&socket)
             .args(args)
             .env("RUST_LOG", "trace")
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::from(File::create(&out).unwrap()))
             .stderr(Stdio::from(File::create(&err).unwrap()))
             .spawn()
             .unwrap();
+        if let Some(bytes) = stdin {
+            use std::io::Write;
+            let mut pipe = child.stdin.take().unwrap();
+            pipe.write_all(bytes).unwrap();
+        }
         Run {
             child,
             out,
@@ -129,36 +169,89 @@ fn exercise(socket: &Path) {
     assert_eq!(c.read(0, 0, data.len()).unwrap(), data);
 }
 
+/// From a key file and from standard input (`--key-file -`): the key is
+/// in no log line (at trace level, where the key's Debug is logged), not in
+/// argv or the environment, and no descriptor on the key file stays open.
 #[test]
-fn a_plain_key_never_shows_in_logs_argv_or_environment() {
+fn a_plain_key_never_shows_in_logs_argv_environment_or_descriptors() {
+    for from_stdin in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let key = key_file(dir.path(), "key", KEY, 0o600);
+        let img = dir.path().join("disk.img");
+        let mut r = Run::start_with_stdin(
+            dir.path(),
+            &[
+                "--image",
+                img.to_str().unwrap(),
+                "--size",
+                "4M",
+                "--key-file",
+                if from_stdin { "-" } else { &key },
+                "--queues",
+                "1",
+            ],
+            from_stdin.then_some(&KEY[..]),
+        );
+        assert!(r.serving(), "stdin {from_stdin}");
+        exercise(&r.socket);
+        assert_absent(KEY, &r.proc_file("cmdline"), "/proc/PID/cmdline");
+        assert_absent(KEY, &r.proc_file("environ"), "/proc/PID/environ");
+        let open = descriptors_on(r.child.id(), Path::new(&key));
+        assert!(
+            open.is_empty(),
+            "the daemon keeps the key file open: fds {open:?}"
+        );
+        let logs = r.finish();
+        assert_absent(KEY, &logs, "the logs");
+        assert!(
+            logged_the_key_at_trace_level(&logs),
+            "stdin {from_stdin}: no trace-level line with the (redacted) key:\n{}",
+            String::from_utf8_lossy(&logs)
+        );
+        // The image holds ciphertext only, never the key either.
+        assert_absent(KEY, &std::fs::read(&img).unwrap(), "the image");
+    }
+}
+
+/// The checks above can fail: a process that does hold the key in its
+/// argv (hex), its environment (raw) and a descriptor (its stdin) is caught
+/// by each of them, and a log without the trace line is told apart.
+#[test]
+fn the_checks_find_a_key_that_is_there() {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::process::CommandExt;
     let dir = tempfile::tempdir().unwrap();
     let key = key_file(dir.path(), "key", KEY, 0o600);
-    let img = dir.path().join("disk.img");
-    let mut r = Run::start(
-        dir.path(),
-        &[
-            "--image",
-            img.to_str().unwrap(),
-            "--size",
-            "4M",
-            "--key-file",
-            &key,
-            "--queues",
-            "1",
-        ],
-    );
-    assert!(r.serving());
-    exercise(&r.socket);
-    assert_absent(KEY, &r.proc_file("cmdline"), "/proc/PID/cmdline");
-    assert_absent(KEY, &r.proc_file("environ"), "/proc/PID/environ");
-    let logs = r.finish();
+    let hex: String = KEY.iter().map(|b| format!("{b:02x}")).collect();
+    let leaky = Command::new("sleep")
+        .arg0(&hex)
+        .arg("30")
+        .env("LEAKED_KEY", std::ffi::OsStr::from_bytes(KEY))
+        .stdin(File::open(&key).unwrap())
+        .spawn()
+        .unwrap();
+    let leaky = Reap(leaky);
+    let pid = leaky.0.id();
+    let proc_file = |name: &str| std::fs::read(format!("/proc/{pid}/{name}")).unwrap();
+    // Until it has exec'ed, /proc shows the test binary's argv.
+    common::wait_until(Duration::from_secs(10), "sleep never started", || {
+        proc_file("cmdline").starts_with(hex.as_bytes())
+    });
+    assert!(find_secret(KEY, &proc_file("cmdline")).is_some(), "argv");
     assert!(
-        String::from_utf8_lossy(&logs).contains("TRACE") || logs.len() > 200,
-        "trace logging did not run"
+        find_secret(KEY, &proc_file("environ")).is_some(),
+        "environment"
     );
-    assert_absent(KEY, &logs, "the logs");
-    // The image holds ciphertext only, never the key either.
-    assert_absent(KEY, &std::fs::read(&img).unwrap(), "the image");
+    assert_eq!(descriptors_on(pid, Path::new(&key)), ["0"], "descriptor");
+    drop(leaky);
+    let info_only = b"[2026-01-01T00:00:00Z INFO  cryptblk::daemon] serving 4194304 bytes";
+    assert!(!logged_the_key_at_trace_level(info_only));
+    let debug_leak = format!("[2026-01-01T00:00:00Z TRACE cryptblk::config] volume key {KEY:?}");
+    assert!(!logged_the_key_at_trace_level(debug_leak.as_bytes()));
+    assert!(
+        find_secret(KEY, debug_leak.as_bytes()).is_some(),
+        "a Debug-printed key"
+    );
 }
 
 #[test]
@@ -223,9 +316,19 @@ fn luks_passphrases_and_volume_keys_never_show_even_on_errors() {
     assert!(r.serving());
     exercise(&r.socket);
     assert_absent(PASS, &r.proc_file("cmdline"), "/proc/PID/cmdline");
+    let open = descriptors_on(r.child.id(), Path::new(&pass));
+    assert!(
+        open.is_empty(),
+        "the daemon keeps the passphrase file open: {open:?}"
+    );
     let logs = r.finish();
     assert_absent(PASS, &logs, "the logs");
     assert_absent(&volume_key, &logs, "the logs");
+    assert!(
+        logged_the_key_at_trace_level(&logs),
+        "no trace-level line with the (redacted) volume key:\n{}",
+        String::from_utf8_lossy(&logs)
+    );
 
     let wrong_pass = b"PASSMARK-wrong horse battery";
     let wrong = key_file(dir.path(), "wrong", wrong_pass, 0o600);

@@ -1,9 +1,14 @@
 //! The real daemon driven through its unix socket by libblkio.
 
 mod common;
+mod hostile_support;
 
 use common::*;
 use cryptblk::crypto::{IvRule, SectorCipher, XtsKey};
+use hostile_support::{
+    range_segment, RawGuest, DATA, RANGE, S_IOERR, S_OK, S_UNSUPP, T_DISCARD, T_IN, T_OUT,
+    T_WRITE_ZEROES,
+};
 
 /// Runs a scenario once per I/O path (`--io mmap` and `--io pread`).
 macro_rules! on_both_io_paths {
@@ -201,54 +206,96 @@ fn sigterm_while_connected_exits_cleanly_and_keeps_acknowledged_writes(io: &str)
     assert_eq!(&raw[..data.len()], &expect[..]);
 }
 
+/// A write, a WRITE_ZEROES and a DISCARD of the first 4 KiB, sent through
+/// a raw frontend (libblkio refuses to send writes to a read-only disk);
+/// returns their status bytes.
+fn raw_writes(socket: &std::path::Path) -> [u8; 3] {
+    let mut g = RawGuest::connect(socket, 16);
+    g.mem.write(DATA, &pattern(4, 0, 4096));
+    g.mem.write(RANGE, &range_segment(0, 8, 0));
+    let write = g.request(T_OUT, 0, &[(DATA, 4096)], false);
+    let zeroes = g.request(T_WRITE_ZEROES, 0, &[(RANGE, 16)], false);
+    let discard = g.request(T_DISCARD, 0, &[(RANGE, 16)], false);
+    // The same frontend still reads.
+    assert_eq!(g.request(T_IN, 0, &[(DATA, 4096)], true), S_OK);
+    [write, zeroes, discard]
+}
+
 fn readonly_disk_refuses_writes_and_plaintext_mode_stores_plaintext(io: &str) {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("disk.img");
     let data = pattern(3, 0, 65536);
     let mut content = data.clone();
     content.resize(1 << 20, 0);
-    std::fs::write(&img, &content).unwrap();
-    let d = Daemon::start(
-        dir.path(),
-        &[
+    let serve = |readonly: bool| {
+        std::fs::write(&img, &content).unwrap();
+        let mut args = vec![
             "--io",
             io,
             "--image",
             img.to_str().unwrap(),
             "--cipher",
             "none",
-            "--readonly",
+            // Offered unless the disk is read-only: DISCARD must still fail.
+            "--allow-discards",
             "--queues",
             "1",
-        ],
+        ];
+        if readonly {
+            args.push("--readonly");
+        }
+        Daemon::start(dir.path(), &args)
+    };
+
+    // Control: the same requests on a writable disk change the image, so
+    // the refusals below are not a broken frontend.
+    let d = serve(false);
+    assert_eq!(raw_writes(&d.socket), [S_OK; 3], "writable disk");
+    assert!(d.terminate().success());
+    assert_ne!(
+        std::fs::read(&img).unwrap(),
+        content,
+        "control: nothing written"
     );
+
+    let d = serve(true);
+    let [write, zeroes, discard] = raw_writes(&d.socket);
+    assert_eq!(write, S_IOERR, "write to a read-only disk");
+    assert_eq!(zeroes, S_IOERR, "WRITE_ZEROES on a read-only disk");
+    // DISCARD is not offered on a read-only disk.
+    assert_eq!(discard, S_UNSUPP, "DISCARD on a read-only disk");
     let mut c = Client::connect_with(&d.socket, 1, true);
     assert_eq!(c.read(0, 0, 65536).unwrap(), data);
     assert!(c.blkio_read_only(), "device did not offer VIRTIO_BLK_F_RO");
     drop(c);
     assert!(d.terminate().success());
-    assert_eq!(std::fs::read(&img).unwrap(), content);
+    assert!(
+        std::fs::read(&img).unwrap() == content,
+        "the read-only image changed"
+    );
 }
 
 #[test]
 fn bad_options_fail_with_a_message_and_no_socket() {
     let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("s.sock");
     let img = dir.path().join("missing.img");
     let out = std::process::Command::new(BIN)
         .args(["serve", "--socket"])
-        .arg(dir.path().join("s.sock"))
+        .arg(&socket)
         .args(["--image", img.to_str().unwrap(), "--cipher", "none"])
         .output()
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--size"), "{err}");
+    assert!(!socket.exists(), "a refused start left its socket behind");
+    assert!(!img.exists(), "a refused start created the image");
     let (key_path, _) = write_key(dir.path(), 48);
     let out = std::process::Command::new(BIN)
+        .args(["serve", "--socket"])
+        .arg(&socket)
         .args([
-            "serve",
-            "--socket",
-            "/tmp/x.sock",
             "--image",
             "/dev/null",
             "--key-file",
@@ -259,6 +306,26 @@ fn bad_options_fail_with_a_message_and_no_socket() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("48 bytes"), "{err}");
+    assert!(!socket.exists(), "a refused start left its socket behind");
+    // Control: the same socket path with valid options does get a socket,
+    // so the checks above look where a socket would be.
+    let d = Daemon::start(
+        dir.path(),
+        &[
+            "--image",
+            img.to_str().unwrap(),
+            "--size",
+            "1M",
+            "--cipher",
+            "none",
+        ],
+    );
+    assert!(
+        d.socket.exists(),
+        "control: no socket at {}",
+        d.socket.display()
+    );
+    assert!(d.terminate().success());
 }
 
 /// `--crypto workers` cuts large requests into parts that workers run in

@@ -292,10 +292,7 @@ fn data_offset_0_serves_with_a_detached_header_and_is_refused_inside_the_image()
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut d = Daemon {
-        child,
-        socket: dir.path().join("e.sock"),
-    };
+    let mut d = Daemon::adopt(child, dir.path().join("e.sock"));
     // Without the check it would serve: wait_exit then fails the test.
     let status = d.wait_exit(std::time::Duration::from_secs(20));
     let mut err = String::new();

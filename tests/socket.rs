@@ -269,7 +269,7 @@ fn serve_in(dir: &Path) -> Result<Daemon, String> {
         .unwrap();
     use cryptblk::bench::listening::{wait_for_listener, Startup};
     match wait_for_listener(&socket, &mut child, Duration::from_secs(20)).unwrap() {
-        Startup::Listening => Ok(Daemon { child, socket }),
+        Startup::Listening => Ok(Daemon::adopt(child, socket)),
         Startup::Exited(status) => Err(format!(
             "{status}: {}",
             std::fs::read_to_string(log).unwrap()

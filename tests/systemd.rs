@@ -179,8 +179,10 @@ fn serve_on_fd(
             });
         }
     }
+    let child = cmd.spawn().unwrap();
     Daemon {
-        child: cmd.spawn().unwrap(),
+        pid: child.id(),
+        child,
         socket: dir.join("s.sock"),
     }
 }
@@ -280,6 +282,7 @@ fn socket_activation_serves_notifies_and_stops_under_the_full_sandbox() {
         .spawn()
         .expect("systemd-socket-activate (package systemd)");
     let d = Daemon {
+        pid: child.id(),
         child,
         socket: path.clone(),
     };
@@ -325,7 +328,11 @@ fn socket_activation_with_two_sockets_is_refused() {
         .stderr(log)
         .spawn()
         .unwrap();
-    let d = Daemon { child, socket: a };
+    let d = Daemon {
+        pid: child.id(),
+        child,
+        socket: a,
+    };
     wait_until(
         || is_listening(&b).unwrap(),
         "systemd-socket-activate to listen",
@@ -629,8 +636,11 @@ fn every_system_call_cryptblk_makes_is_in_the_units_filter() {
             });
         }
         let mut notify = notify;
+        // The pid is strace's: this test never signals cryptblk by pid.
+        let child = cmd.spawn().expect("strace (package strace)");
         let mut d = Daemon {
-            child: cmd.spawn().expect("strace (package strace)"),
+            pid: child.id(),
+            child,
             socket: path.clone(),
         };
         notify.expect("READY=1");

@@ -13,8 +13,15 @@ use cryptblk::bench::listening::{wait_for_listener, Startup};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_cryptblk");
 
+pub mod strace;
+pub mod writer;
+
 pub struct Daemon {
+    /// The process started: cryptblk itself, or the wrapper it runs under
+    /// (`start_wrapped`).
     pub child: Child,
+    /// cryptblk's own pid (the wrapper's child when wrapped).
+    pub pid: u32,
     pub socket: PathBuf,
 }
 
@@ -37,8 +44,38 @@ impl Daemon {
         stderr: Stdio,
         adjust: impl FnOnce(&mut Command),
     ) -> Daemon {
+        Self::start_inner(dir, &[], args, stderr, adjust)
+    }
+
+    /// Like `start_with_stderr`, run as `WRAPPER... cryptblk serve ...`
+    /// (for example under strace). `pid` is cryptblk's, `child` the
+    /// wrapper's, which must exit when cryptblk does.
+    pub fn start_wrapped(
+        dir: &Path,
+        wrapper: &[std::ffi::OsString],
+        args: &[&str],
+        stderr: Stdio,
+    ) -> Daemon {
+        assert!(!wrapper.is_empty());
+        Self::start_inner(dir, wrapper, args, stderr, |_| {})
+    }
+
+    fn start_inner(
+        dir: &Path,
+        wrapper: &[std::ffi::OsString],
+        args: &[&str],
+        stderr: Stdio,
+        adjust: impl FnOnce(&mut Command),
+    ) -> Daemon {
         let socket = dir.join("s.sock");
-        let mut command = Command::new(BIN);
+        let mut command = match wrapper.split_first() {
+            None => Command::new(BIN),
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(BIN);
+                c
+            }
+        };
         command
             .arg("serve")
             .arg("--socket")
@@ -49,9 +86,21 @@ impl Daemon {
             .stderr(stderr);
         adjust(&mut command);
         let child = command.spawn().expect("spawn cryptblk");
-        let mut d = Daemon { child, socket };
+        let pid = child.id();
+        let mut d = Daemon { child, pid, socket };
         d.wait_for_socket();
+        if !wrapper.is_empty() {
+            // Listening, so the wrapper's child has exec'ed cryptblk.
+            d.pid = child_running(d.child.id(), BIN)
+                .unwrap_or_else(|| panic!("no cryptblk process under {:?}", wrapper[0]));
+        }
         d
+    }
+
+    /// A daemon the caller started itself (no wrapper).
+    pub fn adopt(child: Child, socket: PathBuf) -> Daemon {
+        let pid = child.id();
+        Daemon { child, pid, socket }
     }
 
     fn wait_for_socket(&mut self) {
@@ -62,9 +111,11 @@ impl Daemon {
         }
     }
 
+    /// Sends `sig` to cryptblk (not to a wrapper).
     pub fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, sig) };
+        // SAFETY: kill(2) on our own child (or the wrapper's), which is not
+        // reaped before `child` is.
+        unsafe { libc::kill(self.pid as i32, sig) };
     }
 
     /// Sends SIGTERM and returns the exit status (panics after 30 s).
@@ -95,10 +146,28 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         if self.alive() {
+            if self.pid != self.child.id() {
+                self.signal(libc::SIGKILL);
+            }
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
     }
+}
+
+/// The pid of a child of `parent` running `program` (from /proc: this
+/// kernel may lack /proc/PID/task/TID/children).
+pub fn child_running(parent: u32, program: &str) -> Option<u32> {
+    let program = std::fs::canonicalize(program).ok()?;
+    std::fs::read_dir("/proc").ok()?.find_map(|e| {
+        let pid: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // pid (comm) state ppid ...: comm may hold spaces and parentheses.
+        let after = &stat[stat.rfind(')')? + 2..];
+        let ppid: u32 = after.split(' ').nth(1)?.parse().ok()?;
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
+        (ppid == parent && exe == program).then_some(pid)
+    })
 }
 
 /// A synchronous libblkio client: one request at a time per call.
@@ -187,6 +256,16 @@ impl Client {
     pub fn discard(&mut self, q: usize, offset: u64, len: u64) -> i32 {
         self.queues[q].discard(offset, len, 0, ReqFlags::empty());
         self.wait(q)
+    }
+}
+
+/// Polls `done` every 10 ms until it holds; panics with `what` once `limit`
+/// has passed.
+pub fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what} (waited {limit:?})");
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 

@@ -86,6 +86,15 @@ impl Desc {
     }
 }
 
+/// The 16-byte payload of a DISCARD or WRITE_ZEROES request.
+pub fn range_segment(sector: u64, sectors: u32, flags: u32) -> [u8; 16] {
+    let mut raw = [0u8; 16];
+    raw[..8].copy_from_slice(&sector.to_le_bytes());
+    raw[8..12].copy_from_slice(&sectors.to_le_bytes());
+    raw[12..].copy_from_slice(&flags.to_le_bytes());
+    raw
+}
+
 /// The usual three descriptors: header, data, status, at table slots 0..3.
 pub fn chain3(data_addr: u64, data_len: u32, data_flags: u16) -> Vec<Desc> {
     vec![
@@ -521,6 +530,15 @@ impl RawGuest {
         let main = Desc::new(meta + 32, 16 * (u32::from(n) + 2), F_INDIRECT, 0);
         self.mem.write_descs(DESC + 16 * u64::from(i), &[main]);
         self.publish(i, 1);
+    }
+
+    /// Posts one request as batch request 0 (`post`), waits up to 10 s
+    /// for it and returns its status byte.
+    pub fn request(&mut self, kind: u32, sector: u64, data: &[(u64, u32)], into_guest: bool) -> u8 {
+        self.post(0, kind, sector, data, into_guest);
+        let used = self.used_entries(1, Duration::from_secs(10));
+        assert_eq!(used.len(), 1, "request type {kind} was not completed");
+        self.batch_status(0)
     }
 
     /// The status byte of batch request `i`.
