@@ -223,6 +223,10 @@ pub struct ServeArgs {
     /// Landlock) or seccomp-log (allow all, log what seccomp would stop).
     #[arg(long, value_enum)]
     pub sandbox: Option<SandboxMode>,
+    /// Control socket (mode 0600) answering JSON commands: query-status,
+    /// query-stats (see `cryptblk ctl`). None by default.
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
 }
 
 macro_rules! take_missing {
@@ -283,7 +287,8 @@ impl ServeArgs {
             workers,
             split_threshold,
             log_level,
-            sandbox
+            sandbox,
+            control
         );
         Ok(self)
     }
@@ -296,6 +301,8 @@ pub struct ServeConfig {
     pub device: DeviceOptions,
     pub log_level: Option<String>,
     pub sandbox: Sandbox,
+    /// `--control`: where the control socket is created, if anywhere.
+    pub control: Option<PathBuf>,
     image: ImageSpec,
 }
 
@@ -420,8 +427,10 @@ impl ServeConfig {
                 mode: a.sandbox.unwrap_or_default(),
                 image: path.clone(),
                 socket: socket_file,
+                control: a.control.clone(),
                 readonly,
             },
+            control: a.control,
             image: ImageSpec {
                 path,
                 create_size: a.size.as_deref().map(parse_size).transpose()?,

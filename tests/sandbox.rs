@@ -149,7 +149,7 @@ fn confined_child() {
     if let Some(rest) = action.strip_prefix("landlock:") {
         return landlock_child(Path::new(rest));
     }
-    seccomp::install(OnViolation::Trap, None).expect("install the filter");
+    seccomp::install(OnViolation::Trap, &[]).expect("install the filter");
     // SAFETY (all blocks below): plain libc calls with valid C strings.
     match action.as_str() {
         "thread" => {
@@ -208,8 +208,8 @@ fn landlock_child(dir: &Path) {
         dir.file_name().unwrap().to_str().unwrap()
     ));
     std::fs::write(&outside, b"x").unwrap();
-    let status =
-        cryptblk::sandbox::landlock::restrict(&image, Some(&socket), false).expect("landlock");
+    let status = cryptblk::sandbox::landlock::restrict(&image, &[socket.as_path()], false)
+        .expect("landlock");
     assert_eq!(status, landlock::RulesetStatus::FullyEnforced);
     // The image: read and write.
     std::fs::OpenOptions::new()

@@ -171,16 +171,15 @@ impl AsyncQueue {
 
     /// Starts `request` (the caller checked `has_room`): queues as many of
     /// its operations as the pool allows. They reach the kernel at the next
-    /// `submit`.
+    /// `submit`. `(head, ticket)`: its chain and its statistics ticket.
     pub fn start(
         &mut self,
         volume: &Volume,
-        head: u16,
+        (head, ticket): (u16, Ticket),
         status_at: GuestAddress,
         request: Request,
         segments: &[Segment],
         mem: &Arc<GuestMemoryMmap>,
-        ticket: Ticket,
     ) -> io::Result<()> {
         let index = self.free.pop().expect("start() without has_room()");
         let p = &mut self.requests[index as usize];

@@ -314,7 +314,8 @@ fn complete(dev: &BlkDevice, slot: &Slot) {
     };
     let tracker = slot.inflight.as_deref();
     let stats = dev.stats().queue(slot.queue);
-    if let Err(e) = completion::finish(vring, tracker, stats, mem, done).and_then(|()| completion::notify_guest(vring))
+    if let Err(e) = completion::finish(vring, tracker, stats, mem, done)
+        .and_then(|()| completion::notify_guest(vring))
     {
         log::warn!("cannot complete request {}: {e}", slot.head);
     }

@@ -137,7 +137,10 @@ fn progress(
         return Ok(());
     };
     let tracker = ctx.inflight.as_deref();
-    aio.progress(ctx.dev.volume(), &mut completer(vring, tracker, ctx.stats(), completed))
+    aio.progress(
+        ctx.dev.volume(),
+        &mut completer(vring, tracker, ctx.stats(), completed),
+    )
 }
 
 /// The completion path for what the asynchronous executor finished; notes
@@ -165,7 +168,10 @@ fn finish_lone_request(
         return Ok(());
     };
     let tracker = ctx.inflight.as_deref();
-    aio.finish_lone_request(ctx.dev.volume(), &mut completer(vring, tracker, ctx.stats(), completed))
+    aio.finish_lone_request(
+        ctx.dev.volume(),
+        &mut completer(vring, tracker, ctx.stats(), completed),
+    )
 }
 
 /// Completes everything the asynchronous executor has accepted, blocking
@@ -181,7 +187,10 @@ pub fn drain_async(
     };
     let mut completed = false;
     let stats = dev.stats().queue(queue);
-    aio.drain(dev.volume(), &mut completer(vring, tracker, stats, &mut completed))?;
+    aio.drain(
+        dev.volume(),
+        &mut completer(vring, tracker, stats, &mut completed),
+    )?;
     notify_if(completed, vring)
 }
 
@@ -255,7 +264,10 @@ fn drain(
             tracker.begin(head);
         }
         ctx.stats().popped();
-        let popped = Popped { head, at: popped_at };
+        let popped = Popped {
+            head,
+            at: popped_at,
+        };
         serve(ctx, vring, mem, qs, popped, chain, completed)?;
     }
 }
@@ -300,7 +312,10 @@ fn resubmit(
         // Every replayed chain must be accepted before new ones are popped.
         if let Some(aio) = qs.aio.as_mut().filter(|aio| !aio.has_room()) {
             let tracker = ctx.inflight.as_deref();
-            aio.wait_for_room(ctx.dev.volume(), &mut completer(vring, tracker, ctx.stats(), completed))?;
+            aio.wait_for_room(
+                ctx.dev.volume(),
+                &mut completer(vring, tracker, ctx.stats(), completed),
+            )?;
         }
         let mem = &mem_now();
         let chain = chain_at(&**mem, table, size, head);
@@ -379,12 +394,11 @@ fn serve(
             let aio = qs.aio.as_mut().expect("placed on the executor");
             aio.start(
                 ctx.dev.volume(),
-                head,
+                (head, ticket),
                 status,
                 request,
                 &qs.ws.segments,
                 mem,
-                ticket,
             )
         }
         Placement::Inline => complete_here(ctx, vring, mem, qs, (parsed, popped.at), completed),
