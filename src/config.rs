@@ -893,6 +893,17 @@ mod tests {
     }
 
     #[test]
+    fn the_control_socket_comes_from_the_config_file_and_is_removable() {
+        let toml =
+            "socket = \"/run/a/s\"\nimage = \"/i\"\ncipher = \"none\"\ncontrol = \"/run/b/c\"\n";
+        let cfg = ServeConfig::from_args(with_file(toml, ServeArgs::default()).unwrap()).unwrap();
+        assert_eq!(cfg.control, Some(PathBuf::from("/run/b/c")));
+        // The sandbox must let the daemon remove it at exit.
+        assert_eq!(cfg.sandbox.control, cfg.control);
+        assert_eq!(ServeConfig::from_args(base()).unwrap().control, None);
+    }
+
+    #[test]
     fn io_crypto_and_workers_come_from_the_config_file() {
         let toml = "socket = \"/s\"\nimage = \"/i\"\ncipher = \"none\"\nio = \"pread\"\ncrypto = \"workers\"\nworkers = 3\nsplit-threshold = \"64K\"\n";
         let cfg = ServeConfig::from_args(with_file(toml, ServeArgs::default()).unwrap()).unwrap();
