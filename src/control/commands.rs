@@ -108,6 +108,8 @@ fn snapshot_json(s: &Snapshot) -> Value {
             l.insert(name.into(), s.percentile(kind, q).into());
         }
         l.insert("sum".into(), s.latency_sum_ns[kind as usize].into());
+        let timed: u64 = s.latency[kind as usize].iter().sum();
+        l.insert("timed".into(), timed.into());
         latency.insert(kind.name().into(), l.into());
     }
     json!({

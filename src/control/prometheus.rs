@@ -108,11 +108,7 @@ fn latency(out: &mut String, total: &Value) {
             "{name}_sum{{kind=\"{k}\"}} {}",
             seconds(num(&l["sum"]))
         );
-        let _ = writeln!(
-            out,
-            "{name}_count{{kind=\"{k}\"}} {}",
-            num(&total["requests"][k])
-        );
+        let _ = writeln!(out, "{name}_count{{kind=\"{k}\"}} {}", num(&l["timed"]));
     }
 }
 

@@ -246,7 +246,6 @@ fn drain(
         let Some(chain) = chain else {
             return Ok(Stop::Empty);
         };
-        let popped_at = Instant::now();
         // The buffers may lie in a region added after `ring_mem` was taken
         // (a frontend adds a region, gets the ack, then posts a request that
         // uses it): look them up in a map taken after the pop saw the request.
@@ -263,10 +262,9 @@ fn drain(
         if let Some(tracker) = &ctx.inflight {
             tracker.begin(head);
         }
-        ctx.stats().popped();
         let popped = Popped {
             head,
-            at: popped_at,
+            at: ctx.stats().popped(),
         };
         serve(ctx, vring, mem, qs, popped, chain, completed)?;
     }
@@ -319,11 +317,10 @@ fn resubmit(
         }
         let mem = &mem_now();
         let chain = chain_at(&**mem, table, size, head);
-        ctx.stats().popped();
         ctx.stats().replayed();
         let popped = Popped {
             head,
-            at: Instant::now(),
+            at: ctx.stats().popped(),
         };
         serve(ctx, vring, mem, qs, popped, chain, completed)?;
     }
@@ -355,10 +352,10 @@ fn placement<'a>(ctx: &QueueCtx<'a>, qs: &QueueState, request: &Request) -> Plac
     }
 }
 
-/// A chain's head and when it was popped (request latency counts from there).
+/// A chain's head and, if its latency is measured, when it was popped.
 struct Popped {
     head: u16,
-    at: Instant,
+    at: Option<Instant>,
 }
 
 /// Parses one chain and runs it where it belongs.
@@ -410,7 +407,7 @@ fn complete_here(
     vring: &VringRwLock,
     mem: &Arc<GuestMemoryMmap>,
     qs: &mut QueueState,
-    (parsed, popped_at): (Parsed, Instant),
+    (parsed, popped_at): (Parsed, Option<Instant>),
     completed: &mut bool,
 ) -> io::Result<()> {
     let head = parsed.head;
@@ -420,13 +417,13 @@ fn complete_here(
     Ok(())
 }
 
-/// Executes a parsed chain (popped at `popped_at`) on this thread, writes
-/// its status byte and counts it in `stats`. Returns the used length: bytes
+/// Executes a parsed chain (popped at `popped_at`, if timed) on this
+/// thread, writes its status byte and counts it in `stats`. Returns the used length: bytes
 /// written into guest memory, status included.
 pub fn complete<M: GuestMemoryBackend>(
     dev: &BlkDevice,
     stats: &QueueStats,
-    popped_at: Instant,
+    popped_at: Option<Instant>,
     mem: &M,
     parsed: Parsed,
     ws: &mut Workspace,
