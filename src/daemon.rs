@@ -142,6 +142,9 @@ pub fn serve(
         .collect();
     if let Err(e) = sandbox.apply(&dirs) {
         listening.close();
+        if let Some(c) = control {
+            c.close();
+        }
         return Err(e.into());
     }
     // After the sandbox: its threads are confined like every other.

@@ -54,14 +54,25 @@ impl ControlSocket {
     }
 
     /// Serves commands about `dev` on a thread of its own; returns the
-    /// socket file, which the caller removes at exit.
+    /// socket file, which the caller removes at exit (removed here if the
+    /// thread cannot start).
     pub fn serve(self, dev: Arc<BlkDevice>, image: PathBuf) -> io::Result<SocketFile> {
         let ControlSocket { listener, file } = self;
         let ctx = Context { dev, image };
-        std::thread::Builder::new()
+        let spawned = std::thread::Builder::new()
             .name("control".into())
-            .spawn(move || accept_loop(&listener, &ctx))?;
+            .spawn(move || accept_loop(&listener, &ctx));
+        if let Err(e) = spawned {
+            file.remove();
+            return Err(e);
+        }
         Ok(file)
+    }
+
+    /// Closes the socket and removes its file (start-up failed).
+    pub fn close(self) {
+        drop(self.listener);
+        self.file.remove();
     }
 }
 
