@@ -227,6 +227,10 @@ pub struct ServeArgs {
     /// Landlock) or seccomp-log (allow all, log what seccomp would stop).
     #[arg(long, value_enum)]
     pub sandbox: Option<SandboxMode>,
+    /// Control socket (mode 0600) answering JSON commands: query-status,
+    /// query-stats (see `cryptblk ctl`). None by default.
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
 }
 
 macro_rules! take_missing {
@@ -288,7 +292,8 @@ impl ServeArgs {
             workers,
             split_threshold,
             log_level,
-            sandbox
+            sandbox,
+            control
         );
         Ok(self)
     }
@@ -301,6 +306,8 @@ pub struct ServeConfig {
     pub device: DeviceOptions,
     pub log_level: Option<String>,
     pub sandbox: Sandbox,
+    /// `--control`: where the control socket is created, if anywhere.
+    pub control: Option<PathBuf>,
     image: ImageSpec,
 }
 
@@ -426,8 +433,10 @@ impl ServeConfig {
                 mode: a.sandbox.unwrap_or_default(),
                 image: path.clone(),
                 socket: socket_file,
+                control: a.control.clone(),
                 readonly,
             },
+            control: a.control,
             image: ImageSpec {
                 path,
                 create_size: a.size.as_deref().map(parse_size).transpose()?,
@@ -890,6 +899,17 @@ mod tests {
         assert_eq!(merged.cipher, Some(Cipher::None));
         let cfg = ServeConfig::from_args(merged).unwrap();
         assert_eq!(cfg.device.queues, 3);
+    }
+
+    #[test]
+    fn the_control_socket_comes_from_the_config_file_and_is_removable() {
+        let toml =
+            "socket = \"/run/a/s\"\nimage = \"/i\"\ncipher = \"none\"\ncontrol = \"/run/b/c\"\n";
+        let cfg = ServeConfig::from_args(with_file(toml, ServeArgs::default()).unwrap()).unwrap();
+        assert_eq!(cfg.control, Some(PathBuf::from("/run/b/c")));
+        // The sandbox must let the daemon remove it at exit.
+        assert_eq!(cfg.sandbox.control, cfg.control);
+        assert_eq!(ServeConfig::from_args(base()).unwrap().control, None);
     }
 
     #[test]

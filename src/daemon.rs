@@ -12,6 +12,7 @@ use vhost::vhost_user::Error as VhostUserError;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
+use crate::control::ControlSocket;
 use crate::device::{AioMode, BlkBackend, BlkDevice};
 use crate::notify::Notifier;
 use crate::sandbox::{Sandbox, SandboxError};
@@ -32,6 +33,8 @@ pub enum DaemonError {
     Device(String),
     #[error(transparent)]
     Sandbox(#[from] SandboxError),
+    #[error("cannot start the control socket's thread: {0}")]
+    Control(std::io::Error),
     #[error("fdatasync of the image failed at shutdown: {0}; the image may miss recent writes")]
     FinalSync(std::io::Error),
 }
@@ -108,12 +111,14 @@ impl Listening {
 /// says, or inherited), until SIGTERM or SIGINT, confined by `sandbox` from
 /// the moment the socket listens (before any thread starts). `notify` hears
 /// READY=1 once the sandbox is in place, the connection state as STATUS=,
-/// and STOPPING=1 at a signal.
+/// and STOPPING=1 at a signal. With `control`, a control socket answers
+/// status and statistics there (see `control`).
 pub fn serve(
     dev: Arc<BlkDevice>,
     at: &ListenOn,
     access: &SocketAccess,
     sandbox: &Sandbox,
+    control: Option<&std::path::Path>,
     notify: &Notifier,
 ) -> Result<(), DaemonError> {
     // Before the socket listens: a VMM (or test) that sees it listening may
@@ -125,10 +130,31 @@ pub fn serve(
         connection: Mutex::new(None),
         stopper: listening.gate.stopper(),
     });
-    if let Err(e) = sandbox.apply(listening.file.as_ref().map(SocketFile::dir_fd)) {
+    let control = match control.map(ControlSocket::listen).transpose() {
+        Ok(c) => c,
+        Err(e) => {
+            listening.close();
+            return Err(e.into());
+        }
+    };
+    let dirs: Vec<_> = (listening.file.as_ref().map(SocketFile::dir_fd).into_iter())
+        .chain(control.as_ref().map(ControlSocket::dir_fd))
+        .collect();
+    if let Err(e) = sandbox.apply(&dirs) {
         listening.close();
+        if let Some(c) = control {
+            c.close();
+        }
         return Err(e.into());
     }
+    // After the sandbox: its threads are confined like every other.
+    let control_file = match control.map(|c| c.serve(dev.clone(), sandbox.image.clone())) {
+        Some(Err(e)) => {
+            listening.close();
+            return Err(DaemonError::Control(e));
+        }
+        other => other.and_then(Result::ok),
+    };
     let signal_handle = signals.handle();
     let for_signals = shutdown.clone();
     let notify_stop = notify.clone();
@@ -165,6 +191,9 @@ pub fn serve(
     let _ = signal_thread.join();
     let owned = listening.file.is_some();
     listening.close();
+    if let Some(file) = control_file {
+        file.remove();
+    }
     result?;
     dev.volume().flush().map_err(DaemonError::FinalSync)?;
     if owned {
@@ -191,7 +220,7 @@ fn serve_connections(
         backend
             .register_completion_fds(&daemon.get_epoll_handlers())
             .map_err(|e| DaemonError::Device(format!("cannot wait for I/O completions: {e}")))?;
-        if let Err(e) = start_next(&mut daemon, listener) {
+        if let Err(e) = start_next(&mut daemon, listener, dev) {
             if !shutdown.requested() {
                 log::warn!("accepting a connection failed: {e}");
             }
@@ -219,6 +248,7 @@ fn serve_connections(
             )) => log::info!("frontend disconnected"),
             Err(e) => log::warn!("connection ended with an error: {e}"),
         }
+        dev.stats().disconnected();
         shutdown
             .connection
             .lock()
@@ -251,9 +281,12 @@ fn serve_connections(
 fn start_next(
     daemon: &mut VhostUserDaemon<Arc<BlkBackend>>,
     gate: &mut Gate,
+    dev: &BlkDevice,
 ) -> Result<(), vhost_user_backend::Error> {
     let stream = gate.accept().map_err(|e| {
         vhost_user_backend::Error::CreateBackendListener(VhostUserError::SocketError(e))
     })?;
+    let peer = crate::socket::peer_of(&stream, false).ok();
+    dev.stats().connected(peer.map(|p| (p.pid, p.uid)));
     daemon.start_with_stream(stream)
 }

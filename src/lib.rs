@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod capabilities;
 pub mod config;
+pub mod control;
 pub mod crypto;
 pub mod daemon;
 pub mod demo;

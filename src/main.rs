@@ -51,6 +51,8 @@ enum Command {
     Key(luks_cli::KeyArgs),
     /// Show a LUKS header (never a secret).
     Dump(luks_cli::DumpArgs),
+    /// Ask a running daemon's control socket (--control): status, stats.
+    Ctl(cryptblk::control::client::CtlArgs),
 }
 
 fn main() -> ExitCode {
@@ -84,6 +86,7 @@ fn main() -> ExitCode {
             with_logging(|| luks_cli::run_key(&a))
         }
         Command::Dump(a) => with_logging(|| luks_cli::run_dump(&a)),
+        Command::Ctl(a) => cryptblk::control::client::run(&a).map_err(Into::into),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -121,6 +124,13 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
     let cfg = ServeConfig::from_args_and_activation(args, activation)?;
     let volume = cfg.open_volume()?;
     let dev = BlkDevice::new(volume, cfg.device.clone());
-    daemon::serve(dev, &cfg.listen, &cfg.access, &cfg.sandbox, &notify)?;
+    daemon::serve(
+        dev,
+        &cfg.listen,
+        &cfg.access,
+        &cfg.sandbox,
+        cfg.control.as_deref(),
+        &notify,
+    )?;
     Ok(())
 }

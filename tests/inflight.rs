@@ -144,7 +144,11 @@ fn run(g: &mut RawGuest, chain: &Chain) -> u8 {
 }
 
 fn start(dir: &Path, image: &Path, key: &Path) -> Daemon {
-    let args = [
+    start_with(dir, image, key, &[])
+}
+
+fn start_with(dir: &Path, image: &Path, key: &Path, extra: &[&str]) -> Daemon {
+    let mut args = vec![
         "--image",
         image.to_str().unwrap(),
         "--key-file",
@@ -154,6 +158,7 @@ fn start(dir: &Path, image: &Path, key: &Path) -> Daemon {
         "--queue-size",
         "16",
     ];
+    args.extend_from_slice(extra);
     Daemon::start(dir, &args)
 }
 
@@ -238,7 +243,13 @@ fn a_restarted_daemon_answers_what_its_killed_predecessor_left_in_flight() {
     // The kicks went to the dead daemon: the next one gets none.
     let _ = g.kick.read();
 
-    let second = start(dir.path(), &image, &key);
+    let control = dir.path().join("c.sock");
+    let second = start_with(
+        dir.path(),
+        &image,
+        &key,
+        &["--control", control.to_str().unwrap()],
+    );
     let mut g = g.reconnect(&second.socket, &inflight).unwrap();
     assert_eq!(
         used_entries(&g, 2, 4),
@@ -263,6 +274,13 @@ fn a_restarted_daemon_answers_what_its_killed_predecessor_left_in_flight() {
         42,
         "new pops are stamped after the recovered ones"
     );
+    // The control socket counts the replayed requests as such.
+    let stats = cryptblk::control::client::execute(&control, "query-stats", None).unwrap();
+    let total = &stats["total"];
+    assert_eq!(total["replayed"], 2, "{total}");
+    assert_eq!(total["requests"]["write"], 2, "{total}");
+    assert_eq!(total["requests"]["read"], 2, "{total}");
+    assert_eq!(total["in-flight"], 0, "{total}");
     drop(second);
 }
 

@@ -285,7 +285,7 @@ fn confined_child() {
     if let Some(rest) = action.strip_prefix("landlock:") {
         return landlock_child(Path::new(rest));
     }
-    seccomp::install(OnViolation::Trap, None).expect("install the filter");
+    seccomp::install(OnViolation::Trap, &[]).expect("install the filter");
     eprintln!("CHILD-RAN {action}");
     // SAFETY (all blocks below): plain libc calls with valid C strings.
     match action.as_str() {
@@ -352,8 +352,8 @@ fn landlock_child(dir: &Path) {
     let name = format!("cryptblk-landlock-test-{}", std::process::id());
     let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
     let _listener = std::os::unix::net::UnixListener::bind_addr(&addr).unwrap();
-    let status =
-        cryptblk::sandbox::landlock::restrict(&image, Some(&socket), false).expect("landlock");
+    let status = cryptblk::sandbox::landlock::restrict(&image, &[socket.as_path()], false)
+        .expect("landlock");
     assert_eq!(status, landlock::RulesetStatus::FullyEnforced);
     eprintln!("CHILD-RAN landlock");
     // The image: read and write.

@@ -82,7 +82,8 @@ fuzz_target!(|data: &[u8]| {
         let has_status = parsed.status.is_some();
         ws.segments.clear();
         ws.segments.extend_from_slice(segments);
-        let used = complete(&disk.dev, mem, parsed, &mut ws);
+        let stats = disk.dev.stats().queue(0);
+        let used = complete(&disk.dev, stats, None, mem, parsed, &mut ws);
         assert!(
             u64::from(used) <= offered + 1,
             "used {used} > offered {offered} + 1"

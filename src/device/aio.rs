@@ -27,6 +27,7 @@ use std::sync::Arc;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use super::completion::{Finished, Outcome};
+use super::stats::Ticket;
 use crate::store::{BufId, Buffers, Op, UringStore};
 use crate::virtio::{sub_segments, GuestBufs, Request, Segment};
 use crate::volume::Volume;
@@ -60,6 +61,7 @@ struct Pending {
     /// Operations of this request the kernel has not completed.
     outstanding: u32,
     error: Option<io::Error>,
+    ticket: Option<Ticket>,
 }
 
 impl Pending {
@@ -170,11 +172,11 @@ impl AsyncQueue {
 
     /// Starts `request` (the caller checked `has_room`): queues as many of
     /// its operations as the pool allows. They reach the kernel at the next
-    /// `submit`.
+    /// `submit`. `(head, ticket)`: its chain and its statistics ticket.
     pub fn start(
         &mut self,
         volume: &Volume,
-        head: u16,
+        (head, ticket): (u16, Ticket),
         status_at: GuestAddress,
         request: Request,
         segments: &[Segment],
@@ -191,6 +193,7 @@ impl AsyncQueue {
         p.queued = 0;
         p.outstanding = 0;
         p.error = None;
+        p.ticket = Some(ticket);
         match request {
             Request::Flush => self.push_unbuffered(index, Op::Sync),
             Request::Discard { pos, len } => {
@@ -422,7 +425,9 @@ impl AsyncQueue {
         if p.outstanding > 0 || !p.all_queued() || self.stalled == Some(index) {
             return;
         }
-        let (Some(request), Some(mem)) = (p.request.take(), p.mem.take()) else {
+        let (Some(request), Some(mem), Some(ticket)) =
+            (p.request.take(), p.mem.take(), p.ticket.take())
+        else {
             return;
         };
         let outcome = match p.error.take() {
@@ -436,6 +441,7 @@ impl AsyncQueue {
             head: p.head,
             status_at: Some(p.status_at),
             outcome,
+            ticket,
         };
         self.finished.push((finished, mem));
         self.free.push(index);

@@ -117,8 +117,12 @@ impl BlkBackend {
 
     fn finish_in_flight(&self) {
         for (index, queue) in self.queues.iter().enumerate() {
-            if let Err(e) = drain_async(&self.dev, self.tracker(index).as_deref(), &mut lock(queue))
-            {
+            if let Err(e) = drain_async(
+                &self.dev,
+                index,
+                self.tracker(index).as_deref(),
+                &mut lock(queue),
+            ) {
                 log::error!("queue {index}: cannot finish the requests in flight: {e}");
             }
         }
@@ -157,6 +161,10 @@ impl VhostUserBackend for BlkBackend {
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
         protocol_features(self.dev.options())
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.dev.stats().set_features(features);
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -214,7 +222,12 @@ impl VhostUserBackend for BlkBackend {
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
         let index = queue_index as usize;
         if let Some(queue) = self.queues.get(index) {
-            drain_async(&self.dev, self.tracker(index).as_deref(), &mut lock(queue))?;
+            drain_async(
+                &self.dev,
+                index,
+                self.tracker(index).as_deref(),
+                &mut lock(queue),
+            )?;
         }
         if let Some(pool) = &self.pool {
             pool.wait_idle(queue_index as usize);

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use vm_memory::{Bytes, GuestMemoryBackend};
 
 use super::config_space::{self, DeviceOptions};
+use super::stats::Stats;
 use crate::virtio::{GuestBufs, Limits, Request, Segment, VIRTIO_BLK_ID_BYTES};
 use crate::volume::{AlignedBuf, Volume, CHUNK_BYTES};
 
@@ -17,6 +18,7 @@ pub struct BlkDevice {
     limits: Limits,
     config: Vec<u8>,
     serial: [u8; VIRTIO_BLK_ID_BYTES as usize],
+    stats: Stats,
 }
 
 /// Per-thread buffers: allocated once, reused for every request.
@@ -48,6 +50,7 @@ impl BlkDevice {
         Arc::new(BlkDevice {
             limits: config_space::limits(&opts, capacity, block),
             config: config_space::config_space(&opts, capacity, block),
+            stats: Stats::new(opts.queues),
             volume,
             opts,
             serial,
@@ -64,6 +67,11 @@ impl BlkDevice {
 
     pub fn limits(&self) -> &Limits {
         &self.limits
+    }
+
+    /// Request counters and connection state (the control socket's).
+    pub fn stats(&self) -> &Stats {
+        &self.stats
     }
 
     pub fn config_space(&self) -> &[u8] {

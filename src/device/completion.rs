@@ -12,6 +12,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::inflight::InflightQueue;
 use super::ratelimit::RateLimited;
+use super::stats::{QueueStats, Ticket};
 use crate::virtio::{RequestError, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 
 pub static GUEST_ERRORS: RateLimited = RateLimited::new(10);
@@ -40,23 +41,27 @@ impl Outcome {
 }
 
 /// A request ready to leave: its chain head, where its status byte goes
-/// (None when the status descriptor itself was unusable) and its outcome.
+/// (None when the status descriptor itself was unusable), its outcome, and
+/// what the statistics need (kind, size, when it was popped).
 #[derive(Debug)]
 pub struct Finished {
     pub head: u16,
     pub status_at: Option<GuestAddress>,
     pub outcome: Outcome,
+    pub ticket: Ticket,
 }
 
-/// Writes the status byte (logging failures) and returns the used length:
-/// bytes written into guest memory, status included; 0 if no status could
-/// be written.
-pub fn write_status<M: GuestMemoryBackend>(mem: &M, done: Finished) -> u32 {
+/// Counts the request in `stats`, writes the status byte (logging
+/// failures) and returns the used length: bytes written into guest memory,
+/// status included; 0 if no status could be written.
+pub fn write_status<M: GuestMemoryBackend>(mem: &M, stats: &QueueStats, done: Finished) -> u32 {
     let Finished {
         head,
         status_at,
         outcome,
+        ticket,
     } = done;
+    stats.record(&ticket, &outcome);
     match &outcome {
         Outcome::Done(_) => {}
         Outcome::Refused(e) => GUEST_ERRORS.warn(format_args!("refused guest request: {e}")),
@@ -84,11 +89,12 @@ pub fn write_status<M: GuestMemoryBackend>(mem: &M, done: Finished) -> u32 {
 pub fn finish<M: GuestMemoryBackend>(
     vring: &VringRwLock,
     tracker: Option<&InflightQueue>,
+    stats: &QueueStats,
     mem: &M,
     done: Finished,
 ) -> io::Result<()> {
     let head = done.head;
-    let used = write_status(mem, done);
+    let used = write_status(mem, stats, done);
     put_used(vring, tracker, head, used)
 }
 

@@ -10,6 +10,7 @@ mod inflight;
 mod pool;
 mod queue;
 mod ratelimit;
+pub mod stats;
 
 pub use backend::BlkBackend;
 pub use blk::{BlkDevice, Workspace};

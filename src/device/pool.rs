@@ -20,6 +20,7 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 use super::blk::{BlkDevice, Workspace};
 use super::completion::{self, Finished, Outcome};
 use super::inflight::InflightQueue;
+use super::stats::Ticket;
 use crate::virtio::{sub_segments, Request, Segment};
 
 /// Requests one queue may have in the pool at once.
@@ -41,6 +42,7 @@ struct Slot {
     /// The errno of the first part that failed (0: none did).
     errno: AtomicI32,
     written: AtomicU32,
+    ticket: Option<Ticket>,
 }
 
 /// A valid request from queue `queue`, whose status byte goes to `status`.
@@ -51,6 +53,7 @@ pub struct Accepted {
     pub request: Request,
     /// Where the queue tracks in-flight chains, if the frontend asked for it.
     pub inflight: Option<Arc<InflightQueue>>,
+    pub ticket: Ticket,
 }
 
 struct Job {
@@ -159,6 +162,7 @@ impl Pool {
             status,
             request,
             inflight,
+            ticket,
         } = accepted;
         let mut slot = self.slots[queue].take();
         let parts = self.parts_for(&request);
@@ -173,6 +177,7 @@ impl Pool {
             s.vring = Some(vring.clone());
             s.mem = Some(mem.clone());
             s.inflight = inflight;
+            s.ticket = Some(ticket);
             s.parts = parts;
             *s.parts_left.get_mut() = parts;
             *s.errno.get_mut() = 0;
@@ -225,7 +230,7 @@ fn worker(dev: &BlkDevice, rx: &Receiver<Job>, slots: &[Slots]) {
         run_part(dev, &job, &mut ws);
         let slot = job.slot;
         if slot.parts_left.fetch_sub(1, Ordering::AcqRel) == 1 {
-            complete(&slot);
+            complete(dev, &slot);
             let queue = slot.queue;
             slots[queue].put(slot);
         }
@@ -285,10 +290,13 @@ fn part_of(
     rebuild(pos + start, end - start)
 }
 
-fn complete(slot: &Slot) {
-    let (Some(vring), Some(mem), Some(request)) =
-        (slot.vring.as_ref(), slot.mem.as_deref(), slot.request)
-    else {
+fn complete(dev: &BlkDevice, slot: &Slot) {
+    let (Some(vring), Some(mem), Some(request), Some(ticket)) = (
+        slot.vring.as_ref(),
+        slot.mem.as_deref(),
+        slot.request,
+        slot.ticket,
+    ) else {
         return;
     };
     let outcome = match slot.errno.load(Ordering::Relaxed) {
@@ -302,10 +310,12 @@ fn complete(slot: &Slot) {
         head: slot.head,
         status_at: Some(slot.status),
         outcome,
+        ticket,
     };
     let tracker = slot.inflight.as_deref();
-    if let Err(e) =
-        completion::finish(vring, tracker, mem, done).and_then(|()| completion::notify_guest(vring))
+    let stats = dev.stats().queue(slot.queue);
+    if let Err(e) = completion::finish(vring, tracker, stats, mem, done)
+        .and_then(|()| completion::notify_guest(vring))
     {
         log::warn!("cannot complete request {}: {e}", slot.head);
     }

@@ -8,6 +8,7 @@ use std::io;
 use std::num::Wrapping;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::desc::split::Descriptor;
@@ -19,6 +20,7 @@ use super::blk::{BlkDevice, Workspace};
 use super::completion::{self, Finished, Outcome, GUEST_ERRORS};
 use super::inflight::InflightQueue;
 use super::pool::{Accepted, Pool};
+use super::stats::{QueueStats, Ticket};
 use crate::virtio::{chain_at, parse, Parsed, Request};
 use crate::volume::Volume;
 
@@ -44,6 +46,12 @@ pub struct QueueCtx<'a> {
     pub stopping: bool,
     /// Where this queue tracks in-flight chains (SET_INFLIGHT_FD), if anywhere.
     pub inflight: Option<Arc<InflightQueue>>,
+}
+
+impl QueueCtx<'_> {
+    fn stats(&self) -> &QueueStats {
+        self.dev.stats().queue(self.queue)
+    }
 }
 
 /// The guest memory map as of now (the frontend may add regions at any time).
@@ -155,7 +163,7 @@ fn on_executor(
     step(
         aio,
         ctx.dev.volume(),
-        &mut completer(vring, tracker, completed),
+        &mut completer(vring, tracker, ctx.stats(), completed),
     )
 }
 
@@ -164,11 +172,12 @@ fn on_executor(
 fn completer<'a>(
     vring: &'a VringRwLock,
     tracker: Option<&'a InflightQueue>,
+    stats: &'a QueueStats,
     completed: &'a mut bool,
 ) -> impl FnMut(Finished, &GuestMemoryMmap) -> io::Result<()> + 'a {
     move |done, mem| {
         *completed = true;
-        completion::finish(vring, tracker, mem, done)
+        completion::finish(vring, tracker, stats, mem, done)
     }
 }
 
@@ -176,6 +185,7 @@ fn completer<'a>(
 /// until the kernel is done (GET_VRING_BASE, disconnect, SIGTERM).
 pub fn drain_async(
     dev: &BlkDevice,
+    queue: usize,
     tracker: Option<&InflightQueue>,
     qs: &mut QueueState,
 ) -> io::Result<()> {
@@ -183,7 +193,11 @@ pub fn drain_async(
         return Ok(());
     };
     let mut completed = false;
-    aio.drain(dev.volume(), &mut completer(vring, tracker, &mut completed))?;
+    let stats = dev.stats().queue(queue);
+    aio.drain(
+        dev.volume(),
+        &mut completer(vring, tracker, stats, &mut completed),
+    )?;
     notify_if(completed, vring)
 }
 
@@ -255,7 +269,11 @@ fn drain(
         if let Some(tracker) = &ctx.inflight {
             tracker.begin(head);
         }
-        serve(ctx, vring, mem, qs, head, chain, completed)?;
+        let popped = Popped {
+            head,
+            at: ctx.stats().popped(),
+        };
+        serve(ctx, vring, mem, qs, popped, chain, completed)?;
     }
 }
 
@@ -299,11 +317,19 @@ fn resubmit(
         // Every replayed chain must be accepted before new ones are popped.
         if let Some(aio) = qs.aio.as_mut().filter(|aio| !aio.has_room()) {
             let tracker = ctx.inflight.as_deref();
-            aio.wait_for_room(ctx.dev.volume(), &mut completer(vring, tracker, completed))?;
+            aio.wait_for_room(
+                ctx.dev.volume(),
+                &mut completer(vring, tracker, ctx.stats(), completed),
+            )?;
         }
         let mem = &mem_now();
         let chain = chain_at(&**mem, table, size, head);
-        serve(ctx, vring, mem, qs, head, chain, completed)?;
+        ctx.stats().replayed();
+        let popped = Popped {
+            head,
+            at: ctx.stats().popped(),
+        };
+        serve(ctx, vring, mem, qs, popped, chain, completed)?;
     }
     Ok(())
 }
@@ -333,19 +359,27 @@ fn placement<'a>(ctx: &QueueCtx<'a>, qs: &QueueState, request: &Request) -> Plac
     }
 }
 
+/// A chain's head and, if its latency is measured, when it was popped.
+struct Popped {
+    head: u16,
+    at: Option<Instant>,
+}
+
 /// Parses one chain and runs it where it belongs.
 fn serve(
     ctx: &QueueCtx<'_>,
     vring: &VringRwLock,
     mem: &Arc<GuestMemoryMmap>,
     qs: &mut QueueState,
-    head: u16,
+    popped: Popped,
     descs: impl Iterator<Item = Descriptor>,
     completed: &mut bool,
 ) -> io::Result<()> {
+    let head = popped.head;
     let parsed = parse(&**mem, head, descs, ctx.dev.limits(), &mut qs.ws.segments);
+    let ticket = Ticket::new(popped.at, &parsed.request);
     let (Some(status), Ok(request)) = (parsed.status, parsed.request.clone()) else {
-        return complete_here(ctx, vring, mem, qs, parsed, completed);
+        return complete_here(ctx, vring, mem, qs, (parsed, popped.at), completed);
     };
     match placement(ctx, qs, &request) {
         Placement::Pool(pool) => {
@@ -355,6 +389,7 @@ fn serve(
                 status,
                 request,
                 inflight: ctx.inflight.clone(),
+                ticket,
             };
             pool.submit(vring, mem, accepted, &qs.ws.segments);
             Ok(())
@@ -363,7 +398,7 @@ fn serve(
             let aio = qs.aio.as_mut().expect("placed on the executor");
             aio.start(
                 ctx.dev.volume(),
-                head,
+                (head, ticket),
                 status,
                 request,
                 &qs.ws.segments,
@@ -371,7 +406,7 @@ fn serve(
             );
             Ok(())
         }
-        Placement::Inline => complete_here(ctx, vring, mem, qs, parsed, completed),
+        Placement::Inline => complete_here(ctx, vring, mem, qs, (parsed, popped.at), completed),
     }
 }
 
@@ -380,24 +415,28 @@ fn complete_here(
     vring: &VringRwLock,
     mem: &Arc<GuestMemoryMmap>,
     qs: &mut QueueState,
-    parsed: Parsed,
+    (parsed, popped_at): (Parsed, Option<Instant>),
     completed: &mut bool,
 ) -> io::Result<()> {
     let head = parsed.head;
-    let used = complete(ctx.dev, &**mem, parsed, &mut qs.ws);
+    let used = complete(ctx.dev, ctx.stats(), popped_at, &**mem, parsed, &mut qs.ws);
     completion::put_used(vring, ctx.inflight.as_deref(), head, used)?;
     *completed = true;
     Ok(())
 }
 
-/// Executes a parsed chain on this thread and writes its status byte.
-/// Returns the used length: bytes written into guest memory, status included.
+/// Executes a parsed chain (popped at `popped_at`, if timed) on this
+/// thread, writes its status byte and counts it in `stats`. Returns the used length: bytes
+/// written into guest memory, status included.
 pub fn complete<M: GuestMemoryBackend>(
     dev: &BlkDevice,
+    stats: &QueueStats,
+    popped_at: Option<Instant>,
     mem: &M,
     parsed: Parsed,
     ws: &mut Workspace,
 ) -> u32 {
+    let ticket = Ticket::new(popped_at, &parsed.request);
     let outcome = match parsed.request {
         Err(e) => Outcome::Refused(e),
         Ok(request) => match dev.execute(mem, request, ws) {
@@ -407,10 +446,12 @@ pub fn complete<M: GuestMemoryBackend>(
     };
     completion::write_status(
         mem,
+        stats,
         Finished {
             head: parsed.head,
             status_at: parsed.status,
             outcome,
+            ticket,
         },
     )
 }

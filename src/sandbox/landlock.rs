@@ -20,11 +20,11 @@ const ABI_TARGET: ABI = ABI::V6;
 
 pub fn restrict(
     image: &Path,
-    socket: Option<&Path>,
+    sockets: &[&Path],
     readonly: bool,
 ) -> Result<RulesetStatus, SandboxError> {
     let err = |e: landlock::RulesetError| SandboxError::Landlock(e.to_string());
-    let socket_dir = socket.map(|socket| match socket.parent() {
+    let socket_dirs = sockets.iter().map(|socket| match socket.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     });
@@ -47,8 +47,8 @@ pub fn restrict(
         .map_err(err)?
         .add_rule(PathBeneath::new(path_fd(image)?, image_access))
         .map_err(err)?;
-    if let Some(dir) = socket_dir {
-        // The socket file is unlinked at exit.
+    for dir in socket_dirs {
+        // The socket files are unlinked at exit.
         ruleset = ruleset
             .add_rule(PathBeneath::new(path_fd(dir)?, AccessFs::RemoveFile))
             .map_err(err)?;

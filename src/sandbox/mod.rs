@@ -68,26 +68,37 @@ pub struct Sandbox {
     /// The socket file cryptblk created and removes at exit; None for an
     /// inherited socket (`--fd`, socket activation), which is not ours.
     pub socket: Option<PathBuf>,
+    /// The control socket (`--control`), removed at exit too.
+    pub control: Option<PathBuf>,
     pub readonly: bool,
 }
 
 impl Sandbox {
+    /// The socket files the daemon removes at exit.
+    fn removable(&self) -> Vec<&std::path::Path> {
+        self.socket
+            .iter()
+            .chain(&self.control)
+            .map(|p| p.as_path())
+            .collect()
+    }
+
     /// Confines the calling process. Call it once, before the serve loop
     /// starts threads (Landlock binds only the calling thread and its
     /// future children; seccomp is synchronised to all threads).
     ///
-    /// `socket_dir` is the directory fd the daemon removes its socket
-    /// through at exit: the only place anything may be unlinked. None (an
-    /// inherited socket) allows no unlinking at all.
-    pub fn apply(&self, socket_dir: Option<RawFd>) -> Result<(), SandboxError> {
+    /// `socket_dirs` are the directory fds the daemon removes its sockets
+    /// (vhost-user and control) through at exit: the only places anything
+    /// may be unlinked. None (an inherited socket, no control socket)
+    /// allows no unlinking at all.
+    pub fn apply(&self, socket_dirs: &[RawFd]) -> Result<(), SandboxError> {
         match self.mode {
             SandboxMode::None => {
                 log::info!("sandbox: none");
                 return Ok(());
             }
             SandboxMode::Full => {
-                let status =
-                    landlock::restrict(&self.image, self.socket.as_deref(), self.readonly)?;
+                let status = landlock::restrict(&self.image, &self.removable(), self.readonly)?;
                 match status {
                     ::landlock::RulesetStatus::NotEnforced => {
                         return Err(SandboxError::LandlockUnavailable)
@@ -105,7 +116,7 @@ impl Sandbox {
         } else {
             seccomp::OnViolation::Trap
         };
-        seccomp::install(on_violation, socket_dir)?;
+        seccomp::install(on_violation, socket_dirs)?;
         log::info!(
             "sandbox: {} ({} system calls allowed)",
             self.mode.name(),

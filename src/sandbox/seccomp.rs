@@ -108,7 +108,7 @@ pub fn allowed() -> Vec<(&'static str, i64)> {
 /// How many system calls the filter lets through (some only with certain
 /// arguments), clone3 (made to fail with ENOSYS) included.
 pub fn allowed_count() -> usize {
-    allowed().len() + conditional(Some(0)).map_or(0, |c| c.len()) + 1
+    allowed().len() + conditional(&[0]).map_or(0, |c| c.len()) + 1
 }
 
 /// (name, number, rules): the call is allowed when any rule matches.
@@ -117,9 +117,9 @@ type Conditional = (&'static str, i64, Vec<SeccompRule>);
 /// Calls allowed only with some arguments: (name, number, rules; any rule
 /// matching allows the call).
 ///
-/// `socket_dir`: the directory fd through which the socket is removed at
-/// exit (unlinkat on that fd only: no other file can be deleted).
-fn conditional(socket_dir: Option<RawFd>) -> Result<Vec<Conditional>, SandboxError> {
+/// `socket_dirs`: the directory fds through which the sockets are removed at
+/// exit (unlinkat on those fds only: no other file can be deleted).
+fn conditional(socket_dirs: &[RawFd]) -> Result<Vec<Conditional>, SandboxError> {
     let eq = |arg: u8, value: u64| {
         SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value)
     };
@@ -179,8 +179,13 @@ fn conditional(socket_dir: Option<RawFd>) -> Result<Vec<Conditional>, SandboxErr
             ],
         ),
     ];
-    if let Some(dir) = socket_dir {
-        let rules = vec![rule(vec![c(eq(0, dir as u64))?])?];
+    if !socket_dirs.is_empty() {
+        // One rule per directory (the control socket may live in another
+        // directory than the vhost-user socket): any of them matches.
+        let rules = socket_dirs
+            .iter()
+            .map(|dir| rule(vec![c(eq(0, *dir as u64))?]))
+            .collect::<Result<Vec<_>, _>>()?;
         v.push(("unlinkat", libc::SYS_unlinkat, rules));
     }
     Ok(v)
@@ -219,13 +224,13 @@ pub enum OnViolation {
 /// The allowlist filter, compiled for this CPU architecture.
 pub fn allowlist(
     on_violation: OnViolation,
-    socket_dir: Option<RawFd>,
+    socket_dirs: &[RawFd],
 ) -> Result<BpfProgram, SandboxError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     for (_, nr) in allowed() {
         rules.insert(nr, vec![]);
     }
-    for (_, nr, r) in conditional(socket_dir)? {
+    for (_, nr, r) in conditional(socket_dirs)? {
         rules.insert(nr, r);
     }
     // clone3 passes its flags in memory, where seccomp cannot look: it is
@@ -262,8 +267,8 @@ fn compile(
 
 /// Installs both filters on every thread of the process (TSYNC) and the
 /// SIGSYS handler that reports a trapped call.
-pub fn install(on_violation: OnViolation, socket_dir: Option<RawFd>) -> Result<(), SandboxError> {
-    let allow = allowlist(on_violation, socket_dir)?;
+pub fn install(on_violation: OnViolation, socket_dirs: &[RawFd]) -> Result<(), SandboxError> {
+    let allow = allowlist(on_violation, socket_dirs)?;
     let clone3 = no_clone3()?;
     if on_violation == OnViolation::Trap {
         install_sigsys_handler()?;
@@ -340,7 +345,7 @@ mod tests {
 
     #[test]
     fn filters_compile_and_leave_out_process_creation_and_file_opening() {
-        assert!(!allowlist(OnViolation::Trap, Some(3)).unwrap().is_empty());
+        assert!(!allowlist(OnViolation::Trap, &[3, 4]).unwrap().is_empty());
         assert!(!no_clone3().unwrap().is_empty());
         let names: Vec<&str> = allowed().iter().map(|(n, _)| *n).collect();
         for forbidden in [

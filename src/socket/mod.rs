@@ -19,7 +19,7 @@ use std::path::PathBuf;
 
 pub use inherited::{activation_from_env, Activation, Origin};
 pub use listen::{listen, SocketFile};
-pub use peer::{Gate, Peer, Stopper};
+pub use peer::{peer_of, Gate, Peer, Stopper};
 
 /// Where the daemon listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
