@@ -335,6 +335,35 @@ fn a_request_larger_than_the_buffer_pool_waits_for_buffers() {
     }
 }
 
+/// Review bug 4, guest memory half: a VMM that shrinks the guest memory
+/// file under the daemon's mapping would end the daemon with SIGBUS. The
+/// daemon seals sealable guest memory against shrinking on SET_MEM_TABLE,
+/// and warns about memory it cannot seal (the control).
+#[test]
+fn guest_memory_is_sealed_against_shrinking_where_it_can_be() {
+    let s = serve("aes-xts-plain64", &[]);
+    let g = RawGuest::handshake_sealable(&s.daemon.socket).expect("handshake");
+    let err = g
+        .truncate_memory(4096)
+        .expect_err("shrinking sealed guest memory");
+    assert_eq!(err.raw_os_error(), Some(libc::EPERM));
+    drop(g);
+    assert!(!log_of(&s).contains("cannot be sealed"), "{}", log_of(&s));
+    // Memory that cannot be sealed is served, with a warning.
+    let g = RawGuest::handshake(&s.daemon.socket).expect("handshake");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !log_of(&s).contains("cannot be sealed") && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        log_of(&s).contains("cannot be sealed against shrinking"),
+        "{}",
+        log_of(&s)
+    );
+    assert!(g.connected());
+    assert_no_panic(&s);
+}
+
 /// SIGTERM with writes in flight: exit 0, and every write the guest saw
 /// completed is in the image.
 #[test]

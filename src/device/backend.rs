@@ -9,7 +9,9 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures};
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{
+    GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -21,6 +23,7 @@ use super::config_space::{config_window, protocol_features, virtio_features, Aio
 use super::inflight::{InflightQueue, InflightRegion};
 use super::pool::Pool;
 use super::queue::{drain_async, process_vring, QueueCtx, QueueState};
+use super::seals::seal_against_shrinking;
 
 type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
 
@@ -200,6 +203,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn update_memory(&self, mem: Mem) -> io::Result<()> {
+        seal_guest_memory(&mem);
         *self.mem.write().unwrap_or_else(|p| p.into_inner()) = mem;
         Ok(())
     }
@@ -274,6 +278,26 @@ impl VhostUserBackend for BlkBackend {
             inflight: self.tracker(thread_id),
         };
         process_vring(&ctx, vring, &mem, &mut qs)
+    }
+}
+
+/// Seals each guest memory file against shrinking where the kernel allows
+/// it (memfds made with MFD_ALLOW_SEALING; QEMU's memory-backend-memfd seals
+/// them itself). Others are served as they are, with a warning: a VMM that
+/// truncates one can end this process with SIGBUS.
+fn seal_guest_memory(mem: &Mem) {
+    for region in mem.memory().iter() {
+        let Some(file) = region.file_offset().map(|f| f.file()) else {
+            continue;
+        };
+        if let Err(e) = seal_against_shrinking(file) {
+            log::warn!(
+                "guest memory at {:#x} cannot be sealed against shrinking ({e}): a VMM that \
+                 truncates it ends cryptblk with SIGBUS; share guest memory as a sealable memfd \
+                 (QEMU memory-backend-memfd) to rule that out",
+                region.start_addr().0
+            );
+        }
     }
 }
 

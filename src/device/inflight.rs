@@ -27,11 +27,13 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use vhost::vhost_user::message::VhostUserInflight;
+
+use super::seals::{add_seals, seal_against_shrinking};
 use vm_memory::mmap::MmapRegion;
 use vm_memory::{FileOffset, VolatileMemory};
 
@@ -187,25 +189,10 @@ fn check_shape(
     Ok(())
 }
 
-fn add_seals(file: &File, seals: libc::c_int) -> io::Result<()> {
-    // SAFETY: fcntl on an fd we own, with an integer argument.
-    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// A region the frontend could shrink would turn the daemon's next access
-/// into a SIGBUS outside the image mapping, ending the process. The regions
-/// `create` hands out are sealed; one that is not is sealed here, or
-/// refused if it cannot be.
+/// The regions `create` hands out are sealed; one that is not is sealed
+/// here, or refused if it cannot be.
 fn require_shrink_seal(file: &File) -> Result<(), InflightError> {
-    // SAFETY: fcntl on an fd we own, no pointer argument.
-    let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
-    if seals >= 0 && seals & libc::F_SEAL_SHRINK != 0 {
-        return Ok(());
-    }
-    add_seals(file, libc::F_SEAL_SHRINK).map_err(InflightError::Unsealed)
+    seal_against_shrinking(file).map_err(InflightError::Unsealed)
 }
 
 fn memfd(name: &str) -> io::Result<OwnedFd> {

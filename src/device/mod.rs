@@ -10,6 +10,7 @@ mod inflight;
 mod pool;
 mod queue;
 mod ratelimit;
+mod seals;
 pub mod stats;
 
 pub use backend::BlkBackend;

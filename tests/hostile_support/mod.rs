@@ -131,8 +131,17 @@ pub struct GuestMem {
 
 impl GuestMem {
     fn new() -> GuestMem {
+        Self::with_flags(libc::MFD_CLOEXEC)
+    }
+
+    /// Guest memory as QEMU's memory-backend-memfd makes it: sealable.
+    fn sealable() -> GuestMem {
+        Self::with_flags(libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+    }
+
+    fn with_flags(flags: libc::c_uint) -> GuestMem {
         // SAFETY: memfd_create with a valid NUL-terminated name.
-        let fd = unsafe { libc::memfd_create(c"hostile-guest".as_ptr(), libc::MFD_CLOEXEC) };
+        let fd = unsafe { libc::memfd_create(c"hostile-guest".as_ptr(), flags) };
         assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
         // SAFETY: fd is a fresh descriptor we own.
         let fd = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
@@ -303,6 +312,17 @@ impl RawGuest {
     /// Connects and negotiates features and the memory table; no vring yet.
     pub fn handshake(socket: &Path) -> VResult<RawGuest> {
         Self::handshake_with(socket, false)
+    }
+
+    /// `handshake` with guest memory in a sealable memfd.
+    pub fn handshake_sealable(socket: &Path) -> VResult<RawGuest> {
+        let (fe, raw) = open_frontend(socket, false, VhostUserProtocolFeatures::empty())?;
+        Self::with_memory(fe, raw, GuestMem::sealable(), false)
+    }
+
+    /// Shrinks the guest memory file, as a hostile VMM could.
+    pub fn truncate_memory(&self, len: u64) -> std::io::Result<()> {
+        self.mem.fd.set_len(len)
     }
 
     /// `handshake`, optionally negotiating VIRTIO_RING_F_EVENT_IDX.
