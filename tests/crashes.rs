@@ -152,6 +152,16 @@ fn verify_acknowledged(socket: &Path, job: Job, acked: &[u64], mode: &[&str], ro
 
 const KILLS: u64 = 16;
 
+/// The worker placement, with a split threshold that 1 MiB writes cross.
+const WORKERS: [&str; 6] = [
+    "--crypto",
+    "workers",
+    "--workers",
+    "2",
+    "--split-threshold",
+    "64K",
+];
+
 #[test]
 fn mmap_inline() {
     kill_during_writes(&["--io", "mmap", "--crypto", "inline"], true, KILLS);
@@ -159,15 +169,7 @@ fn mmap_inline() {
 
 #[test]
 fn mmap_workers() {
-    let workers = [
-        "--crypto",
-        "workers",
-        "--workers",
-        "2",
-        "--split-threshold",
-        "64K",
-    ];
-    kill_during_writes(&[&["--io", "mmap"][..], &workers].concat(), true, KILLS);
+    kill_during_writes(&[&["--io", "mmap"][..], &WORKERS].concat(), true, KILLS);
 }
 
 #[test]
@@ -177,15 +179,7 @@ fn pread_inline() {
 
 #[test]
 fn pread_workers() {
-    let workers = [
-        "--crypto",
-        "workers",
-        "--workers",
-        "2",
-        "--split-threshold",
-        "64K",
-    ];
-    kill_during_writes(&[&["--io", "pread"][..], &workers].concat(), true, KILLS);
+    kill_during_writes(&[&["--io", "pread"][..], &WORKERS].concat(), true, KILLS);
 }
 
 #[test]
@@ -195,15 +189,7 @@ fn direct_inline() {
 
 #[test]
 fn direct_workers() {
-    let workers = [
-        "--crypto",
-        "workers",
-        "--workers",
-        "2",
-        "--split-threshold",
-        "64K",
-    ];
-    kill_during_writes(&[&["--direct"][..], &workers].concat(), true, KILLS);
+    kill_during_writes(&[&["--direct"][..], &WORKERS].concat(), true, KILLS);
 }
 
 /// The control: the same kills with `--cipher none` must leave the marker

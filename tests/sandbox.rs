@@ -447,6 +447,21 @@ fn run_child(action: &str) -> (End, String) {
 /// Review findings: executable memory, fcntl commands that can signal
 /// other processes, unlinking any path, and abort() (tgkill) showing up as
 /// a trapped call.
+/// Runs `confined_child` with `action` and requires the filter to have
+/// stopped system call `nr` (and named it).
+fn assert_trapped(action: &str, nr: i64) {
+    let (end, err) = run_child(action);
+    assert_eq!(
+        end,
+        End::Exit(TRAPPED_EXIT),
+        "{action} was not stopped: {err}"
+    );
+    assert!(
+        err.contains(&format!("stopped system call {nr} ")),
+        "{action}: {err}"
+    );
+}
+
 #[test]
 fn no_executable_memory_no_fcntl_signalling_and_abort_aborts() {
     for action in ["mmap-data", "fcntl-getfl"] {
@@ -459,16 +474,7 @@ fn no_executable_memory_no_fcntl_signalling_and_abort_aborts() {
         // The daemon unlinks only its socket, through its directory's fd.
         ("unlink", libc::SYS_unlinkat),
     ] {
-        let (end, err) = run_child(action);
-        assert_eq!(
-            end,
-            End::Exit(TRAPPED_EXIT),
-            "{action} was not stopped: {err}"
-        );
-        assert!(
-            err.contains(&format!("stopped system call {nr} ")),
-            "{action}: {err}"
-        );
+        assert_trapped(action, nr);
     }
     let (end, err) = run_child("abort");
     assert!(
@@ -486,16 +492,7 @@ fn the_filter_stops_exec_fork_and_open_but_not_threads() {
         ("fork", libc::SYS_clone),
         ("open", libc::SYS_openat),
     ] {
-        let (end, err) = run_child(action);
-        assert_eq!(
-            end,
-            End::Exit(TRAPPED_EXIT),
-            "{action} was not stopped: {err}"
-        );
-        assert!(
-            err.contains(&format!("stopped system call {nr} ")),
-            "{action}: {err}"
-        );
+        assert_trapped(action, nr);
     }
     // std's Command (posix_spawn, all signals blocked): stopped too.
     let (end, err) = run_child("spawn");
