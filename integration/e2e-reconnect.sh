@@ -259,7 +259,7 @@ main() {
   # that completed out of order (see the run with --crypto workers).
   host_check inflight-region-in-every-daemon [ "$INFLIGHT_MAPPED" = $((k + 1)) ]
 
-  # src/device/queue.rs logs "queue Q: replaying N requests ..." when a
+  # crates/core/src/device/queue.rs logs "queue Q: replaying N requests ..." when a
   # restarted daemon finds requests its predecessor left in flight. A run
   # may replay nothing (no kill caught a request in flight): awk alone, as
   # grep's "no match" status would end this script under pipefail.

@@ -28,7 +28,7 @@ need_tools() {
 # listening PATH: a socket listens on PATH. Its file appears at bind(2), a
 # moment before listen(2), and a frontend that connects in between is refused
 # (QEMU then gives up); the kernel flags listening sockets in /proc/net/unix
-# (__SO_ACCEPTCON, 00010000). As src/bench/listening.rs does.
+# (__SO_ACCEPTCON, 00010000). As crates/bench/src/listening.rs does.
 # The path is what follows the seven columns, and may hold spaces.
 listening() {
   awk -v p="$1" '$4 == "00010000" {

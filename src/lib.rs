@@ -1,21 +1,9 @@
-//! cryptblk: a vhost-user-blk device that stores only dm-crypt compatible
-//! AES-XTS ciphertext. Layers, each knowing only the one below:
-//! `crypto` → `volume` → `virtio` (request parsing) → `device` (vhost-user).
+//! The `cryptblk` program's library: the daemon's crate (`cryptblk-core`:
+//! crypto, store, volume, virtio, device, LUKS) re-exported whole, plus the
+//! two commands that are not the daemon, `bench` (the load generator, its
+//! own crate so that the daemon's library never links libblkio) and `demo`.
 
-pub mod bench;
-pub mod capabilities;
-pub mod config;
-pub mod control;
-pub mod crypto;
-pub mod daemon;
+pub use cryptblk_bench as bench;
+pub use cryptblk_core::*;
+
 pub mod demo;
-pub mod device;
-pub mod keyring;
-pub mod luks;
-pub mod notify;
-pub mod sandbox;
-pub mod secrets;
-pub mod socket;
-pub mod store;
-pub mod virtio;
-pub mod volume;

@@ -7,9 +7,9 @@ use std::collections::BTreeMap;
 use base64::Engine;
 use serde_json::Value;
 
-use crate::luks::hash::HashAlg;
-use crate::luks::kdf::{Argon2Type, Kdf};
-use crate::luks::LuksError;
+use crate::hash::HashAlg;
+use crate::kdf::{Argon2Type, Kdf};
+use crate::LuksError;
 
 use super::MAX_SLOTS;
 
@@ -147,7 +147,7 @@ impl Keyslot {
             )));
         }
         let enc = string(area, "encryption", &actx)?;
-        if enc != crate::luks::area::AREA_CIPHER {
+        if enc != crate::area::AREA_CIPHER {
             return Err(LuksError::Unsupported(format!(
                 "{ctx}: keyslot cipher {enc:?}; only aes-xts-plain64 is supported"
             )));
@@ -165,7 +165,7 @@ impl Keyslot {
             area_key_size: xts_key_size(area, "key_size", &actx)?,
             priority: v.get("priority").and_then(Value::as_u64).unwrap_or(1) as u32,
         };
-        let need = crate::luks::area::material_len(ks.key_size, ks.stripes) as u64;
+        let need = crate::area::material_len(ks.key_size, ks.stripes) as u64;
         if ks.stripes == 0 || ks.stripes > 100_000 || need > ks.area_size {
             return Err(bad(&format!("{ctx}: key material does not fit its area")));
         }
@@ -320,7 +320,7 @@ fn parse_segment(v: &Value) -> Result<Segment, LuksError> {
         )));
     }
     let encryption = string(s, "encryption", &ctx)?.to_string();
-    if encryption != crate::luks::area::AREA_CIPHER {
+    if encryption != crate::area::AREA_CIPHER {
         return Err(LuksError::Unsupported(format!(
             "cipher {encryption:?}; only aes-xts-plain64 is supported"
         )));
@@ -338,7 +338,7 @@ fn parse_segment(v: &Value) -> Result<Segment, LuksError> {
         ),
     };
     let sector_size = num(s, "sector_size", &ctx)? as usize;
-    if !crate::crypto::SECTOR_SIZES.contains(&sector_size) {
+    if !cryptblk_crypto::SECTOR_SIZES.contains(&sector_size) {
         return Err(bad(&format!("{ctx}.sector_size {sector_size} is invalid")));
     }
     Ok(Segment {

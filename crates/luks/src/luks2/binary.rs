@@ -7,7 +7,7 @@ use std::os::unix::fs::FileExt;
 
 use sha2::{Digest, Sha256};
 
-use crate::luks::{LuksError, MAGIC};
+use crate::{LuksError, MAGIC};
 
 pub const BIN_SIZE: usize = 4096;
 const MAGIC2: &[u8; 6] = b"SKUL\xba\xbe";

@@ -45,7 +45,7 @@ pub enum LuksError {
     #[error("the OS random source failed: {0}")]
     Random(String),
     #[error(transparent)]
-    Key(#[from] crate::crypto::KeyError),
+    Key(#[from] cryptblk_crypto::KeyError),
 }
 
 impl LuksError {

@@ -28,7 +28,7 @@ use std::path::Path;
 pub use error::LuksError;
 pub use passphrase::read_passphrase;
 
-use crate::crypto::XtsKey;
+use cryptblk_crypto::XtsKey;
 use header::Header;
 
 /// The first six bytes of every LUKS header.

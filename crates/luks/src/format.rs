@@ -55,7 +55,7 @@ fn check(p: &Params) -> Result<(), LuksError> {
     if p.key_bits != 256 && p.key_bits != 512 {
         return Err(LuksError::Invalid("--key-size must be 256 or 512".into()));
     }
-    if !crate::crypto::SECTOR_SIZES.contains(&p.sector_size) {
+    if !cryptblk_crypto::SECTOR_SIZES.contains(&p.sector_size) {
         return Err(LuksError::Invalid(
             "--sector-size must be 512, 1024, 2048 or 4096".into(),
         ));
@@ -155,7 +155,7 @@ fn luks1_costs(choice: &KdfChoice, key_len: usize) -> Result<(u32, u32), LuksErr
 /// unless it exists (then it must already hold a key of that length).
 pub fn ensure_plain_key(path: &Path, bits: usize) -> Result<bool, LuksError> {
     if path.exists() {
-        crate::crypto::XtsKey::from_key_file(&path.to_string_lossy(), bits)?;
+        cryptblk_crypto::XtsKey::from_key_file(&path.to_string_lossy(), bits)?;
         return Ok(false);
     }
     let mut key = Zeroizing::new(vec![0u8; bits / 8]);

@@ -10,7 +10,7 @@ use zeroize::Zeroizing;
 use super::af;
 use super::hash::HashAlg;
 use super::LuksError;
-use crate::crypto::{IvRule, SectorCipher, XtsKey};
+use cryptblk_crypto::{IvRule, SectorCipher, XtsKey};
 
 pub const AREA_CIPHER: &str = "aes-xts-plain64";
 

@@ -7,7 +7,7 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use zeroize::Zeroizing;
 
 use super::LuksError;
-use crate::secrets::{read_secret, RawStdin};
+use cryptblk_crypto::secrets::{read_secret, RawStdin};
 
 /// cryptsetup's default --keyfile-size limit (8 MiB).
 pub const MAX_KEYFILE: u64 = 8 << 20;

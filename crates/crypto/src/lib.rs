@@ -5,6 +5,7 @@
 //! setup, dispatch) is paid once per request, not once per sector or block.
 
 mod key;
+pub mod secrets;
 mod xts;
 
 pub use key::{KeyError, XtsKey};
