@@ -96,3 +96,50 @@ fn the_readme_libvirt_domain_validates_and_matches_the_units() {
         "guest memory must be shared"
     );
 }
+
+/// The long option names in the first column of README's `cryptblk serve`
+/// options table.
+fn readme_serve_options() -> std::collections::BTreeSet<String> {
+    let text = readme();
+    let start = text
+        .find("### `cryptblk serve` options")
+        .expect("the options section");
+    let section = &text[start..];
+    let end = section[4..].find("\n### ").map_or(section.len(), |e| e + 4);
+    let mut names = std::collections::BTreeSet::new();
+    for row in section[..end].lines().filter(|l| l.starts_with("| `--")) {
+        let first = row.split(" | ").next().unwrap();
+        for piece in first.split('`').skip(1).step_by(2) {
+            let name = piece.trim_start_matches("--");
+            let name = name.split([' ', '=']).next().unwrap();
+            if piece.starts_with("--") {
+                names.insert(name.to_string());
+            }
+        }
+    }
+    names
+}
+
+#[test]
+fn the_readme_options_table_matches_the_serve_flags() {
+    use clap::Args;
+    let command = cryptblk::config::ServeArgs::augment_args(clap::Command::new("serve"));
+    let mut flags = std::collections::BTreeSet::new();
+    for arg in command.get_arguments() {
+        if let Some(long) = arg.get_long() {
+            flags.insert(long.to_string());
+        }
+        for alias in arg.get_visible_aliases().into_iter().flatten() {
+            flags.insert(alias.to_string());
+        }
+    }
+    let documented = readme_serve_options();
+    // Negative control: the parser found the table at all.
+    assert!(documented.len() > 30, "only {documented:?} found in README");
+    let missing: Vec<_> = flags.difference(&documented).collect();
+    let stale: Vec<_> = documented.difference(&flags).collect();
+    assert!(
+        missing.is_empty() && stale.is_empty(),
+        "README's serve options table is out of date: undocumented flags {missing:?}, documented flags that do not exist {stale:?}"
+    );
+}

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 
-use super::size::parse_size;
 use super::spec::{JobSpec, RwMode};
+use cryptblk_units::parse_bytes;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum RwArg {
@@ -48,7 +48,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u8).range(0..=100))]
     rwmixread: u8,
     /// Request size, 512 to 4m (suffixes k, m: powers of 1024).
-    #[arg(long, default_value = "4k", value_parser = parse_size)]
+    #[arg(long, default_value = "4k", value_parser = parse_bytes)]
     bs: u64,
     /// Requests in flight on each queue.
     #[arg(long, default_value_t = 1)]
@@ -61,13 +61,13 @@ pub struct BenchArgs {
     runtime: Option<Duration>,
     /// Stop after this many bytes over all queues (default without
     /// --runtime: one pass over the region).
-    #[arg(long, value_parser = parse_size)]
+    #[arg(long, value_parser = parse_bytes)]
     size: Option<u64>,
     /// Start of the region, in bytes.
-    #[arg(long, default_value = "0", value_parser = parse_size)]
+    #[arg(long, default_value = "0", value_parser = parse_bytes)]
     offset: u64,
     /// Length of the region (default: to the end of the device).
-    #[arg(long, value_parser = parse_size)]
+    #[arg(long, value_parser = parse_bytes)]
     len: Option<u64>,
     /// Seeds offsets, the read/write mix and the verify pattern.
     #[arg(long, default_value_t = 1)]

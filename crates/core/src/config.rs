@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use clap::{Args, ValueEnum};
+use cryptblk_units::ByteSize;
 use serde::Deserialize;
 
 use crate::crypto::{IvRule, KeyError, SectorCipher, XtsKey, SECTOR_SIZES};
@@ -134,7 +135,7 @@ pub struct ServeArgs {
     pub image: Option<PathBuf>,
     /// Create a sparse image with this much payload (e.g. 10G) if none exists.
     #[arg(long, value_name = "BYTES")]
-    pub size: Option<String>,
+    pub size: Option<ByteSize>,
     /// File holding the raw key (key-size/8 bytes); "-" reads standard input.
     #[arg(long, value_name = "PATH")]
     pub key_file: Option<String>,
@@ -219,7 +220,7 @@ pub struct ServeArgs {
     pub workers: Option<usize>,
     /// Reads/writes at least this large are split across workers (default 512K).
     #[arg(long, value_name = "BYTES")]
-    pub split_threshold: Option<String>,
+    pub split_threshold: Option<ByteSize>,
     /// error, warn, info, debug or trace (default: RUST_LOG, else info).
     #[arg(long)]
     pub log_level: Option<String>,
@@ -233,9 +234,14 @@ pub struct ServeArgs {
     pub control: Option<PathBuf>,
 }
 
-macro_rules! take_missing {
-    ($into:ident, $from:ident, $($field:ident),* $(,)?) => {
-        $( if $into.$field.is_none() { $into.$field = $from.$field.take(); } )*
+/// For each listed field left out on the command line, takes the file's
+/// value. The list is a destructuring pattern of the whole struct, so an
+/// option added to `ServeArgs` and not listed here does not compile: no
+/// field can be silently dropped from the TOML file.
+macro_rules! fill_missing_from {
+    ($into:ident, $file:expr, $($field:ident),* $(,)?) => {
+        let ServeArgs { config: _, $($field),* } = $file;
+        $( if $into.$field.is_none() { $into.$field = $field; } )*
     };
 }
 
@@ -250,11 +256,11 @@ impl ServeArgs {
             path: shown.clone(),
             source,
         })?;
-        let mut file: ServeArgs = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        let file: ServeArgs = toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path: shown,
             source: Box::new(e),
         })?;
-        take_missing!(
+        fill_missing_from!(
             self,
             file,
             socket,
@@ -386,8 +392,8 @@ impl ServeConfig {
         if !(1..=256).contains(&workers) {
             return invalid("--workers", workers, "use 1 to 256");
         }
-        let split_threshold = match a.split_threshold.as_deref() {
-            Some(s) => parse_size(s)?,
+        let split_threshold = match a.split_threshold {
+            Some(s) => positive("--split-threshold", s)?,
             None => DEFAULT_SPLIT_THRESHOLD,
         };
         let readonly = a.readonly.unwrap_or(false);
@@ -439,7 +445,7 @@ impl ServeConfig {
             control: a.control,
             image: ImageSpec {
                 path,
-                create_size: a.size.as_deref().map(parse_size).transpose()?,
+                create_size: a.size.map(|s| positive("--size", s)).transpose()?,
                 readonly,
                 direct,
                 io,
@@ -807,34 +813,13 @@ fn default_serial(path: &Path) -> String {
     format!("cryptblk-{:011x}", hash >> 20)
 }
 
-/// "64M", "10G", "4096", "1T" (binary units, as qemu-img and cryptsetup use).
-pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let shift = match unit
-        .to_ascii_lowercase()
-        .trim_end_matches("ib")
-        .trim_end_matches('b')
-    {
-        "" => 0,
-        "k" => 10,
-        "m" => 20,
-        "g" => 30,
-        "t" => 40,
-        _ => {
-            return invalid(
-                "size",
-                s,
-                "use a number with an optional K, M, G or T suffix",
-            )
-        }
-    };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(1 << shift))
-        .filter(|n| *n > 0)
-        .map_or_else(|| invalid("size", s, "not a positive size"), Ok)
+/// A size option for which zero means nothing (an empty image, splitting
+/// at zero bytes).
+fn positive(flag: &'static str, size: ByteSize) -> Result<u64, ConfigError> {
+    match size.bytes() {
+        0 => invalid(flag, size, "must be more than 0"),
+        n => Ok(n),
+    }
 }
 
 /// cryptsetup warns about key files others can read; so do we.
@@ -865,13 +850,29 @@ mod tests {
     }
 
     #[test]
-    fn sizes_parse_with_binary_suffixes() {
-        assert_eq!(parse_size("4096").unwrap(), 4096);
-        assert_eq!(parse_size("64M").unwrap(), 64 << 20);
-        assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
-        assert!(parse_size("12Q").is_err());
-        assert!(parse_size("0").is_err());
-        assert!(parse_size("99999999999T").is_err());
+    fn zero_sizes_are_refused_by_name() {
+        for (args, flag) in [
+            (
+                ServeArgs {
+                    size: Some(ByteSize(0)),
+                    ..base()
+                },
+                "--size",
+            ),
+            (
+                ServeArgs {
+                    split_threshold: Some(ByteSize(0)),
+                    ..base()
+                },
+                "--split-threshold",
+            ),
+        ] {
+            let err = match ServeConfig::from_args(args) {
+                Ok(_) => panic!("{flag} 0 was accepted"),
+                Err(e) => e.to_string(),
+            };
+            assert!(err.contains(flag), "{err}");
+        }
     }
 
     /// `args` merged with a config file holding `toml`.

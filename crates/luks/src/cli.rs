@@ -73,27 +73,6 @@ fn default_memory_kib() -> u32 {
     half_ram_kib().unwrap_or(0).clamp(32, 1 << 20) as u32
 }
 
-/// `1024`, `64K`, `10M`, `2G`, `1T` (binary units; `MiB`/`MB` spellings too).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let t = t
-        .strip_suffix("iB")
-        .or_else(|| t.strip_suffix('B'))
-        .unwrap_or(t);
-    let (num, shift) = match t.chars().last() {
-        Some('K' | 'k') => (&t[..t.len() - 1], 10),
-        Some('M' | 'm') => (&t[..t.len() - 1], 20),
-        Some('G' | 'g') => (&t[..t.len() - 1], 30),
-        Some('T' | 't') => (&t[..t.len() - 1], 40),
-        _ => (t, 0),
-    };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size like 1024, 64K, 10M, 2G"))?;
-    n.checked_mul(1 << shift)
-        .ok_or_else(|| format!("{s:?} is too large"))
-}
-
 #[derive(Debug, Clone, Args)]
 pub struct FormatArgs {
     /// luks2, luks1 or plain (raw dm-crypt, no header).
@@ -103,7 +82,7 @@ pub struct FormatArgs {
     #[arg(long)]
     pub image: PathBuf,
     /// Payload size (the header comes on top): bytes or 64K, 10M, 2G, ...
-    #[arg(long, value_parser = parse_size)]
+    #[arg(long, value_parser = cryptblk_units::parse_bytes)]
     pub size: u64,
     /// LUKS: the passphrase file ("-" = stdin; none = prompt). Plain: the raw
     /// key, created with key-size/8 random bytes (mode 0600) if missing.
@@ -288,20 +267,4 @@ pub fn run_dump(a: &DumpArgs) -> Result<(), LuksError> {
     let (_, h) = open_header(path, false)?;
     print!("{}", dump::render(&h));
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_size;
-
-    #[test]
-    fn sizes_use_binary_units() {
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("64K"), Ok(64 << 10));
-        assert_eq!(parse_size("10M"), Ok(10 << 20));
-        assert_eq!(parse_size("10MiB"), Ok(10 << 20));
-        assert_eq!(parse_size("2G"), Ok(2 << 30));
-        assert!(parse_size("12Q").is_err());
-        assert!(parse_size("99999999999T").is_err());
-    }
 }
