@@ -28,9 +28,9 @@ check() { # name command...: a check that counts as one test
 
 check "cargo fmt --check" cargo fmt --all -- --check
 check "cargo clippy" cargo clippy --locked --all-targets -- -D warnings
-# The fuzz targets are a crate of their own: build them so they cannot rot
-# unnoticed when the library's types change.
-check "fuzz targets build" cargo check --locked --manifest-path fuzz/Cargo.toml --bins
+# The fuzz targets are a crate of their own: build them and run each over its
+# seeds for seconds, so that none can rot unnoticed when the library changes.
+check "fuzz targets build and run on their seeds" env -u FUZZ_SMOKE_RUNS bash integration/fuzz-smoke.sh
 
 # A build that fails must not let the end-to-end scripts run a stale binary.
 if ! cargo test --locked --no-run; then

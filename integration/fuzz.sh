@@ -35,11 +35,7 @@ failed=0
 for t in "${targets[@]}"; do
   log "building and running $t for ${SECONDS_PER_TARGET}s"
   mkdir -p "fuzz/corpus/$t" "fuzz/artifacts/$t"
-  # Seeds: valid requests of each type (generated), real LUKS headers.
-  case $t in
-    parse | complete | chain) python3 fuzz/seeds/make_seeds.py "fuzz/corpus/$t" ;;
-    luks_header) cp fuzz/seeds/luks_header/* "fuzz/corpus/$t/" ;;
-  esac
+  seed_corpus "$t" "fuzz/corpus/$t"
   out=$(mktemp)
   set +e
   cargo fuzz run "$t" -- -max_total_time="$SECONDS_PER_TARGET" -rss_limit_mb=2048 \

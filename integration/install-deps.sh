@@ -35,7 +35,7 @@ command -v virt-xml-validate >/dev/null || need+=(libvirt-clients)
 command -v xmllint >/dev/null || need+=(libxml2-utils)
 
 # qemu-system-x86 must come from bookworm-backports: plain bookworm's 7.2 would
-# replace the preinstalled qemu-utils 10.0 (see shared/notes/FACTS.md).
+# replace the preinstalled qemu-utils 10.0.
 backports=/etc/apt/sources.list.d/cryptblk-backports.sources
 if ! command -v qemu-system-x86_64 >/dev/null || ! command -v qemu-storage-daemon >/dev/null; then
   if [ ! -f "$backports" ] && ! grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/; then

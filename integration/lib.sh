@@ -43,3 +43,14 @@ now() { date +%s.%3N; }
 
 # Elapsed seconds between two now() values, one decimal.
 elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", b - a }'; }
+
+# seed_corpus TARGET DIR: the fuzz target's seeds into DIR: valid requests of
+# each type (generated) or real LUKS headers.
+seed_corpus() {
+  mkdir -p "$2"
+  case $1 in
+    parse | complete | chain) python3 "$REPO_DIR/fuzz/seeds/make_seeds.py" "$2" >/dev/null ;;
+    luks_header) cp "$REPO_DIR"/fuzz/seeds/luks_header/* "$2/" ;;
+    *) die "no seeds known for fuzz target $1" ;;
+  esac
+}

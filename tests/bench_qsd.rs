@@ -245,6 +245,7 @@ fn a_hung_daemon_is_reported_not_waited_for() {
     // SAFETY: plain syscalls on the pid of the daemon this test started.
     unsafe { libc::kill(pid, libc::SIGSTOP) };
     let result = running.join().expect("bench thread");
+    // SAFETY: as above.
     unsafe { libc::kill(pid, libc::SIGCONT) };
     match result {
         Err(BenchError::Stalled { in_flight, .. }) => assert!(in_flight > 0),

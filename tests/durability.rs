@@ -49,6 +49,7 @@ fn disk_dir() -> tempfile::TempDir {
     // SAFETY: statfs on a NUL-terminated path into a zeroed struct.
     let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
     let path = std::ffi::CString::new(dir.path().to_str().unwrap()).unwrap();
+    // SAFETY: as above.
     assert_eq!(unsafe { libc::statfs(path.as_ptr(), &mut fs) }, 0);
     assert_ne!(
         fs.f_type,

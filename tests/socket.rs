@@ -128,44 +128,48 @@ unsafe fn client(
     gid: u32,
     groups: &[u32],
 ) -> i32 {
-    // Raw calls set this process's credentials only, with no libc
-    // machinery for other threads (there are none after fork).
-    if libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) != 0
-        || libc::syscall(libc::SYS_setresgid, gid, gid, gid) != 0
-        || libc::syscall(libc::SYS_setresuid, uid, uid, uid) != 0
-    {
-        return 2;
-    }
-    let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
-    if fd < 0 {
-        return 3;
-    }
-    if libc::connect(fd, (addr as *const libc::sockaddr_un).cast(), len) != 0 {
-        return 100 + *libc::__errno_location();
-    }
-    let timeout = libc::timeval {
-        tv_sec: 10,
-        tv_usec: 0,
-    };
-    libc::setsockopt(
-        fd,
-        libc::SOL_SOCKET,
-        libc::SO_RCVTIMEO,
-        (&raw const timeout).cast(),
-        size_of::<libc::timeval>() as libc::socklen_t,
-    );
-    // VHOST_USER_GET_FEATURES (1), flags: version 1, no payload.
-    let get_features: [u8; 12] = [1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0];
-    // A refused connection may already be closed: EPIPE, not SIGPIPE.
-    libc::send(fd, get_features.as_ptr().cast(), 12, libc::MSG_NOSIGNAL);
-    let mut reply = [0u8; 64];
-    let n = libc::recv(fd, reply.as_mut_ptr().cast(), reply.len(), 0);
-    match n {
-        0 => 0,
-        n if n > 0 => 1,
-        _ if *libc::__errno_location() == libc::ECONNRESET => 0,
-        _ if *libc::__errno_location() == libc::EAGAIN => 4,
-        _ => 5,
+    // SAFETY: raw calls on this forked child's own fds and credentials,
+    // with valid pointers to locals; the caller forked (see its doc).
+    unsafe {
+        // Raw calls set this process's credentials only, with no libc
+        // machinery for other threads (there are none after fork).
+        if libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) != 0
+            || libc::syscall(libc::SYS_setresgid, gid, gid, gid) != 0
+            || libc::syscall(libc::SYS_setresuid, uid, uid, uid) != 0
+        {
+            return 2;
+        }
+        let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+        if fd < 0 {
+            return 3;
+        }
+        if libc::connect(fd, (addr as *const libc::sockaddr_un).cast(), len) != 0 {
+            return 100 + *libc::__errno_location();
+        }
+        let timeout = libc::timeval {
+            tv_sec: 10,
+            tv_usec: 0,
+        };
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&raw const timeout).cast(),
+            size_of::<libc::timeval>() as libc::socklen_t,
+        );
+        // VHOST_USER_GET_FEATURES (1), flags: version 1, no payload.
+        let get_features: [u8; 12] = [1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0];
+        // A refused connection may already be closed: EPIPE, not SIGPIPE.
+        libc::send(fd, get_features.as_ptr().cast(), 12, libc::MSG_NOSIGNAL);
+        let mut reply = [0u8; 64];
+        let n = libc::recv(fd, reply.as_mut_ptr().cast(), reply.len(), 0);
+        match n {
+            0 => 0,
+            n if n > 0 => 1,
+            _ if *libc::__errno_location() == libc::ECONNRESET => 0,
+            _ if *libc::__errno_location() == libc::EAGAIN => 4,
+            _ => 5,
+        }
     }
 }
 

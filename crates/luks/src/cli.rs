@@ -203,7 +203,7 @@ pub fn run_format(a: &FormatArgs) -> Result<(), LuksError> {
 
 fn new_passphrase_prompt() -> Result<Zeroizing<Vec<u8>>, LuksError> {
     let first = read_interactive("Enter new passphrase: ")?;
-    if unsafe { libc::isatty(libc::STDIN_FILENO) } == 1 {
+    if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
         let again = read_interactive("Verify passphrase: ")?;
         if *again != *first {
             return Err(LuksError::Invalid("the passphrases do not match".into()));

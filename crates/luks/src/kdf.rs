@@ -42,6 +42,7 @@ pub const MAX_PBKDF2_ITERATIONS: u32 = 100_000_000;
 pub fn half_ram_kib() -> Option<u64> {
     // SAFETY: sysconf has no memory-safety preconditions.
     let pages = unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) };
+    // SAFETY: as above.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     (pages > 0 && page > 0).then(|| pages as u64 * page as u64 / 2048)
 }

@@ -92,7 +92,7 @@ fn read_limited(
 /// Prompts on stderr; echo is off while stdin is a terminal. Without a
 /// terminal, reads the first line of stdin (cryptsetup does the same).
 pub fn read_interactive(prompt: &str) -> Result<Zeroizing<Vec<u8>>, LuksError> {
-    let tty = unsafe { libc::isatty(libc::STDIN_FILENO) } == 1;
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stdin());
     let _echo = if tty {
         eprint!("{prompt}");
         let _ = io::stderr().flush();
@@ -134,6 +134,7 @@ impl EchoOff {
     fn new() -> Option<Self> {
         // SAFETY: termios is plain data; tcgetattr fills it or fails.
         let mut t: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: `t` is a valid termios for tcgetattr to fill.
         if unsafe { libc::tcgetattr(libc::STDIN_FILENO, &mut t) } != 0 {
             return None;
         }

@@ -131,8 +131,9 @@ impl BlkBackend {
         }
     }
 
-    /// vhost-user-backend leaks the exit-event consumer fds it registers
-    /// (FACTS.md); close them once the connection's threads are gone.
+    /// vhost-user-backend 0.24 never closes the exit-event consumer fds it
+    /// registers (one per vring thread per connection, piling up in
+    /// /proc/PID/fd across reconnects); close them once the connection's threads are gone.
     pub fn close_exit_fds(&self) {
         for (_, fd) in lock(&self.exit_events).drain(..) {
             // SAFETY: the fd came from into_raw_fd() inside the crate and

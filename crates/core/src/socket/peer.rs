@@ -265,6 +265,7 @@ mod tests {
         assert_eq!(peer.pid, std::process::id() as i32);
         // SAFETY: getuid/getgid cannot fail.
         assert_eq!(peer.uid, unsafe { libc::getuid() });
+        // SAFETY: as above.
         assert_eq!(peer.gid, unsafe { libc::getgid() });
         assert!(peer_of(&a, false).unwrap().groups.is_empty());
     }

@@ -2,8 +2,9 @@
 //!
 //! The guest is untrusted: lengths, sectors, directions and the chain's
 //! shape are all checked before any I/O, and every failure maps to a virtio
-//! status. virtio-queue's iterator silently stops on loops and over-long
-//! chains (FACTS.md), so a chain whose last descriptor still says NEXT is
+//! status. virtio-queue's descriptor iterator silently ends (no error) on
+//! loops and over-long chains, once it has followed queue-size descriptors or
+//! met a bad index, so a chain whose last descriptor still says NEXT is
 //! rejected here.
 
 use virtio_bindings::virtio_blk::*;

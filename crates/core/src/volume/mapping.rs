@@ -30,6 +30,7 @@ pub struct Mapping {
 // SAFETY: the mapping is plain shared memory owned by this value; every
 // access goes through slices whose use is argued at the call sites.
 unsafe impl Send for Mapping {}
+// SAFETY: as for Send: shared access is to plain memory.
 unsafe impl Sync for Mapping {}
 
 impl Mapping {

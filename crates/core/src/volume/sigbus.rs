@@ -49,6 +49,7 @@ struct Previous(libc::sigaction);
 // SAFETY: a sigaction is plain data (a handler address, flags, a mask); it
 // is written once before it is shared and only read afterwards.
 unsafe impl Sync for Previous {}
+// SAFETY: as for Sync.
 unsafe impl Send for Previous {}
 
 static PREVIOUS: OnceLock<Previous> = OnceLock::new();

@@ -1,7 +1,7 @@
 //! The portable AES-XTS kernel: safe code over `aes`'s multi-block calls.
 //!
 //! A naive XTS spends its time on the tweak sequence and the XORs, not in AES
-//! (shared/notes/FACTS.md). This kernel computes a sector's tweaks once, XORs
+//! (profiled when this kernel was written). This kernel computes a sector's tweaks once, XORs
 //! them in, hands the whole sector to `encrypt_blocks` (which `aes` runs with
 //! VAES/AES-NI chosen at run time, several blocks in parallel), and XORs again.
 
