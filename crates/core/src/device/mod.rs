@@ -18,3 +18,6 @@ pub use blk::{BlkDevice, Workspace};
 pub use config_space::{AioMode, CryptoMode, DeviceOptions};
 /// Executes one parsed chain: public for the fuzz targets in fuzz/.
 pub use queue::complete;
+
+#[cfg(test)]
+mod tests;
