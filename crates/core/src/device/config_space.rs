@@ -1,6 +1,8 @@
 //! virtio-blk features and config space (virtio 1.2, 5.2.4).
 
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::{
+    VhostUserProtocolFeatures, VhostUserVirtioFeatures, VHOST_USER_CONFIG_OFFSET,
+};
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
@@ -137,7 +139,18 @@ pub fn config_space(opts: &DeviceOptions, capacity: u64, block_size: usize) -> V
 
 /// The `size` bytes at `offset`, zero-filled past our struct: vhost-user
 /// requires a reply of exactly the requested size.
+///
+/// QEMU counts GET_CONFIG offsets from the start of the device's config
+/// space; cloud-hypervisor (and other frontends on rust-vmm's vhost crate)
+/// count from `VHOST_USER_CONFIG_OFFSET` (0x100), as that crate's backends
+/// expect, and asks for offset 0x100. The virtio-blk config space is far
+/// smaller than 0x100 bytes, so the two conventions never meet: an offset
+/// from 0x100 on is taken as rust-vmm's. Without this a cloud-hypervisor
+/// guest saw a disk of capacity 0.
 pub fn config_window(space: &[u8], offset: u32, size: u32) -> Vec<u8> {
+    let offset = offset
+        .checked_sub(VHOST_USER_CONFIG_OFFSET)
+        .unwrap_or(offset);
     let mut out = vec![0u8; size.min(256) as usize];
     let start = (offset as usize).min(space.len());
     let end = (start + out.len()).min(space.len());
@@ -179,6 +192,9 @@ mod tests {
         assert_ne!(u32::from_le_bytes(c[48..52].try_into().unwrap()), 0);
         assert_eq!(config_window(&c, 20, 4), c[20..24].to_vec());
         assert_eq!(config_window(&c, 56, 16).len(), 16);
+        // cloud-hypervisor's convention: the same bytes from 0x100 on.
+        assert_eq!(config_window(&c, 0x100, 60), config_window(&c, 0, 60));
+        assert_eq!(config_window(&c, 0x100 + 20, 4), c[20..24].to_vec());
     }
 
     #[test]
