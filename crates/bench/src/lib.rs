@@ -7,12 +7,12 @@
 //! derived from (seed, offset), and is read back and compared.
 //!
 //! ```no_run
-//! use cryptblk::bench::{run, JobSpec, RwMode};
+//! use cryptblk_bench::{run, JobSpec, RwMode};
 //! let spec = JobSpec { rw: RwMode::RandWrite, size: Some(4 << 20), verify: true,
 //!                      ..JobSpec::new("/tmp/vhost.sock") };
 //! let report = run(&spec)?;
 //! assert_eq!(report.mismatches(), 0);
-//! # Ok::<(), cryptblk::bench::BenchError>(())
+//! # Ok::<(), cryptblk_bench::BenchError>(())
 //! ```
 
 pub mod cli;

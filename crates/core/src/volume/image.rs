@@ -81,6 +81,7 @@ pub fn open_image(opts: ImageOptions) -> Result<Volume, VolumeError> {
     if opts.direct {
         file = open_file(&opts, true).map_err(open_err)?;
     }
+    super::lock::lock_image(&file, &path, opts.readonly)?;
     let map = if opts.io == IoMode::Mmap && !opts.direct && !block_device {
         let mapped = Mapping::new(&file, opts.payload_offset, capacity, opts.readonly);
         Some(mapped.map_err(|source| VolumeError::Map {

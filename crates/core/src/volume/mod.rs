@@ -3,6 +3,7 @@
 //! everything below it (the file) only ever receives ciphertext.
 
 mod image;
+mod lock;
 mod mapping;
 mod sectors;
 mod sigbus;
@@ -61,6 +62,14 @@ pub enum VolumeError {
         path: String,
         size: u64,
         segment: u64,
+    },
+    #[error("cannot lock image {path}: {source}")]
+    Lock { path: String, source: io::Error },
+    #[error("image {path} is in use: {conflict}{}; two writers would corrupt it: stop the other user (another cryptblk, a VM, qemu-img) first, or open it --readonly everywhere", holder.as_ref().map(|h| format!(" ({h})")).unwrap_or_default())]
+    InUse {
+        path: String,
+        conflict: String,
+        holder: Option<String>,
     },
     #[error("--offset must be a multiple of the sector size ({sector_size} bytes) when --direct is used")]
     UnalignedDirectOffset { sector_size: usize },

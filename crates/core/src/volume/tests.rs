@@ -202,13 +202,17 @@ fn read_at(vol: &Volume, pos: u64, len: usize) -> std::io::Result<Vec<u8>> {
 fn both_paths_see_the_same_image() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("img");
+    // One after the other: the image lock admits one writer at a time.
     let mapped = open_with(&path, Some(1 << 20), 512, 512, false, IoMode::Mmap);
-    let plain = open_with(&path, None, 512, 512, false, IoMode::Pread);
     let a = pattern(65536, 5);
     write_at(&mapped, 4096, &a).unwrap();
+    drop(mapped);
+    let plain = open_with(&path, None, 512, 512, false, IoMode::Pread);
     assert_eq!(read_at(&plain, 4096, a.len()).unwrap(), a);
     let b = pattern(8192, 6);
     write_at(&plain, 0, &b).unwrap();
+    drop(plain);
+    let mapped = open_with(&path, None, 512, 512, false, IoMode::Mmap);
     assert_eq!(read_at(&mapped, 0, b.len()).unwrap(), b);
 }
 
