@@ -15,6 +15,7 @@ pub mod luks;
 pub mod notify;
 pub mod sandbox;
 pub mod secrets;
+mod sigbus;
 pub mod socket;
 pub mod store;
 pub mod virtio;

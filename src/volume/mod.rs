@@ -5,7 +5,6 @@
 mod image;
 mod mapping;
 mod sectors;
-mod sigbus;
 
 pub use crate::store::AlignedBuf;
 pub use image::{open_image, ImageOptions};
