@@ -192,3 +192,75 @@ fn page_size(file: &File) -> usize {
         _ => 0,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{FileOffset, GuestAddress};
+
+    /// Guest memory in a file that cannot be sealed (not a memfd).
+    fn unsealable_memory() -> Arc<GuestMemoryMmap> {
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(1 << 20).unwrap();
+        let range = (
+            GuestAddress(0x10_0000),
+            1 << 20,
+            Some(FileOffset::new(file, 0)),
+        );
+        Arc::new(GuestMemoryMmap::from_ranges_with_files([range]).unwrap())
+    }
+
+    fn slot_count(g: &GuestFaults) -> u32 {
+        g.slots.load(Ordering::SeqCst).count_ones()
+    }
+
+    /// A region stays registered while a request still holds a replaced
+    /// memory table, and a fault counted in it still breaks the connection
+    /// after its registration is given back.
+    #[test]
+    fn a_region_stays_registered_while_used_and_its_faults_outlive_it() {
+        let g = GuestFaults::new();
+        let table = unsealable_memory();
+        g.update(&table);
+        assert_eq!(slot_count(&g), 1);
+        assert!(!g.broken());
+        // The same table again (ADD_MEM_REG keeps the other regions).
+        g.update(&table);
+        assert_eq!(slot_count(&g), 1);
+
+        let request = table.clone();
+        drop(table);
+        let empty = GuestMemoryMmap::new();
+        g.update(&empty);
+        assert_eq!(slot_count(&g), 1, "given back while a request uses it");
+
+        lock(&g.held)[0].slot.as_ref().unwrap().count_fault();
+        assert!(g.broken());
+        drop(request);
+        g.update(&empty);
+        assert_eq!(slot_count(&g), 0, "kept after its last user went");
+        assert!(lock(&g.held).is_empty());
+        assert!(g.broken(), "the fault was forgotten with its slot");
+    }
+
+    /// Sealable memory (a memfd made as QEMU makes it) is sealed, not
+    /// registered; the unsealable control above takes a slot.
+    #[test]
+    fn memory_that_can_be_sealed_is_sealed_and_takes_no_slot() {
+        let file = File::from(super::super::inflight::memfd("guest").unwrap());
+        file.set_len(1 << 20).unwrap();
+        let keep = file.try_clone().unwrap();
+        let range = (
+            GuestAddress(0x10_0000),
+            1 << 20,
+            Some(FileOffset::new(file, 0)),
+        );
+        let table = GuestMemoryMmap::from_ranges_with_files([range]).unwrap();
+        let g = GuestFaults::new();
+        g.update(&table);
+        assert_eq!(slot_count(&g), 0);
+        let err = keep.set_len(4096).expect_err("shrinking sealed memory");
+        assert_eq!(err.raw_os_error(), Some(libc::EPERM));
+        assert!(!g.broken());
+    }
+}
