@@ -11,7 +11,10 @@
 #       queue at the disk, completed out of order), then --crypto workers
 #       --split-threshold 16K --direct (large requests in the pool, the rest
 #       through io_uring). Out of order, the VMM cannot tell from the used
-#       ring alone which requests were in flight: only the inflight region can
+#       ring alone which requests were in flight: only the inflight region can.
+#       Then a control run (--inflight-tracking false, 3 kills) that must
+#       replay nothing: the check that the runs replayed something has to
+#       trip on it, or the test fails
 #   E2E_SERVE_ARGS='--crypto inline' bash integration/e2e-reconnect.sh  # one run
 #
 # The guest (guest/reconnect.sh) runs one verified write loop per queue on the
@@ -254,10 +257,16 @@ main() {
   check_guest_results
   host_check kills-done [ "$k" = "$KILLS" ]
   host_check image-has-no-plaintext no_plaintext_in_image
-  # Every daemon, the first included, must have had the region: without it
-  # QEMU can only restart a queue at its used index, which loses requests
-  # that completed out of order (see the run with --crypto workers).
-  host_check inflight-region-in-every-daemon [ "$INFLIGHT_MAPPED" = $((k + 1)) ]
+  if without_region; then
+    # The control run (all_runs): no daemon may have had the region, or the
+    # control would not show what a run without it looks like.
+    host_check inflight-region-in-no-daemon [ "$INFLIGHT_MAPPED" = 0 ]
+  else
+    # Every daemon, the first included, must have had the region: without it
+    # QEMU can only restart a queue at its used index, which loses requests
+    # that completed out of order (see the run with --crypto workers).
+    host_check inflight-region-in-every-daemon [ "$INFLIGHT_MAPPED" = $((k + 1)) ]
+  fi
 
   # crates/core/src/device/queue.rs logs "queue Q: replaying N requests ..." when a
   # restarted daemon finds requests its predecessor left in flight. A run
@@ -284,31 +293,64 @@ main() {
   echo "PASS"
 }
 
+# without_region: this run serves with --inflight-tracking false (the control
+# run): the daemon offers no INFLIGHT_SHMFD, so QEMU hands it no region.
+without_region() { [[ " $SERVE_ARGS " == *" --inflight-tracking false "* ]]; }
+
+# replay_check N: the check on the replays of a set of runs. Kills that never
+# caught a request in flight would pass without testing the replay at all:
+# the runs together must have replayed something.
+replay_check() { [ "$1" -gt 0 ]; }
+
 # Without E2E_SERVE_ARGS: both crypto placements and both I/O paths, each a run
-# of this script.
+# of this script, then the negative control of the replay check.
 all_runs() {
-  local status=0 t0 out replayed=0 n
+  local status=0 t0 out replayed=0 n control_rc=0 detected=no
   t0=$(now)
   resolve_cryptblk
   export CRYPTBLK
   out=$(mktemp)
-  one_run() { # name serve-args
-    RECONNECT_RUN=$1 E2E_SERVE_ARGS=$2 bash "${BASH_SOURCE[0]}" | tee "$out" || status=1
+  one_run() { # name serve-args [kills]: sets n, the run's replays
+    local rc=0
+    RECONNECT_RUN=$1 E2E_SERVE_ARGS=$2 RECONNECT_KILLS=${3:-$KILLS} bash "${BASH_SOURCE[0]}" |
+      tee "$out" || rc=1
     n=$(sed -n 's/.*requests replayed from the in-flight region: \([0-9]*\).*/\1/p' "$out" | tail -1)
-    replayed=$((replayed + ${n:-0}))
+    n=${n:-0}
+    return $rc
   }
-  one_run inline '--crypto inline'
-  one_run direct '--crypto inline --direct'
-  one_run workers '--crypto workers --split-threshold 16K --direct'
-  rm -f "$out"
-  # Kills that never caught a request in flight would pass without testing
-  # the replay at all: the runs together must have replayed something.
-  if [ "$replayed" -eq 0 ]; then
+  local run
+  for run in "inline|--crypto inline" "direct|--crypto inline --direct" \
+    "workers|--crypto workers --split-threshold 16K --direct"; do
+    n=0
+    one_run "${run%%|*}" "${run#*|}" || status=1
+    replayed=$((replayed + n))
+  done
+  if ! replay_check "$replayed"; then
     log "FAIL: no run replayed a request from the in-flight region; the replay went untested"
     status=1
   fi
+  # Negative control: the same workload with INFLIGHT_SHMFD disabled (fewer
+  # kills: it only has to show the check trips). QEMU then restarts each
+  # queue at its used index, which hides the loss from the guest's checks
+  # (README, "Status"), so only the replay count can tell: it must be 0 and
+  # the replay check must fail on it. A control that replayed something, or
+  # whose own checks failed, is a failure of the test.
+  n=0
+  one_run control '--crypto inline --inflight-tracking false' 3 || control_rc=1
+  if [ "$control_rc" != 0 ]; then
+    log "FAIL: the control run (--inflight-tracking false) failed its own checks"
+    status=1
+  elif replay_check "$n"; then
+    log "FAIL: the control run replayed $n requests without an in-flight region;" \
+      "the replay count does not measure the region"
+    status=1
+  else
+    detected=yes
+    log "control (--inflight-tracking false): $n requests replayed, the replay check trips as it must"
+  fi
+  rm -f "$out"
   echo "==== e2e-reconnect: $([ $status = 0 ] && echo PASS || echo FAILED)," \
-    "$replayed requests replayed, all runs in $(elapsed "$t0" "$(now)") s"
+    "$replayed requests replayed, control detected: $detected, all runs in $(elapsed "$t0" "$(now)") s"
   return $status
 }
 

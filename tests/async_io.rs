@@ -336,9 +336,10 @@ fn a_request_larger_than_the_buffer_pool_waits_for_buffers() {
 }
 
 /// Review bug 4, guest memory half: a VMM that shrinks the guest memory
-/// file under the daemon's mapping would end the daemon with SIGBUS. The
-/// daemon seals sealable guest memory against shrinking on SET_MEM_TABLE,
-/// and warns about memory it cannot seal (the control).
+/// file under the daemon's mapping raises SIGBUS in the daemon. The daemon
+/// seals sealable guest memory against shrinking on SET_MEM_TABLE, and
+/// warns about memory it cannot seal (the control), where a truncation
+/// costs the VMM its connection (tests/guest_truncation.rs).
 #[test]
 fn guest_memory_is_sealed_against_shrinking_where_it_can_be() {
     let s = serve("aes-xts-plain64", &[]);

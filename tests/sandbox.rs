@@ -93,8 +93,9 @@ fn access_flags(args: &str, field: &str) -> Vec<String> {
 
 /// Landlock leaves no mark in /proc (Seccomp: 2 is seccomp's, and NoNewPrivs
 /// is set for seccomp anyway), and nothing the daemon does once serving
-/// touches a path Landlock would refuse, so its domain cannot be probed
-/// from outside either. What can be watched is the daemon setting it up:
+/// touches a path Landlock would refuse, so its domain can be probed from
+/// outside only through a test hook (the next test). What can be watched is
+/// the daemon setting it up:
 /// under `strace -f -y`, `--sandbox full` must create a ruleset that
 /// handles file access, allow exactly the image (read and write; read only
 /// with --readonly) and removing files in the socket's directory, and
@@ -206,6 +207,74 @@ fn full_mode_sets_up_landlock_in_the_real_daemon_before_any_thread() {
             ["LANDLOCK_ACCESS_FS_REMOVE_FILE"],
             "{what}"
         );
+    }
+}
+
+/// Landlock seen from outside the real daemon: the debug-build test hook
+/// `CRYPTBLK_TEST_PROBE_OPEN` makes the daemon open a file once its sandbox
+/// binds it (before seccomp, which would trap open itself) and log the
+/// outcome. With `--sandbox full` a readable file outside the image and
+/// the socket's directory is refused with EACCES, and the daemon goes on
+/// serving; the control, the same probe under `--sandbox seccomp` (no
+/// Landlock), opens it. /proc shows the rest: NoNewPrivs and seccomp's
+/// filter mode in both.
+#[test]
+fn full_mode_landlock_refuses_an_open_seen_from_outside_the_daemon() {
+    // Fails rather than skips in a release build, which has no probe.
+    if !cfg!(debug_assertions) {
+        panic!("the probe is a debug-build hook: run this test without --release");
+    }
+    let elsewhere = tempfile::tempdir().unwrap();
+    let outside = elsewhere.path().join("readable.txt");
+    std::fs::write(&outside, b"not the daemon's").unwrap();
+    for (mode, outcome) in [
+        ("full", "Permission denied (os error 13)"),
+        ("seccomp", "ok"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let (key, _) = write_key(dir.path(), 64);
+        let img = dir.path().join("disk.img");
+        let log = dir.path().join("daemon.log");
+        let stderr = std::fs::File::create(&log).unwrap();
+        let mut d = Daemon::start_command(
+            dir.path(),
+            &[
+                "--image",
+                img.to_str().unwrap(),
+                "--size",
+                "8M",
+                "--key-file",
+                key.to_str().unwrap(),
+                "--sandbox",
+                mode,
+            ],
+            stderr.into(),
+            |c| {
+                c.env("CRYPTBLK_TEST_PROBE_OPEN", &outside);
+            },
+        );
+        let probe = format!("sandbox probe: open {}: ", outside.display());
+        let text = || std::fs::read_to_string(&log).unwrap();
+        wait_until(
+            std::time::Duration::from_secs(10),
+            "the probe's line",
+            || text().contains(&probe),
+        );
+        let line = text()
+            .lines()
+            .find_map(|l| l.split_once(&probe).map(|(_, rest)| rest.to_string()))
+            .unwrap();
+        assert_eq!(line, outcome, "--sandbox {mode}:\n{}", text());
+        // Confined, and still serving.
+        let mut c = Client::connect(&d.socket, 1);
+        let data = pattern(5, 0, 64 << 10);
+        assert_eq!(c.write(0, 0, &data), 0, "{mode}");
+        assert_eq!(c.read(0, 0, data.len()).unwrap(), data, "{mode}");
+        drop(c);
+        assert_eq!(proc_status(d.pid, "NoNewPrivs:"), "1", "{mode}");
+        assert_eq!(proc_status(d.pid, "Seccomp:"), "2", "{mode}");
+        assert!(d.alive(), "--sandbox {mode}: the daemon died:\n{}", text());
+        assert!(d.terminate().success(), "--sandbox {mode}:\n{}", text());
     }
 }
 

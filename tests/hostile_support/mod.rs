@@ -223,6 +223,27 @@ impl GuestMem {
         self.write(HDR, &raw);
     }
 
+    /// True if reading the byte at `gpa` through this mapping raises
+    /// SIGBUS (the file was truncated below it): a forked child reads it
+    /// and must die of SIGBUS. This process never touches it.
+    pub fn read_faults(&self, gpa: u64) -> bool {
+        let p = self.at(gpa, 1);
+        // SAFETY: the child only reads one byte of the inherited mapping
+        // and calls _exit (async-signal-safe), as fork in a threaded
+        // process requires; the parent only waits for it.
+        unsafe {
+            let pid = libc::fork();
+            assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+            if pid == 0 {
+                std::ptr::read_volatile(p);
+                libc::_exit(0);
+            }
+            let mut status = 0;
+            assert_eq!(libc::waitpid(pid, &mut status, 0), pid);
+            libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGBUS
+        }
+    }
+
     fn region(&self) -> VhostUserMemoryRegionInfo {
         VhostUserMemoryRegionInfo {
             guest_phys_addr: GPA_BASE,
@@ -323,6 +344,11 @@ impl RawGuest {
     /// Shrinks the guest memory file, as a hostile VMM could.
     pub fn truncate_memory(&self, len: u64) -> std::io::Result<()> {
         self.mem.fd.set_len(len)
+    }
+
+    /// The guest memory file's size now.
+    pub fn memory_file_len(&self) -> u64 {
+        self.mem.fd.metadata().expect("fstat guest memory").len()
     }
 
     /// `handshake`, optionally negotiating VIRTIO_RING_F_EVENT_IDX.

@@ -230,6 +230,7 @@ fn serve_connections(
             .connection
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = daemon.shutdown_handle();
+        backend.attach_connection(daemon.shutdown_handle());
         // A connection accepted after SIGTERM is our own wake-up call (or a
         // VMM arriving too late): close it without ceremony.
         let wake_up = shutdown.requested();

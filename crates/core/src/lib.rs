@@ -10,6 +10,7 @@ pub mod device;
 pub mod keyring;
 pub mod notify;
 pub mod sandbox;
+mod sigbus;
 pub mod socket;
 pub mod store;
 pub mod virtio;

@@ -9,9 +9,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures};
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock};
-use vm_memory::{
-    GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -20,10 +18,10 @@ use vmm_sys_util::event::{
 use super::aio::AsyncQueue;
 use super::blk::{BlkDevice, Workspace};
 use super::config_space::{config_window, protocol_features, virtio_features, AioMode, CryptoMode};
+use super::guest_faults::GuestFaults;
 use super::inflight::{InflightQueue, InflightRegion};
 use super::pool::Pool;
 use super::queue::{drain_async, process_vring, QueueCtx, QueueState};
-use super::seals::seal_against_shrinking;
 
 type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
 
@@ -43,6 +41,9 @@ pub struct BlkBackend {
     exit_events: Mutex<Vec<(EventNotifier, RawFd)>>,
     /// The frontend's inflight region (SET_INFLIGHT_FD), if it sent one.
     inflight: RwLock<Option<InflightRegion>>,
+    /// The guest memory regions, watched for truncation by the VMM. Last:
+    /// it keeps regions mapped until the rest is gone.
+    guest: Arc<GuestFaults>,
 }
 
 impl BlkBackend {
@@ -57,9 +58,10 @@ impl BlkBackend {
                 })
             })
             .collect();
+        let guest = Arc::new(GuestFaults::new());
         let pool = match opts.crypto {
             CryptoMode::Inline => None,
-            CryptoMode::Workers => Some(Pool::new(&dev)?),
+            CryptoMode::Workers => Some(Pool::new(&dev, &guest)?),
         };
         Ok(Arc::new(BlkBackend {
             dev,
@@ -70,7 +72,14 @@ impl BlkBackend {
             queues,
             exit_events: Mutex::new(Vec::new()),
             inflight: RwLock::new(None),
+            guest,
         }))
+    }
+
+    /// The connection this backend serves, closed if the VMM truncates
+    /// guest memory under a copy.
+    pub fn attach_connection(&self, connection: Option<vhost_user_backend::ShutdownHandle>) {
+        self.guest.attach(connection);
     }
 
     /// Tells every vring thread to finish its current batch and exit.
@@ -123,6 +132,7 @@ impl BlkBackend {
             if let Err(e) = drain_async(
                 &self.dev,
                 index,
+                &self.guest,
                 self.tracker(index).as_deref(),
                 &mut lock(queue),
             ) {
@@ -204,7 +214,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn update_memory(&self, mem: Mem) -> io::Result<()> {
-        seal_guest_memory(&mem);
+        self.guest.update(&mem.memory());
         *self.mem.write().unwrap_or_else(|p| p.into_inner()) = mem;
         Ok(())
     }
@@ -230,6 +240,7 @@ impl VhostUserBackend for BlkBackend {
             drain_async(
                 &self.dev,
                 index,
+                &self.guest,
                 self.tracker(index).as_deref(),
                 &mut lock(queue),
             )?;
@@ -275,30 +286,16 @@ impl VhostUserBackend for BlkBackend {
             pool: self.pool.as_ref(),
             queue: thread_id,
             event_idx: self.event_idx.load(Ordering::Acquire),
-            stopping: self.stopping.load(Ordering::SeqCst),
+            // Guest memory the VMM truncated: no new request (the
+            // connection is being closed).
+            stopping: self.stopping.load(Ordering::SeqCst) || self.guest.broken(),
             inflight: self.tracker(thread_id),
+            guest: &self.guest,
         };
-        process_vring(&ctx, vring, &mem, &mut qs)
-    }
-}
-
-/// Seals each guest memory file against shrinking where the kernel allows
-/// it (memfds made with MFD_ALLOW_SEALING; QEMU's memory-backend-memfd seals
-/// them itself). Others are served as they are, with a warning: a VMM that
-/// truncates one can end this process with SIGBUS.
-fn seal_guest_memory(mem: &Mem) {
-    for region in mem.memory().iter() {
-        let Some(file) = region.file_offset().map(|f| f.file()) else {
-            continue;
-        };
-        if let Err(e) = seal_against_shrinking(file) {
-            log::warn!(
-                "guest memory at {:#x} cannot be sealed against shrinking ({e}): a VMM that \
-                 truncates it ends cryptblk with SIGBUS; share guest memory as a sealable memfd \
-                 (QEMU memory-backend-memfd) to rule that out",
-                region.start_addr().0
-            );
-        }
+        let result = process_vring(&ctx, vring, &mem, &mut qs);
+        // A fault outside any request (the rings) ends the connection too.
+        self.guest.broken();
+        result
     }
 }
 

@@ -10,6 +10,7 @@ use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
+use super::guest_faults::GuestFaults;
 use super::inflight::InflightQueue;
 use super::ratelimit::RateLimited;
 use super::stats::{QueueStats, Ticket};
@@ -53,14 +54,26 @@ pub struct Finished {
 
 /// Counts the request in `stats`, writes the status byte (logging
 /// failures) and returns the used length: bytes written into guest memory,
-/// status included; 0 if no status could be written.
-pub fn write_status<M: GuestMemoryBackend>(mem: &M, stats: &QueueStats, done: Finished) -> u32 {
+/// status included; 0 if no status could be written. Nothing succeeds once
+/// the VMM truncated guest memory under a copy (`guest`).
+pub fn write_status<M: GuestMemoryBackend>(
+    mem: &M,
+    stats: &QueueStats,
+    guest: &GuestFaults,
+    done: Finished,
+) -> u32 {
     let Finished {
         head,
         status_at,
-        outcome,
+        mut outcome,
         ticket,
     } = done;
+    if matches!(outcome, Outcome::Done(_)) && guest.broken() {
+        outcome = Outcome::Failed(io::Error::new(
+            io::ErrorKind::BrokenPipe,
+            "the VMM truncated guest memory under this request",
+        ));
+    }
     stats.record(&ticket, &outcome);
     match &outcome {
         Outcome::Done(_) => {}
@@ -90,11 +103,12 @@ pub fn finish<M: GuestMemoryBackend>(
     vring: &VringRwLock,
     tracker: Option<&InflightQueue>,
     stats: &QueueStats,
+    guest: &GuestFaults,
     mem: &M,
     done: Finished,
 ) -> io::Result<()> {
     let head = done.head;
-    let used = write_status(mem, stats, done);
+    let used = write_status(mem, stats, guest, done);
     put_used(vring, tracker, head, used)
 }
 

@@ -195,7 +195,7 @@ fn require_shrink_seal(file: &File) -> Result<(), InflightError> {
     seal_against_shrinking(file).map_err(InflightError::Unsealed)
 }
 
-fn memfd(name: &str) -> io::Result<OwnedFd> {
+pub(super) fn memfd(name: &str) -> io::Result<OwnedFd> {
     let name = std::ffi::CString::new(name).map_err(io::Error::other)?;
     // SAFETY: `name` is a valid C string; the returned fd is checked and
     // owned from here on.

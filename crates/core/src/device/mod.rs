@@ -6,6 +6,7 @@ mod backend;
 mod blk;
 mod completion;
 mod config_space;
+mod guest_faults;
 mod inflight;
 mod pool;
 mod queue;

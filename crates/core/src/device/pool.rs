@@ -19,6 +19,7 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use super::blk::{BlkDevice, Workspace};
 use super::completion::{self, Finished, Outcome};
+use super::guest_faults::GuestFaults;
 use super::inflight::InflightQueue;
 use super::stats::Ticket;
 use crate::virtio::{sub_segments, Request, Segment};
@@ -124,7 +125,8 @@ pub struct Pool {
 }
 
 impl Pool {
-    pub fn new(dev: &Arc<BlkDevice>) -> std::io::Result<Pool> {
+    /// Workers for `dev`, serving a connection whose guest memory is `guest`.
+    pub fn new(dev: &Arc<BlkDevice>, guest: &Arc<GuestFaults>) -> std::io::Result<Pool> {
         let opts = dev.options();
         let slots: Arc<[Slots]> = (0..opts.queues).map(|_| Slots::new()).collect();
         // Every slot can be split into at most `workers` parts, so the
@@ -133,9 +135,10 @@ impl Pool {
         let threads = (0..opts.workers)
             .map(|i| {
                 let (dev, rx, slots) = (dev.clone(), rx.clone(), slots.clone());
+                let guest = guest.clone();
                 std::thread::Builder::new()
                     .name(format!("crypt-worker-{i}"))
-                    .spawn(move || worker(&dev, &rx, &slots))
+                    .spawn(move || worker(&dev, &guest, &rx, &slots))
             })
             .collect::<std::io::Result<_>>()?;
         Ok(Pool {
@@ -224,13 +227,13 @@ impl Drop for Pool {
     }
 }
 
-fn worker(dev: &BlkDevice, rx: &Receiver<Job>, slots: &[Slots]) {
+fn worker(dev: &BlkDevice, guest: &GuestFaults, rx: &Receiver<Job>, slots: &[Slots]) {
     let mut ws = Workspace::new(dev.options().queue_size);
     for job in rx.iter() {
         run_part(dev, &job, &mut ws);
         let slot = job.slot;
         if slot.parts_left.fetch_sub(1, Ordering::AcqRel) == 1 {
-            complete(dev, &slot);
+            complete(dev, guest, &slot);
             let queue = slot.queue;
             slots[queue].put(slot);
         }
@@ -290,7 +293,7 @@ fn part_of(
     rebuild(pos + start, end - start)
 }
 
-fn complete(dev: &BlkDevice, slot: &Slot) {
+fn complete(dev: &BlkDevice, guest: &GuestFaults, slot: &Slot) {
     let (Some(vring), Some(mem), Some(request), Some(ticket)) = (
         slot.vring.as_ref(),
         slot.mem.as_deref(),
@@ -314,7 +317,7 @@ fn complete(dev: &BlkDevice, slot: &Slot) {
     };
     let tracker = slot.inflight.as_deref();
     let stats = dev.stats().queue(slot.queue);
-    if let Err(e) = completion::finish(vring, tracker, stats, mem, done)
+    if let Err(e) = completion::finish(vring, tracker, stats, guest, mem, done)
         .and_then(|()| completion::notify_guest(vring))
     {
         log::warn!("cannot complete request {}: {e}", slot.head);

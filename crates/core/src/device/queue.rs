@@ -18,6 +18,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use super::aio::{AsyncQueue, Done};
 use super::blk::{BlkDevice, Workspace};
 use super::completion::{self, Finished, Outcome, GUEST_ERRORS};
+use super::guest_faults::{GuestFaults, UNWATCHED};
 use super::inflight::InflightQueue;
 use super::pool::{Accepted, Pool};
 use super::stats::{QueueStats, Ticket};
@@ -46,6 +47,9 @@ pub struct QueueCtx<'a> {
     pub stopping: bool,
     /// Where this queue tracks in-flight chains (SET_INFLIGHT_FD), if anywhere.
     pub inflight: Option<Arc<InflightQueue>>,
+    /// The connection's guest memory: once the VMM truncated it under a
+    /// copy, nothing succeeds.
+    pub guest: &'a GuestFaults,
 }
 
 impl QueueCtx<'_> {
@@ -163,7 +167,7 @@ fn on_executor(
     step(
         aio,
         ctx.dev.volume(),
-        &mut completer(vring, tracker, ctx.stats(), completed),
+        &mut completer(vring, tracker, ctx.stats(), ctx.guest, completed),
     )
 }
 
@@ -173,11 +177,12 @@ fn completer<'a>(
     vring: &'a VringRwLock,
     tracker: Option<&'a InflightQueue>,
     stats: &'a QueueStats,
+    guest: &'a GuestFaults,
     completed: &'a mut bool,
 ) -> impl FnMut(Finished, &GuestMemoryMmap) -> io::Result<()> + 'a {
     move |done, mem| {
         *completed = true;
-        completion::finish(vring, tracker, stats, mem, done)
+        completion::finish(vring, tracker, stats, guest, mem, done)
     }
 }
 
@@ -186,6 +191,7 @@ fn completer<'a>(
 pub fn drain_async(
     dev: &BlkDevice,
     queue: usize,
+    guest: &GuestFaults,
     tracker: Option<&InflightQueue>,
     qs: &mut QueueState,
 ) -> io::Result<()> {
@@ -196,7 +202,7 @@ pub fn drain_async(
     let stats = dev.stats().queue(queue);
     aio.drain(
         dev.volume(),
-        &mut completer(vring, tracker, stats, &mut completed),
+        &mut completer(vring, tracker, stats, guest, &mut completed),
     )?;
     notify_if(completed, vring)
 }
@@ -319,7 +325,7 @@ fn resubmit(
             let tracker = ctx.inflight.as_deref();
             aio.wait_for_room(
                 ctx.dev.volume(),
-                &mut completer(vring, tracker, ctx.stats(), completed),
+                &mut completer(vring, tracker, ctx.stats(), ctx.guest, completed),
             )?;
         }
         let mem = &mem_now();
@@ -419,7 +425,8 @@ fn complete_here(
     completed: &mut bool,
 ) -> io::Result<()> {
     let head = parsed.head;
-    let used = complete(ctx.dev, ctx.stats(), popped_at, &**mem, parsed, &mut qs.ws);
+    let (stats, guest) = (ctx.stats(), ctx.guest);
+    let used = complete_in(ctx.dev, stats, guest, popped_at, &**mem, parsed, &mut qs.ws);
     completion::put_used(vring, ctx.inflight.as_deref(), head, used)?;
     *completed = true;
     Ok(())
@@ -427,10 +434,24 @@ fn complete_here(
 
 /// Executes a parsed chain (popped at `popped_at`, if timed) on this
 /// thread, writes its status byte and counts it in `stats`. Returns the used length: bytes
-/// written into guest memory, status included.
+/// written into guest memory, status included. Outside any connection (the
+/// fuzz targets): no guest memory is watched for truncation.
 pub fn complete<M: GuestMemoryBackend>(
     dev: &BlkDevice,
     stats: &QueueStats,
+    popped_at: Option<Instant>,
+    mem: &M,
+    parsed: Parsed,
+    ws: &mut Workspace,
+) -> u32 {
+    complete_in(dev, stats, &UNWATCHED, popped_at, mem, parsed, ws)
+}
+
+/// `complete` for a connection whose guest memory is `guest`.
+fn complete_in<M: GuestMemoryBackend>(
+    dev: &BlkDevice,
+    stats: &QueueStats,
+    guest: &GuestFaults,
     popped_at: Option<Instant>,
     mem: &M,
     parsed: Parsed,
@@ -447,6 +468,7 @@ pub fn complete<M: GuestMemoryBackend>(
     completion::write_status(
         mem,
         stats,
+        guest,
         Finished {
             head: parsed.head,
             status_at: parsed.status,

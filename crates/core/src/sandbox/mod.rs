@@ -111,6 +111,8 @@ impl Sandbox {
             }
             SandboxMode::Seccomp | SandboxMode::SeccompLog => {}
         }
+        #[cfg(debug_assertions)]
+        probe_open();
         let on_violation = if self.mode == SandboxMode::SeccompLog {
             seccomp::OnViolation::Log
         } else {
@@ -123,5 +125,23 @@ impl Sandbox {
             seccomp::allowed_count()
         );
         Ok(())
+    }
+}
+
+/// A test hook, in debug builds only (release builds do not contain it):
+/// with `CRYPTBLK_TEST_PROBE_OPEN=PATH` in its environment the daemon opens
+/// PATH read-only once Landlock binds it, and logs the outcome
+/// (`sandbox probe: open PATH: ok` or the error), so that a test sees from
+/// outside what Landlock refuses. It runs before the seccomp filter, which
+/// would trap the open call itself in every mode.
+#[cfg(debug_assertions)]
+fn probe_open() {
+    let Some(path) = std::env::var_os("CRYPTBLK_TEST_PROBE_OPEN") else {
+        return;
+    };
+    let path = std::path::Path::new(&path);
+    match std::fs::File::open(path) {
+        Ok(_) => log::info!("sandbox probe: open {}: ok", path.display()),
+        Err(e) => log::info!("sandbox probe: open {}: {e}", path.display()),
     }
 }

@@ -7,13 +7,13 @@
 //! a 20 GiB image takes 20 GiB of address space, no memory). Block devices
 //! and `--direct` keep pread/pwrite. A SIGBUS on the mapping (disk error,
 //! full filesystem under a sparse image, image truncated by someone else) is
-//! turned into an I/O error by [`super::sigbus`].
+//! turned into an I/O error by [`crate::sigbus`].
 
 use std::fs::File;
 use std::io;
 use std::os::unix::io::AsRawFd;
 
-use super::sigbus::Slot;
+use crate::sigbus::Slot;
 
 pub struct Mapping {
     /// What mmap returned (page aligned) and its length.

@@ -6,7 +6,6 @@ mod image;
 mod lock;
 mod mapping;
 mod sectors;
-mod sigbus;
 
 pub use crate::store::AlignedBuf;
 pub use image::{open_image, ImageOptions};

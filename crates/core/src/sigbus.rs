@@ -1,18 +1,23 @@
-//! A SIGBUS on the image mapping becomes an I/O error instead of a crash.
+//! A SIGBUS in a mapping the daemon registered becomes an error of whoever
+//! owns that mapping instead of a crash of the process.
 //!
 //! Where pread/pwrite return an error, an access to a shared file mapping
 //! raises SIGBUS: a page the disk cannot read (EIO), a write into a hole of a
 //! sparse image when the filesystem is full or over quota, an access past the
-//! end after another process truncated the image. By default that kills the
-//! daemon and every VM disk it serves.
+//! end after another process truncated the file. By default that kills the
+//! daemon and every VM disk it serves. Two kinds of mapping are registered:
+//! the image's payload (`volume/mapping.rs`) and the guest memory a VMM
+//! shares (`device/guest_faults.rs`), which a VMM can truncate when the
+//! daemon could not seal it.
 //!
 //! The handler looks up the faulting address in a table of registered
 //! mappings. If it is in one, it counts the fault in that mapping's slot and
 //! maps an anonymous page over the faulting page, so the interrupted copy
-//! resumes and finishes (on garbage). The volume reads the count before and
-//! after every copy: a changed count means the request is redone with
-//! pread/pwrite, which report the real error to the guest, and the volume
-//! stays on pread/pwrite from then on (its mapping now has anonymous holes).
+//! resumes and finishes (on garbage). The owner reads the count after every
+//! copy: the volume redoes the request with pread/pwrite, which report the
+//! real error to the guest, and stays on pread/pwrite from then on (its
+//! mapping now has anonymous holes); the device fails the request and ends
+//! the VMM's connection.
 //! The count is raised before the page is replaced, so a copy on another
 //! thread that read the replacement page also sees the new count (the mmap
 //! call that swaps the page shoots down every CPU's TLB first).
@@ -24,13 +29,19 @@ use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
-/// Mappings alive at once (one per open volume; tests open several).
+/// Mappings alive at once (one per open volume, one per guest memory
+/// region; tests open several volumes). At most 64: a set of slots is a
+/// 64-bit mask ([`faults_in`]).
 const SLOTS: usize = 64;
+const _: () = assert!(SLOTS <= 64);
 
 struct Entry {
     used: AtomicBool,
     start: AtomicUsize,
     end: AtomicUsize,
+    /// Bytes the handler replaces around a faulting address (the mapping's
+    /// page size); 0: the system page size.
+    granule: AtomicUsize,
     faults: AtomicU64,
 }
 
@@ -39,6 +50,7 @@ const FREE: Entry = Entry {
     used: AtomicBool::new(false),
     start: AtomicUsize::new(0),
     end: AtomicUsize::new(0),
+    granule: AtomicUsize::new(0),
     faults: AtomicU64::new(0),
 };
 
@@ -61,6 +73,13 @@ pub struct Slot(usize);
 impl Slot {
     /// Registers `[start, start + len)`, installing the handler on first use.
     pub fn register(start: usize, len: usize) -> io::Result<Slot> {
+        Self::register_pages(start, len, 0)
+    }
+
+    /// Registers `[start, start + len)`, a mapping of `page`-byte pages (a
+    /// hugetlbfs file's huge pages, which only whole can be replaced; 0:
+    /// the system page size). `start` is aligned to `page`, as mmap makes it.
+    pub fn register_pages(start: usize, len: usize, page: usize) -> io::Result<Slot> {
         install()?;
         for (i, e) in TABLE.iter().enumerate() {
             if e.used
@@ -68,17 +87,25 @@ impl Slot {
                 .is_ok()
             {
                 e.faults.store(0, Ordering::SeqCst);
+                e.granule.store(page, Ordering::SeqCst);
                 e.end.store(start + len, Ordering::SeqCst);
                 e.start.store(start, Ordering::SeqCst);
                 return Ok(Slot(i));
             }
         }
-        Err(io::Error::other("too many image mappings in one process"))
+        Err(io::Error::other(format!(
+            "all {SLOTS} slots for mappings that may fault are taken"
+        )))
     }
 
     /// SIGBUS faults seen in this mapping so far.
     pub fn faults(&self) -> u64 {
         TABLE[self.0].faults.load(Ordering::SeqCst)
+    }
+
+    /// This slot's bit in a set of slots (see [`faults_in`]).
+    pub fn bit(&self) -> u64 {
+        1 << self.0
     }
 
     /// What the handler does on a fault, for tests of the code that reads
@@ -87,6 +114,21 @@ impl Slot {
     pub fn count_fault(&self) {
         TABLE[self.0].faults.fetch_add(1, Ordering::SeqCst);
     }
+}
+
+/// The faults of every slot in `set` (a mask of [`Slot::bit`]s): only
+/// loads, for a check on the data path. A bit whose slot was just given
+/// back may read the next owner's count; the caller keeps the faults of
+/// the slots it gives back before clearing their bits.
+pub fn faults_in(set: u64) -> u64 {
+    let mut sum = 0;
+    let mut rest = set;
+    while rest != 0 {
+        let i = rest.trailing_zeros() as usize;
+        rest &= rest - 1;
+        sum += TABLE[i].faults.load(Ordering::SeqCst);
+    }
+    sum
 }
 
 impl Drop for Slot {
@@ -150,10 +192,17 @@ fn absorb(addr: usize) -> bool {
             continue;
         }
         e.faults.fetch_add(1, Ordering::SeqCst);
-        let page_size = PAGE.load(Ordering::SeqCst);
-        let page = addr & !(page_size - 1);
+        let page_size = match e.granule.load(Ordering::SeqCst) {
+            0 => PAGE.load(Ordering::SeqCst),
+            g => g,
+        };
+        // A granule larger than the system page (huge pages) may start
+        // before the mapping if the mapping is not aligned to it: stay inside.
+        let page = (addr & !(page_size - 1)).max(start);
+        let page_size = page_size.min(e.end.load(Ordering::SeqCst) - page);
         // SAFETY: the page lies inside a live mapping this process owns
-        // (registered until just before munmap); replacing it with private
+        // (registered until just before munmap; the owners of guest memory
+        // keep it mapped while registered); replacing it with private
         // anonymous memory leaves every other mapping alone.
         let p = unsafe {
             libc::mmap(
