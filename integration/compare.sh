@@ -75,7 +75,7 @@ fi
 PID=
 cleanup() {
   stop_target
-  if [ -n "${KEEP:-}" ]; then echo "kept $WORK" >&2; else rm -rf "$WORK"; fi
+  drop_work_dir
 }
 trap cleanup EXIT
 umask 077
@@ -242,7 +242,6 @@ median() { # target workload column -> median value
     sort -g | awk '{v[NR] = $1} END {if (NR == 0) print "nan"; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2}'
 }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (b + 0 == 0 || a == "nan" || b == "nan") print "-"; else printf "%.2f", a / b}'; }
-has() { [[ " $TARGETS " == *" $1 "* ]]; }
 
 echo
 echo "cryptblk vs qemu-storage-daemon: $SIZE LUKS1 image, $QUEUES queues, ${RUNTIME}s runs," \

@@ -54,3 +54,12 @@ seed_corpus() {
     *) die "no seeds known for fuzz target $1" ;;
   esac
 }
+
+# has TARGET: whether the space-separated $TARGETS names TARGET (the
+# comparison scripts' target selection).
+has() { [[ " ${TARGETS:-} " == *" $1 "* ]]; }
+
+# drop_work_dir: removes $WORK, or keeps it (and says where) with KEEP=1.
+drop_work_dir() {
+  if [ -n "${KEEP:-}" ]; then echo "kept $WORK" >&2; else rm -rf "$WORK"; fi
+}

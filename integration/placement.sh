@@ -64,7 +64,7 @@ stop_all() {
 }
 cleanup() {
   stop_all
-  if [ -n "${KEEP:-}" ]; then echo "kept $WORK" >&2; else rm -rf "$WORK"; fi
+  drop_work_dir
 }
 trap cleanup EXIT
 umask 077
@@ -144,7 +144,6 @@ median() { # queues target workload column
     sort -g | awk '{v[NR] = $1} END {if (NR == 0) print "nan"; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2}'
 }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (a == "nan" || b == "nan" || b + 0 == 0) print "-"; else printf "%.2f", a / b}'; }
-has() { [[ " $TARGETS " == *" $1 "* ]]; }
 # Throughput of a cell: kIOPS for 4K rows, MiB/s otherwise.
 thr() { # queues target workload
   if [[ $3 == 4k-* ]]; then

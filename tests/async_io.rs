@@ -4,9 +4,7 @@
 //! FLUSH into the writes, and sends SIGTERM with writes in flight; and the
 //! daemon falls back to synchronous I/O where the kernel refuses io_uring.
 
-mod common;
-mod hostile_support;
-
+mod support;
 use std::io::Read;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
@@ -15,8 +13,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{pattern, write_key, Client, Daemon};
-use hostile_support::*;
+use support::hostile::*;
+use support::{pattern, write_key, Client, Daemon};
 
 const PAYLOAD: u64 = 8 << 20;
 const SECTORS: u64 = PAYLOAD / 512;

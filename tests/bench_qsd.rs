@@ -2,13 +2,12 @@
 //! vhost-user-blk backend: data written is read back intact on one and two
 //! queues, reports add up, and a wrong seed is caught.
 
-mod bench_support;
-
+mod support;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use bench_support::Qsd;
 use cryptblk::bench::{run, BenchError, JobSpec, Report, RwMode};
+use support::bench::Qsd;
 
 const MIB: u64 = 1 << 20;
 

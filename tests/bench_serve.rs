@@ -3,14 +3,13 @@
 //! qemu-storage-daemon's luks driver on one qemu-img LUKS1 image (each
 //! reads back what the other wrote).
 
-mod bench_support;
-
+mod support;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
-use bench_support::{serve, Luks, Target};
 use cryptblk::bench::{run, BenchError, JobSpec, Report, RwMode};
+use support::bench::{serve, Luks, Target};
 
 const MIB: u64 = 1 << 20;
 

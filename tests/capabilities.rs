@@ -4,15 +4,12 @@
 //! valid backend description, and the options the capabilities advertise
 //! work on the program itself, without a subcommand.
 
-mod common;
-
+mod support;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
-use common::*;
-use cryptblk::bench::listening::{wait_for_listener, Startup};
 use serde_json::Value;
+use support::*;
 
 /// VHostUserBackendBlockFeature in QEMU's docs/interop/vhost-user.json:
 /// every block feature the schema defines.
@@ -77,20 +74,14 @@ fn the_description_file_names_this_program_as_a_block_backend() {
 fn serve_by_convention(dir: &Path, extra: &[&str]) -> Daemon {
     let socket = dir.join("s.sock");
     let image = dir.join("disk.img");
-    let mut child = Command::new(BIN)
+    let mut command = Command::new(BIN);
+    command
         .arg(format!("--socket-path={}", socket.display()))
         .arg(format!("--blk-file={}", image.display()))
         .args(["--size", "4M", "--cipher", "none", "--queues", "1"])
         .args(extra)
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    match wait_for_listener(&socket, &mut child, Duration::from_secs(20)).unwrap() {
-        Startup::Listening => {}
-        other => panic!("cryptblk never listened: {other:?}"),
-    }
-    let pid = child.id();
-    Daemon { child, pid, socket }
+        .stdout(Stdio::null());
+    Daemon::spawn(command, socket, "cryptblk")
 }
 
 #[test]

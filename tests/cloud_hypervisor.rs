@@ -19,14 +19,13 @@
 //! NOTIFICATION_DATA, ORDER_PLATFORM, LOG_ALL; LOG_SHMFD): the daemon must
 //! not offer them, so they cannot be negotiated.
 
-mod common;
-
+mod support;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{pattern, write_key, Daemon};
+use support::{pattern, write_key, Daemon};
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
     VhostUserVirtioFeatures, VHOST_USER_CONFIG_OFFSET,

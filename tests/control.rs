@@ -3,8 +3,7 @@
 //! that match a known workload on every execution path, the sandbox with
 //! the control socket on, and `cryptblk ctl`.
 
-mod common;
-
+mod support;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
@@ -13,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
 use serde_json::{json, Value};
+use support::*;
 
 struct Served {
     _dir: tempfile::TempDir,

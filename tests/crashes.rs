@@ -1,5 +1,5 @@
 //! No plaintext after crashes, and no lost acknowledged write: the daemon is
-//! SIGKILLed while a VMM stand-in (`common::writer`, a child process)
+//! SIGKILLed while a VMM stand-in (`support::writer`, a child process)
 //! writes 1 MiB requests of a recognisable plaintext marker at queue depth
 //! 1, on every I/O path and crypto placement. After each kill the image
 //! file, as the crash left it, must not hold the marker anywhere (at any
@@ -14,15 +14,14 @@
 //! the plaintext on disk; with 1 MiB writes in a debug build the window
 //! would be most of each request's time.
 
-mod common;
-
+mod support;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::writer::{self, find_marker, Fill, Job, Writer, MARKER_TAG};
-use common::*;
+use support::writer::{self, find_marker, Fill, Job, Writer, MARKER_TAG};
+use support::*;
 
-/// Not a test on its own: the VMM stand-in (`common::writer`).
+/// Not a test on its own: the VMM stand-in (`support::writer`).
 #[test]
 #[ignore = "the child process of the crash tests, run by them"]
 fn writer_process() {

@@ -28,15 +28,14 @@
 //! checks right after `Client::flush` returns are ordering checks, not
 //! "eventually" ones.
 
-mod common;
-
+mod support;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use common::strace::{mappings_of, parse, syncs, Strace};
-use common::*;
+use support::strace::{mappings_of, parse, syncs, Strace};
+use support::*;
 
 /// The sync system calls strace watches.
 const SYNC_CALLS: &[&str] = &["fsync", "fdatasync", "msync", "sync_file_range", "syncfs"];

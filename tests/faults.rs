@@ -4,27 +4,26 @@
 //! the daemon keeps serving.
 //!
 //! Acknowledged writes are known exactly: a child process (this test binary,
-//! re-run as `writer_process`, see `common::writer`) writes blocks in order
+//! re-run as `writer_process`, see `support::writer`) writes blocks in order
 //! at queue depth 1 and prints each write after its completion, before
 //! submitting the next; whatever the parent has read from its stdout was
 //! acknowledged.
 
-mod common;
-
+mod support;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::writer::{self, Fill, Job, Writer};
-use common::*;
+use support::writer::{self, Fill, Job, Writer};
+use support::*;
 
 const BLOCK: usize = 4096;
 /// The writer cycles over this many blocks (1 MiB).
 const BLOCKS: u64 = 256;
 
 /// Not a test on its own: the VMM stand-in the other tests kill
-/// (`common::writer`).
+/// (`support::writer`).
 #[test]
 #[ignore = "the child process of the writer tests, run by them"]
 fn writer_process() {

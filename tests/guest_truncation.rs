@@ -17,15 +17,13 @@
 //! error line, which only its SIGBUS handler's count in a guest memory
 //! region can trigger.
 
-mod common;
-mod hostile_support;
-
+mod support;
 use std::io::Read;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::{pattern, wait_until, write_key, Client, Daemon};
-use hostile_support::*;
+use support::hostile::*;
+use support::{pattern, wait_until, write_key, Client, Daemon};
 
 const PAYLOAD: u64 = 8 << 20;
 const QSIZE: u16 = 16;

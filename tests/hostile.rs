@@ -7,10 +7,9 @@
 //! connections sets up and wipes buffer pools, which costs a debug build
 //! about half a second, so they get a test binary of their own.
 
-mod common;
+mod support;
 #[macro_use]
 mod hostile_cases;
-mod hostile_support;
 
 in_modes! {
     descriptors_outside_guest_memory: [default, workers, discards, readonly];

@@ -3,10 +3,9 @@
 //! complete out of order: `--io pread` (page cache) and `--direct`
 //! (O_DIRECT). See tests/hostile.rs for the other modes.
 
-mod common;
+mod support;
 #[macro_use]
 mod hostile_cases;
-mod hostile_support;
 
 in_modes! {
     descriptors_outside_guest_memory: [pread, direct];

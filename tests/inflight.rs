@@ -4,16 +4,14 @@
 //! daemon does with the requests its killed predecessor left unanswered.
 //! (integration/e2e-reconnect.sh does the same with QEMU and a Linux guest.)
 
-mod common;
-mod hostile_support;
-
+mod support;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{pattern, write_key, Daemon};
-use hostile_support::*;
+use support::hostile::*;
+use support::{pattern, write_key, Daemon};
 
 const QSIZE: u16 = 16;
 /// Per-queue region stride for 16 entries: 16 + 16 * 16, rounded to 64.

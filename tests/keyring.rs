@@ -7,17 +7,14 @@
 //!
 //! Needs keyutils (integration/install-deps.sh).
 
-mod common;
-mod luks_common;
-
+mod support;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
-use cryptblk::bench::listening::{wait_for_listener, Startup};
 use cryptblk::crypto::{IvRule, SectorCipher, XtsKey};
-use luks_common::{cryptsetup_format, tool};
+use support::luks::{cryptsetup_format, tool};
+use support::*;
 
 /// Adds the key ($1 type, $2 description, $3 file with its payload) to the
 /// new session keyring, then becomes the command that follows.
@@ -47,21 +44,16 @@ fn in_session(kind: &str, desc: &str, payload: &Path, dir: &Path, args: &[&str])
 /// Starts the daemon as `in_session` says and waits for its socket.
 fn serve_with_key(kind: &str, desc: &str, payload: &Path, dir: &Path, args: &[&str]) -> Daemon {
     let log = std::fs::File::create(dir.join("daemon.log")).unwrap();
-    let mut child = in_session(kind, desc, payload, dir, args)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let socket = dir.join("s.sock");
-    match wait_for_listener(&socket, &mut child, Duration::from_secs(30)).unwrap() {
-        Startup::Listening => {}
-        other => panic!(
-            "cryptblk never listened: {other:?}\n{}",
+    let mut command = in_session(kind, desc, payload, dir, args);
+    command.stdout(Stdio::null()).stderr(log);
+    let mut d = Daemon::spawn_unwaited(command, dir.join("s.sock"), "cryptblk");
+    if let Err(status) = d.listening() {
+        panic!(
+            "cryptblk exited with {status} before listening:\n{}",
             std::fs::read_to_string(dir.join("daemon.log")).unwrap()
-        ),
+        );
     }
-    let pid = child.id();
-    Daemon { child, pid, socket }
+    d
 }
 
 /// Runs the daemon as `in_session` says, expecting it to refuse to start;

@@ -2,13 +2,12 @@
 //! of readers, and QEMU's tools see a serving cryptblk as QEMU sees one of
 //! its own (the same lock bytes; crates/core/src/volume/lock.rs).
 
-mod common;
-
+mod support;
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::{pattern, write_key, Client, Daemon, BIN};
+use support::{pattern, write_key, Client, Daemon, BIN};
 
 fn serve_args<'a>(image: &'a Path, key: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
     let mut args = vec![

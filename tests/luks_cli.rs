@@ -1,12 +1,11 @@
 //! `cryptblk format | key | dump` through the real binary, checked with
 //! cryptsetup; and the failures a user can cause: clear message, exit 1.
 
-mod luks_common;
-
+mod support;
 use std::path::{Path, PathBuf};
 
 use cryptblk::luks::{read_passphrase, unlock};
-use luks_common::*;
+use support::luks::*;
 
 const PBKDF2: &[&str] = &["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"];
 const ARGON: &[&str] = &[

@@ -1,12 +1,12 @@
 //! cryptblk ↔ cryptsetup 2.6 / qemu-img 10: images made by each tool open
 //! in the other, to the same volume key and the same plaintext.
 
-mod luks_common;
-
+mod support;
 use std::path::Path;
 
 use cryptblk::luks::{unlock, LuksError};
-use luks_common::*;
+use support::luks::*;
+use support::pattern;
 
 const DATA: usize = 4 << 20;
 
@@ -35,7 +35,7 @@ fn cryptsetup_encrypt_luks2(dir: &Path, plain: &[u8], kdf: &[&str]) -> std::path
 
 fn check_reencrypted(kdf: &[&str], sector_size: usize) {
     let dir = tempfile::tempdir().unwrap();
-    let plain = pattern(DATA, sector_size as u64);
+    let plain = pattern(sector_size as u64, 0, DATA);
     let img = cryptsetup_encrypt_luks2(dir.path(), &plain, kdf);
     let u = unlock(&img, PASS, None).expect("cryptblk opens cryptsetup's LUKS2");
     assert_eq!(u.version, 2);
@@ -107,7 +107,7 @@ fn luks2_argon2i_aes128_from_cryptsetup() {
 #[test]
 fn luks1_from_qemu_img_decrypts_to_the_plaintext() {
     let dir = tempfile::tempdir().unwrap();
-    let plain = pattern(DATA, 7);
+    let plain = pattern(7, 0, DATA);
     let raw = dir.path().join("plain.raw");
     std::fs::write(&raw, &plain).unwrap();
     let pw = write_file(&dir.path().join("pw"), PASS);
@@ -342,7 +342,7 @@ fn cryptsetup_and_qemu_img_open_cryptblk_images() {
 /// Writes known plaintext through our cipher, reads it back through qemu-img.
 fn qemu_reads_back(img: &Path, u: &cryptblk::luks::Unlocked, pw: &str, dir: &Path) {
     use std::os::unix::fs::FileExt;
-    let plain = pattern(1 << 20, 99);
+    let plain = pattern(99, 0, 1 << 20);
     let mut ct = plain.clone();
     cryptblk::crypto::SectorCipher::new(
         Some(&u.key),

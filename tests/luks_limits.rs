@@ -4,14 +4,13 @@
 //! each test also shows that the unedited header, or the legitimate
 //! variant closest to the forgery, still opens.
 
-mod luks_common;
-
+mod support;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use cryptblk::luks::{check_header, unlock, unlock_image, LuksError, Unlocked};
-use luks_common::*;
 use serde_json::{json, Value};
+use support::luks::*;
 
 const PBKDF2: &[&str] = &["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"];
 const ARGON2: &[&str] = &[

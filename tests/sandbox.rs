@@ -2,13 +2,12 @@
 //! forbidden (checked in child processes that install the same filter the
 //! daemon installs, then try exec, fork, open, ...).
 
-mod common;
-
+mod support;
 use std::path::Path;
 use std::process::Command;
 
-use common::*;
 use cryptblk::sandbox::seccomp::{self, OnViolation, TRAPPED_EXIT};
+use support::*;
 
 fn proc_status(pid: u32, field: &str) -> String {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -104,7 +103,7 @@ fn access_flags(args: &str, field: &str) -> Vec<String> {
 /// default `--sandbox seccomp` must make no Landlock call at all.
 #[test]
 fn full_mode_sets_up_landlock_in_the_real_daemon_before_any_thread() {
-    use common::strace::Strace;
+    use support::strace::Strace;
     for (mode, readonly) in [("full", false), ("full", true), ("seccomp", false)] {
         let dir = tempfile::tempdir().unwrap();
         let (key, _) = write_key(dir.path(), 64);

@@ -2,18 +2,15 @@
 //! environment, logs (even at trace level) or error messages; and exposed
 //! key files are warned about.
 
-mod common;
-mod luks_common;
-
+mod support;
 use std::fs::File;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{pattern, Client, BIN};
-use cryptblk::bench::listening::{wait_for_listener, Startup};
-use luks_common::{cryptsetup_volume_key, ok};
+use support::luks::{cryptsetup_volume_key, ok};
+use support::{pattern, Client, Daemon, BIN};
 
 /// 64 recognisable key bytes.
 const KEY: &[u8; 64] = b"KEYMARK-0123456789abcdefKEYMARK-fedcba9876543210KEYMARK-!@#$%^&*";
@@ -70,11 +67,11 @@ fn logged_the_key_at_trace_level(logs: &[u8]) -> bool {
         .any(|l| l.contains(" TRACE ") && l.contains("volume key Some(XtsKey("))
 }
 
+/// The daemon at trace level, its stdout and stderr kept in files.
 struct Run {
-    child: Child,
+    d: Daemon,
     out: PathBuf,
     err: PathBuf,
-    socket: PathBuf,
 }
 
 impl Run {
@@ -87,7 +84,8 @@ impl Run {
     fn start_with_stdin(dir: &Path, args: &[&str], stdin: Option<&[u8]>) -> Run {
         let socket = dir.join("s.sock");
         let (out, err) = (dir.join("stdout"), dir.join("stderr"));
-        let mut child = Command::new(BIN)
+        let mut command = Command::new(BIN);
+        command
             .args(["serve", "--log-level", "trace", "--socket"])
             .arg(&socket)
             .args(args)
@@ -98,50 +96,32 @@ impl Run {
                 Stdio::null()
             })
             .stdout(Stdio::from(File::create(&out).unwrap()))
-            .stderr(Stdio::from(File::create(&err).unwrap()))
-            .spawn()
-            .unwrap();
+            .stderr(Stdio::from(File::create(&err).unwrap()));
+        let mut d = Daemon::spawn_unwaited(command, socket, "cryptblk");
         if let Some(bytes) = stdin {
             use std::io::Write;
-            let mut pipe = child.stdin.take().unwrap();
+            let mut pipe = d.child.stdin.take().unwrap();
             pipe.write_all(bytes).unwrap();
         }
-        Run {
-            child,
-            out,
-            err,
-            socket,
-        }
+        Run { d, out, err }
     }
 
     /// Waits for the socket (true) or the exit (false).
     fn serving(&mut self) -> bool {
-        match wait_for_listener(&self.socket, &mut self.child, Duration::from_secs(20)).unwrap() {
-            Startup::Listening => true,
-            Startup::Exited(_) => false,
-            Startup::TimedOut => panic!("neither served nor exited"),
-        }
+        self.d.listening().is_ok()
     }
 
     /// Stops the daemon; returns stdout + stderr.
     fn finish(mut self) -> Vec<u8> {
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        self.child.wait().unwrap();
+        self.d.signal(libc::SIGTERM);
+        self.d.wait_exit(Duration::from_secs(30));
         let mut all = std::fs::read(&self.out).unwrap();
         all.extend(std::fs::read(&self.err).unwrap());
         all
     }
 
     fn proc_file(&self, name: &str) -> Vec<u8> {
-        std::fs::read(format!("/proc/{}/{name}", self.child.id())).unwrap()
-    }
-}
-
-impl Drop for Run {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        std::fs::read(format!("/proc/{}/{name}", self.d.pid)).unwrap()
     }
 }
 
@@ -193,10 +173,10 @@ fn a_plain_key_never_shows_in_logs_argv_environment_or_descriptors() {
             from_stdin.then_some(&KEY[..]),
         );
         assert!(r.serving(), "stdin {from_stdin}");
-        exercise(&r.socket);
+        exercise(&r.d.socket);
         assert_absent(KEY, &r.proc_file("cmdline"), "/proc/PID/cmdline");
         assert_absent(KEY, &r.proc_file("environ"), "/proc/PID/environ");
-        let open = descriptors_on(r.child.id(), Path::new(&key));
+        let open = descriptors_on(r.d.pid, Path::new(&key));
         assert!(
             open.is_empty(),
             "the daemon keeps the key file open: fds {open:?}"
@@ -234,7 +214,7 @@ fn the_checks_find_a_key_that_is_there() {
     let pid = leaky.0.id();
     let proc_file = |name: &str| std::fs::read(format!("/proc/{pid}/{name}")).unwrap();
     // Until it has exec'ed, /proc shows the test binary's argv.
-    common::wait_until(Duration::from_secs(10), "sleep never started", || {
+    support::wait_until(Duration::from_secs(10), "sleep never started", || {
         proc_file("cmdline").starts_with(hex.as_bytes())
     });
     assert!(find_secret(KEY, &proc_file("cmdline")).is_some(), "argv");
@@ -314,9 +294,9 @@ fn luks_passphrases_and_volume_keys_never_show_even_on_errors() {
         ],
     );
     assert!(r.serving());
-    exercise(&r.socket);
+    exercise(&r.d.socket);
     assert_absent(PASS, &r.proc_file("cmdline"), "/proc/PID/cmdline");
-    let open = descriptors_on(r.child.id(), Path::new(&pass));
+    let open = descriptors_on(r.d.pid, Path::new(&pass));
     assert!(
         open.is_empty(),
         "the daemon keeps the passphrase file open: {open:?}"
@@ -401,27 +381,26 @@ fn the_daemon_is_not_dumpable_and_its_key_pages_are_locked() {
     std::os::unix::fs::chown(&key, Some(NOBODY), Some(NOBODY)).unwrap();
     let img = dir.path().join("disk.img");
     let socket = dir.path().join("s.sock");
-    let daemon = as_nobody(BIN)
+    let mut command = as_nobody(BIN);
+    command
         .arg("serve")
         .arg("--socket")
         .arg(&socket)
         .args(["--image", img.to_str().unwrap(), "--size", "1M"])
         .args(["--key-file", &key])
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("setpriv (util-linux) runs");
-    let mut daemon = Reap(daemon);
+        .stderr(Stdio::null());
     let control = Reap(as_nobody("sleep").arg("30").spawn().unwrap());
-    let startup = wait_for_listener(&socket, &mut daemon.0, Duration::from_secs(20)).unwrap();
-    assert_eq!(startup, Startup::Listening);
+    // setpriv (util-linux) execs the daemon: the pid is the daemon's. The
+    // wait for its socket gives the control's setpriv time to exec too.
+    let daemon = Daemon::spawn(command, socket, "setpriv cryptblk");
     // setpriv has exec'ed by now: both pids are the programs themselves.
     assert_eq!(proc_owner(control.0.id()), NOBODY, "control");
     assert_eq!(
-        proc_owner(daemon.0.id()),
+        proc_owner(daemon.pid),
         0,
         "the daemon is dumpable: its memory is open to its user's other processes"
     );
-    let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.0.id())).unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.pid)).unwrap();
     let locked = status
         .lines()
         .find_map(|l| l.strip_prefix("VmLck:"))
@@ -432,7 +411,5 @@ fn the_daemon_is_not_dumpable_and_its_key_pages_are_locked() {
         .unwrap();
     assert!(locked >= 4, "no key pages are mlock'ed: VmLck {locked} kB");
     drop(control);
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(daemon.0.id() as i32, libc::SIGTERM) };
-    assert!(daemon.0.wait().unwrap().success());
+    assert!(daemon.terminate().success());
 }

@@ -1,14 +1,12 @@
 //! The real daemon driven through its unix socket by libblkio.
 
-mod common;
-mod hostile_support;
-
-use common::*;
+mod support;
 use cryptblk::crypto::{IvRule, SectorCipher, XtsKey};
-use hostile_support::{
+use support::hostile::{
     range_segment, RawGuest, DATA, RANGE, S_IOERR, S_OK, S_UNSUPP, T_DISCARD, T_IN, T_OUT,
     T_WRITE_ZEROES,
 };
+use support::*;
 
 /// Runs a scenario once per I/O path (`--io mmap` and `--io pread`).
 macro_rules! on_both_io_paths {

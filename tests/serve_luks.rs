@@ -1,14 +1,12 @@
 //! `cryptblk serve` on LUKS images made by qemu-img and cryptsetup, checked
 //! through the socket and against those tools' own views of the image.
 
-mod common;
-mod luks_common;
-
+mod support;
 use std::path::PathBuf;
 
-use common::{pattern, Client, Daemon};
 use cryptblk::crypto::{IvRule, SectorCipher, XtsKey};
-use luks_common::{cryptsetup_volume_key, ok, tool};
+use support::luks::{cryptsetup_volume_key, ok, tool};
+use support::{pattern, Client, Daemon};
 
 /// A LUKS1 image made by `qemu-img create -f luks` (fast KDF): returns the
 /// passphrase file, the image and the `--object secret` that opens it.
@@ -150,7 +148,7 @@ fn luks_refuses_layout_flags_and_wrong_passphrases() {
     let dir = tempfile::tempdir().unwrap();
     let (pass, img, _) = qemu_img_luks1(dir.path(), b"right", "4M");
     let serve = |extra: &[&str], key: &std::path::Path| {
-        std::process::Command::new(common::BIN)
+        std::process::Command::new(support::BIN)
             .args(["serve", "--socket"])
             .arg(dir.path().join("s.sock"))
             .args([
@@ -285,7 +283,7 @@ fn data_offset_0_serves_with_a_detached_header_and_is_refused_inside_the_image()
     // The same header at the start of an image: its data would start at 0.
     let img = dir.path().join("embedded");
     std::fs::copy(&hdr, &img).unwrap();
-    let child = std::process::Command::new(common::BIN)
+    let child = std::process::Command::new(support::BIN)
         .args(["serve", "--socket"])
         .arg(dir.path().join("e.sock"))
         .args(args(&img))

@@ -4,8 +4,7 @@
 //!
 //! Run as root (as ./test.sh does): the clients switch to uid 65534.
 
-mod common;
-
+mod support;
 use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -14,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::*;
+use support::*;
 
 const NOBODY: u32 = 65534;
 /// A gid no account here uses; root may chown to any number.

@@ -5,8 +5,7 @@
 //! configs/ (systemd-analyze verify and security, and the system calls the
 //! daemon makes under strace against the unit's SystemCallFilter=).
 
-mod common;
-
+mod support;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
@@ -14,9 +13,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
 use cryptblk::bench::listening::is_listening;
 use cryptblk::crypto::{IvRule, SectorCipher, XtsKey};
+use support::*;
 
 /// The descriptor number the parent hands the socket over as with --fd.
 const FD: RawFd = 5;
@@ -179,12 +178,7 @@ fn serve_on_fd(
             });
         }
     }
-    let child = cmd.spawn().unwrap();
-    Daemon {
-        pid: child.id(),
-        child,
-        socket: dir.join("s.sock"),
-    }
+    Daemon::spawn_unwaited(cmd, dir.join("s.sock"), "cryptblk")
 }
 
 fn log_of(dir: &Path) -> String {
@@ -281,11 +275,7 @@ fn socket_activation_serves_notifies_and_stops_under_the_full_sandbox() {
         .stderr(log)
         .spawn()
         .expect("systemd-socket-activate (package systemd)");
-    let d = Daemon {
-        pid: child.id(),
-        child,
-        socket: path.clone(),
-    };
+    let d = Daemon::adopt(child, path.clone());
     wait_until(
         || is_listening(&path).unwrap(),
         "systemd-socket-activate to listen",
@@ -328,11 +318,7 @@ fn socket_activation_with_two_sockets_is_refused() {
         .stderr(log)
         .spawn()
         .unwrap();
-    let d = Daemon {
-        pid: child.id(),
-        child,
-        socket: a,
-    };
+    let d = Daemon::adopt(child, a);
     wait_until(
         || is_listening(&b).unwrap(),
         "systemd-socket-activate to listen",
@@ -638,11 +624,7 @@ fn every_system_call_cryptblk_makes_is_in_the_units_filter() {
         let mut notify = notify;
         // The pid is strace's: this test never signals cryptblk by pid.
         let child = cmd.spawn().expect("strace (package strace)");
-        let mut d = Daemon {
-            pid: child.id(),
-            child,
-            socket: path.clone(),
-        };
+        let mut d = Daemon::adopt(child, path.clone());
         notify.expect("READY=1");
         round_trip(&path, &disk, 4);
         // SIGTERM goes to the daemon (strace would detach from it);

@@ -13,8 +13,8 @@ use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use crate::common::{pattern, write_key, Client, Daemon};
-use crate::hostile_support::*;
+use crate::support::hostile::*;
+use crate::support::{pattern, write_key, Client, Daemon};
 
 /// The image: a 4 KiB area before the payload (`--offset 8`) and 1 MiB of
 /// payload, all filled with a known pattern.

@@ -4,87 +4,20 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
 
-use cryptblk::bench::listening::{wait_for_listener, Startup};
+/// A running vhost-user-blk daemon: the kit's one launcher.
+pub use super::Daemon as Target;
 
-/// A running vhost-user-blk daemon, stopped (SIGTERM, then SIGKILL) on drop.
-pub struct Target {
-    pub socket: PathBuf,
-    child: Child,
-    name: &'static str,
-}
-
-impl Target {
-    fn spawn(mut command: Command, socket: PathBuf, name: &'static str) -> Self {
-        let _ = std::fs::remove_file(&socket);
-        command
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let child = command.spawn().unwrap_or_else(|e| {
-            panic!("cannot start {name} ({e}): install it with integration/install-deps.sh")
-        });
-        let mut target = Self {
-            socket,
-            child,
-            name,
-        };
-        target.wait_for_socket();
-        target
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Stops the daemon and waits for it to exit.
-    pub fn stop(mut self) {
-        self.terminate();
-    }
-
-    fn terminate(&mut self) {
-        if let Ok(Some(_)) = self.child.try_wait() {
-            return;
-        }
-        // SAFETY: plain syscall on the pid of our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    fn wait_for_socket(&mut self) {
-        match wait_for_listener(&self.socket, &mut self.child, Duration::from_secs(20)) {
-            Ok(Startup::Listening) => {}
-            Ok(Startup::Exited(status)) => {
-                let mut err = String::new();
-                if let Some(mut stderr) = self.child.stderr.take() {
-                    use std::io::Read;
-                    let _ = stderr.read_to_string(&mut err);
-                }
-                panic!("{} exited with {status} before listening: {err}", self.name);
-            }
-            other => panic!(
-                "{} did not listen on {} within 20 s: {other:?}",
-                self.name,
-                self.socket.display()
-            ),
-        }
-    }
-}
-
-impl Drop for Target {
-    fn drop(&mut self) {
-        self.terminate();
-    }
+/// Starts a target with a fresh socket path, its output silenced and its
+/// stderr kept for the message if it exits before listening.
+fn spawn(mut command: Command, socket: PathBuf, name: &'static str) -> Target {
+    let _ = std::fs::remove_file(&socket);
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    Target::spawn(command, socket, name)
 }
 
 /// A vhost-user-blk export by qemu-storage-daemon of `--blockdev` nodes;
@@ -105,7 +38,7 @@ pub fn qsd(dir: &Path, name: &str, blockdevs: &[String], extra: &[&str], queues:
          writable=on,num-queues={queues}",
         socket.display()
     ));
-    Target::spawn(command, socket, "qemu-storage-daemon")
+    spawn(command, socket, "qemu-storage-daemon")
 }
 
 /// A temp dir with a zeroed raw image served by qemu-storage-daemon.
@@ -131,7 +64,7 @@ impl Qsd {
     }
 
     pub fn pid(&self) -> u32 {
-        self.target.pid()
+        self.target.pid
     }
 
     pub fn image(&self) -> PathBuf {
@@ -144,7 +77,7 @@ pub fn serve(dir: &Path, name: &str, args: &[&str]) -> Target {
     let socket = dir.join(format!("{name}.sock"));
     let mut command = Command::new(env!("CARGO_BIN_EXE_cryptblk"));
     command.arg("serve").arg("--socket").arg(&socket).args(args);
-    Target::spawn(command, socket, "cryptblk serve")
+    spawn(command, socket, "cryptblk serve")
 }
 
 /// A LUKS1 image made by qemu-img, and what plain mode needs to open it.

@@ -1,5 +1,8 @@
-//! Shared helpers for socket tests: start the real daemon, drive it with
-//! libblkio's virtio-blk-vhost-user client.
+//! The test kit every suite under tests/ uses: start the real daemon (or
+//! qemu-storage-daemon) and wait for its socket, drive it with libblkio's
+//! virtio-blk-vhost-user client, data patterns, keys. Submodules: `hostile`
+//! (a raw vhost-user frontend), `bench` (targets for `cryptblk bench`),
+//! `luks` (cryptsetup and qemu-img as oracles), `strace`, `writer`.
 #![allow(dead_code)]
 
 use std::io::Write;
@@ -13,6 +16,9 @@ use cryptblk::bench::listening::{wait_for_listener, Startup};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_cryptblk");
 
+pub mod bench;
+pub mod hostile;
+pub mod luks;
 pub mod strace;
 pub mod writer;
 
@@ -23,6 +29,8 @@ pub struct Daemon {
     /// cryptblk's own pid (the wrapper's child when wrapped).
     pub pid: u32,
     pub socket: PathBuf,
+    /// What it is, for messages: "cryptblk", "qemu-storage-daemon".
+    name: &'static str,
 }
 
 impl Daemon {
@@ -85,9 +93,7 @@ impl Daemon {
             .stdout(Stdio::null())
             .stderr(stderr);
         adjust(&mut command);
-        let child = command.spawn().expect("spawn cryptblk");
-        let pid = child.id();
-        let mut d = Daemon { child, pid, socket };
+        let mut d = Daemon::spawn_unwaited(command, socket, "cryptblk");
         d.wait_for_socket();
         if !wrapper.is_empty() {
             // Listening, so the wrapper's child has exec'ed cryptblk.
@@ -97,17 +103,72 @@ impl Daemon {
         d
     }
 
+    /// Any vhost-user daemon (cryptblk, qemu-storage-daemon) started from
+    /// `command`, listening on `socket` once this returns; `name` is for
+    /// messages. Stopped with SIGKILL on drop if still running.
+    pub fn spawn(command: Command, socket: PathBuf, name: &'static str) -> Daemon {
+        let mut d = Self::spawn_unwaited(command, socket, name);
+        d.wait_for_socket();
+        d
+    }
+
+    /// `spawn` without waiting: `listening` says whether it got there.
+    pub fn spawn_unwaited(mut command: Command, socket: PathBuf, name: &'static str) -> Daemon {
+        let child = command.spawn().unwrap_or_else(|e| {
+            panic!("cannot start {name} ({e}): run integration/install-deps.sh")
+        });
+        let pid = child.id();
+        Daemon {
+            child,
+            pid,
+            socket,
+            name,
+        }
+    }
+
     /// A daemon the caller started itself (no wrapper).
     pub fn adopt(child: Child, socket: PathBuf) -> Daemon {
         let pid = child.id();
-        Daemon { child, pid, socket }
+        Daemon {
+            child,
+            pid,
+            socket,
+            name: "cryptblk",
+        }
+    }
+
+    /// Waits until the daemon listens (Ok) or exits first (its status).
+    pub fn listening(&mut self) -> Result<(), std::process::ExitStatus> {
+        match wait_for_listener(&self.socket, &mut self.child, Duration::from_secs(20)) {
+            Ok(Startup::Listening) => Ok(()),
+            Ok(Startup::Exited(status)) => Err(status),
+            other => panic!(
+                "{} did not listen on {} within 20 s: {other:?}",
+                self.name,
+                self.socket.display()
+            ),
+        }
     }
 
     fn wait_for_socket(&mut self) {
-        match wait_for_listener(&self.socket, &mut self.child, Duration::from_secs(20)) {
-            Ok(Startup::Listening) => {}
-            Ok(Startup::Exited(status)) => panic!("cryptblk exited early: {status}"),
-            other => panic!("cryptblk never listened on its socket: {other:?}"),
+        if let Err(status) = self.listening() {
+            let mut err = String::new();
+            if let Some(mut stderr) = self.child.stderr.take() {
+                use std::io::Read;
+                let _ = stderr.read_to_string(&mut err);
+            }
+            panic!("{} exited with {status} before listening: {err}", self.name);
+        }
+    }
+
+    /// SIGTERM, then SIGKILL if it has not exited within 5 s; waits.
+    pub fn stop(mut self) {
+        if self.alive() {
+            self.signal(libc::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while self.alive() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
         }
     }
 
@@ -132,7 +193,7 @@ impl Daemon {
             }
             if Instant::now() > deadline {
                 let _ = self.child.kill();
-                panic!("cryptblk did not exit in time");
+                panic!("{} did not exit in time", self.name);
             }
             std::thread::sleep(Duration::from_millis(20));
         }

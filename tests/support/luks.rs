@@ -60,19 +60,6 @@ pub fn write_file(path: &Path, data: &[u8]) -> String {
     path.to_str().unwrap().to_string()
 }
 
-/// Deterministic, non-repeating bytes.
-pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
-
 /// cryptsetup's own view of the volume key.
 pub fn cryptsetup_volume_key(image: &Path, key_file: &Path) -> Vec<u8> {
     let vk = image.with_extension("vk");
