@@ -13,6 +13,7 @@ use cryptblk::bench::listening::{wait_for_listener, Startup};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_cryptblk");
 
+pub mod nbd;
 pub mod strace;
 pub mod writer;
 

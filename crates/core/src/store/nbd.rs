@@ -21,17 +21,115 @@
 use std::collections::HashMap;
 use std::io;
 use std::os::unix::io::RawFd;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
 
-use super::libnbd::{errno_of, Connection};
+use super::libnbd::{errno_of, Connection, ExportInfo, Tls};
 use super::{Buffers, Op};
 
+/// Whether an `--image` names an NBD export (an NBD URI) rather than a file.
+pub fn is_uri(image: &Path) -> bool {
+    image.to_str().is_some_and(|s| {
+        ["nbd://", "nbds://", "nbd+unix://", "nbds+unix://"]
+            .iter()
+            .any(|scheme| s.starts_with(scheme))
+    })
+}
+
+/// An NBD export as the daemon uses it, connected at start-up (before the
+/// sandbox, which allows no new sockets): one connection for synchronous
+/// commands (LUKS headers, the synchronous data path, the final flush) and,
+/// when the server allows several connections (NBD_FLAG_CAN_MULTI_CONN),
+/// one per queue for that queue's asynchronous store.
+///
+/// Without multi-conn the NBD spec promises nothing across connections (a
+/// FLUSH on one need not cover writes acknowledged on another, nor a read on
+/// one see them), and qemu-nbd serves one client at a time by default: then
+/// there is exactly one connection, and every queue uses it synchronously.
+/// libnbd serialises those calls on the handle's lock, so one request is at
+/// the server at a time: correct, and slow; see README "Network storage".
+pub struct NbdExport {
+    uri: String,
+    info: ExportInfo,
+    sync: Connection,
+    queues: Vec<Mutex<Option<Connection>>>,
+}
+
+impl NbdExport {
+    /// Connects to `uri`, and with multi-conn `queues` more times.
+    pub fn open(uri: &str, tls: &Tls, queues: usize) -> io::Result<Arc<Self>> {
+        let sync = Connection::connect(uri, tls, "cryptblk")?;
+        let info = sync.info()?;
+        let queues = if info.can_multi_conn {
+            (0..queues)
+                .map(|q| {
+                    Connection::connect(uri, tls, &format!("cryptblk-q{q}"))
+                        .map(|c| Mutex::new(Some(c)))
+                })
+                .collect::<io::Result<Vec<_>>>()?
+        } else {
+            Vec::new()
+        };
+        Ok(Arc::new(NbdExport {
+            uri: uri.to_string(),
+            info,
+            sync,
+            queues,
+        }))
+    }
+
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    pub fn info(&self) -> &ExportInfo {
+        &self.info
+    }
+
+    /// The connection for synchronous commands.
+    pub fn sync(&self) -> &Connection {
+        &self.sync
+    }
+
+    /// Whether queues get connections of their own (asynchronous I/O).
+    pub fn per_queue(&self) -> bool {
+        !self.queues.is_empty()
+    }
+
+    /// A store on queue `queue`'s connection; the connection comes back
+    /// here when the store is dropped (the next vhost-user connection's
+    /// queue uses it). None: no connection for it (no multi-conn, or it
+    /// died).
+    pub fn store(self: &Arc<Self>, queue: usize, buffers: Buffers) -> io::Result<Option<NbdStore>> {
+        let Some(slot) = self.queues.get(queue) else {
+            return Ok(None);
+        };
+        let taken = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let Some(conn) = taken.filter(|c| !c.is_dead()) else {
+            return Ok(None);
+        };
+        let mut store = NbdStore::new(conn, buffers)?;
+        store.can_flush = self.info.can_flush;
+        store.home = Some((self.clone(), queue));
+        Ok(Some(store))
+    }
+}
+
 pub struct NbdStore {
-    /// Declared before `buffers`: dropped (closed) first.
-    conn: Connection,
+    /// Declared before `buffers`: dropped (closed) first. Always Some but
+    /// in Drop, which may hand it back to its export.
+    conn: Option<Connection>,
     fd: RawFd,
     buffers: Buffers,
     /// Commands in flight: cookie → (tag, result on success).
     commands: HashMap<u64, (u64, i32)>,
+    /// Completed without a command (FLUSH on a server that needs none).
+    done: Vec<(u64, i32)>,
+    /// The server takes NBD_CMD_FLUSH. One that does not has no volatile
+    /// cache to flush (the NBD spec forbids sending it FLUSH): a FLUSH then
+    /// completes at once, every acknowledged write already being stable.
+    can_flush: bool,
+    home: Option<(Arc<NbdExport>, usize)>,
 }
 
 impl NbdStore {
@@ -39,11 +137,18 @@ impl NbdStore {
     pub fn new(conn: Connection, buffers: Buffers) -> io::Result<Self> {
         let fd = conn.fd()?;
         Ok(NbdStore {
-            conn,
+            conn: Some(conn),
             fd,
             buffers,
             commands: HashMap::with_capacity(256),
+            done: Vec::new(),
+            can_flush: true,
+            home: None,
         })
+    }
+
+    fn conn(&self) -> &Connection {
+        self.conn.as_ref().expect("connection taken outside Drop")
     }
 
     /// Readable when replies are waiting (or the server hung up): register
@@ -53,7 +158,7 @@ impl NbdStore {
     }
 
     pub fn connection(&self) -> &Connection {
-        &self.conn
+        self.conn()
     }
 
     pub fn buffers(&mut self) -> &mut Buffers {
@@ -62,7 +167,7 @@ impl NbdStore {
 
     /// Pushed and not yet reaped: libnbd may still use their buffers.
     pub fn in_flight(&self) -> usize {
-        self.commands.len()
+        self.commands.len() + self.done.len()
     }
 
     /// Sends `op` (as far as the socket takes it; `submit` sends the rest).
@@ -75,17 +180,21 @@ impl NbdStore {
                 // the connection (field order); the caller does not touch it
                 // between pushing and reaping, and `reap` retires the
                 // command before reporting it.
-                let cookie = unsafe { self.conn.aio_pread(ptr, len as usize, offset) }?;
+                let cookie = unsafe { self.conn().aio_pread(ptr, len as usize, offset) }?;
                 (cookie, len as i32)
             }
             Op::Write { buf, len, offset } => {
                 let ptr = self.buffers.ptr(buf);
                 // SAFETY: as for Read.
-                let cookie = unsafe { self.conn.aio_pwrite(ptr, len as usize, offset) }?;
+                let cookie = unsafe { self.conn().aio_pwrite(ptr, len as usize, offset) }?;
                 (cookie, len as i32)
             }
-            Op::Sync => (self.conn.aio_flush()?, 0),
-            Op::Discard { offset, len } => (self.conn.aio_trim(offset, len)?, 0),
+            Op::Sync if !self.can_flush => {
+                self.done.push((tag, 0));
+                return Ok(());
+            }
+            Op::Sync => (self.conn().aio_flush()?, 0),
+            Op::Discard { offset, len } => (self.conn().aio_trim(offset, len)?, 0),
         };
         self.commands.insert(cookie, (tag, ok));
         Ok(())
@@ -94,6 +203,16 @@ impl NbdStore {
     /// Finishes sending what `push` could not, without waiting for replies.
     pub fn submit(&mut self) -> io::Result<()> {
         self.drive(false)
+    }
+
+    /// Commands completed and not yet reaped. The socket does not announce
+    /// them when `submit` read their replies while it waited to send.
+    pub fn ready(&self) -> bool {
+        !self.done.is_empty()
+            || self
+                .conn
+                .as_ref()
+                .is_some_and(|c| c.peek_completed().is_some())
     }
 
     /// Nothing to clear: the socket is level-triggered.
@@ -108,9 +227,15 @@ impl NbdStore {
     }
 
     fn retire(&mut self, f: &mut impl FnMut(u64, i32)) -> usize {
-        let mut n = 0;
-        while let Some(cookie) = self.conn.peek_completed() {
-            let Some(result) = self.conn.command_completed(cookie) else {
+        let mut n = self.done.len();
+        for (tag, result) in self.done.drain(..) {
+            f(tag, result);
+        }
+        let Some(conn) = self.conn.as_ref() else {
+            return n;
+        };
+        while let Some(cookie) = conn.peek_completed() {
+            let Some(result) = conn.command_completed(cookie) else {
                 break;
             };
             let Some((tag, ok)) = self.commands.remove(&cookie) else {
@@ -125,7 +250,7 @@ impl NbdStore {
     /// Blocks until at least one command has completed (for draining a
     /// queue, and a lone request; the data path otherwise never blocks).
     pub fn wait(&mut self) -> io::Result<()> {
-        if self.commands.is_empty() {
+        if self.commands.is_empty() || !self.done.is_empty() {
             return Ok(());
         }
         self.drive(true)
@@ -137,12 +262,15 @@ impl NbdStore {
     /// that dies completes every command with an error; nothing blocks on
     /// a dead one.
     fn drive(&mut self, block: bool) -> io::Result<()> {
+        let Some(conn) = self.conn.as_ref() else {
+            return Ok(());
+        };
         loop {
-            if self.conn.is_dead() {
+            if conn.is_dead() {
                 return Ok(());
             }
-            let dir = self.conn.direction();
-            let waiting = block && self.conn.peek_completed().is_none();
+            let dir = conn.direction();
+            let waiting = block && conn.peek_completed().is_none();
             let mut events = 0;
             if dir.read {
                 events |= libc::POLLIN;
@@ -176,14 +304,41 @@ impl NbdStore {
             // completes the commands in flight with errors: their owners
             // learn it through `reap`.
             let r = if pfd.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
-                self.conn.notify_read()
+                conn.notify_read()
             } else {
-                self.conn.notify_write()
+                conn.notify_write()
             };
             if let Err(e) = r {
                 log::debug!("NBD connection: {e} (errno {})", errno_of(&e));
             }
         }
+    }
+}
+
+impl Drop for NbdStore {
+    /// Waits for the commands in flight (libnbd may still fill or send
+    /// their buffers; a dead connection has completed them all), then hands
+    /// a live connection back to its export.
+    fn drop(&mut self) {
+        while !self.commands.is_empty() {
+            let before = self.commands.len();
+            if self.wait().is_err() {
+                break;
+            }
+            self.retire(&mut |_, _| {});
+            if self.commands.len() == before && self.conn().is_dead() {
+                break;
+            }
+        }
+        let conn = self.conn.take();
+        if let (Some(conn), Some((export, queue))) = (conn, self.home.take()) {
+            if self.commands.is_empty() && !conn.is_dead() {
+                *export.queues[queue]
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some(conn);
+            }
+        }
+        // Otherwise the connection is closed here, before the buffers go.
     }
 }
 
