@@ -139,3 +139,160 @@ matrix! {
     qemu_nbd_unix_2_queues_one_connection: on_qemu_nbd(Transport::Unix, 2, 1);
     qemu_nbd_tcp_2_queues_one_connection: on_qemu_nbd(Transport::Tcp, 2, 1);
 }
+
+/// `cryptblk format` LUKS1/LUKS2 on an export, `dump` and `key add` through
+/// it, then `serve` (the header found on the export), and cryptsetup on a
+/// raw copy of the export: it opens with both passphrases, and its volume
+/// key decrypts what the guest wrote.
+fn luks_on_the_export(kind: &str, transport: Transport) {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // The header on top of the 16 MiB payload: 16 MiB (LUKS2), 2 MiB (LUKS1).
+    let size = if kind == "luks2" {
+        "size=32M"
+    } else {
+        "size=18M"
+    };
+    let server = NbdServer::nbdkit(d, transport, &["memory", size]);
+    let pw = d.join("pw");
+    std::fs::write(&pw, b"correct horse").unwrap();
+    let pw2 = d.join("pw2");
+    std::fs::write(&pw2, b"battery staple").unwrap();
+    let cryptblk = |args: &[&str]| {
+        let out = std::process::Command::new(BIN).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "cryptblk {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let uri = server.uri.as_str();
+    let pw_s = pw.to_str().unwrap();
+    cryptblk(&[
+        "format",
+        "--type",
+        kind,
+        "--image",
+        uri,
+        "--size",
+        "16M",
+        "--key-file",
+        pw_s,
+        "--pbkdf",
+        "pbkdf2",
+        "--pbkdf-force-iterations",
+        "1000",
+    ]);
+    let dump = cryptblk(&["dump", "--image", uri]);
+    assert!(
+        dump.contains(&format!("Version:       \t{}", &kind[4..])) || dump.contains("Version"),
+        "{dump}"
+    );
+    cryptblk(&[
+        "key",
+        "add",
+        "--image",
+        uri,
+        "--key-file",
+        pw_s,
+        "--new-key-file",
+        pw2.to_str().unwrap(),
+        "--pbkdf",
+        "pbkdf2",
+        "--pbkdf-force-iterations",
+        "1000",
+    ]);
+    // Formatting again would destroy the volume: refused.
+    let again = std::process::Command::new(BIN)
+        .args([
+            "format",
+            "--type",
+            kind,
+            "--image",
+            uri,
+            "--size",
+            "16M",
+            "--key-file",
+            pw_s,
+        ])
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("never overwritten"));
+
+    let daemon = Daemon::start(d, &["--image", uri, "--key-file", pw_s, "--queues", "2"]);
+    let mut c = Client::connect(&daemon.socket, 2);
+    assert_eq!(c.capacity(), 16 << 20);
+    let data = pattern(9, 1 << 20, 256 * 1024);
+    assert_eq!(c.write(1, 1 << 20, &data), 0);
+    assert_eq!(c.flush(0), 0);
+    assert_eq!(c.read(0, 1 << 20, data.len()).unwrap(), data);
+    drop(c);
+    assert!(daemon.terminate().success());
+
+    let raw = copy_raw(uri, d);
+    let copy = d.join("copy.img");
+    std::fs::write(&copy, &raw).unwrap();
+    let stored: std::collections::HashSet<&[u8]> = raw.chunks(512).collect();
+    assert!(
+        data.chunks(512).all(|b| !stored.contains(b)),
+        "plaintext on the server"
+    );
+    for key_file in [&pw, &pw2] {
+        let ok = std::process::Command::new("cryptsetup")
+            .args(["open", "--test-passphrase", "--batch-mode", "--key-file"])
+            .arg(key_file)
+            .arg(&copy)
+            .status()
+            .unwrap();
+        assert!(ok.success(), "cryptsetup refuses {}", key_file.display());
+    }
+    let vk = d.join("vk");
+    let dumped = std::process::Command::new("cryptsetup")
+        .args([
+            "luksDump",
+            "--dump-volume-key",
+            "--batch-mode",
+            "--volume-key-file",
+        ])
+        .arg(&vk)
+        .arg("--key-file")
+        .arg(&pw)
+        .arg(&copy)
+        .output()
+        .unwrap();
+    assert!(dumped.status.success());
+    let offset = {
+        let out = std::process::Command::new("cryptsetup")
+            .args(["luksDump", "--batch-mode"])
+            .arg(&copy)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        // LUKS1: "Payload offset:\t4096" (sectors); LUKS2: "offset: 16777216 [bytes]".
+        text.lines()
+            .find_map(|l| {
+                let l = l.trim();
+                l.strip_prefix("Payload offset:")
+                    .map(|v| v.trim().parse::<usize>().unwrap() * 512)
+                    .or_else(|| {
+                        l.strip_prefix("offset:")
+                            .map(|v| v.trim().trim_end_matches("[bytes]").trim().parse().unwrap())
+                    })
+            })
+            .expect("payload offset in luksDump")
+    };
+    let key = std::fs::read(&vk).unwrap();
+    let mut plain = raw[offset + (1 << 20)..offset + (1 << 20) + data.len()].to_vec();
+    cipher(&key, 0).decrypt((1 << 20) / 512, &mut plain);
+    assert!(
+        plain == data,
+        "cryptsetup's volume key decrypts the guest's data"
+    );
+}
+
+matrix! {
+    luks2_formatted_served_and_opened_by_cryptsetup_unix: luks_on_the_export("luks2", Transport::Unix);
+    luks1_formatted_served_and_opened_by_cryptsetup_tcp: luks_on_the_export("luks1", Transport::Tcp);
+}

@@ -452,6 +452,10 @@ impl ServeConfig {
         } else {
             a.io.unwrap_or(DEFAULT_IO)
         };
+        if nbd.is_some() {
+            // The LUKS code reads the export's header through libnbd.
+            crate::store::install_luks_opener(nbd.clone());
+        }
         let layout = if is_luks_device(&a)? {
             Layout::Luks(luks_spec(&a)?)
         } else {
@@ -701,7 +705,7 @@ fn is_luks_device(a: &ServeArgs) -> Result<bool, ConfigError> {
     match (a.device_type.unwrap_or(DeviceType::Auto), header) {
         (DeviceType::Plain, _) => Ok(false),
         (DeviceType::Luks | DeviceType::Luks1 | DeviceType::Luks2, _) => Ok(true),
-        (DeviceType::Auto, Some(h)) if h.exists() => {
+        (DeviceType::Auto, Some(h)) if h.exists() || is_nbd_uri(h) => {
             luks::is_luks(h).map_err(|source| ConfigError::ReadFile {
                 path: h.display().to_string(),
                 source,
@@ -935,9 +939,11 @@ mod tests {
 
     #[test]
     fn nbd_images_refuse_size_direct_mmap_and_tls_without_nbds() {
+        // --type plain: `auto` would connect to look for a LUKS header.
         let nbd = |uri: &str, adjust: fn(&mut ServeArgs)| {
             let mut a = ServeArgs {
                 image: Some(uri.into()),
+                device_type: Some(DeviceType::Plain),
                 ..base()
             };
             adjust(&mut a);
@@ -947,6 +953,7 @@ mod tests {
         assert_eq!(nbd(unix, |_| {}), None);
         let cfg = ServeConfig::from_args(ServeArgs {
             image: Some(unix.into()),
+            device_type: Some(DeviceType::Plain),
             ..base()
         })
         .unwrap();

@@ -17,7 +17,7 @@ mod uring;
 
 pub use aligned::AlignedBuf;
 pub use buffers::{BufId, Buffers};
-pub use nbd::{is_uri as is_nbd_uri, NbdExport, NbdStore};
+pub use nbd::{install_luks_opener, is_uri as is_nbd_uri, NbdExport, NbdStore};
 pub use uring::{Op, UringStore};
 
 use std::io;

@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use std::io;
 use std::os::unix::io::RawFd;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use super::libnbd::{errno_of, Connection, ExportInfo, Tls};
 use super::{Buffers, Op};
@@ -112,6 +112,82 @@ impl NbdExport {
         store.can_flush = self.info.can_flush;
         store.home = Some((self.clone(), queue));
         Ok(Some(store))
+    }
+}
+
+/// TLS settings for the connections the LUKS code opens (set by `serve`
+/// from its options; `format`, `key` and `dump` use none).
+static LUKS_TLS: OnceLock<Tls> = OnceLock::new();
+
+/// Lets the LUKS code read and write headers on NBD URIs (through libnbd's
+/// synchronous calls on a connection of their own): call once at start-up.
+pub fn install_luks_opener(tls: Option<Tls>) {
+    if let Some(tls) = tls {
+        let _ = LUKS_TLS.set(tls);
+    }
+    crate::luks::device::set_opener(crate::luks::device::Opener {
+        claims: is_uri,
+        open: |path, _write| {
+            let uri = path.to_str().unwrap_or_default();
+            let tls = LUKS_TLS.get().cloned().unwrap_or_default();
+            let conn = Connection::connect(uri, &tls, "cryptblk-luks")?;
+            let info = conn.info()?;
+            Ok(Box::new(HeaderDevice { conn, info }))
+        },
+    });
+}
+
+/// An export as the LUKS code sees it: synchronous reads and writes, cut
+/// to the server's maximum block size.
+struct HeaderDevice {
+    conn: Connection,
+    info: ExportInfo,
+}
+
+impl HeaderDevice {
+    fn chunks(&self, len: usize, offset: u64) -> impl Iterator<Item = (usize, usize, u64)> {
+        let max = (self.info.max_block as usize).max(4096);
+        (0..len)
+            .step_by(max)
+            .map(move |at| (at, (len - at).min(max), offset + at as u64))
+    }
+}
+
+impl crate::luks::device::Device for HeaderDevice {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        for (at, n, off) in self.chunks(buf.len(), offset) {
+            self.conn.pread(&mut buf[at..at + n], off)?;
+        }
+        Ok(())
+    }
+
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        for (at, n, off) in self.chunks(buf.len(), offset) {
+            self.conn.pwrite(&buf[at..at + n], off)?;
+        }
+        Ok(())
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        if self.info.can_flush {
+            self.conn.flush()
+        } else {
+            Ok(())
+        }
+    }
+
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.info.size)
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        if len <= self.info.size {
+            return Ok(());
+        }
+        Err(io::Error::other(format!(
+            "the export has {} bytes, fewer than the {len} asked for (an export is never resized)",
+            self.info.size
+        )))
     }
 }
 
