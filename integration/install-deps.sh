@@ -33,6 +33,14 @@ command -v keyctl >/dev/null || need+=(keyutils)
 # schemas; xmllint does the validating).
 command -v virt-xml-validate >/dev/null || need+=(libvirt-clients)
 command -v xmllint >/dev/null || need+=(libxml2-utils)
+# NBD images (--image nbd://...): libnbd0 is loaded at run time (dlopen); nbdkit is the
+# test server (memory, file, error and delay filters), nbdcopy reads an export raw for
+# the ciphertext checks, libnbd-dev's libnbd.h is what crates/core/src/store/libnbd.rs is checked
+# against (its test the_table_matches_libnbd_h).
+[ -e /usr/lib/x86_64-linux-gnu/libnbd.so.0 ] || ldconfig -p | grep -q 'libnbd\.so\.0 ' || need+=(libnbd0)
+command -v nbdkit >/dev/null || need+=(nbdkit)
+command -v nbdcopy >/dev/null || need+=(libnbd-bin)
+[ -e /usr/include/libnbd.h ] || need+=(libnbd-dev)
 
 # qemu-system-x86 must come from bookworm-backports: plain bookworm's 7.2 would
 # replace the preinstalled qemu-utils 10.0.

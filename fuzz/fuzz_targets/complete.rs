@@ -45,6 +45,8 @@ fn disk() -> &'static Disk {
             direct: false,
             io: IoMode::Pread,
             cipher: SectorCipher::new(Some(&key), rule),
+            nbd: Default::default(),
+            export: None,
         })
         .expect("volume");
         let dev = BlkDevice::new(

@@ -19,6 +19,7 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_cryptblk");
 pub mod bench;
 pub mod hostile;
 pub mod luks;
+pub mod nbd;
 pub mod strace;
 pub mod writer;
 

@@ -21,7 +21,9 @@ const DEFAULT_SPLIT_THRESHOLD: u64 = 512 << 10;
 /// (integration/placement.sh, inline AES-XTS: 4K random read 2.3 -> 1.2 us,
 /// 1M read 190 -> 108 us, 1M write 277 -> 122..179 us).
 const DEFAULT_IO: IoMode = IoMode::Mmap;
-use crate::volume::{open_image, ImageOptions, IoMode, Volume, VolumeError};
+use crate::store::is_nbd_uri;
+use crate::store::libnbd::Tls;
+use crate::volume::{open_image, ImageOptions, IoMode, NbdOptions, Volume, VolumeError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -136,6 +138,17 @@ pub struct ServeArgs {
     /// Create a sparse image with this much payload (e.g. 10G) if none exists.
     #[arg(long, value_name = "BYTES")]
     pub size: Option<ByteSize>,
+    /// NBD over TLS (nbds://): directory of X.509 files (ca-cert.pem,
+    /// client-cert.pem, client-key.pem), as nbdkit/qemu-nbd name it.
+    #[arg(long, value_name = "DIR")]
+    pub tls_certificates: Option<PathBuf>,
+    /// NBD over TLS (nbds://): pre-shared keys file (psktool's
+    /// username:hexkey lines), as libnbd's URI query calls it.
+    #[arg(long, value_name = "FILE")]
+    pub tls_psk_file: Option<PathBuf>,
+    /// NBD over TLS: the username to authenticate as (PSK identity).
+    #[arg(long, value_name = "NAME")]
+    pub tls_username: Option<String>,
     /// File holding the raw key (key-size/8 bytes); "-" reads standard input.
     #[arg(long, value_name = "PATH")]
     pub key_file: Option<String>,
@@ -271,6 +284,9 @@ impl ServeArgs {
             allow_gid,
             image,
             size,
+            tls_certificates,
+            tls_psk_file,
+            tls_username,
             key_file,
             key_keyring,
             key_keyring_unlink,
@@ -319,6 +335,8 @@ pub struct ServeConfig {
 
 struct ImageSpec {
     path: PathBuf,
+    /// An NBD URI's TLS settings (None: a file or block device).
+    nbd: Option<Tls>,
     create_size: Option<u64>,
     readonly: bool,
     direct: bool,
@@ -398,6 +416,30 @@ impl ServeConfig {
         };
         let readonly = a.readonly.unwrap_or(false);
         let direct = a.direct.unwrap_or(false);
+        let nbd = nbd_tls(&a, &path)?;
+        if nbd.is_some() {
+            if a.size.is_some() {
+                return invalid(
+                    "--size",
+                    "with an NBD image",
+                    "an NBD export has the size its server gives it; cryptblk neither creates nor resizes one (drop --size)",
+                );
+            }
+            if direct {
+                return invalid(
+                    "--direct",
+                    "with an NBD image",
+                    "O_DIRECT bypasses this host's page cache, which NBD I/O never uses; the server decides its own caching (drop --direct)",
+                );
+            }
+            if a.io == Some(IoMode::Mmap) {
+                return invalid(
+                    "--io",
+                    "mmap",
+                    "an NBD export cannot be mapped into memory; drop --io",
+                );
+            }
+        }
         if direct && a.io == Some(IoMode::Mmap) {
             return invalid(
                 "--io",
@@ -405,11 +447,15 @@ impl ServeConfig {
                 "--direct bypasses the page cache a mapping lives in; use --io pread or drop --direct",
             );
         }
-        let io = if direct {
+        let io = if direct || nbd.is_some() {
             IoMode::Pread
         } else {
             a.io.unwrap_or(DEFAULT_IO)
         };
+        if nbd.is_some() {
+            // The LUKS code reads the export's header through libnbd.
+            crate::store::install_luks_opener(nbd.clone());
+        }
         let layout = if is_luks_device(&a)? {
             Layout::Luks(luks_spec(&a)?)
         } else {
@@ -445,6 +491,7 @@ impl ServeConfig {
             control: a.control,
             image: ImageSpec {
                 path,
+                nbd,
                 create_size: a.size.map(|s| positive("--size", s)).transpose()?,
                 readonly,
                 direct,
@@ -505,6 +552,11 @@ impl ServeConfig {
         // at trace level and the key's bytes nowhere in the log.
         log::trace!("volume key {key:?}, {rule:?}, payload at byte {payload_offset}");
         Ok(open_image(ImageOptions {
+            nbd: NbdOptions {
+                tls: s.nbd.clone().unwrap_or_default(),
+                queues: self.device.queues,
+            },
+            export: None,
             path: s.path.clone(),
             create_size: s.create_size,
             payload_offset,
@@ -610,6 +662,42 @@ fn parse_mode(s: &str) -> Result<u32, ConfigError> {
     }
 }
 
+/// An NBD URI's TLS settings; TLS options with anything but an nbds://
+/// URI are refused (libnbd would connect without TLS and ignore them).
+fn nbd_tls(a: &ServeArgs, image: &std::path::Path) -> Result<Option<Tls>, ConfigError> {
+    let tls_options = [
+        ("--tls-certificates", a.tls_certificates.is_some()),
+        ("--tls-psk-file", a.tls_psk_file.is_some()),
+        ("--tls-username", a.tls_username.is_some()),
+    ];
+    let given = tls_options.iter().find(|(_, set)| *set).map(|(f, _)| *f);
+    if !is_nbd_uri(image) {
+        return match given {
+            Some(flag) => invalid(
+                flag,
+                "with a file image",
+                "TLS options apply to nbds:// images only",
+            ),
+            None => Ok(None),
+        };
+    }
+    let tls_uri = image.to_str().is_some_and(|s| s.starts_with("nbds"));
+    if let (Some(flag), false) = (given, tls_uri) {
+        return invalid(
+            flag,
+            "with an nbd:// URI",
+            "use nbds:// or nbds+unix:// (TLS required); with nbd:// the connection would not use TLS",
+        );
+    }
+    let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
+    Ok(Some(Tls {
+        certificates: path(&a.tls_certificates),
+        psk_file: path(&a.tls_psk_file),
+        username: a.tls_username.clone(),
+        verify_peer: true,
+    }))
+}
+
 /// `--type auto` (the default) looks for the LUKS magic in --header, else
 /// in the image; a missing image is plain (it may be created with --size).
 fn is_luks_device(a: &ServeArgs) -> Result<bool, ConfigError> {
@@ -617,7 +705,7 @@ fn is_luks_device(a: &ServeArgs) -> Result<bool, ConfigError> {
     match (a.device_type.unwrap_or(DeviceType::Auto), header) {
         (DeviceType::Plain, _) => Ok(false),
         (DeviceType::Luks | DeviceType::Luks1 | DeviceType::Luks2, _) => Ok(true),
-        (DeviceType::Auto, Some(h)) if h.exists() => {
+        (DeviceType::Auto, Some(h)) if h.exists() || is_nbd_uri(h) => {
             luks::is_luks(h).map_err(|source| ConfigError::ReadFile {
                 path: h.display().to_string(),
                 source,
@@ -847,6 +935,47 @@ mod tests {
             cipher: Some(Cipher::None),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn nbd_images_refuse_size_direct_mmap_and_tls_without_nbds() {
+        // --type plain: `auto` would connect to look for a LUKS header.
+        let nbd = |uri: &str, adjust: fn(&mut ServeArgs)| {
+            let mut a = ServeArgs {
+                image: Some(uri.into()),
+                device_type: Some(DeviceType::Plain),
+                ..base()
+            };
+            adjust(&mut a);
+            ServeConfig::from_args(a).err().map(|e| e.to_string())
+        };
+        let unix = "nbd+unix:///?socket=/run/n.sock";
+        assert_eq!(nbd(unix, |_| {}), None);
+        let cfg = ServeConfig::from_args(ServeArgs {
+            image: Some(unix.into()),
+            device_type: Some(DeviceType::Plain),
+            ..base()
+        })
+        .unwrap();
+        assert_eq!(cfg.image.io, IoMode::Pread, "an export cannot be mapped");
+        let size = nbd(unix, |a| a.size = Some(ByteSize(1 << 20))).unwrap();
+        assert!(size.contains("--size") && size.contains("server"), "{size}");
+        let direct = nbd(unix, |a| a.direct = Some(true)).unwrap();
+        assert!(
+            direct.contains("--direct") && direct.contains("page cache"),
+            "{direct}"
+        );
+        let mmap = nbd(unix, |a| a.io = Some(IoMode::Mmap)).unwrap();
+        assert!(mmap.contains("--io"), "{mmap}");
+        let psk = |a: &mut ServeArgs| a.tls_psk_file = Some("/k.psk".into());
+        let plain = nbd("nbd://host/e", psk).unwrap();
+        assert!(
+            plain.contains("--tls-psk-file") && plain.contains("nbds://"),
+            "{plain}"
+        );
+        assert_eq!(nbd("nbds://host/e", psk), None);
+        let file = nbd("/i", psk).unwrap();
+        assert!(file.contains("nbds:// images only"), "{file}");
     }
 
     #[test]

@@ -2,8 +2,7 @@
 //! key, aes-xts-plain64 over 512-byte sectors whose IVs start at 0 at the
 //! start of the area (cryptsetup LUKS_encrypt_to_storage / luks2_encrypt_to_storage).
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
+use crate::device::Device;
 
 use zeroize::Zeroizing;
 
@@ -33,7 +32,7 @@ fn cipher(derived: &[u8]) -> Result<SectorCipher, LuksError> {
 
 /// Reads and decrypts a keyslot area, then merges it into the candidate key.
 pub fn open(
-    file: &File,
+    file: &dyn Device,
     offset: u64,
     derived: &[u8],
     key_len: usize,
@@ -52,7 +51,7 @@ pub fn open(
 
 /// Splits, encrypts and writes `key` into the area at `offset` (then fsyncs).
 pub fn store(
-    file: &File,
+    file: &dyn Device,
     offset: u64,
     derived: &[u8],
     key: &[u8],
@@ -69,7 +68,7 @@ pub fn store(
 }
 
 /// Overwrites an area with random bytes (then fsyncs): the key it held is gone.
-pub fn wipe(file: &File, offset: u64, len: usize) -> Result<(), LuksError> {
+pub fn wipe(file: &dyn Device, offset: u64, len: usize) -> Result<(), LuksError> {
     let mut buf = vec![0u8; len];
     super::random::fill(&mut buf)?;
     file.write_all_at(&buf, offset)

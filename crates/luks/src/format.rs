@@ -1,7 +1,8 @@
 //! `cryptblk format`: new LUKS1, LUKS2 or plain images with a fresh volume
 //! key from the OS random source.
 
-use std::fs::{File, OpenOptions};
+use crate::device::Device;
+use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
@@ -35,6 +36,9 @@ pub struct Params<'a> {
 /// a failed format removes the half-made image.
 pub fn format(p: &Params, passphrase: Option<&[u8]>) -> Result<(), LuksError> {
     check(p)?;
+    if crate::device::is_foreign(p.image) {
+        return format_existing(p, passphrase);
+    }
     let file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -49,6 +53,21 @@ pub fn format(p: &Params, passphrase: Option<&[u8]>) -> Result<(), LuksError> {
         let _ = std::fs::remove_file(p.image);
     }
     result
+}
+
+/// A device that exists already and cannot be created (an NBD export):
+/// formatted in place, large enough for header and payload, and never over
+/// a LUKS header (erase that first, as with a file).
+fn format_existing(p: &Params, passphrase: Option<&[u8]>) -> Result<(), LuksError> {
+    let name = p.image.display().to_string();
+    if crate::is_luks(p.image).map_err(LuksError::io(format!("cannot read {name}")))? {
+        return Err(LuksError::Invalid(format!(
+            "{name} already holds a LUKS header; an existing image is never overwritten"
+        )));
+    }
+    let dev =
+        crate::device::open(p.image, true).map_err(LuksError::io(format!("cannot open {name}")))?;
+    write_image(&*dev, p, passphrase)
 }
 
 fn check(p: &Params) -> Result<(), LuksError> {
@@ -95,7 +114,7 @@ fn check(p: &Params) -> Result<(), LuksError> {
     Ok(())
 }
 
-fn write_image(file: &File, p: &Params, passphrase: Option<&[u8]>) -> Result<(), LuksError> {
+fn write_image(file: &dyn Device, p: &Params, passphrase: Option<&[u8]>) -> Result<(), LuksError> {
     let mut key = Zeroizing::new(vec![0u8; p.key_bits / 8]);
     random::fill(&mut key)?;
     let uuid = match &p.uuid {

@@ -1,8 +1,7 @@
 //! Either header version behind one set of operations: read, try slots,
 //! describe the data segment.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
+use crate::device::Device;
 
 use zeroize::Zeroizing;
 
@@ -17,11 +16,10 @@ pub enum Header {
 impl Header {
     /// Reads a LUKS1 or LUKS2 header. A LUKS2 image whose primary header is
     /// destroyed (magic included) is still found through its secondary copy.
-    pub fn read(file: &File, name: &str) -> Result<Self, LuksError> {
+    pub fn read(file: &dyn Device, name: &str) -> Result<Self, LuksError> {
         let len = file
-            .metadata()
-            .map_err(LuksError::io(format!("cannot stat {name}")))?
-            .len();
+            .size()
+            .map_err(LuksError::io(format!("cannot stat {name}")))?;
         if len < luks1::PHDR_SIZE as u64 {
             return Err(LuksError::Truncated(format!("{name} is only {len} bytes")));
         }
@@ -142,7 +140,7 @@ impl Header {
 
     fn open_slot(
         &self,
-        file: &File,
+        file: &dyn Device,
         slot: usize,
         pass: &[u8],
     ) -> Result<Option<Zeroizing<Vec<u8>>>, LuksError> {
@@ -156,7 +154,7 @@ impl Header {
     /// otherwise every active slot in cryptsetup's order.
     pub fn unlock(
         &self,
-        file: &File,
+        file: &dyn Device,
         pass: &[u8],
         slot: Option<usize>,
     ) -> Result<(usize, Zeroizing<Vec<u8>>), LuksError> {

@@ -3,6 +3,7 @@
 //! it, and drops a header reference before wiping what it referred to, so an
 //! interruption never leaves the image without the keys it had before.
 
+use crate::device::Device;
 use std::path::Path;
 
 use zeroize::Zeroizing;
@@ -38,7 +39,7 @@ fn luks1_iterations(choice: &KdfChoice, key_len: usize, hash: HashAlg) -> Result
 
 fn put_slot(
     h: &mut Header,
-    file: &std::fs::File,
+    file: &dyn Device,
     slot: usize,
     new: &[u8],
     key: &[u8],
@@ -69,7 +70,7 @@ pub fn add(
     choice: &KdfChoice,
 ) -> Result<usize, LuksError> {
     let (file, mut h) = open_header(path, true)?;
-    let (_, key) = h.unlock(&file, current, None)?;
+    let (_, key) = h.unlock(&*file, current, None)?;
     let target = match slot {
         Some(s) if s >= h.slot_count() => {
             return Err(LuksError::SlotOutOfRange {
@@ -81,7 +82,7 @@ pub fn add(
         Some(s) => s,
         None => first_free(&h)?,
     };
-    put_slot(&mut h, &file, target, new, &key, choice)?;
+    put_slot(&mut h, &*file, target, new, &key, choice)?;
     Ok(target)
 }
 
@@ -89,7 +90,7 @@ pub fn add(
 /// slot either way; the last active slot is never removed.
 pub fn remove(path: &Path, pass: &[u8], slot: Option<usize>) -> Result<usize, LuksError> {
     let (file, mut h) = open_header(path, true)?;
-    let (opened, _key) = h.unlock(&file, pass, None)?;
+    let (opened, _key) = h.unlock(&*file, pass, None)?;
     let target = slot.unwrap_or(opened);
     if target >= h.slot_count() {
         return Err(LuksError::SlotOutOfRange {
@@ -103,11 +104,11 @@ pub fn remove(path: &Path, pass: &[u8], slot: Option<usize>) -> Result<usize, Lu
     if h.active_slots().len() == 1 {
         return Err(LuksError::LastSlot { slot: target });
     }
-    remove_slot(&mut h, &file, target)?;
+    remove_slot(&mut h, &*file, target)?;
     Ok(target)
 }
 
-fn remove_slot(h: &mut Header, file: &std::fs::File, slot: usize) -> Result<(), LuksError> {
+fn remove_slot(h: &mut Header, file: &dyn Device, slot: usize) -> Result<(), LuksError> {
     match h {
         Header::V1(h1) => h1.remove_slot(file, slot),
         Header::V2(h2) => h2.remove_slot(file, slot),
@@ -124,13 +125,13 @@ pub fn change(
     choice: &KdfChoice,
 ) -> Result<usize, LuksError> {
     let (file, mut h) = open_header(path, true)?;
-    let (old, key): (usize, Zeroizing<Vec<u8>>) = h.unlock(&file, current, slot)?;
+    let (old, key): (usize, Zeroizing<Vec<u8>>) = h.unlock(&*file, current, slot)?;
     let free = first_free(&h).ok();
     match &mut h {
         Header::V2(h2) => {
             // Same id, new area: one header commit switches old → new.
             h2.change_slot(
-                &file,
+                &*file,
                 old,
                 new,
                 &key,
@@ -143,15 +144,15 @@ pub fn change(
             // LUKS1 areas are fixed per slot: fill a free slot, then drop
             // the old one (cryptsetup does the same).
             Some(free) => {
-                put_slot(&mut h, &file, free, new, &key, choice)?;
-                remove_slot(&mut h, &file, old)?;
+                put_slot(&mut h, &*file, free, new, &key, choice)?;
+                remove_slot(&mut h, &*file, old)?;
                 Ok(free)
             }
             None => {
                 log::warn!("no free LUKS1 key slot: changing slot {old} in place; an interruption now would lose it");
                 let iterations = luks1_iterations(choice, key.len(), h1.hash)?;
                 h1.slots[old].active = false;
-                h1.add_slot(&file, old, new, &key, iterations)?;
+                h1.add_slot(&*file, old, new, &key, iterations)?;
                 Ok(old)
             }
         },

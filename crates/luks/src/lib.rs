@@ -9,6 +9,7 @@
 mod af;
 mod area;
 pub mod cli;
+pub mod device;
 mod dump;
 mod error;
 mod format;
@@ -21,9 +22,9 @@ mod luks2;
 mod passphrase;
 mod random;
 
-use std::fs::File;
-use std::io::Read;
 use std::path::Path;
+
+use device::Device;
 
 pub use error::LuksError;
 pub use passphrase::read_passphrase;
@@ -37,8 +38,8 @@ pub const MAGIC: &[u8; 6] = b"LUKS\xba\xbe";
 /// Whether `path` starts with the LUKS magic (either version).
 pub fn is_luks(path: &Path) -> std::io::Result<bool> {
     let mut magic = [0u8; 6];
-    let mut f = File::open(path)?;
-    match f.read_exact(&mut magic) {
+    let f = device::open(path, false)?;
+    match f.read_exact_at(&mut magic, 0) {
         Ok(()) => Ok(&magic == MAGIC),
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
         Err(e) => Err(e),
@@ -65,14 +66,10 @@ pub struct Unlocked {
     pub payload_size: Option<u64>,
 }
 
-fn open_header(path: &Path, write: bool) -> Result<(File, Header), LuksError> {
+fn open_header(path: &Path, write: bool) -> Result<(Box<dyn Device>, Header), LuksError> {
     let name = path.display().to_string();
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(write)
-        .open(path)
-        .map_err(LuksError::io(format!("cannot open {name}")))?;
-    let header = Header::read(&file, &name)?;
+    let file = device::open(path, write).map_err(LuksError::io(format!("cannot open {name}")))?;
+    let header = Header::read(&*file, &name)?;
     Ok((file, header))
 }
 
@@ -117,7 +114,7 @@ pub fn unlock_image(
         // at once.
         h.check_embedded()?;
     }
-    let (slot, key) = h.unlock(&file, passphrase, key_slot)?;
+    let (slot, key) = h.unlock(&*file, passphrase, key_slot)?;
     log::info!(
         "{}: LUKS{} key slot {slot} unlocked",
         path.display(),

@@ -1,8 +1,7 @@
 //! LUKS1 (on-disk format spec 1.2.3): a 592-byte big-endian header with eight
 //! fixed keyslots, PBKDF2 only, and a PBKDF2 digest of the master key.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
+use crate::device::Device;
 
 use zeroize::Zeroizing;
 
@@ -165,7 +164,7 @@ impl Header {
         b
     }
 
-    pub fn read(file: &File) -> Result<Self, LuksError> {
+    pub fn read(file: &dyn Device) -> Result<Self, LuksError> {
         let mut b = [0u8; PHDR_SIZE];
         file.read_exact_at(&mut b, 0)
             .map_err(LuksError::io("reading the LUKS1 header (592 bytes)"))?;
@@ -174,7 +173,7 @@ impl Header {
 
     /// Writes the header in one 592-byte write (inside the first 4 KiB block,
     /// so a crash leaves either the old or the new one) and fsyncs.
-    pub fn write(&self, file: &File) -> Result<(), LuksError> {
+    pub fn write(&self, file: &dyn Device) -> Result<(), LuksError> {
         file.write_all_at(&self.serialize(), 0)
             .and_then(|_| file.sync_data())
             .map_err(LuksError::io("writing the LUKS1 header"))
@@ -222,7 +221,7 @@ impl Header {
     /// Tries one slot: the volume key if the passphrase opens it.
     pub fn open_slot(
         &self,
-        file: &File,
+        file: &dyn Device,
         slot: usize,
         passphrase: &[u8],
     ) -> Result<Option<Zeroizing<Vec<u8>>>, LuksError> {
@@ -292,7 +291,7 @@ impl Header {
     /// the header that makes it active, so a crash leaves the slot unused.
     pub fn add_slot(
         &mut self,
-        file: &File,
+        file: &dyn Device,
         i: usize,
         passphrase: &[u8],
         key: &[u8],
@@ -323,7 +322,7 @@ impl Header {
 
     /// Disables slot `i` (header first, so a crash never leaves a half-wiped
     /// active slot), then destroys its key material.
-    pub fn remove_slot(&mut self, file: &File, i: usize) -> Result<(), LuksError> {
+    pub fn remove_slot(&mut self, file: &dyn Device, i: usize) -> Result<(), LuksError> {
         let s = &mut self.slots[i];
         s.active = false;
         s.iterations = 0;

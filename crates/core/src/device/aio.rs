@@ -28,7 +28,7 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use super::completion::{Finished, Outcome};
 use super::stats::Ticket;
-use crate::store::{BufId, Buffers, Op, UringStore};
+use crate::store::{BufId, Buffers, Op, Store, UringStore};
 use crate::virtio::{sub_segments, GuestBufs, Request, Segment};
 use crate::volume::Volume;
 
@@ -104,7 +104,11 @@ pub type Done<'a> = dyn FnMut(Finished, &GuestMemoryMmap) -> io::Result<()> + 'a
 
 /// One queue's asynchronous executor.
 pub struct AsyncQueue {
-    store: UringStore,
+    store: Store,
+    /// Bytes of the largest piece: a run of MAX_RUN buffers, or less if
+    /// the image takes less in one operation (an NBD server's maximum
+    /// block size).
+    max_piece: u64,
     requests: Vec<Pending>,
     free: Vec<u16>,
     pieces: Vec<Piece>,
@@ -118,16 +122,28 @@ pub struct AsyncQueue {
 }
 
 impl AsyncQueue {
-    /// An executor on `volume`'s image for a queue of `queue_size` entries.
-    pub fn new(volume: &Volume, queue_size: u16) -> io::Result<Self> {
+    /// An executor on `volume`'s image for queue `queue` of `queue_size`
+    /// entries: io_uring on a file or block device, the queue's own
+    /// connection on an NBD export. None: the export has no connection for
+    /// this queue (the caller serves it synchronously).
+    pub fn new(volume: &Volume, queue_size: u16, queue: usize) -> io::Result<Option<Self>> {
         let table = usize::from(queue_size).min(MAX_REQUESTS);
         let buffers = Buffers::new(BUFS, BUF_BYTES);
         // Room for every buffer's operation plus one FLUSH or DISCARD per
         // request: the submission queue never needs to wait for the kernel.
         let entries = (BUFS + table).next_power_of_two() as u32;
-        let store = UringStore::new(volume.image_fd(), entries, buffers)?;
-        Ok(AsyncQueue {
+        let store = match (volume.image_fd(), volume.nbd()) {
+            (Some(fd), _) => Store::Uring(UringStore::new(fd, entries, buffers)?),
+            (None, Some(export)) => match export.store(queue, buffers)? {
+                Some(store) => Store::Nbd(store),
+                None => return Ok(None),
+            },
+            (None, None) => return Ok(None),
+        };
+        let run = (MAX_RUN * BUF_BYTES) as u64;
+        Ok(Some(AsyncQueue {
             store,
+            max_piece: volume.max_io().map_or(run, |max| max.min(run)),
             requests: (0..table).map(|_| Pending::default()).collect(),
             free: (0..table as u16).rev().collect(),
             pieces: vec![Piece::default(); BUFS],
@@ -136,7 +152,7 @@ impl AsyncQueue {
             bufs: GuestBufs::default(),
             finished: Vec::with_capacity(table),
             reaped: Vec::with_capacity(entries as usize * 2),
-        })
+        }))
     }
 
     /// Readable when completions are waiting.
@@ -220,7 +236,7 @@ impl AsyncQueue {
     fn queue_pieces(&mut self, volume: &Volume, index: u16) {
         while !self.requests[index as usize].all_queued() {
             let p = &self.requests[index as usize];
-            let remaining = p.data_len() - p.queued;
+            let remaining = (p.data_len() - p.queued).min(self.max_piece);
             let want = (remaining.div_ceil(BUF_BYTES as u64) as usize).min(MAX_RUN);
             let Some((buf, bufs)) = self.store.buffers().take_run(want) else {
                 self.stalled = Some(index);
@@ -307,18 +323,25 @@ impl AsyncQueue {
     /// Takes what the kernel completed, continues a stalled request,
     /// submits, and hands every finished request to `done`.
     pub fn progress(&mut self, volume: &Volume, done: &mut Done<'_>) -> io::Result<()> {
-        let mut reaped = std::mem::take(&mut self.reaped);
-        self.store.reap(|tag, result| reaped.push((tag, result)))?;
-        for &(tag, result) in &reaped {
-            self.complete_op(volume, decode(tag), result);
+        loop {
+            let mut reaped = std::mem::take(&mut self.reaped);
+            self.store.reap(|tag, result| reaped.push((tag, result)))?;
+            for &(tag, result) in &reaped {
+                self.complete_op(volume, decode(tag), result);
+            }
+            reaped.clear();
+            self.reaped = reaped;
+            if let Some(index) = self.stalled {
+                self.queue_pieces(volume, index);
+                self.finish_if_done(index);
+            }
+            self.store.submit()?;
+            // Submitting may have read replies (an NBD store reads while it
+            // waits to send): no event announces those, so take them now.
+            if !self.store.ready() {
+                break;
+            }
         }
-        reaped.clear();
-        self.reaped = reaped;
-        if let Some(index) = self.stalled {
-            self.queue_pieces(volume, index);
-            self.finish_if_done(index);
-        }
-        self.store.submit()?;
         let mut finished = std::mem::take(&mut self.finished);
         let handed = finished.drain(..).try_for_each(|(f, mem)| done(f, &mem));
         self.finished = finished;

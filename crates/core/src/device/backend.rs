@@ -50,10 +50,10 @@ impl BlkBackend {
     pub fn new(dev: Arc<BlkDevice>, mem: Mem) -> io::Result<Arc<Self>> {
         let opts = dev.options();
         let queues = (0..opts.queues)
-            .map(|_| {
+            .map(|queue| {
                 Mutex::new(QueueState {
                     ws: Workspace::new(opts.queue_size),
-                    aio: async_queue(&dev),
+                    aio: async_queue(&dev, queue),
                     vring: None,
                 })
             })
@@ -258,12 +258,19 @@ impl VhostUserBackend for BlkBackend {
         vrings: &[VringRwLock],
         thread_id: usize,
     ) -> io::Result<()> {
-        if evset != EventSet::IN {
+        // A kick names the thread's vring (one per thread); a completion
+        // event comes from the queue's own executor. An NBD socket may also
+        // report a hang-up or an error: the store reads it and fails what
+        // was in flight.
+        let completion = u64::from(device_event) == self.completion_event();
+        let expected = if completion {
+            EventSet::IN | EventSet::HANG_UP | EventSet::ERROR | EventSet::READ_HANG_UP
+        } else {
+            EventSet::IN
+        };
+        if evset.is_empty() || !expected.contains(evset) {
             return Err(io::Error::other(format!("unexpected event set {evset:?}")));
         }
-        // A kick names the thread's vring (one per thread); a completion
-        // event comes from the queue's own executor.
-        let completion = u64::from(device_event) == self.completion_event();
         let index = if completion { 0 } else { device_event as usize };
         let (Some(vring), Some(queue)) = (vrings.get(index), self.queues.get(thread_id)) else {
             return Err(io::Error::other(format!(
@@ -302,14 +309,18 @@ impl VhostUserBackend for BlkBackend {
 /// The queue's asynchronous executor, when image I/O bypasses the mapping
 /// and the kernel allows io_uring; otherwise the synchronous path, with one
 /// warning per process.
-fn async_queue(dev: &BlkDevice) -> Option<AsyncQueue> {
+fn async_queue(dev: &BlkDevice, queue: usize) -> Option<AsyncQueue> {
     static WARNED: AtomicBool = AtomicBool::new(false);
     let opts = dev.options();
     if opts.aio != AioMode::IoUring || dev.volume().mapped() {
         return None;
     }
-    match AsyncQueue::new(dev.volume(), opts.queue_size) {
-        Ok(aio) => Some(aio),
+    match AsyncQueue::new(dev.volume(), opts.queue_size, queue) {
+        Ok(aio) => aio,
+        Err(e) if dev.volume().nbd().is_some() => {
+            log::warn!("queue {queue}: no asynchronous NBD connection ({e}): served synchronously");
+            None
+        }
         Err(e) => {
             if !WARNED.swap(true, Ordering::Relaxed) {
                 log::warn!(

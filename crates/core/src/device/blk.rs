@@ -41,6 +41,10 @@ impl Workspace {
 impl BlkDevice {
     pub fn new(volume: Volume, mut opts: DeviceOptions) -> Arc<Self> {
         opts.readonly |= volume.readonly();
+        if opts.allow_discards && !volume.can_discard() {
+            log::warn!("--allow-discards: the NBD server cannot trim; DISCARD is not offered");
+            opts.allow_discards = false;
+        }
         let capacity = volume.capacity_bytes();
         let block = volume.sector_size();
         let mut serial = [0u8; VIRTIO_BLK_ID_BYTES as usize];

@@ -105,6 +105,8 @@ impl Rig {
             direct: false,
             io: p.io,
             cipher: cipher(),
+            nbd: Default::default(),
+            export: None,
         })
         .unwrap();
         let dev = BlkDevice::new(

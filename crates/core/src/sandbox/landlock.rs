@@ -44,9 +44,13 @@ pub fn restrict(
         .scope(Scope::from_all(ABI_TARGET))
         .map_err(err)?
         .create()
-        .map_err(err)?
-        .add_rule(PathBeneath::new(path_fd(image)?, image_access))
         .map_err(err)?;
+    // An NBD image is a connection made before the sandbox, not a path.
+    if !crate::store::is_nbd_uri(image) {
+        ruleset = ruleset
+            .add_rule(PathBeneath::new(path_fd(image)?, image_access))
+            .map_err(err)?;
+    }
     for dir in socket_dirs {
         // The socket files are unlinked at exit.
         ruleset = ruleset

@@ -5,11 +5,82 @@
 //! `uring` submits those operations asynchronously through io_uring, from
 //! buffers of a pool allocated once per queue: many operations per queue
 //! are at the disk at once and complete in any order.
+//!
+//! `nbd` does the same on an NBD export, through libnbd (`libnbd`, the one
+//! module that knows its C API; loaded at run time).
 
 mod aligned;
 mod buffers;
+pub mod libnbd;
+mod nbd;
 mod uring;
 
 pub use aligned::AlignedBuf;
 pub use buffers::{BufId, Buffers};
+pub use nbd::{install_luks_opener, is_uri as is_nbd_uri, NbdExport, NbdStore};
 pub use uring::{Op, UringStore};
+
+use std::io;
+use std::os::unix::io::RawFd;
+
+/// A queue's store, whichever kind holds the image: the asynchronous
+/// executor (device/aio.rs) and its one completion path see only this.
+pub enum Store {
+    Uring(UringStore),
+    Nbd(NbdStore),
+}
+
+/// Calls the same method on whichever store this is.
+macro_rules! either {
+    ($self:expr, $s:ident => $e:expr) => {
+        match $self {
+            Store::Uring($s) => $e,
+            Store::Nbd($s) => $e,
+        }
+    };
+}
+
+impl Store {
+    /// Readable when completions are waiting: the vring thread's epoll
+    /// waits on it beside the kick fd (io_uring's eventfd, NBD's socket).
+    pub fn event_fd(&self) -> RawFd {
+        either!(self, s => s.event_fd())
+    }
+
+    pub fn buffers(&mut self) -> &mut Buffers {
+        either!(self, s => s.buffers())
+    }
+
+    pub fn in_flight(&self) -> usize {
+        either!(self, s => s.in_flight())
+    }
+
+    pub fn push(&mut self, op: Op, tag: u64) -> io::Result<()> {
+        either!(self, s => s.push(op, tag))
+    }
+
+    pub fn submit(&mut self) -> io::Result<()> {
+        either!(self, s => s.submit())
+    }
+
+    pub fn clear_event(&self) {
+        either!(self, s => s.clear_event())
+    }
+
+    pub fn reap(&mut self, f: impl FnMut(u64, i32)) -> io::Result<()> {
+        either!(self, s => s.reap(f))
+    }
+
+    pub fn wait(&mut self) -> io::Result<()> {
+        either!(self, s => s.wait())
+    }
+
+    /// Completions are waiting that the event fd may not announce (an NBD
+    /// store that read replies while it sent): reap again.
+    pub fn ready(&self) -> bool {
+        match self {
+            Store::Uring(_) => false,
+            Store::Nbd(s) => s.ready(),
+        }
+    }
+}

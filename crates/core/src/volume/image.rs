@@ -6,8 +6,10 @@ use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::PathBuf;
 
 use super::mapping::Mapping;
-use super::{IoMode, Volume, VolumeError};
+use super::{Backing, IoMode, Volume, VolumeError};
 use crate::crypto::SectorCipher;
+use crate::store::libnbd::Tls;
+use crate::store::{is_nbd_uri, NbdExport};
 
 pub struct ImageOptions {
     pub path: PathBuf,
@@ -24,9 +26,22 @@ pub struct ImageOptions {
     /// `Mmap` maps regular files; block devices and `direct` use pread.
     pub io: IoMode,
     pub cipher: SectorCipher,
+    /// NBD images: TLS settings and how many queues want a connection.
+    pub nbd: NbdOptions,
+    /// An NBD export already connected (LUKS read its header through it).
+    pub export: Option<std::sync::Arc<NbdExport>>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct NbdOptions {
+    pub tls: Tls,
+    pub queues: usize,
 }
 
 pub fn open_image(opts: ImageOptions) -> Result<Volume, VolumeError> {
+    if is_nbd_uri(&opts.path) {
+        return open_nbd(opts);
+    }
     let path = opts.path.display().to_string();
     let open_err = |source| VolumeError::Open {
         path: path.clone(),
@@ -57,27 +72,7 @@ pub fn open_image(opts: ImageOptions) -> Result<Volume, VolumeError> {
             wanted,
         });
     }
-    let to_end = size.saturating_sub(opts.payload_offset);
-    let payload = match opts.payload_size {
-        Some(fixed) if fixed > to_end => {
-            return Err(VolumeError::ShorterThanSegment {
-                path,
-                size: to_end,
-                segment: fixed,
-            })
-        }
-        Some(fixed) => fixed,
-        None => to_end,
-    };
-    let capacity = payload / sector_size as u64 * sector_size as u64;
-    if capacity == 0 {
-        return Err(VolumeError::TooSmall {
-            path,
-            size,
-            offset: opts.payload_offset,
-            sector_size,
-        });
-    }
+    let capacity = capacity(&opts, &path, size)?;
     if opts.direct {
         file = open_file(&opts, true).map_err(open_err)?;
     }
@@ -92,7 +87,7 @@ pub fn open_image(opts: ImageOptions) -> Result<Volume, VolumeError> {
         None
     };
     Ok(Volume {
-        file,
+        backing: Backing::File(file),
         payload_offset: opts.payload_offset,
         capacity,
         cipher: opts.cipher,
@@ -121,4 +116,79 @@ fn create_sparse(path: &std::path::Path, size: u64) -> std::io::Result<()> {
         .open(path)?;
     file.set_len(size)?;
     file.sync_all()
+}
+
+/// Payload bytes of an image of `size` bytes: from the payload offset to
+/// the end (or the LUKS2 segment's size), in whole sectors.
+fn capacity(opts: &ImageOptions, path: &str, size: u64) -> Result<u64, VolumeError> {
+    let sector_size = opts.cipher.sector_size();
+    let to_end = size.saturating_sub(opts.payload_offset);
+    let payload = match opts.payload_size {
+        Some(fixed) if fixed > to_end => {
+            return Err(VolumeError::ShorterThanSegment {
+                path: path.to_string(),
+                size: to_end,
+                segment: fixed,
+            })
+        }
+        Some(fixed) => fixed,
+        None => to_end,
+    };
+    let capacity = payload / sector_size as u64 * sector_size as u64;
+    if capacity == 0 {
+        return Err(VolumeError::TooSmall {
+            path: path.to_string(),
+            size,
+            offset: opts.payload_offset,
+            sector_size,
+        });
+    }
+    Ok(capacity)
+}
+
+/// An NBD export: the capacity comes from the server, nothing is created,
+/// and the export's own read-only flag makes the disk read-only.
+fn open_nbd(opts: ImageOptions) -> Result<Volume, VolumeError> {
+    let path = opts.path.display().to_string();
+    let export = match opts.export.clone() {
+        Some(e) => e,
+        None => NbdExport::open(&path, &opts.nbd.tls, opts.nbd.queues).map_err(|source| {
+            VolumeError::Open {
+                path: path.clone(),
+                source,
+            }
+        })?,
+    };
+    let info = *export.info();
+    let sector_size = opts.cipher.sector_size();
+    let min = u64::from(info.min_block);
+    if !(sector_size as u64).is_multiple_of(min) || !opts.payload_offset.is_multiple_of(min) {
+        return Err(VolumeError::NbdAlignment {
+            path,
+            min_block: info.min_block,
+            sector_size,
+            offset: opts.payload_offset,
+        });
+    }
+    let capacity = capacity(&opts, &path, info.size)?;
+    if info.read_only && !opts.readonly {
+        log::info!("{path}: the export is read-only, so is the disk");
+    }
+    if !export.per_queue() {
+        log::warn!(
+            "{path}: the server does not allow several connections (no NBD multi-conn): all \
+             queues share one connection, one request at a time"
+        );
+    }
+    Ok(Volume {
+        backing: Backing::Nbd(export),
+        payload_offset: opts.payload_offset,
+        capacity,
+        cipher: opts.cipher,
+        readonly: opts.readonly || info.read_only,
+        direct: false,
+        block_device: false,
+        map: None,
+        map_failed: Default::default(),
+    })
 }

@@ -8,15 +8,17 @@ mod mapping;
 mod sectors;
 
 pub use crate::store::AlignedBuf;
-pub use image::{open_image, ImageOptions};
+pub use image::{open_image, ImageOptions, NbdOptions};
 
 use std::fs::File;
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use crate::crypto::SectorCipher;
+use crate::store::NbdExport;
 use mapping::Mapping;
 use sectors::{for_each_sector_run, Segments};
 
@@ -72,11 +74,51 @@ pub enum VolumeError {
     },
     #[error("--offset must be a multiple of the sector size ({sector_size} bytes) when --direct is used")]
     UnalignedDirectOffset { sector_size: usize },
+    #[error("NBD export {path} wants requests aligned to {min_block} bytes, which the {sector_size}-byte sectors at payload offset {offset} are not; use --sector-size {min_block} (or larger) or ask the server for a smaller minimum block size")]
+    NbdAlignment {
+        path: String,
+        min_block: u32,
+        sector_size: usize,
+        offset: u64,
+    },
+}
+
+/// What holds the ciphertext.
+enum Backing {
+    /// A regular file or a block device.
+    File(File),
+    /// An NBD export: synchronous commands go over its first connection.
+    Nbd(Arc<NbdExport>),
+}
+
+impl Backing {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        match self {
+            Backing::File(f) => f.read_exact_at(buf, offset),
+            Backing::Nbd(e) => e.sync().pread(buf, offset),
+        }
+    }
+
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        match self {
+            Backing::File(f) => f.write_all_at(buf, offset),
+            Backing::Nbd(e) => e.sync().pwrite(buf, offset),
+        }
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        match self {
+            Backing::File(f) => f.sync_data(),
+            // A server without FLUSH has no volatile cache: see NbdStore.
+            Backing::Nbd(e) if !e.info().can_flush => Ok(()),
+            Backing::Nbd(e) => e.sync().flush(),
+        }
+    }
 }
 
 /// A contiguous run of payload sectors plus the file behind it.
 pub struct Volume {
-    file: File,
+    backing: Backing,
     payload_offset: u64,
     capacity: u64,
     cipher: SectorCipher,
@@ -217,7 +259,7 @@ impl Volume {
         while done < total {
             let len = (total - done).min(scratch.capacity());
             let chunk = scratch.slice_mut(len);
-            self.file
+            self.backing
                 .read_exact_at(chunk, self.payload_offset + pos + done as u64)?;
             self.decrypt_into(self.first_sector(pos + done as u64), chunk, &mut segs);
             done += len;
@@ -250,7 +292,7 @@ impl Volume {
             reader.encrypt_into(chunk, |index, src, dst| {
                 self.cipher.encrypt_to(first + index, src, dst)
             });
-            self.file
+            self.backing
                 .write_all_at(chunk, self.payload_offset + pos + done as u64)?;
             done += len;
         }
@@ -266,7 +308,7 @@ impl Volume {
             let n = (len - done).min(scratch.capacity() as u64) as usize;
             let chunk = scratch.slice_mut(n);
             self.encrypt_zeroes(pos + done, chunk);
-            self.file
+            self.backing
                 .write_all_at(chunk, self.payload_offset + pos + done)?;
             done += n as u64;
         }
@@ -277,11 +319,15 @@ impl Volume {
     /// which the virtio spec allows after a discard.
     pub fn discard(&self, pos: u64, len: u64) -> io::Result<()> {
         let start = self.payload_offset + pos;
+        let file = match &self.backing {
+            Backing::File(file) => file,
+            Backing::Nbd(export) => return export.sync().trim(start, len),
+        };
         if self.block_device {
             let range = [start, len];
             // SAFETY: BLKDISCARD reads two u64s from the pointer, which
             // points to a live array of two u64s.
-            let rc = unsafe { libc::ioctl(self.file.as_raw_fd(), BLKDISCARD, range.as_ptr()) };
+            let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKDISCARD, range.as_ptr()) };
             return if rc < 0 {
                 Err(io::Error::last_os_error())
             } else {
@@ -291,7 +337,7 @@ impl Volume {
         // SAFETY: plain syscall on an fd we own; no pointers involved.
         let rc = unsafe {
             libc::fallocate(
-                self.file.as_raw_fd(),
+                file.as_raw_fd(),
                 libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
                 start as libc::off_t,
                 len as libc::off_t,
@@ -309,7 +355,7 @@ impl Volume {
     pub fn flush(&self) -> io::Result<()> {
         match self.healthy_map() {
             Some(map) => map.sync(),
-            None => self.file.sync_data(),
+            None => self.backing.sync_data(),
         }
     }
 
@@ -319,9 +365,34 @@ impl Volume {
         self.payload_offset + pos
     }
 
-    /// The image's fd, for a store that submits I/O on it.
-    pub fn image_fd(&self) -> RawFd {
-        self.file.as_raw_fd()
+    /// The image's fd, for a store that submits I/O on it (None: the image
+    /// is an NBD export).
+    pub fn image_fd(&self) -> Option<RawFd> {
+        match &self.backing {
+            Backing::File(f) => Some(f.as_raw_fd()),
+            Backing::Nbd(_) => None,
+        }
+    }
+
+    /// The NBD export holding the image, if it is one.
+    pub fn nbd(&self) -> Option<&Arc<NbdExport>> {
+        match &self.backing {
+            Backing::Nbd(e) => Some(e),
+            Backing::File(_) => None,
+        }
+    }
+
+    /// The largest single read or write the image takes (an NBD server's
+    /// maximum block size, in whole sectors); None: no limit.
+    pub fn max_io(&self) -> Option<u64> {
+        let e = self.nbd()?;
+        let sector = self.sector_size() as u64;
+        Some((u64::from(e.info().max_block) / sector * sector).max(sector))
+    }
+
+    /// Whether DISCARD can reach the image (an NBD server must offer TRIM).
+    pub fn can_discard(&self) -> bool {
+        self.nbd().is_none_or(|e| e.info().can_trim)
     }
 
     /// Whether requests go through the page-cache mapping (synchronous:

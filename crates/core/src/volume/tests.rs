@@ -27,6 +27,8 @@ fn open_with(
     io: IoMode,
 ) -> Volume {
     let vol = open_image(ImageOptions {
+        nbd: Default::default(),
+        export: None,
         path: path.to_path_buf(),
         create_size: size,
         payload_offset: offset,
@@ -162,6 +164,8 @@ fn refuses_missing_image_and_size_mismatch() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("img");
     let opts = |size| ImageOptions {
+        nbd: Default::default(),
+        export: None,
         path: path.clone(),
         create_size: size,
         payload_offset: 0,
@@ -222,6 +226,8 @@ fn a_readonly_mapping_refuses_writes_without_faulting() {
     let path = dir.path().join("img");
     std::fs::write(&path, vec![0u8; 1 << 16]).unwrap();
     let vol = open_image(ImageOptions {
+        nbd: Default::default(),
+        export: None,
         path: path.clone(),
         create_size: None,
         payload_offset: 0,

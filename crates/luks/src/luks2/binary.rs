@@ -2,8 +2,7 @@
 //! `hdr_size`), each a 4 KiB big-endian header followed by the JSON area, each
 //! protected by a sha256 over both with the checksum field zeroed.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
+use crate::device::Device;
 
 use sha2::{Digest, Sha256};
 
@@ -45,7 +44,7 @@ fn put_text(dst: &mut [u8], s: &str) {
 }
 
 /// Reads and verifies the copy at `offset`; `Err` says why it is unusable.
-pub fn read_copy(file: &File, offset: u64) -> Result<Copy, String> {
+pub fn read_copy(file: &dyn Device, offset: u64) -> Result<Copy, String> {
     let mut bin = vec![0u8; BIN_SIZE];
     file.read_exact_at(&mut bin, offset)
         .map_err(|e| format!("cannot read it: {e}"))?;
@@ -101,7 +100,7 @@ fn checksum(bin: &[u8], json: &[u8]) -> [u8; 32] {
 
 /// Reads both copies and returns the one to use: the newer of two good ones,
 /// otherwise whichever is intact (with a warning: cryptsetup would repair it).
-pub fn read_best(file: &File) -> Result<Copy, LuksError> {
+pub fn read_best(file: &dyn Device) -> Result<Copy, LuksError> {
     let primary = read_copy(file, 0);
     let secondary = match &primary {
         Ok(p) => read_copy(file, p.hdr_size),
@@ -165,7 +164,7 @@ fn serialize(c: &Copy, offset: u64) -> Result<Vec<u8>, LuksError> {
 /// with the higher seqid, so a crash at any point leaves one good copy: a
 /// torn primary fails its checksum and the old secondary is used; a crash
 /// after the primary leaves the new primary, which has the higher seqid.
-pub fn write_both(file: &File, c: &mut Copy) -> Result<(), LuksError> {
+pub fn write_both(file: &dyn Device, c: &mut Copy) -> Result<(), LuksError> {
     c.seqid += 1;
     for offset in [0, c.hdr_size] {
         let buf = serialize(c, offset)?;

@@ -4,6 +4,8 @@
 pub mod binary;
 pub mod meta;
 
+use crate::device::Device;
+#[cfg(test)]
 use std::fs::File;
 
 use base64::Engine;
@@ -29,7 +31,7 @@ pub struct Luks2 {
 }
 
 impl Luks2 {
-    pub fn read(file: &File) -> Result<Self, LuksError> {
+    pub fn read(file: &dyn Device) -> Result<Self, LuksError> {
         let copy = binary::read_best(file)?;
         let value: Value = serde_json::from_str(&copy.json)
             .map_err(|e| LuksError::Corrupt(format!("LUKS2 JSON metadata does not parse: {e}")))?;
@@ -89,7 +91,7 @@ impl Luks2 {
     /// Tries one slot: the volume key if the passphrase opens it.
     pub fn open_slot(
         &self,
-        file: &File,
+        file: &dyn Device,
         id: usize,
         passphrase: &[u8],
     ) -> Result<Option<Zeroizing<Vec<u8>>>, LuksError> {
@@ -161,7 +163,7 @@ impl Luks2 {
     /// its JSON; nothing refers to that space until the header is committed.
     fn build_keyslot(
         &self,
-        file: &File,
+        file: &dyn Device,
         passphrase: &[u8],
         key: &[u8],
         kdf: Kdf,
@@ -212,7 +214,7 @@ impl Luks2 {
         ))
     }
 
-    fn commit(&mut self, file: &File) -> Result<(), LuksError> {
+    fn commit(&mut self, file: &dyn Device) -> Result<(), LuksError> {
         self.meta = meta::parse(&self.value)?;
         self.copy.json = serde_json::to_string(&self.value).expect("JSON values serialize");
         binary::write_both(file, &mut self.copy)
@@ -221,7 +223,7 @@ impl Luks2 {
     /// Adds keyslot `id` for `key` (area first, then the headers).
     pub fn add_slot(
         &mut self,
-        file: &File,
+        file: &dyn Device,
         id: usize,
         passphrase: &[u8],
         key: &[u8],
@@ -250,7 +252,7 @@ impl Luks2 {
     /// switched over by one header commit; the old area is wiped after.
     pub fn change_slot(
         &mut self,
-        file: &File,
+        file: &dyn Device,
         id: usize,
         passphrase: &[u8],
         key: &[u8],
@@ -268,7 +270,7 @@ impl Luks2 {
     }
 
     /// Drops keyslot `id` from the metadata (committed), then wipes its area.
-    pub fn remove_slot(&mut self, file: &File, id: usize) -> Result<(), LuksError> {
+    pub fn remove_slot(&mut self, file: &dyn Device, id: usize) -> Result<(), LuksError> {
         let old = self.area_of(id)?;
         if let Some(map) = self.value["keyslots"].as_object_mut() {
             map.remove(&id.to_string());
@@ -322,7 +324,12 @@ pub struct NewHeader<'a> {
 }
 
 /// Writes a new LUKS2 header with keyslot 0 into `file` (a new image).
-pub fn format(file: &File, key: &[u8], passphrase: &[u8], p: &NewHeader) -> Result<(), LuksError> {
+pub fn format(
+    file: &dyn Device,
+    key: &[u8],
+    passphrase: &[u8],
+    p: &NewHeader,
+) -> Result<(), LuksError> {
     let mut dsalt = [0u8; 32];
     random::fill(&mut dsalt)?;
     // As long as the hash's output, as cryptsetup writes it.
@@ -418,7 +425,7 @@ mod tests {
         // A crash halfway through the next primary write: the secondary
         // (seqid 2) is used.
         use std::os::unix::fs::FileExt;
-        file.write_all_at(&[0xff; 100], 5000).unwrap();
+        FileExt::write_all_at(&file, &[0xff; 100], 5000).unwrap();
         let back = Luks2::read(&file).unwrap();
         assert_eq!((back.copy.seqid, back.copy.label.as_str()), (2, "second"));
     }

@@ -1,0 +1,673 @@
+//! The NBD client: libnbd (the NBD project's own C library) behind a safe
+//! interface. This module is the only place that knows libnbd's C API.
+//!
+//! libnbd is loaded at run time with dlopen(3), not linked: `cargo build`
+//! needs no C library, and only a daemon that is asked for an `nbd://` image
+//! needs `libnbd.so.0` (Debian: libnbd0). Every signature below is copied
+//! from /usr/include/libnbd.h of libnbd 1.14 (Debian bookworm); every call
+//! used here exists since libnbd 1.0 except `nbd_get_block_size` (1.4) and
+//! `nbd_set_tls_*`/`nbd_can_multi_conn` (1.0/1.0).
+//!
+//! Threads: libnbd locks each handle inside every call, so a `Connection`
+//! may be shared between threads; the error of a failed call is kept per
+//! thread (nbd_get_error / nbd_get_errno), read right after the call.
+//!
+//! Asynchronous commands (`aio_*`) take no completion callback (the
+//! NBD_NULL_COMPLETION of the C API): the command stays in the handle until
+//! `command_completed` retires it. Their buffers are the caller's until then,
+//! which is why those calls are `unsafe`.
+
+use std::ffi::{c_char, c_int, c_uint, c_void, CStr, CString};
+use std::io;
+use std::os::unix::io::RawFd;
+use std::sync::OnceLock;
+
+/// The library's file name (its soname), and the Debian package that has it.
+const SONAME: &CStr = c"libnbd.so.0";
+pub const PACKAGE: &str = "libnbd0";
+
+#[repr(C)]
+struct Handle {
+    _opaque: [u8; 0],
+}
+
+/// `nbd_completion_callback`, passed by value. Only ever passed empty
+/// (NBD_NULL_COMPLETION: `{ .callback = NULL }`, the rest zero).
+#[repr(C)]
+struct CompletionCallback {
+    callback: Option<unsafe extern "C" fn(*mut c_void, *mut c_int) -> c_int>,
+    user_data: *mut c_void,
+    free: Option<unsafe extern "C" fn(*mut c_void)>,
+}
+
+const NULL_COMPLETION: CompletionCallback = CompletionCallback {
+    callback: None,
+    user_data: std::ptr::null_mut(),
+    free: None,
+};
+
+const LIBNBD_TLS_DISABLE: c_int = 0;
+const LIBNBD_TLS_REQUIRE: c_int = 2;
+const LIBNBD_SIZE_MINIMUM: c_int = 0;
+const LIBNBD_SIZE_PREFERRED: c_int = 1;
+const LIBNBD_SIZE_MAXIMUM: c_int = 2;
+const LIBNBD_AIO_DIRECTION_READ: c_uint = 1;
+const LIBNBD_AIO_DIRECTION_WRITE: c_uint = 2;
+
+/// Declares the table of libnbd functions: one field per C function, with
+/// the C signature, looked up by name when the library is loaded.
+macro_rules! api {
+    ($( fn $name:ident ( $($arg:ty),* ) -> $ret:ty; )*) => {
+        #[allow(non_snake_case)]
+        struct Api {
+            $( $name: unsafe extern "C" fn($($arg),*) -> $ret, )*
+        }
+
+        /// Each function's Rust signature, for the test that compares them
+        /// with libnbd.h.
+        #[cfg(test)]
+        const SIGNATURES: &[(&str, &str)] = &[
+            $( (stringify!($name), stringify!(($($arg),*) -> $ret)), )*
+        ];
+
+        impl Api {
+            /// # Safety
+            /// `lib` is a handle from dlopen of libnbd.so.0, never closed.
+            unsafe fn resolve(lib: *mut c_void) -> Result<Api, String> {
+                Ok(Api {
+                    $( $name: {
+                        let name = concat!(stringify!($name), "\0");
+                        // SAFETY: `lib` is a live dlopen handle and `name`
+                        // a NUL-terminated string.
+                        let sym = unsafe { libc::dlsym(lib, name.as_ptr().cast()) };
+                        if sym.is_null() {
+                            return Err(format!("{} has no {}", SONAME.to_string_lossy(), stringify!($name)));
+                        }
+                        // SAFETY: the symbol is libnbd's function of that
+                        // name, whose C signature (libnbd.h) is the one
+                        // declared here.
+                        unsafe { std::mem::transmute::<*mut c_void, unsafe extern "C" fn($($arg),*) -> $ret>(sym) }
+                    }, )*
+                })
+            }
+        }
+    };
+}
+
+api! {
+    fn nbd_create() -> *mut Handle;
+    fn nbd_close(*mut Handle) -> ();
+    fn nbd_get_error() -> *const c_char;
+    fn nbd_get_errno() -> c_int;
+    fn nbd_set_handle_name(*mut Handle, *const c_char) -> c_int;
+    fn nbd_set_tls(*mut Handle, c_int) -> c_int;
+    fn nbd_set_tls_certificates(*mut Handle, *const c_char) -> c_int;
+    fn nbd_set_tls_verify_peer(*mut Handle, bool) -> c_int;
+    fn nbd_set_tls_username(*mut Handle, *const c_char) -> c_int;
+    fn nbd_set_tls_psk_file(*mut Handle, *const c_char) -> c_int;
+    fn nbd_supports_tls(*mut Handle) -> c_int;
+    fn nbd_connect_uri(*mut Handle, *const c_char) -> c_int;
+    fn nbd_is_read_only(*mut Handle) -> c_int;
+    fn nbd_can_flush(*mut Handle) -> c_int;
+    fn nbd_can_trim(*mut Handle) -> c_int;
+    fn nbd_can_multi_conn(*mut Handle) -> c_int;
+    fn nbd_get_size(*mut Handle) -> i64;
+    fn nbd_get_block_size(*mut Handle, c_int) -> i64;
+    fn nbd_pread(*mut Handle, *mut c_void, usize, u64, u32) -> c_int;
+    fn nbd_pwrite(*mut Handle, *const c_void, usize, u64, u32) -> c_int;
+    fn nbd_flush(*mut Handle, u32) -> c_int;
+    fn nbd_trim(*mut Handle, u64, u64, u32) -> c_int;
+    fn nbd_shutdown(*mut Handle, u32) -> c_int;
+    fn nbd_aio_pread(*mut Handle, *mut c_void, usize, u64, CompletionCallback, u32) -> i64;
+    fn nbd_aio_pwrite(*mut Handle, *const c_void, usize, u64, CompletionCallback, u32) -> i64;
+    fn nbd_aio_flush(*mut Handle, CompletionCallback, u32) -> i64;
+    fn nbd_aio_trim(*mut Handle, u64, u64, CompletionCallback, u32) -> i64;
+    fn nbd_aio_get_fd(*mut Handle) -> c_int;
+    fn nbd_aio_get_direction(*mut Handle) -> c_uint;
+    fn nbd_aio_notify_read(*mut Handle) -> c_int;
+    fn nbd_aio_notify_write(*mut Handle) -> c_int;
+    fn nbd_aio_is_dead(*mut Handle) -> c_int;
+    fn nbd_aio_is_closed(*mut Handle) -> c_int;
+    fn nbd_aio_in_flight(*mut Handle) -> c_int;
+    fn nbd_aio_peek_command_completed(*mut Handle) -> i64;
+    fn nbd_aio_command_completed(*mut Handle, u64) -> c_int;
+}
+
+/// libnbd could not be loaded (or lacks a function): the message says
+/// which package to install.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("NBD images need libnbd, which cannot be loaded ({reason}); install the Debian package {PACKAGE} (apt-get install {PACKAGE})")]
+pub struct Missing {
+    reason: String,
+}
+
+/// Loads libnbd once per process; later calls return the same table.
+fn api() -> Result<&'static Api, Missing> {
+    static API: OnceLock<Result<Api, Missing>> = OnceLock::new();
+    API.get_or_init(|| load(SONAME))
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+fn load(soname: &CStr) -> Result<Api, Missing> {
+    // SAFETY: dlopen of a plain shared library whose initialisers are
+    // libnbd's own; the handle is never closed, so the functions stay
+    // mapped for the life of the process.
+    let lib = unsafe { libc::dlopen(soname.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+    if lib.is_null() {
+        // SAFETY: dlerror returns NULL or a NUL-terminated string.
+        let err = unsafe { libc::dlerror() };
+        let reason = if err.is_null() {
+            format!("dlopen {} failed", soname.to_string_lossy())
+        } else {
+            // SAFETY: see above; copied before any other dl* call.
+            unsafe { CStr::from_ptr(err) }
+                .to_string_lossy()
+                .into_owned()
+        };
+        return Err(Missing { reason });
+    }
+    // SAFETY: `lib` is the live handle just opened.
+    unsafe { Api::resolve(lib) }.map_err(|reason| Missing { reason })
+}
+
+/// Whether libnbd can be loaded here (tests, and checks before start-up).
+pub fn available() -> Result<(), Missing> {
+    api().map(|_| ())
+}
+
+/// TLS settings beyond what the URI says (`nbds://` requires TLS).
+#[derive(Debug, Clone)]
+pub struct Tls {
+    /// A directory of X.509 files (ca-cert.pem, client-cert.pem,
+    /// client-key.pem), as qemu-nbd's and nbdkit's `--tls-certificates`.
+    pub certificates: Option<String>,
+    /// A PSK file in GnuTLS psktool's `username:hexkey` format.
+    pub psk_file: Option<String>,
+    /// The username to pick from the PSK file (or to present with X.509).
+    pub username: Option<String>,
+    /// Check the server's certificate (X.509 only); on by default.
+    pub verify_peer: bool,
+}
+
+impl Default for Tls {
+    fn default() -> Self {
+        Tls {
+            certificates: None,
+            psk_file: None,
+            username: None,
+            verify_peer: true,
+        }
+    }
+}
+
+/// What the server said about the export during the handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExportInfo {
+    pub size: u64,
+    pub read_only: bool,
+    pub can_flush: bool,
+    pub can_trim: bool,
+    pub can_multi_conn: bool,
+    /// Block size constraints (NBD_INFO_BLOCK_SIZE); 1, 4096 and 32 MiB
+    /// (the NBD spec's defaults) when the server sends none.
+    pub min_block: u32,
+    pub preferred_block: u32,
+    pub max_block: u32,
+}
+
+/// Which way the connection's fd must be ready for the state machine to go
+/// on (nbd_aio_get_direction).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Direction {
+    pub read: bool,
+    pub write: bool,
+}
+
+/// Calls libnbd function `$f` on the connection's handle.
+macro_rules! call {
+    ($conn:expr, $f:ident $(, $arg:expr)*) => {{
+        let (api, h) = ($conn.api, $conn.h);
+        // SAFETY: `h` is the live handle the Connection owns (closed only
+        // by Drop); the signature is libnbd.h's (checked by a test); every
+        // pointer argument is valid for the call, as its caller states, and
+        // libnbd copies the strings it keeps.
+        unsafe { (api.$f)(h $(, $arg)*) }
+    }};
+}
+
+/// One connection (one libnbd handle) to an NBD export.
+pub struct Connection {
+    api: &'static Api,
+    h: *mut Handle,
+}
+
+// SAFETY: libnbd handles may be used from any thread and from several at
+// once: every libnbd call takes the handle's own lock (libnbd(3),
+// "MULTI-THREADING"); errors are reported through thread-local storage,
+// read on the thread that made the failed call.
+unsafe impl Send for Connection {}
+// SAFETY: as for Send.
+unsafe impl Sync for Connection {}
+
+impl Connection {
+    /// Connects to `uri` (nbd://, nbd+unix://, nbds://, nbds+unix://) and
+    /// completes the handshake; blocks until then.
+    pub fn connect(uri: &str, tls: &Tls, name: &str) -> io::Result<Connection> {
+        let api = api().map_err(io::Error::other)?;
+        // SAFETY: nbd_create has no preconditions.
+        let h = unsafe { (api.nbd_create)() };
+        if h.is_null() {
+            return Err(last_error(api, "nbd_create"));
+        }
+        let conn = Connection { api, h };
+        let cname = cstring(name)?;
+        // NUL-terminated string copied by libnbd.
+        conn.check(
+            call!(conn, nbd_set_handle_name, cname.as_ptr()),
+            "nbd_set_handle_name",
+        )?;
+        let wants_tls = uri.starts_with("nbds");
+        if wants_tls || tls.psk_file.is_some() || tls.certificates.is_some() {
+            if call!(conn, nbd_supports_tls) != 1 {
+                return Err(io::Error::other(
+                    "this libnbd was built without TLS support",
+                ));
+            }
+            if let Some(dir) = &tls.certificates {
+                let dir = cstring(dir)?;
+                // Libnbd copies the string.
+                conn.check(
+                    call!(conn, nbd_set_tls_certificates, dir.as_ptr()),
+                    "nbd_set_tls_certificates",
+                )?;
+            }
+            if let Some(file) = &tls.psk_file {
+                let file = cstring(file)?;
+                // Libnbd copies the string.
+                conn.check(
+                    call!(conn, nbd_set_tls_psk_file, file.as_ptr()),
+                    "nbd_set_tls_psk_file",
+                )?;
+            }
+            if let Some(user) = &tls.username {
+                let user = cstring(user)?;
+                // Libnbd copies the string.
+                conn.check(
+                    call!(conn, nbd_set_tls_username, user.as_ptr()),
+                    "nbd_set_tls_username",
+                )?;
+            }
+            conn.check(
+                call!(conn, nbd_set_tls_verify_peer, tls.verify_peer),
+                "nbd_set_tls_verify_peer",
+            )?;
+            // TLS options without an nbds:// URI still mean "TLS or
+            // nothing": never fall back to plaintext silently.
+            conn.check(call!(conn, nbd_set_tls, LIBNBD_TLS_REQUIRE), "nbd_set_tls")?;
+        } else {
+            conn.check(call!(conn, nbd_set_tls, LIBNBD_TLS_DISABLE), "nbd_set_tls")?;
+        }
+        let curi = cstring(uri)?;
+        // Libnbd copies the URI.
+        conn.check(call!(conn, nbd_connect_uri, curi.as_ptr()), "connect")?;
+        Ok(conn)
+    }
+
+    /// Turns a C status (-1: error) into an io::Result with libnbd's message.
+    fn check(&self, rc: c_int, what: &str) -> io::Result<c_int> {
+        if rc < 0 {
+            Err(last_error(self.api, what))
+        } else {
+            Ok(rc)
+        }
+    }
+
+    fn check64(&self, rc: i64, what: &str) -> io::Result<u64> {
+        if rc < 0 {
+            Err(last_error(self.api, what))
+        } else {
+            Ok(rc as u64)
+        }
+    }
+
+    fn flag(&self, rc: c_int, what: &str) -> io::Result<bool> {
+        self.check(rc, what).map(|v| v != 0)
+    }
+
+    /// Size, flags and block sizes of the export (after `connect`).
+    pub fn info(&self) -> io::Result<ExportInfo> {
+        let conn = self;
+        let size = self.check64(call!(conn, nbd_get_size), "nbd_get_size")?;
+        let block = |which, default: u32| -> io::Result<u32> {
+            let v = self.check64(call!(conn, nbd_get_block_size, which), "nbd_get_block_size")?;
+            Ok(if v == 0 {
+                default
+            } else {
+                u32::try_from(v).unwrap_or(u32::MAX)
+            })
+        };
+        Ok(ExportInfo {
+            size,
+            read_only: self.flag(call!(conn, nbd_is_read_only), "nbd_is_read_only")?,
+            can_flush: self.flag(call!(conn, nbd_can_flush), "nbd_can_flush")?,
+            can_trim: self.flag(call!(conn, nbd_can_trim), "nbd_can_trim")?,
+            can_multi_conn: self.flag(call!(conn, nbd_can_multi_conn), "nbd_can_multi_conn")?,
+            min_block: block(LIBNBD_SIZE_MINIMUM, 1)?,
+            preferred_block: block(LIBNBD_SIZE_PREFERRED, 4096)?,
+            max_block: block(LIBNBD_SIZE_MAXIMUM, 32 << 20)?,
+        })
+    }
+
+    /// Reads `buf.len()` bytes at `offset`, waiting for the answer.
+    pub fn pread(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        // `buf` is valid for writes of its length for
+        // the whole (synchronous) call.
+        let rc = call!(
+            self,
+            nbd_pread,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            offset,
+            0
+        );
+        self.check(rc, "nbd_pread").map(drop)
+    }
+
+    /// Writes `buf` at `offset`, waiting for the server's acknowledgement.
+    pub fn pwrite(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        // `buf` is valid for reads for the whole call.
+        let rc = call!(self, nbd_pwrite, buf.as_ptr().cast(), buf.len(), offset, 0);
+        self.check(rc, "nbd_pwrite").map(drop)
+    }
+
+    /// NBD_CMD_FLUSH, waiting for the answer.
+    pub fn flush(&self) -> io::Result<()> {
+        self.check(call!(self, nbd_flush, 0), "nbd_flush").map(drop)
+    }
+
+    /// NBD_CMD_TRIM, waiting for the answer.
+    pub fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.check(call!(self, nbd_trim, len, offset, 0), "nbd_trim")
+            .map(drop)
+    }
+
+    /// Starts NBD_CMD_READ of `len` bytes at `offset` into `buf`; returns
+    /// the command's cookie.
+    ///
+    /// # Safety
+    /// `buf` must be valid for writes of `len` bytes, and neither read nor
+    /// written by anyone else, until the command is retired
+    /// (`command_completed` returned Some) or the connection is dropped.
+    pub unsafe fn aio_pread(&self, buf: *mut u8, len: usize, offset: u64) -> io::Result<u64> {
+        // SAFETY: live handle; the buffer contract is the caller's.
+        let rc = unsafe {
+            (self.api.nbd_aio_pread)(self.h, buf.cast(), len, offset, NULL_COMPLETION, 0)
+        };
+        self.check64(rc, "nbd_aio_pread")
+    }
+
+    /// Starts NBD_CMD_WRITE of `len` bytes from `buf` at `offset`.
+    ///
+    /// # Safety
+    /// `buf` must be valid for reads of `len` bytes, and not written, until
+    /// the command is retired or the connection is dropped.
+    pub unsafe fn aio_pwrite(&self, buf: *const u8, len: usize, offset: u64) -> io::Result<u64> {
+        // SAFETY: live handle; the buffer contract is the caller's.
+        let rc = unsafe {
+            (self.api.nbd_aio_pwrite)(self.h, buf.cast(), len, offset, NULL_COMPLETION, 0)
+        };
+        self.check64(rc, "nbd_aio_pwrite")
+    }
+
+    /// Starts NBD_CMD_FLUSH.
+    pub fn aio_flush(&self) -> io::Result<u64> {
+        let rc = call!(self, nbd_aio_flush, NULL_COMPLETION, 0);
+        self.check64(rc, "nbd_aio_flush")
+    }
+
+    /// Starts NBD_CMD_TRIM of `len` bytes at `offset`.
+    pub fn aio_trim(&self, offset: u64, len: u64) -> io::Result<u64> {
+        let rc = call!(self, nbd_aio_trim, len, offset, NULL_COMPLETION, 0);
+        self.check64(rc, "nbd_aio_trim")
+    }
+
+    /// The socket to poll (it changes only on a new connection).
+    pub fn fd(&self) -> io::Result<RawFd> {
+        self.check(call!(self, nbd_aio_get_fd), "nbd_aio_get_fd")
+    }
+
+    pub fn direction(&self) -> Direction {
+        // This call cannot fail.
+        let d = call!(self, nbd_aio_get_direction);
+        Direction {
+            read: d & LIBNBD_AIO_DIRECTION_READ != 0,
+            write: d & LIBNBD_AIO_DIRECTION_WRITE != 0,
+        }
+    }
+
+    /// The fd is readable (or hung up): let the state machine read.
+    pub fn notify_read(&self) -> io::Result<()> {
+        self.check(call!(self, nbd_aio_notify_read), "nbd_aio_notify_read")
+            .map(drop)
+    }
+
+    /// The fd is writable: let the state machine send what it holds.
+    pub fn notify_write(&self) -> io::Result<()> {
+        self.check(call!(self, nbd_aio_notify_write), "nbd_aio_notify_write")
+            .map(drop)
+    }
+
+    /// The connection failed (server gone, protocol error): every command
+    /// not yet answered has completed with an error, and nothing new can
+    /// be sent on this handle.
+    pub fn is_dead(&self) -> bool {
+        // SAFETY: live handle.
+        unsafe {
+            (self.api.nbd_aio_is_dead)(self.h) == 1 || (self.api.nbd_aio_is_closed)(self.h) == 1
+        }
+    }
+
+    /// Commands issued and not yet retired.
+    pub fn in_flight(&self) -> usize {
+        let n = call!(self, nbd_aio_in_flight);
+        usize::try_from(n).unwrap_or(0)
+    }
+
+    /// The cookie of a command that completed and is waiting to be
+    /// retired, if any.
+    pub fn peek_completed(&self) -> Option<u64> {
+        // -1 ("no command in flight") and 0 ("none
+        // completed yet") both mean none.
+        let c = call!(self, nbd_aio_peek_command_completed);
+        (c > 0).then_some(c as u64)
+    }
+
+    /// Retires command `cookie` if it completed: Some(Ok) on success,
+    /// Some(Err(errno)) if the server (or the connection) failed it, None if
+    /// it is still in flight.
+    pub fn command_completed(&self, cookie: u64) -> Option<Result<(), i32>> {
+        match call!(self, nbd_aio_command_completed, cookie) {
+            0 => None,
+            1 => Some(Ok(())),
+            _ => {
+                // SAFETY: reads this thread's error of the call just made.
+                let errno = unsafe { (self.api.nbd_get_errno)() };
+                Some(Err(if errno > 0 { errno } else { libc::EIO }))
+            }
+        }
+    }
+
+    /// Tells the server we are leaving (NBD_CMD_DISC once the commands in
+    /// flight are answered).
+    pub fn shutdown(&self) {
+        call!(self, nbd_shutdown, 0);
+    }
+}
+
+impl Drop for Connection {
+    /// Closes the socket and frees the handle: from here on libnbd touches
+    /// no buffer of a command it was given.
+    fn drop(&mut self) {
+        // SAFETY: the handle is live and used by no one else (we own it).
+        call!(self, nbd_close);
+    }
+}
+
+fn cstring(s: &str) -> io::Result<CString> {
+    CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in a string"))
+}
+
+/// The error of the last failed libnbd call on this thread.
+fn last_error(api: &Api, what: &str) -> io::Error {
+    // SAFETY: both read this thread's libnbd error state; the message is a
+    // NUL-terminated string (or NULL) valid until the next libnbd call.
+    let (msg, errno) = unsafe {
+        let m = (api.nbd_get_error)();
+        let msg = if m.is_null() {
+            String::from("unknown error")
+        } else {
+            CStr::from_ptr(m).to_string_lossy().into_owned()
+        };
+        (msg, (api.nbd_get_errno)())
+    };
+    let kind = if errno > 0 {
+        io::Error::from_raw_os_error(errno).kind()
+    } else {
+        io::ErrorKind::Other
+    };
+    let err = io::Error::new(kind, format!("{what}: {msg}"));
+    if errno > 0 {
+        // Keep the errno for callers that pass it on (the guest's status).
+        io::Error::new(kind, ErrnoError { errno, inner: err })
+    } else {
+        err
+    }
+}
+
+/// An error that carries libnbd's errno.
+#[derive(Debug)]
+pub struct ErrnoError {
+    pub errno: i32,
+    inner: io::Error,
+}
+
+impl std::fmt::Display for ErrnoError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.inner.fmt(f)
+    }
+}
+
+impl std::error::Error for ErrnoError {}
+
+/// The errno an error from this module carries (EIO if none).
+pub fn errno_of(e: &io::Error) -> i32 {
+    e.raw_os_error()
+        .or_else(|| {
+            e.get_ref()
+                .and_then(|inner| inner.downcast_ref::<ErrnoError>())
+                .map(|x| x.errno)
+        })
+        .unwrap_or(libc::EIO)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_library_names_the_debian_package() {
+        let Err(e) = load(c"libnbd-not-here.so.0") else {
+            panic!("loaded a library that does not exist");
+        };
+        let msg = e.to_string();
+        assert!(msg.contains("libnbd-not-here.so.0"), "{msg}");
+        assert!(msg.contains("install the Debian package libnbd0"), "{msg}");
+    }
+
+    /// The C type of a parameter or return value as the table spells it.
+    fn rust_type(c: &str) -> String {
+        let c = c.split_whitespace().collect::<Vec<_>>().join(" ");
+        let c = c.replace(" *", "*");
+        match c.as_str() {
+            "struct nbd_handle*" => "*mut Handle",
+            "void*" => "*mut c_void",
+            "const void*" => "*const c_void",
+            "const char*" => "*const c_char",
+            "size_t" => "usize",
+            "uint64_t" => "u64",
+            "uint32_t" => "u32",
+            "int64_t" => "i64",
+            "int" => "c_int",
+            "unsigned" => "c_uint",
+            "bool" => "bool",
+            "nbd_completion_callback" => "CompletionCallback",
+            "void" => "()",
+            other => panic!("a C type the table does not map: {other:?}"),
+        }
+        .to_string()
+    }
+
+    /// Every function in the table has, in /usr/include/libnbd.h (Debian's
+    /// libnbd-dev), exactly the signature the table declares: the ABI is
+    /// read from the header, never guessed.
+    #[test]
+    fn the_table_matches_libnbd_h() {
+        let header = std::fs::read_to_string("/usr/include/libnbd.h")
+            .expect("libnbd.h: install libnbd-dev (integration/install-deps.sh)");
+        let flat = header.split_whitespace().collect::<Vec<_>>().join(" ");
+        // Every declaration: "extern RET NAME (PARAMS)", up to its ';'.
+        let decls: Vec<&str> = flat
+            .split("extern ")
+            .skip(1)
+            .filter_map(|d| d.split(';').next())
+            .collect();
+        for (name, sig) in SIGNATURES {
+            let decl = decls
+                .iter()
+                .find_map(|d| {
+                    let at = d.find(&format!("{name} ("))?;
+                    let before = d[..at].trim_end();
+                    (at > 0 && matches!(d.as_bytes()[at - 1], b' ' | b'*'))
+                        .then_some((before, &d[at..]))
+                })
+                .unwrap_or_else(|| panic!("{name} is not declared in libnbd.h"));
+            let ret = rust_type(decl.0);
+            let open = name.len() + 1;
+            let close = open + decl.1[open..].find(')').unwrap();
+            let params: Vec<String> = decl.1[open + 1..close]
+                .split(',')
+                .map(str::trim)
+                .filter(|p| *p != "void")
+                .map(|p| {
+                    // Drop the parameter's name: the type is what precedes it.
+                    let cut = p
+                        .rfind(|c: char| !(c.is_alphanumeric() || c == '_'))
+                        .map_or(0, |i| i + 1);
+                    rust_type(&p[..cut])
+                })
+                .collect();
+            let c_sig = format!("({}) -> {ret}", params.join(", "));
+            // stringify! spaces tokens as it likes: compare without spaces.
+            let ours: String = sig.split_whitespace().collect();
+            let c_sig: String = c_sig.split_whitespace().collect();
+            assert_eq!(ours, c_sig, "{name}");
+        }
+    }
+
+    #[test]
+    fn the_installed_library_has_every_function() {
+        available().expect("libnbd0 is installed by integration/install-deps.sh");
+    }
+
+    #[test]
+    fn a_refused_connection_is_an_error_with_libnbd_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let uri = format!("nbd+unix:///?socket={}/none.sock", dir.path().display());
+        let e = Connection::connect(&uri, &Tls::default(), "t")
+            .err()
+            .expect("connected to nothing");
+        assert!(e.to_string().starts_with("connect: "), "{e}");
+        assert_eq!(errno_of(&e), libc::ENOENT, "{e}");
+    }
+}
