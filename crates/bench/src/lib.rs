@@ -46,7 +46,7 @@ use device::Device;
 use progress::Counter;
 use stats::PhaseStats;
 use worker::{Pipeline, PipelineConfig};
-use workload::{Limits, Part, Workload};
+use workload::{Part, Workload, WorkloadLimits};
 
 /// Runs one job against `spec.socket` and reports what it measured.
 pub fn run(spec: &JobSpec) -> Result<Report, BenchError> {
@@ -167,7 +167,7 @@ impl Plan {
         let part = Part::split(self.region.0, self.region.1, spec.bs, count, i);
         let seed = spec.seed ^ i.wrapping_mul(0x0100_0000_01b3);
         if spec.verify_only {
-            let limits = Limits {
+            let limits = WorkloadLimits {
                 budget: Some(part.blocks * spec.bs),
                 deadline: None,
             };
@@ -177,7 +177,7 @@ impl Plan {
             let blocks = size / spec.bs;
             (blocks * (i + 1) / count - blocks * i / count) * spec.bs
         });
-        let limits = Limits {
+        let limits = WorkloadLimits {
             budget,
             deadline: self.deadline,
         };

@@ -69,7 +69,7 @@ impl Bitmap {
     }
 }
 
-pub(crate) struct Limits {
+pub(crate) struct WorkloadLimits {
     /// Bytes this queue may issue.
     pub budget: Option<u64>,
     pub deadline: Option<Instant>,
@@ -83,7 +83,7 @@ pub(crate) struct Workload {
     rng: SplitMix64,
     cursor: u64,
     issued: u64,
-    limits: Limits,
+    limits: WorkloadLimits,
     /// With verify: blocks known to hold the pattern.
     written: Option<Bitmap>,
     /// Check every read (the region was written with the pattern earlier).
@@ -91,7 +91,7 @@ pub(crate) struct Workload {
 }
 
 impl Workload {
-    pub fn new(part: Part, mode: RwMode, rwmixread: u8, seed: u64, limits: Limits) -> Self {
+    pub fn new(part: Part, mode: RwMode, rwmixread: u8, seed: u64, limits: WorkloadLimits) -> Self {
         Self {
             part,
             mode,
@@ -203,8 +203,8 @@ impl OpSource for Readback {
 mod tests {
     use super::*;
 
-    fn limits(budget: u64) -> Limits {
-        Limits {
+    fn limits(budget: u64) -> WorkloadLimits {
+        WorkloadLimits {
             budget: Some(budget),
             deadline: None,
         }

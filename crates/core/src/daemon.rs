@@ -148,7 +148,7 @@ pub fn serve(
         return Err(e.into());
     }
     // After the sandbox: its threads are confined like every other.
-    let control_file = match control.map(|c| c.serve(dev.clone(), sandbox.image.clone())) {
+    let control_file = match control.map(|c| c.start(dev.clone(), sandbox.image.clone())) {
         Some(Err(e)) => {
             listening.close();
             return Err(DaemonError::Control(e));

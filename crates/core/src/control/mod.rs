@@ -56,7 +56,7 @@ impl ControlSocket {
     /// Serves commands about `dev` on a thread of its own; returns the
     /// socket file, which the caller removes at exit (removed here if the
     /// thread cannot start).
-    pub fn serve(self, dev: Arc<BlkDevice>, image: PathBuf) -> io::Result<SocketFile> {
+    pub fn start(self, dev: Arc<BlkDevice>, image: PathBuf) -> io::Result<SocketFile> {
         let ControlSocket { listener, file } = self;
         let ctx = Context { dev, image };
         let spawned = std::thread::Builder::new()

@@ -17,9 +17,10 @@ use vmm_sys_util::event::{
 
 use super::aio::AsyncQueue;
 use super::blk::{BlkDevice, Workspace};
-use super::config_space::{config_window, protocol_features, virtio_features, AioMode, CryptoMode};
+use super::config_space::{config_window, protocol_features, virtio_features};
 use super::guest_faults::GuestFaults;
 use super::inflight::{InflightQueue, InflightRegion};
+use super::options::{AioMode, CryptoMode};
 use super::pool::Pool;
 use super::queue::{drain_async, process_vring, QueueCtx, QueueState};
 

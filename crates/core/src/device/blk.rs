@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use vm_memory::{Bytes, GuestMemoryBackend};
 
-use super::config_space::{self, DeviceOptions};
+use super::config_space;
+use super::options::DeviceOptions;
 use super::stats::Stats;
 use crate::virtio::{GuestBufs, Limits, Request, Segment, VIRTIO_BLK_ID_BYTES};
 use crate::volume::{AlignedBuf, Volume, CHUNK_BYTES};

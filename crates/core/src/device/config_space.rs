@@ -7,6 +7,7 @@ use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
+use super::options::DeviceOptions;
 use crate::virtio::Limits;
 
 /// Largest single data descriptor the guest may use (config `size_max`).
@@ -15,47 +16,6 @@ pub const SIZE_MAX: u32 = 1 << 20;
 /// single request's work bounded (write-zeroes encrypts every byte).
 const MAX_DISCARD_SECTORS: u32 = 1 << 22;
 const MAX_WRITE_ZEROES_SECTORS: u32 = 1 << 16;
-
-/// Where a request's crypto (and I/O) runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum CryptoMode {
-    /// On the vring thread that popped the request (no hand-off).
-    Inline,
-    /// On a bounded pool of worker threads; large requests are split.
-    Workers,
-}
-
-/// How image I/O that does not go through the page-cache mapping runs
-/// (QEMU's `aio=` option).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
-pub enum AioMode {
-    /// Many requests per queue in flight through io_uring (default);
-    /// falls back to `sync` with a warning where the kernel refuses it.
-    #[value(name = "io_uring")]
-    #[serde(rename = "io_uring")]
-    IoUring,
-    /// One request at a time per queue, pread/pwrite on the vring thread.
-    #[value(name = "sync")]
-    #[serde(rename = "sync")]
-    Sync,
-}
-
-/// What the operator chose for the device (not the image).
-#[derive(Debug, Clone)]
-pub struct DeviceOptions {
-    pub queues: usize,
-    pub queue_size: u16,
-    pub readonly: bool,
-    pub allow_discards: bool,
-    pub serial: String,
-    pub crypto: CryptoMode,
-    pub workers: usize,
-    pub split_threshold: usize,
-    pub aio: AioMode,
-    /// Offer INFLIGHT_SHMFD (requests survive a daemon restart).
-    pub inflight_tracking: bool,
-}
 
 pub fn virtio_features(opts: &DeviceOptions) -> u64 {
     let bits = [
@@ -160,6 +120,7 @@ pub fn config_window(space: &[u8], offset: u32, size: u32) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::options::{AioMode, CryptoMode};
     use super::*;
 
     fn opts() -> DeviceOptions {

@@ -8,6 +8,7 @@ mod completion;
 mod config_space;
 mod guest_faults;
 mod inflight;
+mod options;
 mod pool;
 mod queue;
 mod ratelimit;
@@ -16,7 +17,7 @@ pub mod stats;
 
 pub use backend::BlkBackend;
 pub use blk::{BlkDevice, Workspace};
-pub use config_space::{AioMode, CryptoMode, DeviceOptions};
+pub use options::{AioMode, CryptoMode, DeviceOptions};
 /// Executes one parsed chain: public for the fuzz targets in fuzz/.
 pub use queue::complete;
 

@@ -233,7 +233,7 @@ fn worker(dev: &BlkDevice, guest: &GuestFaults, rx: &Receiver<Job>, slots: &[Slo
         run_part(dev, &job, &mut ws);
         let slot = job.slot;
         if slot.parts_left.fetch_sub(1, Ordering::AcqRel) == 1 {
-            complete(dev, guest, &slot);
+            finish_slot(dev, guest, &slot);
             let queue = slot.queue;
             slots[queue].put(slot);
         }
@@ -293,7 +293,7 @@ fn part_of(
     rebuild(pos + start, end - start)
 }
 
-fn complete(dev: &BlkDevice, guest: &GuestFaults, slot: &Slot) {
+fn finish_slot(dev: &BlkDevice, guest: &GuestFaults, slot: &Slot) {
     let (Some(vring), Some(mem), Some(request), Some(ticket)) = (
         slot.vring.as_ref(),
         slot.mem.as_deref(),

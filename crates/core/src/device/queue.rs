@@ -279,7 +279,7 @@ fn drain(
             head,
             at: ctx.stats().popped(),
         };
-        serve(ctx, vring, mem, qs, popped, chain, completed)?;
+        dispatch_chain(ctx, vring, mem, qs, popped, chain, completed)?;
     }
 }
 
@@ -335,7 +335,7 @@ fn resubmit(
             head,
             at: ctx.stats().popped(),
         };
-        serve(ctx, vring, mem, qs, popped, chain, completed)?;
+        dispatch_chain(ctx, vring, mem, qs, popped, chain, completed)?;
     }
     Ok(())
 }
@@ -372,7 +372,7 @@ struct Popped {
 }
 
 /// Parses one chain and runs it where it belongs.
-fn serve(
+fn dispatch_chain(
     ctx: &QueueCtx<'_>,
     vring: &VringRwLock,
     mem: &Arc<GuestMemoryMmap>,
