@@ -364,3 +364,177 @@ fn ctl_prints_json_and_prometheus() {
     assert!(!ok);
     assert!(err.contains("CommandNotFound"), "{err}");
 }
+
+/// `resize` with `arguments`: the whole reply.
+fn resize(ctl: &mut Ctl, arguments: Value) -> Value {
+    let line = json!({ "execute": "resize", "arguments": arguments });
+    ctl.raw(format!("{line}\n").as_bytes())
+}
+
+fn error_text(reply: &Value) -> String {
+    reply["error"]["desc"]
+        .as_str()
+        .unwrap_or_else(|| panic!("not an error: {reply}"))
+        .to_string()
+}
+
+/// Waits until the daemon has seen the last VMM go.
+fn wait_disconnected(ctl: &mut Ctl) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ctl.run("query-status")["connected"] != false {
+        assert!(Instant::now() < deadline, "the VMM never left");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn image_len(s: &Served) -> u64 {
+    std::fs::metadata(s._dir.path().join("disk.img"))
+        .unwrap()
+        .len()
+}
+
+#[test]
+fn resize_grows_a_file_image_for_the_next_connection_and_refuses_what_it_cannot() {
+    let s = serve(&[]);
+    let mut ctl = Ctl::connect(&s.control);
+    let mut c = Client::connect(&s.daemon.socket, 1);
+    assert_eq!(c.capacity(), 8 << 20);
+    let before = pattern(21, 1 << 20, 64 << 10);
+    assert_eq!(c.write(0, 1 << 20, &before), 0);
+    drop(c);
+    wait_disconnected(&mut ctl);
+
+    // What cannot be done changes nothing.
+    for (arguments, says) in [
+        (json!({ "size": 4 << 20 }), "only growing"),
+        (json!({ "size": (8 << 20) + 100 }), "whole number"),
+        (json!({ "bytes": 1 }), "takes only"),
+        (json!({ "size": "lots" }), "size"),
+        (json!({}), "give the new size"),
+    ] {
+        let reply = resize(&mut ctl, arguments.clone());
+        assert!(error_text(&reply).contains(says), "{arguments}: {reply}");
+        assert_eq!(image_len(&s), 8 << 20, "{arguments} changed the image");
+    }
+
+    let reply = resize(&mut ctl, json!({ "size": "16M" }));
+    assert_eq!(reply["return"]["capacity"], 16u64 << 20, "{reply}");
+    assert_eq!(reply["return"]["guest-notified"], false, "{reply}");
+    assert_eq!(image_len(&s), 16 << 20);
+    assert_eq!(
+        ctl.run("query-status")["capacity"],
+        16u64 << 20,
+        "query-status"
+    );
+
+    // The next VMM sees the new size, can use it, and finds the old data.
+    let mut c = Client::connect(&s.daemon.socket, 1);
+    assert_eq!(c.capacity(), 16 << 20);
+    let after = pattern(22, 12 << 20, 64 << 10);
+    assert_eq!(c.write(0, 12 << 20, &after), 0);
+    assert_eq!(c.read(0, 12 << 20, after.len()).unwrap(), after);
+    assert_eq!(c.read(0, 1 << 20, before.len()).unwrap(), before);
+}
+
+/// The VMM side of the backend request channel: counts the
+/// CONFIG_CHANGE_MSGs the daemon sends.
+struct ConfigChanges(std::sync::atomic::AtomicU32);
+
+impl vhost::vhost_user::VhostUserFrontendReqHandler for ConfigChanges {
+    fn handle_config_change(&self) -> vhost::vhost_user::HandlerResult<u64> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(0)
+    }
+}
+
+/// A VMM connection that negotiates `protocol` (plus CONFIG and REPLY_ACK).
+fn vmm(
+    socket: &Path,
+    protocol: vhost::vhost_user::message::VhostUserProtocolFeatures,
+) -> vhost::vhost_user::Frontend {
+    use vhost::vhost_user::message::{VhostUserProtocolFeatures as P, VhostUserVirtioFeatures};
+    use vhost::vhost_user::{Frontend, VhostUserFrontend};
+    use vhost::VhostBackend;
+    let mut fe = Frontend::connect(socket, 2).unwrap();
+    fe.set_owner().unwrap();
+    let offered = fe.get_features().unwrap();
+    let want = (1u64 << 32) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+    fe.set_features(offered & want).unwrap();
+    let backend = fe.get_protocol_features().unwrap();
+    fe.set_protocol_features(backend & (P::CONFIG | P::REPLY_ACK | protocol))
+        .unwrap();
+    fe
+}
+
+fn config_capacity(fe: &mut vhost::vhost_user::Frontend) -> u64 {
+    use vhost::vhost_user::message::VhostUserConfigFlags;
+    use vhost::vhost_user::VhostUserFrontend;
+    let (_, config) = fe
+        .get_config(0, 8, VhostUserConfigFlags::empty(), &[0; 8])
+        .unwrap();
+    u64::from_le_bytes(config[..8].try_into().unwrap()) * 512
+}
+
+#[test]
+fn resize_tells_a_connected_vmm_through_its_backend_request_channel() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use vhost::vhost_user::message::VhostUserProtocolFeatures as P;
+    use vhost::vhost_user::{FrontendReqHandler, VhostUserFrontend};
+    let s = serve(&[]);
+    let mut ctl = Ctl::connect(&s.control);
+    let mut fe = vmm(&s.daemon.socket, P::BACKEND_REQ);
+    let changes = std::sync::Arc::new(ConfigChanges(AtomicU32::new(0)));
+    let mut channel = FrontendReqHandler::new(changes.clone()).unwrap();
+    channel.set_reply_ack_flag(true);
+    fe.set_backend_request_fd(&channel.get_tx_raw_fd()).unwrap();
+    // The VMM answers the daemon on a thread of its own, as QEMU's main
+    // loop does while the control command waits for the ack.
+    let answering = std::thread::spawn(move || channel.handle_request().map(|_| ()));
+    assert_eq!(config_capacity(&mut fe), 8 << 20);
+
+    let reply = resize(&mut ctl, json!({ "size": 12 << 20 }));
+    assert_eq!(reply["return"]["capacity"], 12u64 << 20, "{reply}");
+    assert_eq!(reply["return"]["guest-notified"], true, "{reply}");
+    answering.join().unwrap().expect("CONFIG_CHANGE_MSG");
+    assert_eq!(changes.0.load(Ordering::SeqCst), 1);
+    assert_eq!(config_capacity(&mut fe), 12 << 20, "GET_CONFIG after");
+}
+
+#[test]
+fn resize_refuses_a_vmm_without_the_channel_and_a_read_only_disk() {
+    use vhost::vhost_user::message::VhostUserProtocolFeatures as P;
+    let s = serve(&[]);
+    let mut ctl = Ctl::connect(&s.control);
+    // cloud-hypervisor's case: connected, no backend request channel.
+    let fe = vmm(&s.daemon.socket, P::empty());
+    let reply = resize(&mut ctl, json!({ "size": 16 << 20 }));
+    assert!(
+        error_text(&reply).contains("backend request channel"),
+        "{reply}"
+    );
+    assert_eq!(image_len(&s), 8 << 20);
+    drop(fe);
+    wait_disconnected(&mut ctl);
+    // The control: without a VMM the same command grows the disk.
+    let reply = resize(&mut ctl, json!({ "size": 16 << 20 }));
+    assert_eq!(reply["return"]["capacity"], 16u64 << 20, "{reply}");
+
+    let ro = serve(&["--readonly"]);
+    let mut ctl = Ctl::connect(&ro.control);
+    let reply = resize(&mut ctl, json!({ "size": 16 << 20 }));
+    assert!(error_text(&reply).contains("read-only"), "{reply}");
+}
+
+#[test]
+fn resize_works_inside_the_full_sandbox() {
+    let s = serve(&["--sandbox", "full"]);
+    let mut ctl = Ctl::connect(&s.control);
+    let reply = resize(&mut ctl, json!({ "size": "12M" }));
+    assert_eq!(reply["return"]["capacity"], 12u64 << 20, "{reply}");
+    assert_eq!(image_len(&s), 12 << 20);
+    let mut c = Client::connect(&s.daemon.socket, 1);
+    assert_eq!(c.capacity(), 12 << 20);
+    let data = pattern(23, 10 << 20, 4096);
+    assert_eq!(c.write(0, 10 << 20, &data), 0);
+    assert_eq!(c.read(0, 10 << 20, data.len()).unwrap(), data);
+}

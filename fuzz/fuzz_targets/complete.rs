@@ -77,7 +77,7 @@ fuzz_target!(|data: &[u8]| {
     let Some(mut guest) = cryptblk_fuzz::Guest::new(data) else {
         return;
     };
-    let limits = *disk.dev.limits();
+    let limits = disk.dev.limits();
     let mut ws = Workspace::new(64);
     guest.run(&limits, |mem, parsed, segments| {
         let offered: u64 = segments.iter().map(|s| u64::from(s.len)).sum();

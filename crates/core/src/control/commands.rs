@@ -5,6 +5,7 @@ use serde_json::{json, Map, Value};
 use super::{error, Context};
 use crate::device::stats::{Kind, Snapshot};
 use crate::device::{AioMode, CryptoMode};
+use cryptblk_units::ByteSize;
 
 /// Answers one request line.
 pub(crate) fn execute(ctx: &Context, line: &[u8]) -> Value {
@@ -39,10 +40,43 @@ pub(crate) fn execute(ctx: &Context, line: &[u8]) -> Value {
     match name {
         "query-status" => json!({ "return": status(ctx) }),
         "query-stats" => json!({ "return": stats(ctx) }),
+        "resize" => resize(ctx, &arguments),
         _ => error(
             "CommandNotFound",
-            &format!("unknown command \"{name}\"; known: query-status, query-stats"),
+            &format!("unknown command \"{name}\"; known: query-status, query-stats, resize"),
         ),
+    }
+}
+
+/// `resize`: grows the disk to `size` bytes (an integer, or a string such
+/// as "20G"); without `size`, a block device grows to what it now holds.
+fn resize(ctx: &Context, arguments: &Map<String, Value>) -> Value {
+    if let Some(other) = arguments.keys().find(|k| *k != "size") {
+        return error(
+            "GenericError",
+            &format!("resize takes only \"size\" (got \"{other}\")"),
+        );
+    }
+    let size = match arguments.get("size") {
+        None => None,
+        Some(Value::Number(n)) if n.as_u64().is_some() => n.as_u64(),
+        Some(Value::String(s)) => match s.parse::<ByteSize>() {
+            Ok(b) => Some(b.bytes()),
+            Err(e) => return error("GenericError", &format!("size: {e}")),
+        },
+        Some(other) => {
+            return error(
+                "GenericError",
+                &format!("size must be a byte count such as 21474836480 or \"20G\" (got {other})"),
+            )
+        }
+    };
+    match ctx.dev.resize(size) {
+        Ok((capacity, notified)) => json!({ "return": {
+            "capacity": capacity,
+            "guest-notified": notified,
+        }}),
+        Err(e) => error("GenericError", &e.to_string()),
     }
 }
 

@@ -125,6 +125,7 @@ impl BlkBackend {
     /// until then, as each request holds its memory map.
     pub fn quiesce(&self) {
         self.stopping.store(true, Ordering::SeqCst);
+        self.dev.set_frontend_channel(None);
         self.finish_in_flight();
     }
 
@@ -186,8 +187,13 @@ impl VhostUserBackend for BlkBackend {
         self.event_idx.store(enabled, Ordering::Release);
     }
 
+    /// SET_BACKEND_REQ_FD: the channel `resize` tells the VMM through.
+    fn set_backend_req_fd(&self, backend: vhost::vhost_user::Backend) {
+        self.dev.set_frontend_channel(Some(backend));
+    }
+
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        config_window(self.dev.config_space(), offset, size)
+        config_window(&self.dev.config_space(), offset, size)
     }
 
     fn get_inflight_fd(&self, asked: &VhostUserInflight) -> io::Result<(VhostUserInflight, File)> {

@@ -2,7 +2,9 @@
 //! buffers, not rings or sockets.
 
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
 
 use vm_memory::{Bytes, GuestMemoryBackend};
 
@@ -12,12 +14,28 @@ use super::stats::Stats;
 use crate::virtio::{GuestBufs, Limits, Request, Segment, VIRTIO_BLK_ID_BYTES};
 use crate::volume::{AlignedBuf, Volume, CHUNK_BYTES};
 
+/// Why the disk could not grow, or the guest could not be told.
+#[derive(Debug, thiserror::Error)]
+pub enum ResizeError {
+    #[error("the connected VMM did not open the vhost-user backend request channel (VHOST_USER_PROTOCOL_F_BACKEND_REQ; cloud-hypervisor never does), so its guest would not see a new size; the disk was not changed: resize while no VMM is connected, or from QEMU")]
+    NoChannel,
+    #[error(transparent)]
+    Volume(crate::volume::ResizeError),
+    #[error("the disk grew to {capacity} bytes but the VMM was not told ({reason}); the guest sees the new size after it reconnects")]
+    Notify { capacity: u64, reason: String },
+}
+
 /// The device as the guest sees it, shared by all queues and connections.
 pub struct BlkDevice {
     volume: Volume,
     opts: DeviceOptions,
+    /// The limits at start-up; `limits()` adds the current capacity.
     limits: Limits,
-    config: Vec<u8>,
+    /// The config space as the guest reads it (rebuilt by `resize`).
+    config: Mutex<Vec<u8>>,
+    /// The connected VMM's backend request channel, if it opened one
+    /// (QEMU does; cloud-hypervisor never does): how `resize` tells it.
+    frontend: Mutex<Option<Backend>>,
     serial: [u8; VIRTIO_BLK_ID_BYTES as usize],
     stats: Stats,
 }
@@ -54,7 +72,8 @@ impl BlkDevice {
         serial[..n].copy_from_slice(&id[..n]);
         Arc::new(BlkDevice {
             limits: config_space::limits(&opts, capacity, block),
-            config: config_space::config_space(&opts, capacity, block),
+            config: Mutex::new(config_space::config_space(&opts, capacity, block)),
+            frontend: Mutex::new(None),
             stats: Stats::new(opts.queues),
             volume,
             opts,
@@ -70,8 +89,12 @@ impl BlkDevice {
         &self.opts
     }
 
-    pub fn limits(&self) -> &Limits {
-        &self.limits
+    /// What requests are checked against, with the capacity of now.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            capacity: self.volume.capacity_bytes(),
+            ..self.limits
+        }
     }
 
     /// Request counters and connection state (the control socket's).
@@ -79,8 +102,41 @@ impl BlkDevice {
         &self.stats
     }
 
-    pub fn config_space(&self) -> &[u8] {
-        &self.config
+    pub fn config_space(&self) -> Vec<u8> {
+        lock(&self.config).clone()
+    }
+
+    /// The VMM of this connection opened its backend request channel
+    /// (Some), or the connection ended (None).
+    pub fn set_frontend_channel(&self, channel: Option<Backend>) {
+        *lock(&self.frontend) = channel;
+    }
+
+    /// Grows the disk (see `Volume::grow`) and tells the guest: the config
+    /// space's capacity changes and the VMM gets CONFIG_CHANGE_MSG over
+    /// its backend request channel. With a VMM connected that has no such
+    /// channel the disk is left as it is, since its guest would never
+    /// learn the new size. Returns the new capacity in bytes and whether a
+    /// VMM was told.
+    pub fn resize(&self, wanted: Option<u64>) -> Result<(u64, bool), ResizeError> {
+        let frontend = lock(&self.frontend).clone();
+        let (connected, ..) = self.stats.connection();
+        if connected && frontend.is_none() {
+            return Err(ResizeError::NoChannel);
+        }
+        let capacity = self.volume.grow(wanted).map_err(ResizeError::Volume)?;
+        let block = self.volume.sector_size();
+        *lock(&self.config) = config_space::config_space(&self.opts, capacity, block);
+        let Some(channel) = frontend else {
+            return Ok((capacity, false));
+        };
+        channel
+            .handle_config_change()
+            .map_err(|e| ResizeError::Notify {
+                capacity,
+                reason: e.to_string(),
+            })?;
+        Ok((capacity, true))
     }
 
     /// Runs one request; returns how many bytes it wrote into guest memory.
@@ -136,4 +192,8 @@ impl BlkDevice {
         }
         Ok(done as u32)
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -42,7 +42,9 @@ pub fn protocol_features(opts: &DeviceOptions) -> VhostUserProtocolFeatures {
     let base = VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::REPLY_ACK
-        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        // The channel `resize` announces a new capacity through.
+        | VhostUserProtocolFeatures::BACKEND_REQ;
     if opts.inflight_tracking {
         base | VhostUserProtocolFeatures::INFLIGHT_SHMFD
     } else {

@@ -16,7 +16,7 @@ mod seals;
 pub mod stats;
 
 pub use backend::BlkBackend;
-pub use blk::{BlkDevice, Workspace};
+pub use blk::{BlkDevice, ResizeError, Workspace};
 pub use options::{AioMode, CryptoMode, DeviceOptions};
 /// Executes one parsed chain: public for the fuzz targets in fuzz/.
 pub use queue::complete;

@@ -382,7 +382,7 @@ fn dispatch_chain(
     completed: &mut bool,
 ) -> io::Result<()> {
     let head = popped.head;
-    let parsed = parse(&**mem, head, descs, ctx.dev.limits(), &mut qs.ws.segments);
+    let parsed = parse(&**mem, head, descs, &ctx.dev.limits(), &mut qs.ws.segments);
     let ticket = Ticket::new(popped.at, &parsed.request);
     let (Some(status), Ok(request)) = (parsed.status, parsed.request.clone()) else {
         return complete_here(ctx, vring, mem, qs, (parsed, popped.at), completed);

@@ -89,13 +89,16 @@ pub fn open_image(opts: ImageOptions) -> Result<Volume, VolumeError> {
     Ok(Volume {
         backing: Backing::File(file),
         payload_offset: opts.payload_offset,
-        capacity,
+        capacity: capacity.into(),
+        fixed_size: opts.payload_size.is_some(),
         cipher: opts.cipher,
         readonly: opts.readonly,
         direct: opts.direct,
         block_device,
         map,
         map_failed: Default::default(),
+        map_retired: Default::default(),
+        resize_lock: Default::default(),
     })
 }
 
@@ -183,12 +186,15 @@ fn open_nbd(opts: ImageOptions) -> Result<Volume, VolumeError> {
     Ok(Volume {
         backing: Backing::Nbd(export),
         payload_offset: opts.payload_offset,
-        capacity,
+        capacity: capacity.into(),
+        fixed_size: true,
         cipher: opts.cipher,
         readonly: opts.readonly || info.read_only,
         direct: false,
         block_device: false,
         map: None,
         map_failed: Default::default(),
+        map_retired: Default::default(),
+        resize_lock: Default::default(),
     })
 }

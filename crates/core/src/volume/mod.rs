@@ -5,16 +5,18 @@
 mod image;
 mod lock;
 mod mapping;
+mod resize;
 mod sectors;
 
 pub use crate::store::AlignedBuf;
 pub use image::{open_image, ImageOptions, NbdOptions};
+pub use resize::ResizeError;
 
 use std::fs::File;
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::crypto::SectorCipher;
@@ -120,7 +122,12 @@ impl Backing {
 pub struct Volume {
     backing: Backing,
     payload_offset: u64,
-    capacity: u64,
+    /// Grows (never shrinks) with `grow`; requests are checked against the
+    /// device's copy, published after this one.
+    capacity: AtomicU64,
+    /// The payload's size is fixed (a LUKS2 segment with a size): it cannot
+    /// grow without rewriting the header.
+    fixed_size: bool,
     cipher: SectorCipher,
     readonly: bool,
     direct: bool,
@@ -128,12 +135,16 @@ pub struct Volume {
     /// The payload mapped MAP_SHARED (`--io mmap`); unused once a SIGBUS hit it.
     map: Option<Mapping>,
     map_failed: AtomicBool,
+    /// The mapping covers the size before a `grow`: no longer used.
+    map_retired: AtomicBool,
+    /// One `grow` at a time.
+    resize_lock: std::sync::Mutex<()>,
 }
 
 impl Volume {
     /// Payload size in bytes, a whole number of sectors.
     pub fn capacity_bytes(&self) -> u64 {
-        self.capacity
+        self.capacity.load(Ordering::Acquire)
     }
 
     pub fn sector_size(&self) -> usize {
@@ -161,7 +172,9 @@ impl Volume {
     }
 
     fn healthy_map(&self) -> Option<&Mapping> {
-        self.map.as_ref().filter(|m| m.faults() == 0)
+        self.map
+            .as_ref()
+            .filter(|m| m.faults() == 0 && !self.map_retired.load(Ordering::Acquire))
     }
 
     /// A SIGBUS hit the mapping during a copy: the caller redoes the request
