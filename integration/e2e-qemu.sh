@@ -26,6 +26,7 @@
 # set: one run); E2E_UNLOCK (key|passphrase: how cryptblk opens a LUKS image;
 # default key for luks1, passphrase for luks2); E2E_SECTOR (luks2 sector size,
 # default 4096; plain: default 512); E2E_LUKS2_MAKER (cryptsetup|cryptblk);
+# E2E_RESIZE (1: grow the disk online after the reboot, see below);
 # E2E_PLAIN_IV (plain mode's IV options for both sides); E2E_SERVE_ARGS (extra `cryptblk serve` options); CRYPTBLK
 # (path to the binary; default: built here with cargo, profile
 # E2E_PROFILE=debug|release); E2E_TIMEOUT (seconds the guest may run, default
@@ -48,6 +49,9 @@ LOG_TAG=e2e
 BACKEND=${BACKEND:-cryptblk}
 FORMAT=${E2E_FORMAT:-luks1}
 SERVE_ARGS=${E2E_SERVE_ARGS:-}
+# E2E_RESIZE=1: after the reboot the host grows the disk by 16 MiB through the
+# control socket while the guest runs, and the guest must see and use it.
+RESIZE=${E2E_RESIZE:-0}
 # Who formats a LUKS2 image: cryptsetup, or cryptblk itself (then the guest's
 # dm-crypt proves that cryptblk's headers are what cryptsetup expects).
 LUKS2_MAKER=${E2E_LUKS2_MAKER:-cryptsetup}
@@ -100,6 +104,12 @@ EXPECTED_RESULTS="modules disk-present disk-size block-size queues raw-write raw
 DISCARD=1
 [ "$BACKEND" != cryptblk ] || [[ " $SERVE_ARGS " == *" --allow-discards "* ]] || DISCARD=0
 [ "$DISCARD" = 0 ] || EXPECTED_RESULTS+=" fs-trim"
+RESIZE_BYTES=0
+if [ "$RESIZE" = 1 ]; then
+  [ "$BACKEND" = cryptblk ] || die "E2E_RESIZE=1 needs BACKEND=cryptblk"
+  RESIZE_BYTES=$((DISK_BYTES + (16 << 20)))
+  EXPECTED_RESULTS+=" resize-seen resize-usable"
+fi
 
 RUN=$WORK_DIR/e2e-$BACKEND-$FORMAT
 [ "$FORMAT" != luks2 ] || [ "$LUKS2_MAKER" = cryptsetup ] || RUN+=-$LUKS2_MAKER
@@ -234,6 +244,7 @@ REF_SERIAL=$REF_SERIAL
 FORMAT=$FORMAT
 PAYLOAD_SECTORS=$PAYLOAD
 PLAIN_IV="$([ "$FORMAT" = plain ] && echo "$PLAIN_IV")"
+RESIZE_BYTES=$RESIZE_BYTES
 EOF
   install -m 600 "$KEYFILE" "$e2e/volume.key"
   [ "$FORMAT" = plain ] || install -m 600 "$PASSFILE" "$e2e/passphrase"
@@ -272,6 +283,7 @@ start_backend() {
         [ "$FORMAT" != plain ] || open+=($PLAIN_IV)
       fi
       # shellcheck disable=SC2086 # SERVE_ARGS is a list of options
+      [ "$RESIZE" = 0 ] || open+=(--control "$RUN/ctl.sock")
       RUST_LOG=${RUST_LOG:-info} "$CRYPTBLK" serve --socket "$SOCK" --image "$IMG" "${open[@]}" \
         --queues "$QUEUES" $SERVE_ARGS >"$BACKEND_LOG" 2>&1 &
       ;;
@@ -306,7 +318,14 @@ run_guest() {
   timeout -k 5 "$TIMEOUT" qemu-system-x86_64 "${QEMU_ARGS[@]}" >"$RUN/qemu.log" 2>&1 &
   qemu_pid=$!
   # A panicking guest reboots (panic=-1) and would loop until the timeout.
+  local resized=0
   while kill -0 "$qemu_pid" 2>/dev/null; do
+    if [ "$RESIZE" = 1 ] && [ $resized = 0 ] && grep -q '^E2E-RESIZE-NOW' "$SERIAL" 2>/dev/null; then
+      resized=1
+      log "the guest waits for a bigger disk: resize to $RESIZE_BYTES bytes"
+      "$CRYPTBLK" ctl --control "$RUN/ctl.sock" resize --arguments "{\"size\": $RESIZE_BYTES}" \
+        >"$RUN/resize.json" 2>&1 || true
+    fi
     if grep -q 'Kernel panic' "$SERIAL" 2>/dev/null; then
       kill "$qemu_pid"
       wait "$qemu_pid" || true
@@ -334,8 +353,14 @@ decrypted_files() {
     diff -r "$RUN/fs-src" "$RUN/fs-dump/e2e" >"$RUN/fs-diff.log" 2>&1
 }
 
+# The control socket's answer: grown, and QEMU was told.
+resize_answered() {
+  tr -d ' \n' <"$RUN/resize.json" | grep -q "\"capacity\":$RESIZE_BYTES,\"guest-notified\":true"
+}
+
 host_checks() {
   host_check image-has-no-plaintext no_plaintext_in_image
+  [ "$RESIZE" = 0 ] || host_check resize-answered resize_answered
   # qemu-img reads only LUKS; for plain images the guest's dm-crypt is the oracle.
   [ "$FORMAT" = luks1 ] || return 0
   qemu-img convert --object secret,id=sec0,file="$PASSFILE" \
@@ -403,7 +428,8 @@ all_runs() {
   check_tools
   resolve_cryptblk
   export CRYPTBLK
-  E2E_FORMAT=luks1 E2E_UNLOCK=key E2E_SERVE_ARGS='--crypto inline' bash "${BASH_SOURCE[0]}" || status=1
+  E2E_FORMAT=luks1 E2E_UNLOCK=key E2E_SERVE_ARGS='--crypto inline' E2E_RESIZE=1 \
+    bash "${BASH_SOURCE[0]}" || status=1
   E2E_FORMAT=luks2 E2E_UNLOCK=passphrase E2E_SERVE_ARGS='--crypto inline --io pread' bash "${BASH_SOURCE[0]}" || status=1
   E2E_FORMAT=luks2 E2E_LUKS2_MAKER=cryptblk E2E_UNLOCK=passphrase E2E_SERVE_ARGS='--crypto inline --direct' \
     bash "${BASH_SOURCE[0]}" || status=1

@@ -55,6 +55,46 @@ after_reboot() {
     fail reboot-queues "req.0=$q0 req.1=$q1 interrupts"
   fi
   kernel_log_check reboot-kernel-log
+  [ "$RESIZE_BYTES" = 0 ] || resize_check
+}
+
+# The host grows the disk once it reads E2E-RESIZE-NOW on the console: QEMU
+# gets CONFIG_CHANGE_MSG, re-reads the config space and interrupts the
+# driver, which updates the size. The new space must then be usable.
+resize_check() {
+  before=$(cat "$sysblk/size")
+  echo "E2E-RESIZE-NOW sectors=$before"
+  i=0
+  while [ "$(cat "$sysblk/size")" = "$before" ] && [ $i -lt 1200 ]; do
+    sleep 0.1
+    i=$((i + 1))
+  done
+  after=$(cat "$sysblk/size")
+  if [ "$after" = $((RESIZE_BYTES / 512)) ]; then
+    pass resize-seen
+  else
+    fail resize-seen "$DISK has $after sectors after $((i / 10)) s (was $before), expected $((RESIZE_BYTES / 512))"
+    return
+  fi
+  # 1 MiB of pattern A right after the old end (pattern B ends there), and
+  # the same at the very end of the new space.
+  head -c $((1 << 20)) /e2e/pat-a >/tmp/across
+  old_end=$((before * 512))
+  for at in $old_end $((RESIZE_BYTES - (1 << 20))); do
+    resize_write "$at" || return
+  done
+  drop_caches
+  check resize-usable resized_regions_read_back "$old_end"
+}
+resized_regions_read_back() {
+  same_region "$DISK" "$1" $((1 << 20)) /tmp/across direct &&
+    same_region "$DISK" $((RESIZE_BYTES - (1 << 20))) $((1 << 20)) /tmp/across direct
+}
+resize_write() {
+  at=$1
+  dd if=/tmp/across of="$DISK" bs=65536 seek=$((at / 65536)) oflag=direct 2>/tmp/dd-resize && return 0
+  fail resize-usable "write at $at: $(cat /tmp/dd-resize)"
+  return 1
 }
 
 if same_region "$DISK" "$MARK_OFF" "$SECTOR" /tmp/mark direct; then
