@@ -13,7 +13,10 @@
 //! - memory hotplug: ADD_MEM_REG;
 //! - reconnect: SET_OWNER, GET_FEATURES and SET_PROTOCOL_FEATURES with the
 //!   features acked before, without asking GET_PROTOCOL_FEATURES, then the
-//!   activation again with the inflight fd it cached.
+//!   activation again with the inflight fd it cached;
+//! - snapshot and restore: GET_VRING_BASE for every queue, then
+//!   SET_DEVICE_STATE_FD (save) and CHECK_DEVICE_STATE; on a fresh daemon
+//!   SET_DEVICE_STATE_FD (load), CHECK_DEVICE_STATE, and the activation.
 //!
 //! Its offer includes features cryptblk does not implement (IN_ORDER,
 //! NOTIFICATION_DATA, ORDER_PLATFORM, LOG_ALL; LOG_SHMFD): the daemon must
@@ -89,6 +92,7 @@ fn ch_protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::INFLIGHT_SHMFD
         | VhostUserProtocolFeatures::LOG_SHMFD
+        | VhostUserProtocolFeatures::DEVICE_STATE
 }
 
 /// A guest RAM region: a memfd mapped shared, as cloud-hypervisor's
@@ -549,4 +553,82 @@ fn cloud_hypervisor_creation_activation_hotplug_and_reconnect() {
         raw[8 * 512..8 * 512 + (16 << 10)] != plain[..],
         "plaintext in the image"
     );
+}
+
+/// SET_DEVICE_STATE_FD in `direction` over a pipe: a save returns what the
+/// daemon wrote, a load sends `state`; then CHECK_DEVICE_STATE.
+fn transfer_state(
+    ch: &mut Ch,
+    direction: vhost::vhost_user::message::VhostTransferStateDirection,
+    state: &[u8],
+) -> (Vec<u8>, vhost::Result<()>) {
+    use std::io::{Read, Write};
+    use vhost::vhost_user::message::{VhostTransferStateDirection as D, VhostTransferStatePhase};
+    let (mut reader, mut writer) = std::io::pipe().unwrap();
+    let theirs: std::os::fd::OwnedFd = match direction {
+        D::SAVE => writer.try_clone().unwrap().into(),
+        _ => reader.try_clone().unwrap().into(),
+    };
+    let reply = ch
+        .fe
+        .set_device_state_fd(direction, VhostTransferStatePhase::STOPPED, theirs)
+        .expect("SET_DEVICE_STATE_FD");
+    assert!(reply.is_none(), "the daemon uses the VMM's pipe");
+    let mut saved = Vec::new();
+    if direction == D::SAVE {
+        drop(writer);
+        reader.read_to_end(&mut saved).unwrap();
+    } else {
+        drop(reader);
+        writer.write_all(state).unwrap();
+        drop(writer);
+    }
+    (saved, ch.fe.check_device_state())
+}
+
+#[test]
+fn cloud_hypervisor_snapshot_and_restore_carry_the_device_state() {
+    use vhost::vhost_user::message::VhostTransferStateDirection as D;
+    let dir = tempfile::tempdir().unwrap();
+    let (daemon, _) = start(dir.path());
+    let ram = Ram {
+        regions: vec![Region::new(BOOT_RAM, BOOT_LEN)],
+    };
+    let (mut ch, _) = Ch::create(&daemon.socket);
+    assert!(ch
+        .protocol
+        .contains(VhostUserProtocolFeatures::DEVICE_STATE));
+    let mut inflight = None;
+    ch.activate(&ram, &mut inflight);
+    verify(&mut ch, &ram, 0, 64, BOOT_RAM + 0x10_0000, 5);
+
+    // Snapshot: the rings stopped, then the state saved.
+    for q in 0..QUEUES {
+        ch.fe.get_vring_base(q).unwrap();
+    }
+    let (state, checked) = transfer_state(&mut ch, D::SAVE, &[]);
+    checked.expect("CHECK_DEVICE_STATE after the save");
+    assert!(!state.is_empty(), "an empty state");
+    assert!(daemon.terminate().success());
+
+    // Restore onto a fresh daemon, as cloud-hypervisor does: the features
+    // it saved, no GET_PROTOCOL_FEATURES. A state of another disk is
+    // refused (the control), the right one accepted, and the data is there.
+    let (restored, _) = start(dir.path());
+    let saved = ch;
+    let mut ch = Ch::reconnect(&restored.socket, &saved);
+    drop(saved);
+    let mut other = state.clone();
+    other[16] ^= 1;
+    let (_, checked) = transfer_state(&mut ch, D::LOAD, &other);
+    assert!(
+        checked.is_err(),
+        "a state of another disk size was accepted"
+    );
+    let (_, checked) = transfer_state(&mut ch, D::LOAD, &state);
+    checked.expect("CHECK_DEVICE_STATE after the load");
+    ch.activate(&ram, &mut inflight);
+    let back = BOOT_RAM + 0x28_0000;
+    assert_eq!(ch.queues[1].request(&ram, 0, 64, back, 16 << 10), 0);
+    assert!(ram.read(back, 16 << 10) == pattern(5, 64 * 512, 16 << 10));
 }

@@ -40,6 +40,8 @@ pub struct BlkBackend {
     /// the end of the connection, to drain it) ever locks it.
     queues: Vec<Mutex<QueueState>>,
     exit_events: Mutex<Vec<(EventNotifier, RawFd)>>,
+    /// SET_DEVICE_STATE_FD / CHECK_DEVICE_STATE.
+    state: super::state::Transfer,
     /// The frontend's inflight region (SET_INFLIGHT_FD), if it sent one.
     inflight: RwLock<Option<InflightRegion>>,
     /// The guest memory regions, watched for truncation by the VMM. Last:
@@ -74,6 +76,7 @@ impl BlkBackend {
             exit_events: Mutex::new(Vec::new()),
             inflight: RwLock::new(None),
             guest,
+            state: Default::default(),
         }))
     }
 
@@ -185,6 +188,20 @@ impl VhostUserBackend for BlkBackend {
 
     fn set_event_idx(&self, enabled: bool) {
         self.event_idx.store(enabled, Ordering::Release);
+    }
+
+    fn set_device_state_fd(
+        &self,
+        direction: vhost::vhost_user::message::VhostTransferStateDirection,
+        phase: vhost::vhost_user::message::VhostTransferStatePhase,
+        file: File,
+    ) -> io::Result<Option<File>> {
+        self.state.start(&self.dev, direction, phase, file)?;
+        Ok(None)
+    }
+
+    fn check_device_state(&self) -> io::Result<()> {
+        self.state.check()
     }
 
     /// SET_BACKEND_REQ_FD: the channel `resize` tells the VMM through.

@@ -44,7 +44,9 @@ pub fn protocol_features(opts: &DeviceOptions) -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
         // The channel `resize` announces a new capacity through.
-        | VhostUserProtocolFeatures::BACKEND_REQ;
+        | VhostUserProtocolFeatures::BACKEND_REQ
+        // Snapshot/restore and migration hand-over (device/state.rs).
+        | VhostUserProtocolFeatures::DEVICE_STATE;
     if opts.inflight_tracking {
         base | VhostUserProtocolFeatures::INFLIGHT_SHMFD
     } else {

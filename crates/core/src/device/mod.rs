@@ -13,6 +13,7 @@ mod pool;
 mod queue;
 mod ratelimit;
 mod seals;
+mod state;
 pub mod stats;
 
 pub use backend::BlkBackend;
