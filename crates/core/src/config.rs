@@ -36,6 +36,13 @@ pub enum ConfigError {
         value: String,
         why: &'static str,
     },
+    #[error(
+        "cannot read {path} to look for a LUKS header (--type plain or luks skips this): {source}"
+    )]
+    Probe {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("cannot read config file {path}: {source}")]
     ReadFile {
         path: String,
@@ -770,7 +777,7 @@ fn is_luks_device(a: &ServeArgs) -> Result<bool, ConfigError> {
         (DeviceType::Plain, _) => Ok(false),
         (DeviceType::Luks | DeviceType::Luks1 | DeviceType::Luks2, _) => Ok(true),
         (DeviceType::Auto, Some(h)) if h.exists() || is_nbd_uri(h) => {
-            luks::is_luks(h).map_err(|source| ConfigError::ReadFile {
+            luks::is_luks(h).map_err(|source| ConfigError::Probe {
                 path: h.display().to_string(),
                 source,
             })

@@ -265,7 +265,22 @@ impl Connection {
         conn.configure_tls(tls, uri.starts_with("nbds"))?;
         let curi = cstring(uri)?;
         // Libnbd copies the URI.
-        conn.check(call!(conn, nbd_connect_uri, curi.as_ptr()), "connect")?;
+        let rc = call!(conn, nbd_connect_uri, curi.as_ptr());
+        conn.check(rc, "connect").map_err(|e| {
+            if e.to_string().contains("gnutls") {
+                // GnuTLS says how the handshake broke, not why.
+                io::Error::new(
+                    e.kind(),
+                    format!(
+                        "{e}: the TLS handshake failed; check the key and user name \
+                         (--tls-psk-file, --tls-username) or the certificates \
+                         (--tls-certificates) against the server's"
+                    ),
+                )
+            } else {
+                e
+            }
+        })?;
         Ok(conn)
     }
 
