@@ -858,3 +858,29 @@ fn tls_reconnects_without_a_sandbox_and_is_refused_under_one() {
     assert!(daemon.terminate().success());
     assert!(daemon_log(d).contains("made again"));
 }
+
+/// qemu-nbd serving one client (no multi-conn): every queue shares the one
+/// synchronous connection, which reconnects too when qemu-nbd is restarted.
+#[test]
+fn the_shared_connection_reconnects_when_qemu_nbd_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let file = d.join("export.img");
+    std::fs::write(&file, vec![0u8; 16 * MIB]).unwrap();
+    let mut server = NbdServer::qemu_nbd(d, Transport::Unix, &file, 1);
+    let daemon = serve_logged(d, &server.uri, 2, &["--nbd-reconnect-timeout", "10"]);
+    let mut c = Client::connect(&daemon.socket, 2);
+    let data = pattern(13, 0, BLOCK);
+    assert_eq!(c.write(0, 0, &data), 0);
+    assert_eq!(c.flush(1), 0);
+    server.kill();
+    server.restart();
+    assert!(c.read(1, 0, BLOCK).unwrap() == data);
+    assert_eq!(c.write(0, BLOCK as u64, &data), 0);
+    assert!(c.read(1, BLOCK as u64, BLOCK).unwrap() == data);
+    drop(c);
+    assert!(daemon.terminate().success());
+    let log = daemon_log(d);
+    assert!(log.contains("one connection"), "{log}");
+    assert!(log.contains("NBD connection made again"), "{log}");
+}
