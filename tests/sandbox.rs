@@ -330,9 +330,9 @@ fn the_allowlist_has_no_exec_fork_open_or_network_setup() {
         assert!(!names.contains(&call), "{call} is allowed");
     }
     assert!(
-        seccomp::allowed_count() < 80,
+        seccomp::allowed_count(None) < 80,
         "{} calls",
-        seccomp::allowed_count()
+        seccomp::allowed_count(None)
     );
 }
 
@@ -353,7 +353,7 @@ fn confined_child() {
     if let Some(rest) = action.strip_prefix("landlock:") {
         return landlock_child(Path::new(rest));
     }
-    seccomp::install(OnViolation::Trap, &[]).expect("install the filter");
+    seccomp::install(OnViolation::Trap, &[], None).expect("install the filter");
     eprintln!("CHILD-RAN {action}");
     // SAFETY (all blocks below): plain libc calls with valid C strings; the
     // lint wants a comment per block, and this one covers them all.
@@ -422,7 +422,7 @@ fn landlock_child(dir: &Path) {
     let name = format!("cryptblk-landlock-test-{}", std::process::id());
     let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
     let _listener = std::os::unix::net::UnixListener::bind_addr(&addr).unwrap();
-    let status = cryptblk::sandbox::landlock::restrict(&image, &[socket.as_path()], false)
+    let status = cryptblk::sandbox::landlock::restrict(&image, &[socket.as_path()], false, None)
         .expect("landlock");
     assert_eq!(status, landlock::RulesetStatus::FullyEnforced);
     eprintln!("CHILD-RAN landlock");

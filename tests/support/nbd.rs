@@ -13,8 +13,12 @@ pub enum Transport {
     Tcp,
 }
 
+type MakeCommand = Box<dyn Fn(Transport, &Path, u16) -> Command + Send>;
+
 pub struct NbdServer {
     child: Child,
+    make: MakeCommand,
+    transport: Transport,
     pub uri: String,
     /// Where the unix socket is (or would be), for restarts.
     pub socket: PathBuf,
@@ -29,14 +33,15 @@ pub fn free_port() -> u16 {
 impl NbdServer {
     /// `nbdkit ARGS` (plugin, filters, parameters).
     pub fn nbdkit(dir: &Path, transport: Transport, args: &[&str]) -> NbdServer {
-        Self::start(dir, transport, |t, sock, port| {
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        Self::start(dir, transport, move |t, sock, port| {
             let mut c = Command::new("nbdkit");
             c.args(["--foreground", "--exit-with-parent"]);
             match t {
                 Transport::Unix => c.arg("--unix").arg(sock),
                 Transport::Tcp => c.args(["--ipaddr", "127.0.0.1", "--port", &port.to_string()]),
             };
-            c.args(args);
+            c.args(&args);
             c
         })
     }
@@ -44,7 +49,8 @@ impl NbdServer {
     /// `qemu-nbd` serving `file` (raw), persistent, for up to `clients`
     /// connections at once (more than one: it advertises multi-conn).
     pub fn qemu_nbd(dir: &Path, transport: Transport, file: &Path, clients: u32) -> NbdServer {
-        Self::start(dir, transport, |t, sock, port| {
+        let file = file.to_path_buf();
+        Self::start(dir, transport, move |t, sock, port| {
             let mut c = Command::new("qemu-nbd");
             c.args(["--persistent", "--format=raw", "--cache=writeback"]);
             c.arg(format!("--shared={clients}"));
@@ -52,7 +58,7 @@ impl NbdServer {
                 Transport::Unix => c.arg("--socket").arg(sock),
                 Transport::Tcp => c.args(["--bind", "127.0.0.1", "--port", &port.to_string()]),
             };
-            c.arg(file);
+            c.arg(&file);
             c
         })
     }
@@ -60,40 +66,72 @@ impl NbdServer {
     fn start(
         dir: &Path,
         transport: Transport,
-        command: impl Fn(Transport, &Path, u16) -> Command,
+        command: impl Fn(Transport, &Path, u16) -> Command + Send + 'static,
     ) -> NbdServer {
         let socket = dir.join(format!("nbd-{}.sock", free_port()));
+        let make: MakeCommand = Box::new(command);
         for _ in 0..5 {
             let port = free_port();
-            let mut c = command(transport, &socket, port);
-            c.stdin(Stdio::null()).stdout(Stdio::null());
-            let program = c.get_program().to_string_lossy().into_owned();
-            let mut child = c.spawn().unwrap_or_else(|e| {
-                panic!("{program} cannot run ({e}): integration/install-deps.sh installs it")
-            });
+            let Some(child) = Self::spawn(&make, transport, &socket, port) else {
+                continue;
+            };
             let uri = match transport {
                 Transport::Unix => format!("nbd+unix:///?socket={}", socket.display()),
                 Transport::Tcp => format!("nbd://127.0.0.1:{port}/"),
             };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                if let Ok(Some(status)) = child.try_wait() {
-                    eprintln!("{program} exited early ({status}); retrying on another port");
-                    break;
-                }
-                if Self::listening(transport, &socket, port) {
-                    return NbdServer {
-                        child,
-                        uri,
-                        socket,
-                        port,
-                    };
-                }
-                assert!(Instant::now() < deadline, "{program} did not start");
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            return NbdServer {
+                child,
+                make,
+                transport,
+                uri,
+                socket,
+                port,
+            };
         }
         panic!("the NBD server did not start");
+    }
+
+    /// Runs the server and waits until it listens; None if it exited first
+    /// (a port taken meanwhile).
+    fn spawn(make: &MakeCommand, transport: Transport, socket: &Path, port: u16) -> Option<Child> {
+        let mut c = make(transport, socket, port);
+        c.stdin(Stdio::null()).stdout(Stdio::null());
+        let program = c.get_program().to_string_lossy().into_owned();
+        let mut child = c.spawn().unwrap_or_else(|e| {
+            panic!("{program} cannot run ({e}): integration/install-deps.sh installs it")
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                eprintln!("{program} exited early ({status})");
+                return None;
+            }
+            if Self::listening(transport, socket, port) {
+                return Some(child);
+            }
+            assert!(Instant::now() < deadline, "{program} did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts the server again, same command, same socket or port (after
+    /// `kill`): what a restarted server looks like to its clients.
+    pub fn restart(&mut self) {
+        self.kill();
+        for _ in 0..50 {
+            if let Some(child) = Self::spawn(&self.make, self.transport, &self.socket, self.port) {
+                self.child = child;
+                return;
+            }
+            // The port may still be held by the old process's sockets.
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("the NBD server did not start again");
+    }
+
+    /// Whether the server process still runs.
+    pub fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
     }
 
     /// Probes by the file or port appearing: a probing connection would
@@ -111,6 +149,15 @@ impl NbdServer {
         }
     }
 
+    /// SIGTERM: a graceful shutdown (nbdkit answers the requests it still
+    /// holds with ESHUTDOWN), then waits for the exit.
+    pub fn terminate(&mut self) {
+        // SAFETY: kill(2) on our own child, not reaped yet.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.kill();
+    }
+
+    /// SIGKILL, and the socket file removed.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

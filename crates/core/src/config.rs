@@ -2,6 +2,7 @@
 //! keys (`--config`), and the checks that turn them into a device.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use cryptblk_units::ByteSize;
@@ -34,6 +35,13 @@ pub enum ConfigError {
         flag: &'static str,
         value: String,
         why: &'static str,
+    },
+    #[error(
+        "cannot read {path} to look for a LUKS header (--type plain or luks skips this): {source}"
+    )]
+    Probe {
+        path: String,
+        source: std::io::Error,
     },
     #[error("cannot read config file {path}: {source}")]
     ReadFile {
@@ -149,6 +157,11 @@ pub struct ServeArgs {
     /// NBD over TLS: the username to authenticate as (PSK identity).
     #[arg(long, value_name = "NAME")]
     pub tls_username: Option<String>,
+    /// NBD: how long requests wait for a lost connection to come back
+    /// (reconnecting with back-off) before they fail; 0 never reconnects.
+    /// Default 30 (QEMU's nbd driver calls it reconnect-delay).
+    #[arg(long, value_name = "SECONDS")]
+    pub nbd_reconnect_timeout: Option<u64>,
     /// File holding the raw key (key-size/8 bytes); "-" reads standard input.
     #[arg(long, value_name = "PATH")]
     pub key_file: Option<String>,
@@ -287,6 +300,7 @@ impl ServeArgs {
             tls_certificates,
             tls_psk_file,
             tls_username,
+            nbd_reconnect_timeout,
             key_file,
             key_keyring,
             key_keyring_unlink,
@@ -337,6 +351,8 @@ struct ImageSpec {
     path: PathBuf,
     /// An NBD URI's TLS settings (None: a file or block device).
     nbd: Option<Tls>,
+    /// NBD: how long requests wait for a lost connection (zero: forever lost).
+    reconnect: Duration,
     create_size: Option<u64>,
     readonly: bool,
     direct: bool,
@@ -417,6 +433,7 @@ impl ServeConfig {
         let readonly = a.readonly.unwrap_or(false);
         let direct = a.direct.unwrap_or(false);
         let nbd = nbd_tls(&a, &path)?;
+        let reconnect = nbd_reconnect(&a, nbd.as_ref())?;
         if nbd.is_some() {
             if a.size.is_some() {
                 return invalid(
@@ -492,6 +509,7 @@ impl ServeConfig {
             image: ImageSpec {
                 path,
                 nbd,
+                reconnect,
                 create_size: a.size.map(|s| positive("--size", s)).transpose()?,
                 readonly,
                 direct,
@@ -555,6 +573,7 @@ impl ServeConfig {
             nbd: NbdOptions {
                 tls: s.nbd.clone().unwrap_or_default(),
                 queues: self.device.queues,
+                reconnect: s.reconnect,
             },
             export: None,
             path: s.path.clone(),
@@ -662,6 +681,58 @@ fn parse_mode(s: &str) -> Result<u32, ConfigError> {
     }
 }
 
+/// Default of `--nbd-reconnect-timeout`, in seconds.
+pub const DEFAULT_NBD_RECONNECT: u64 = 30;
+
+/// `--nbd-reconnect-timeout` for an NBD image (`tls`: its TLS settings).
+///
+/// A new TLS connection reads its credentials (the PSK file, certificates)
+/// from files during the handshake, and the sandbox lets no file be opened
+/// once serving: with TLS, reconnecting needs `--sandbox none`. Asked for
+/// explicitly with a sandbox, that is refused; by default it is off with a
+/// warning.
+fn nbd_reconnect(a: &ServeArgs, tls: Option<&Tls>) -> Result<Duration, ConfigError> {
+    let Some(tls) = tls else {
+        return match a.nbd_reconnect_timeout {
+            Some(s) => invalid(
+                "--nbd-reconnect-timeout",
+                s,
+                "it applies to NBD images (nbd://, nbd+unix://, ...) only",
+            ),
+            None => Ok(Duration::ZERO),
+        };
+    };
+    let secs = a.nbd_reconnect_timeout.unwrap_or(DEFAULT_NBD_RECONNECT);
+    if secs > 24 * 3600 {
+        return invalid("--nbd-reconnect-timeout", secs, "use 0 to 86400 seconds");
+    }
+    let uses_tls = a
+        .image
+        .as_ref()
+        .and_then(|p| p.to_str())
+        .is_some_and(|s| s.starts_with("nbds"))
+        || tls.psk_file.is_some()
+        || tls.certificates.is_some();
+    let sandboxed = a.sandbox.unwrap_or_default() != SandboxMode::None;
+    if secs > 0 && uses_tls && sandboxed {
+        if a.nbd_reconnect_timeout.is_some() {
+            return invalid(
+                "--nbd-reconnect-timeout",
+                secs,
+                "a TLS handshake reads the key files, which the sandbox forbids once serving: \
+                 use --sandbox none to reconnect over TLS, or 0",
+            );
+        }
+        log::warn!(
+            "NBD over TLS under --sandbox {}: a lost connection is not made again (a TLS \
+             handshake reads the key files, which the sandbox forbids); --sandbox none allows it",
+            a.sandbox.unwrap_or_default().name()
+        );
+        return Ok(Duration::ZERO);
+    }
+    Ok(Duration::from_secs(secs))
+}
+
 /// An NBD URI's TLS settings; TLS options with anything but an nbds://
 /// URI are refused (libnbd would connect without TLS and ignore them).
 fn nbd_tls(a: &ServeArgs, image: &std::path::Path) -> Result<Option<Tls>, ConfigError> {
@@ -706,7 +777,7 @@ fn is_luks_device(a: &ServeArgs) -> Result<bool, ConfigError> {
         (DeviceType::Plain, _) => Ok(false),
         (DeviceType::Luks | DeviceType::Luks1 | DeviceType::Luks2, _) => Ok(true),
         (DeviceType::Auto, Some(h)) if h.exists() || is_nbd_uri(h) => {
-            luks::is_luks(h).map_err(|source| ConfigError::ReadFile {
+            luks::is_luks(h).map_err(|source| ConfigError::Probe {
                 path: h.display().to_string(),
                 source,
             })
@@ -976,6 +1047,44 @@ mod tests {
         assert_eq!(nbd("nbds://host/e", psk), None);
         let file = nbd("/i", psk).unwrap();
         assert!(file.contains("nbds:// images only"), "{file}");
+    }
+
+    #[test]
+    fn nbd_reconnect_timeout_defaults_and_refusals() {
+        let cfg = |uri: &str, adjust: fn(&mut ServeArgs)| {
+            let mut a = ServeArgs {
+                image: Some(uri.into()),
+                device_type: Some(DeviceType::Plain),
+                ..base()
+            };
+            adjust(&mut a);
+            ServeConfig::from_args(a).map_err(|e| e.to_string())
+        };
+        let unix = "nbd+unix:///?socket=/run/n.sock";
+        let secs = |r: Result<ServeConfig, String>| r.unwrap().image.reconnect.as_secs();
+        assert_eq!(secs(cfg(unix, |_| {})), DEFAULT_NBD_RECONNECT);
+        assert_eq!(secs(cfg(unix, |a| a.nbd_reconnect_timeout = Some(0))), 0);
+        assert_eq!(secs(cfg(unix, |a| a.nbd_reconnect_timeout = Some(5))), 5);
+        let file = cfg("/i", |a| a.nbd_reconnect_timeout = Some(5))
+            .err()
+            .unwrap();
+        assert!(file.contains("--nbd-reconnect-timeout"), "{file}");
+        // TLS reads key files at each handshake: off under the sandbox by
+        // default, refused when asked for, allowed without a sandbox.
+        let psk = |a: &mut ServeArgs| a.tls_psk_file = Some("/k.psk".into());
+        assert_eq!(secs(cfg("nbds://h/e", psk)), 0);
+        let asked = cfg("nbds://h/e", |a| {
+            a.tls_psk_file = Some("/k.psk".into());
+            a.nbd_reconnect_timeout = Some(30);
+        })
+        .err()
+        .unwrap();
+        assert!(asked.contains("--sandbox none"), "{asked}");
+        let unsandboxed = cfg("nbds://h/e", |a| {
+            a.tls_psk_file = Some("/k.psk".into());
+            a.sandbox = Some(SandboxMode::None);
+        });
+        assert_eq!(secs(unsandboxed), DEFAULT_NBD_RECONNECT);
     }
 
     #[test]

@@ -15,7 +15,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use crate::control::ControlSocket;
 use crate::device::{AioMode, BlkBackend, BlkDevice};
 use crate::notify::Notifier;
-use crate::sandbox::{Sandbox, SandboxError};
+use crate::sandbox::{NbdPeer, Sandbox, SandboxError};
 use crate::socket::{inherited, Gate, ListenOn, SocketAccess, SocketError, SocketFile, Stopper};
 
 /// STATUS= while no VMM is connected.
@@ -140,7 +140,15 @@ pub fn serve(
     let dirs: Vec<_> = (listening.file.as_ref().map(SocketFile::dir_fd).into_iter())
         .chain(control.as_ref().map(ControlSocket::dir_fd))
         .collect();
-    if let Err(e) = sandbox.apply(&dirs) {
+    let nbd = dev
+        .volume()
+        .nbd()
+        .and_then(|e| e.redial())
+        .map(|r| NbdPeer {
+            family: r.endpoint().family(),
+            tcp_port: r.endpoint().tcp_port(),
+        });
+    if let Err(e) = sandbox.apply(&dirs, nbd) {
         listening.close();
         if let Some(c) = control {
             c.close();

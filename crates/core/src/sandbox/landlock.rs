@@ -1,15 +1,16 @@
 //! Landlock for `--sandbox full`: once serving, the daemon may touch the
 //! image (already open) and remove its socket (if it created one: an
 //! inherited socket is not its to remove); every other path is denied,
-//! as are TCP bind/connect, abstract unix sockets and signals to other
-//! processes. Applies to the calling thread and the threads it creates
+//! as are TCP bind/connect (but a connect to an NBD server's port, when
+//! lost NBD connections are made again), abstract unix sockets and
+//! signals to other processes. Applies to the calling thread and the threads it creates
 //! later, so it runs before the serve loop spawns any.
 
 use std::path::Path;
 
 use landlock::{
-    Access, AccessFs, AccessNet, PathBeneath, PathFd, Ruleset, RulesetAttr, RulesetCreatedAttr,
-    RulesetStatus, Scope, ABI,
+    Access, AccessFs, AccessNet, NetPort, PathBeneath, PathFd, Ruleset, RulesetAttr,
+    RulesetCreatedAttr, RulesetStatus, Scope, ABI,
 };
 
 use super::SandboxError;
@@ -18,10 +19,13 @@ use super::SandboxError;
 /// get the best subset they support.
 const ABI_TARGET: ABI = ABI::V6;
 
+/// `nbd_port`: the TCP port lost NBD connections are made again to (the
+/// one TCP connect allowed).
 pub fn restrict(
     image: &Path,
     sockets: &[&Path],
     readonly: bool,
+    nbd_port: Option<u16>,
 ) -> Result<RulesetStatus, SandboxError> {
     let err = |e: landlock::RulesetError| SandboxError::Landlock(e.to_string());
     let socket_dirs = sockets.iter().map(|socket| match socket.parent() {
@@ -49,6 +53,11 @@ pub fn restrict(
     if !crate::store::is_nbd_uri(image) {
         ruleset = ruleset
             .add_rule(PathBeneath::new(path_fd(image)?, image_access))
+            .map_err(err)?;
+    }
+    if let Some(port) = nbd_port {
+        ruleset = ruleset
+            .add_rule(NetPort::new(port, AccessNet::ConnectTcp))
             .map_err(err)?;
     }
     for dir in socket_dirs {

@@ -60,6 +60,17 @@ impl SandboxMode {
     }
 }
 
+/// Where lost NBD connections are made again once serving (reconnecting
+/// on): the socket family of the server's address found at start-up, and
+/// its TCP port. The sandbox then allows exactly that: creating a stream
+/// socket of that family and connecting it (seccomp), and with Landlock a
+/// TCP connect to that port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NbdPeer {
+    pub family: i32,
+    pub tcp_port: Option<u16>,
+}
+
 /// What the sandbox must leave reachable.
 #[derive(Debug, Clone)]
 pub struct Sandbox {
@@ -90,15 +101,18 @@ impl Sandbox {
     /// `socket_dirs` are the directory fds the daemon removes its sockets
     /// (vhost-user and control) through at exit: the only places anything
     /// may be unlinked. None (an inherited socket, no control socket)
-    /// allows no unlinking at all.
-    pub fn apply(&self, socket_dirs: &[RawFd]) -> Result<(), SandboxError> {
+    /// allows no unlinking at all. `nbd`: where lost NBD connections are
+    /// made again, if they are.
+    pub fn apply(&self, socket_dirs: &[RawFd], nbd: Option<NbdPeer>) -> Result<(), SandboxError> {
         match self.mode {
             SandboxMode::None => {
                 log::info!("sandbox: none");
                 return Ok(());
             }
             SandboxMode::Full => {
-                let status = landlock::restrict(&self.image, &self.removable(), self.readonly)?;
+                let port = nbd.and_then(|p| p.tcp_port);
+                let status =
+                    landlock::restrict(&self.image, &self.removable(), self.readonly, port)?;
                 match status {
                     ::landlock::RulesetStatus::NotEnforced => {
                         return Err(SandboxError::LandlockUnavailable)
@@ -118,11 +132,16 @@ impl Sandbox {
         } else {
             seccomp::OnViolation::Trap
         };
-        seccomp::install(on_violation, socket_dirs)?;
+        seccomp::install(on_violation, socket_dirs, nbd)?;
         log::info!(
-            "sandbox: {} ({} system calls allowed)",
+            "sandbox: {} ({} system calls allowed{})",
             self.mode.name(),
-            seccomp::allowed_count()
+            seccomp::allowed_count(nbd),
+            if nbd.is_some() {
+                ", socket and connect for NBD reconnects"
+            } else {
+                ""
+            }
         );
         Ok(())
     }

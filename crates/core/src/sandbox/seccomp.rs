@@ -18,7 +18,7 @@ use seccompiler::{
     SeccompRule, TargetArch,
 };
 
-use super::SandboxError;
+use super::{NbdPeer, SandboxError};
 
 /// Exit status after a trapped call: 128 + SIGSYS, as a shell reports it.
 pub const TRAPPED_EXIT: i32 = 128 + libc::SIGSYS;
@@ -107,8 +107,8 @@ pub fn allowed() -> Vec<(&'static str, i64)> {
 
 /// How many system calls the filter lets through (some only with certain
 /// arguments), clone3 (made to fail with ENOSYS) included.
-pub fn allowed_count() -> usize {
-    allowed().len() + conditional(&[0]).map_or(0, |c| c.len()) + 1
+pub fn allowed_count(nbd: Option<NbdPeer>) -> usize {
+    allowed().len() + conditional(&[0], nbd).map_or(0, |c| c.len()) + 1
 }
 
 /// (name, number, rules): the call is allowed when any rule matches.
@@ -119,7 +119,12 @@ type Conditional = (&'static str, i64, Vec<SeccompRule>);
 ///
 /// `socket_dirs`: the directory fds through which the sockets are removed at
 /// exit (unlinkat on those fds only: no other file can be deleted).
-fn conditional(socket_dirs: &[RawFd]) -> Result<Vec<Conditional>, SandboxError> {
+/// `nbd`: where lost NBD connections are made again (socket of that family
+/// only, and connect).
+fn conditional(
+    socket_dirs: &[RawFd],
+    nbd: Option<NbdPeer>,
+) -> Result<Vec<Conditional>, SandboxError> {
     let eq = |arg: u8, value: u64| {
         SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value)
     };
@@ -188,6 +193,25 @@ fn conditional(socket_dirs: &[RawFd]) -> Result<Vec<Conditional>, SandboxError> 
             .collect::<Result<Vec<_>, _>>()?;
         v.push(("unlinkat", libc::SYS_unlinkat, rules));
     }
+    if let Some(peer) = nbd {
+        // A new connection to the NBD server's address, resolved before
+        // the sandbox: a stream socket of its family, exactly as
+        // libnbd::Endpoint makes it, and connect(2). connect cannot be
+        // narrowed by address here (it is in memory); Landlock narrows
+        // TCP to the port with --sandbox full.
+        let stream = (libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK) as u64;
+        v.push((
+            "socket",
+            libc::SYS_socket,
+            vec![rule(vec![
+                c(eq(0, peer.family as u64))?,
+                c(eq(1, stream))?,
+                c(eq(2, 0))?,
+            ])?],
+        ));
+        // No rule: allowed whatever its arguments.
+        v.push(("connect", libc::SYS_connect, vec![]));
+    }
     Ok(v)
 }
 
@@ -225,12 +249,13 @@ pub enum OnViolation {
 pub fn allowlist(
     on_violation: OnViolation,
     socket_dirs: &[RawFd],
+    nbd: Option<NbdPeer>,
 ) -> Result<BpfProgram, SandboxError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     for (_, nr) in allowed() {
         rules.insert(nr, vec![]);
     }
-    for (_, nr, r) in conditional(socket_dirs)? {
+    for (_, nr, r) in conditional(socket_dirs, nbd)? {
         rules.insert(nr, r);
     }
     // clone3 passes its flags in memory, where seccomp cannot look: it is
@@ -267,8 +292,12 @@ fn compile(
 
 /// Installs both filters on every thread of the process (TSYNC) and the
 /// SIGSYS handler that reports a trapped call.
-pub fn install(on_violation: OnViolation, socket_dirs: &[RawFd]) -> Result<(), SandboxError> {
-    let allow = allowlist(on_violation, socket_dirs)?;
+pub fn install(
+    on_violation: OnViolation,
+    socket_dirs: &[RawFd],
+    nbd: Option<NbdPeer>,
+) -> Result<(), SandboxError> {
+    let allow = allowlist(on_violation, socket_dirs, nbd)?;
     let clone3 = no_clone3()?;
     if on_violation == OnViolation::Trap {
         install_sigsys_handler()?;
@@ -345,7 +374,25 @@ mod tests {
 
     #[test]
     fn filters_compile_and_leave_out_process_creation_and_file_opening() {
-        assert!(!allowlist(OnViolation::Trap, &[3, 4]).unwrap().is_empty());
+        assert!(!allowlist(OnViolation::Trap, &[3, 4], None)
+            .unwrap()
+            .is_empty());
+        let peer = NbdPeer {
+            family: libc::AF_INET,
+            tcp_port: Some(10809),
+        };
+        assert!(!allowlist(OnViolation::Trap, &[3], Some(peer))
+            .unwrap()
+            .is_empty());
+        let names = |nbd| {
+            conditional(&[3], nbd)
+                .unwrap()
+                .iter()
+                .map(|(n, _, _)| *n)
+                .collect::<Vec<_>>()
+        };
+        assert!(!names(None).contains(&"socket") && !names(None).contains(&"connect"));
+        assert!(names(Some(peer)).contains(&"socket") && names(Some(peer)).contains(&"connect"));
         assert!(!no_clone3().unwrap().is_empty());
         let names: Vec<&str> = allowed().iter().map(|(n, _)| *n).collect();
         for forbidden in [

@@ -6,7 +6,7 @@
 //! needs `libnbd.so.0` (Debian: libnbd0). Every signature below is copied
 //! from /usr/include/libnbd.h of libnbd 1.14 (Debian bookworm); every call
 //! used here exists since libnbd 1.0 except `nbd_get_block_size` (1.4) and
-//! `nbd_set_tls_*`/`nbd_can_multi_conn` (1.0/1.0).
+//! `nbd_aio_connect_socket` (1.2).
 //!
 //! Threads: libnbd locks each handle inside every call, so a `Connection`
 //! may be shared between threads; the error of a failed call is kept per
@@ -19,8 +19,10 @@
 
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr, CString};
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::os::unix::io::RawFd;
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 /// The library's file name (its soname), and the Debian package that has it.
 const SONAME: &CStr = c"libnbd.so.0";
@@ -100,13 +102,18 @@ api! {
     fn nbd_get_error() -> *const c_char;
     fn nbd_get_errno() -> c_int;
     fn nbd_set_handle_name(*mut Handle, *const c_char) -> c_int;
+    fn nbd_set_export_name(*mut Handle, *const c_char) -> c_int;
+    fn nbd_get_export_name(*mut Handle) -> *mut c_char;
     fn nbd_set_tls(*mut Handle, c_int) -> c_int;
+    fn nbd_get_tls(*mut Handle) -> c_int;
     fn nbd_set_tls_certificates(*mut Handle, *const c_char) -> c_int;
     fn nbd_set_tls_verify_peer(*mut Handle, bool) -> c_int;
     fn nbd_set_tls_username(*mut Handle, *const c_char) -> c_int;
     fn nbd_set_tls_psk_file(*mut Handle, *const c_char) -> c_int;
     fn nbd_supports_tls(*mut Handle) -> c_int;
     fn nbd_connect_uri(*mut Handle, *const c_char) -> c_int;
+    fn nbd_aio_connect_socket(*mut Handle, c_int) -> c_int;
+    fn nbd_aio_is_ready(*mut Handle) -> c_int;
     fn nbd_is_read_only(*mut Handle) -> c_int;
     fn nbd_can_flush(*mut Handle) -> c_int;
     fn nbd_can_trim(*mut Handle) -> c_int;
@@ -254,6 +261,123 @@ impl Connection {
     /// Connects to `uri` (nbd://, nbd+unix://, nbds://, nbds+unix://) and
     /// completes the handshake; blocks until then.
     pub fn connect(uri: &str, tls: &Tls, name: &str) -> io::Result<Connection> {
+        let conn = Self::create(name)?;
+        conn.configure_tls(tls, uri.starts_with("nbds"))?;
+        let curi = cstring(uri)?;
+        // Libnbd copies the URI.
+        let rc = call!(conn, nbd_connect_uri, curi.as_ptr());
+        conn.check(rc, "connect").map_err(|e| {
+            if e.to_string().contains("gnutls") {
+                // GnuTLS says how the handshake broke, not why.
+                io::Error::new(
+                    e.kind(),
+                    format!(
+                        "{e}: the TLS handshake failed; check the key and user name \
+                         (--tls-psk-file, --tls-username) or the certificates \
+                         (--tls-certificates) against the server's"
+                    ),
+                )
+            } else {
+                e
+            }
+        })?;
+        Ok(conn)
+    }
+
+    /// Connects again to where `endpoint` says, as another connection made
+    /// by `connect` did: a socket of our own connected to the address that
+    /// connection reached (no URI parsing, no name lookup: nothing opens a
+    /// file, so it works under the sandbox), the same export name and TLS
+    /// settings, and the handshake. Gives up at `deadline`.
+    ///
+    /// TLS reads its credentials (the PSK file, certificates) from files
+    /// during the handshake, which the sandbox forbids: callers only pass
+    /// TLS settings here when nothing is sandboxed.
+    pub fn connect_to(
+        endpoint: &Endpoint,
+        tls: &Tls,
+        name: &str,
+        deadline: Instant,
+    ) -> io::Result<Connection> {
+        let conn = Self::create(name)?;
+        conn.configure_tls(tls, endpoint.tls)?;
+        // The string is copied by libnbd.
+        conn.check(
+            call!(conn, nbd_set_export_name, endpoint.export.as_ptr()),
+            "nbd_set_export_name",
+        )?;
+        let sock = endpoint.connect_socket(deadline)?;
+        let rc = call!(conn, nbd_aio_connect_socket, sock.as_raw_fd());
+        conn.check(rc, "nbd_aio_connect_socket")?;
+        // The handle owns the socket now and closes it.
+        let _ = sock.into_raw_fd();
+        let fd = conn.fd()?;
+        loop {
+            if call!(conn, nbd_aio_is_ready) == 1 {
+                return Ok(conn);
+            }
+            if conn.is_dead() {
+                return Err(io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    "the server ended the NBD handshake",
+                ));
+            }
+            let dir = conn.direction();
+            let mut events = 0;
+            if dir.read {
+                events |= libc::POLLIN;
+            }
+            if dir.write {
+                events |= libc::POLLOUT;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the NBD handshake did not finish in time",
+                ));
+            }
+            let ready = poll_fd(fd, events, left)?;
+            if ready & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
+                conn.notify_read()?;
+            } else if ready & libc::POLLOUT != 0 {
+                conn.notify_write()?;
+            }
+        }
+    }
+
+    /// Where this connection went, to connect there again later.
+    pub fn endpoint(&self) -> io::Result<Endpoint> {
+        let fd = self.fd()?;
+        // SAFETY: an all-zero sockaddr_storage is a valid value.
+        let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        // SAFETY: `addr` has room for `len` bytes, which the kernel updates.
+        let rc = unsafe { libc::getpeername(fd, std::ptr::addr_of_mut!(addr).cast(), &mut len) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let name = call!(self, nbd_get_export_name);
+        if name.is_null() {
+            return Err(last_error(self.api, "nbd_get_export_name"));
+        }
+        // SAFETY: a NUL-terminated string malloc'ed by libnbd, copied here
+        // and then freed once (its documented deallocator is free).
+        let export = unsafe {
+            let copy = CStr::from_ptr(name).to_owned();
+            libc::free(name.cast());
+            copy
+        };
+        let tls = call!(self, nbd_get_tls) != LIBNBD_TLS_DISABLE;
+        Ok(Endpoint {
+            addr,
+            len,
+            export,
+            tls,
+        })
+    }
+
+    fn create(name: &str) -> io::Result<Connection> {
         let api = api().map_err(io::Error::other)?;
         // SAFETY: nbd_create has no preconditions.
         let h = unsafe { (api.nbd_create)() };
@@ -267,51 +391,53 @@ impl Connection {
             call!(conn, nbd_set_handle_name, cname.as_ptr()),
             "nbd_set_handle_name",
         )?;
-        let wants_tls = uri.starts_with("nbds");
-        if wants_tls || tls.psk_file.is_some() || tls.certificates.is_some() {
-            if call!(conn, nbd_supports_tls) != 1 {
-                return Err(io::Error::other(
-                    "this libnbd was built without TLS support",
-                ));
-            }
-            if let Some(dir) = &tls.certificates {
-                let dir = cstring(dir)?;
-                // Libnbd copies the string.
-                conn.check(
-                    call!(conn, nbd_set_tls_certificates, dir.as_ptr()),
-                    "nbd_set_tls_certificates",
-                )?;
-            }
-            if let Some(file) = &tls.psk_file {
-                let file = cstring(file)?;
-                // Libnbd copies the string.
-                conn.check(
-                    call!(conn, nbd_set_tls_psk_file, file.as_ptr()),
-                    "nbd_set_tls_psk_file",
-                )?;
-            }
-            if let Some(user) = &tls.username {
-                let user = cstring(user)?;
-                // Libnbd copies the string.
-                conn.check(
-                    call!(conn, nbd_set_tls_username, user.as_ptr()),
-                    "nbd_set_tls_username",
-                )?;
-            }
-            conn.check(
-                call!(conn, nbd_set_tls_verify_peer, tls.verify_peer),
-                "nbd_set_tls_verify_peer",
-            )?;
-            // TLS options without an nbds:// URI still mean "TLS or
-            // nothing": never fall back to plaintext silently.
-            conn.check(call!(conn, nbd_set_tls, LIBNBD_TLS_REQUIRE), "nbd_set_tls")?;
-        } else {
-            conn.check(call!(conn, nbd_set_tls, LIBNBD_TLS_DISABLE), "nbd_set_tls")?;
-        }
-        let curi = cstring(uri)?;
-        // Libnbd copies the URI.
-        conn.check(call!(conn, nbd_connect_uri, curi.as_ptr()), "connect")?;
         Ok(conn)
+    }
+
+    /// TLS as `tls` and the URI (`wants_tls`: nbds://) say.
+    fn configure_tls(&self, tls: &Tls, wants_tls: bool) -> io::Result<()> {
+        let conn = self;
+        if !(wants_tls || tls.psk_file.is_some() || tls.certificates.is_some()) {
+            conn.check(call!(conn, nbd_set_tls, LIBNBD_TLS_DISABLE), "nbd_set_tls")?;
+            return Ok(());
+        }
+        if call!(conn, nbd_supports_tls) != 1 {
+            return Err(io::Error::other(
+                "this libnbd was built without TLS support",
+            ));
+        }
+        if let Some(dir) = &tls.certificates {
+            let dir = cstring(dir)?;
+            // Libnbd copies the string.
+            conn.check(
+                call!(conn, nbd_set_tls_certificates, dir.as_ptr()),
+                "nbd_set_tls_certificates",
+            )?;
+        }
+        if let Some(file) = &tls.psk_file {
+            let file = cstring(file)?;
+            // Libnbd copies the string.
+            conn.check(
+                call!(conn, nbd_set_tls_psk_file, file.as_ptr()),
+                "nbd_set_tls_psk_file",
+            )?;
+        }
+        if let Some(user) = &tls.username {
+            let user = cstring(user)?;
+            // Libnbd copies the string.
+            conn.check(
+                call!(conn, nbd_set_tls_username, user.as_ptr()),
+                "nbd_set_tls_username",
+            )?;
+        }
+        conn.check(
+            call!(conn, nbd_set_tls_verify_peer, tls.verify_peer),
+            "nbd_set_tls_verify_peer",
+        )?;
+        // TLS options without an nbds:// URI still mean "TLS or
+        // nothing": never fall back to plaintext silently.
+        conn.check(call!(conn, nbd_set_tls, LIBNBD_TLS_REQUIRE), "nbd_set_tls")?;
+        Ok(())
     }
 
     /// Turns a C status (-1: error) into an io::Result with libnbd's message.
@@ -514,6 +640,150 @@ impl Drop for Connection {
     }
 }
 
+/// Where a connection went, resolved at start-up: the server's socket
+/// address (from getpeername: the unix socket's path, or the IP address and
+/// port a name resolved to), the export name and whether TLS is on. Enough
+/// to connect again without parsing a URI or looking a name up.
+#[derive(Clone)]
+pub struct Endpoint {
+    addr: libc::sockaddr_storage,
+    len: libc::socklen_t,
+    export: CString,
+    tls: bool,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
+impl Endpoint {
+    /// AF_UNIX, AF_INET or AF_INET6.
+    pub fn family(&self) -> i32 {
+        i32::from(self.addr.ss_family)
+    }
+
+    /// The TCP port, for TCP endpoints.
+    pub fn tcp_port(&self) -> Option<u16> {
+        let p = std::ptr::addr_of!(self.addr);
+        match self.family() {
+            // SAFETY: the family says which sockaddr the storage holds.
+            libc::AF_INET => Some(u16::from_be(unsafe {
+                (*p.cast::<libc::sockaddr_in>()).sin_port
+            })),
+            // SAFETY: as above.
+            libc::AF_INET6 => Some(u16::from_be(unsafe {
+                (*p.cast::<libc::sockaddr_in6>()).sin6_port
+            })),
+            _ => None,
+        }
+    }
+
+    /// Whether the connection uses TLS.
+    pub fn tls(&self) -> bool {
+        self.tls
+    }
+
+    /// The address, for messages.
+    pub fn describe(&self) -> String {
+        let p = std::ptr::addr_of!(self.addr);
+        match self.family() {
+            libc::AF_INET => {
+                // SAFETY: the family says which sockaddr the storage holds.
+                let a = unsafe { *p.cast::<libc::sockaddr_in>() };
+                let ip = std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
+                format!("{ip}:{}", u16::from_be(a.sin_port))
+            }
+            libc::AF_INET6 => {
+                // SAFETY: as above.
+                let a = unsafe { *p.cast::<libc::sockaddr_in6>() };
+                let ip = std::net::Ipv6Addr::from(a.sin6_addr.s6_addr);
+                format!("[{ip}]:{}", u16::from_be(a.sin6_port))
+            }
+            libc::AF_UNIX => {
+                // SAFETY: as above.
+                let a = unsafe { &*p.cast::<libc::sockaddr_un>() };
+                let path: Vec<u8> = a
+                    .sun_path
+                    .iter()
+                    .take_while(|&&c| c != 0)
+                    .map(|&c| c as u8)
+                    .collect();
+                format!("unix:{}", String::from_utf8_lossy(&path))
+            }
+            other => format!("address family {other}"),
+        }
+    }
+
+    /// A stream socket connected to the address, non-blocking; gives up
+    /// at `deadline`.
+    fn connect_socket(&self, deadline: Instant) -> io::Result<OwnedFd> {
+        let flags = libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK;
+        // SAFETY: plain system call; the fd is owned right below.
+        let fd = unsafe { libc::socket(self.family(), flags, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a new fd that nothing else owns.
+        let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: `addr` holds `len` valid bytes of a sockaddr.
+        let rc = unsafe { libc::connect(fd, std::ptr::addr_of!(self.addr).cast(), self.len) };
+        if rc == 0 {
+            return Ok(sock);
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINPROGRESS) {
+            return Err(e);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if poll_fd(fd, libc::POLLOUT, left)? == 0 {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out"));
+        }
+        let mut err: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: `err` has room for the int SO_ERROR returns.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_ERROR,
+                std::ptr::addr_of_mut!(err).cast(),
+                &mut len,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if err != 0 {
+            return Err(io::Error::from_raw_os_error(err));
+        }
+        Ok(sock)
+    }
+}
+
+/// poll(2) on one fd for `events`, at most `timeout`; the events that
+/// occurred (0: timed out). Retries on EINTR.
+fn poll_fd(fd: RawFd, events: libc::c_short, timeout: Duration) -> io::Result<libc::c_short> {
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    loop {
+        let mut pfd = libc::pollfd {
+            fd,
+            events,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if rc >= 0 {
+            return Ok(if rc == 0 { 0 } else { pfd.revents });
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
 fn cstring(s: &str) -> io::Result<CString> {
     CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in a string"))
 }
@@ -594,6 +864,7 @@ mod tests {
             "void*" => "*mut c_void",
             "const void*" => "*const c_void",
             "const char*" => "*const c_char",
+            "char*" => "*mut c_char",
             "size_t" => "usize",
             "uint64_t" => "u64",
             "uint32_t" => "u32",

@@ -2,16 +2,26 @@
 //! (push, submit, reap, wait, a pool of buffers), over one libnbd
 //! connection owned by one queue's vring thread.
 //!
-//! The connection's socket takes the place of io_uring's eventfd: the vring
-//! thread's epoll waits on it (readable) beside the kick fd, and `reap`
-//! lets libnbd read the replies that arrived. Requests go out as they are
-//! pushed; one that does not fit in the socket's send buffer is finished by
-//! `submit`, which waits for the socket to drain (reading replies
-//! meanwhile, so a server that is blocked sending us replies never
-//! deadlocks against us). The vring thread therefore only ever waits for
-//! readability, the one event vhost-user-backend's epoll registration can
-//! express without re-registering, and a slow server slows its queue down
+//! The vring thread's epoll waits on an epoll fd of the store's own (its
+//! "event fd") beside the kick fd; the connection's socket is in that inner
+//! set, readable when replies arrived. The inner set is what keeps the fd
+//! the vring thread waits on the same when a lost connection is replaced
+//! by a new socket. `reap` lets libnbd read the replies that arrived.
+//! Requests go out as they are pushed; one that does not fit in the
+//! socket's send buffer is finished by `submit`, which waits for the socket
+//! to drain (reading replies meanwhile, so a server that is blocked sending
+//! us replies never deadlocks against us). The vring thread therefore only
+//! ever waits for readability, and a slow server slows its queue down
 //! (backpressure) instead of growing a queue in memory.
+//!
+//! A lost connection (server killed or restarted, connection cut, protocol
+//! error): with reconnecting on (`--nbd-reconnect-timeout`), the commands
+//! it had not answered stay in the store with their buffers, the store
+//! connects again (with back-off, blocking this queue's thread, until the
+//! timeout) and sends them again; only when the timeout passes are they
+//! failed. A command the server answered is reported as answered, never
+//! sent twice. After a timeout, new commands fail at once, with one attempt
+//! to connect a second, until the server is back.
 //!
 //! Buffers: libnbd reads into and writes from pool buffers, which stay
 //! untouched until the command is retired; dropping the store closes the
@@ -20,11 +30,13 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::io::RawFd;
 use std::path::Path;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::{Duration, Instant};
 
-use super::libnbd::{errno_of, Connection, ExportInfo, Tls};
+use super::libnbd::{errno_of, Connection, Endpoint, ExportInfo, Tls};
 use super::{Buffers, Op};
 
 /// Whether an `--image` names an NBD export (an NBD URI) rather than a file.
@@ -36,11 +48,87 @@ pub fn is_uri(image: &Path) -> bool {
     })
 }
 
-/// An NBD export as the daemon uses it, connected at start-up (before the
-/// sandbox, which allows no new sockets): one connection for synchronous
-/// commands (LUKS headers, the synchronous data path, the final flush) and,
-/// when the server allows several connections (NBD_FLAG_CAN_MULTI_CONN),
-/// one per queue for that queue's asynchronous store.
+/// After a reconnect timed out: how often a new command may try once more.
+const RETRY_EVERY: Duration = Duration::from_secs(1);
+/// How long such a single attempt may take.
+const ONE_ATTEMPT: Duration = Duration::from_secs(1);
+/// Longest single attempt while reconnecting: a server that accepts the
+/// connection and never finishes the handshake (one shutting down) is
+/// left for a new attempt.
+const ATTEMPT_MAX: Duration = Duration::from_secs(5);
+/// Back-off between attempts while reconnecting: from the first to the last.
+const BACKOFF_FIRST: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// How to reach the export again once a connection is lost.
+pub struct Redial {
+    endpoint: Endpoint,
+    /// TLS settings for new connections (only when they can be read: see
+    /// `Connection::connect_to`).
+    tls: Tls,
+    /// How long the requests of a lost connection wait for a new one.
+    pub timeout: Duration,
+    /// What the first connection saw: a new one must see the same export.
+    info: ExportInfo,
+}
+
+impl Redial {
+    /// Connects, trying again with back-off until `deadline`; the new
+    /// connection must lead to the same export (size, read-only flag,
+    /// multi-conn), or it is refused as a failed attempt.
+    pub fn connect(&self, name: &str, deadline: Instant) -> io::Result<Connection> {
+        let mut pause = BACKOFF_FIRST;
+        loop {
+            let attempt = deadline.min(Instant::now() + ATTEMPT_MAX);
+            let result = Connection::connect_to(&self.endpoint, &self.tls, name, attempt)
+                .and_then(|conn| self.same_export(conn));
+            let e = match result {
+                Ok(conn) => return Ok(conn),
+                Err(e) => e,
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(e);
+            }
+            log::debug!("NBD reconnect to {}: {e}", self.endpoint.describe());
+            // The last attempt is made at the deadline.
+            std::thread::sleep(pause.min(left));
+            pause = (pause * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    fn same_export(&self, conn: Connection) -> io::Result<Connection> {
+        let info = conn.info()?;
+        let was = &self.info;
+        if info.size != was.size
+            || info.read_only != was.read_only
+            || info.can_multi_conn != was.can_multi_conn
+        {
+            return Err(io::Error::other(format!(
+                "the export changed (size {} → {}, read-only {} → {}, multi-conn {} → {}); \
+                 not using it",
+                was.size,
+                info.size,
+                was.read_only,
+                info.read_only,
+                was.can_multi_conn,
+                info.can_multi_conn
+            )));
+        }
+        Ok(conn)
+    }
+
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+}
+
+/// An NBD export as the daemon uses it, connected at start-up: one
+/// connection for synchronous commands (LUKS headers, the synchronous data
+/// path, the final flush) and, when the server allows several connections
+/// (NBD_FLAG_CAN_MULTI_CONN), one per queue for that queue's asynchronous
+/// store. Lost connections are made again (after the sandbox too: to the
+/// address found at start-up, see `Redial`) when reconnecting is on.
 ///
 /// Without multi-conn the NBD spec promises nothing across connections (a
 /// FLUSH on one need not cover writes acknowledged on another, nor a read on
@@ -51,13 +139,21 @@ pub fn is_uri(image: &Path) -> bool {
 pub struct NbdExport {
     uri: String,
     info: ExportInfo,
-    sync: Connection,
+    /// The connection for synchronous commands, and how many times it was
+    /// made again.
+    sync: RwLock<(u64, Connection)>,
     queues: Vec<Mutex<Option<Connection>>>,
+    redial: Option<Arc<Redial>>,
+    /// When the synchronous connection last failed to come back within the
+    /// timeout (then calls fail at once, with one attempt a second).
+    sync_gave_up: Mutex<Option<Instant>>,
 }
 
 impl NbdExport {
     /// Connects to `uri`, and with multi-conn `queues` more times.
-    pub fn open(uri: &str, tls: &Tls, queues: usize) -> io::Result<Arc<Self>> {
+    /// `reconnect`: how long requests wait for a lost connection to be made
+    /// again (zero: never reconnect).
+    pub fn open(uri: &str, tls: &Tls, queues: usize, reconnect: Duration) -> io::Result<Arc<Self>> {
         let sync = Connection::connect(uri, tls, "cryptblk")?;
         let info = sync.info()?;
         let queues = if info.can_multi_conn {
@@ -70,11 +166,23 @@ impl NbdExport {
         } else {
             Vec::new()
         };
+        let redial = if reconnect.is_zero() {
+            None
+        } else {
+            Some(Arc::new(Redial {
+                endpoint: sync.endpoint()?,
+                tls: tls.clone(),
+                timeout: reconnect,
+                info,
+            }))
+        };
         Ok(Arc::new(NbdExport {
             uri: uri.to_string(),
             info,
-            sync,
+            sync: RwLock::new((0, sync)),
             queues,
+            redial,
+            sync_gave_up: Mutex::new(None),
         }))
     }
 
@@ -86,9 +194,67 @@ impl NbdExport {
         &self.info
     }
 
-    /// The connection for synchronous commands.
-    pub fn sync(&self) -> &Connection {
-        &self.sync
+    /// How lost connections are made again (None: reconnecting is off).
+    pub fn redial(&self) -> Option<&Redial> {
+        self.redial.as_deref()
+    }
+
+    /// Runs `f` on the connection for synchronous commands. A connection
+    /// found lost is made again (reconnecting on) and `f` runs again on the
+    /// new one: every command here is idempotent (read, write, flush, trim)
+    /// and its caller has had no answer.
+    pub fn with_sync<T>(&self, mut f: impl FnMut(&Connection) -> io::Result<T>) -> io::Result<T> {
+        let mut deadline = None;
+        loop {
+            let guard = self.sync.read().unwrap_or_else(|p| p.into_inner());
+            let (lost, conn) = (guard.0, &guard.1);
+            let result = f(conn);
+            let Some(redial) = self.redial.as_deref() else {
+                return result;
+            };
+            let leaving = result.as_ref().err().is_some_and(server_leaving);
+            if result.is_ok() || !(conn.is_dead() || leaving) {
+                return result;
+            }
+            drop(guard);
+            let mut sync = self.sync.write().unwrap_or_else(|p| p.into_inner());
+            if sync.0 != lost {
+                continue; // another thread made it again meanwhile
+            }
+            let now = Instant::now();
+            let mut gave_up = self.sync_gave_up.lock().unwrap_or_else(|p| p.into_inner());
+            let deadline = *deadline.get_or_insert(match *gave_up {
+                Some(last) if now < last + RETRY_EVERY => return result,
+                Some(_) => now + ONE_ATTEMPT,
+                None => {
+                    log::warn!(
+                        "{}: NBD connection lost; reconnecting for up to {:?}",
+                        self.uri,
+                        redial.timeout
+                    );
+                    now + redial.timeout
+                }
+            });
+            match redial.connect("cryptblk", deadline) {
+                Ok(new) => {
+                    log::info!("{}: NBD connection made again", self.uri);
+                    *sync = (lost + 1, new);
+                    *gave_up = None;
+                }
+                Err(e) => {
+                    if gave_up.is_none() {
+                        log::error!(
+                            "{}: no NBD connection within {:?} ({e}): requests fail until the \
+                             server is back",
+                            self.uri,
+                            redial.timeout
+                        );
+                    }
+                    *gave_up = Some(Instant::now());
+                    return result;
+                }
+            }
+        }
     }
 
     /// Whether queues get connections of their own (asynchronous I/O).
@@ -99,16 +265,19 @@ impl NbdExport {
     /// A store on queue `queue`'s connection; the connection comes back
     /// here when the store is dropped (the next vhost-user connection's
     /// queue uses it). None: no connection for it (no multi-conn, or it
-    /// died).
+    /// died and reconnecting is off).
     pub fn store(self: &Arc<Self>, queue: usize, buffers: Buffers) -> io::Result<Option<NbdStore>> {
         let Some(slot) = self.queues.get(queue) else {
             return Ok(None);
         };
         let taken = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
-        let Some(conn) = taken.filter(|c| !c.is_dead()) else {
+        let conn = taken.filter(|c| !c.is_dead());
+        if conn.is_none() && self.redial.is_none() {
             return Ok(None);
-        };
-        let mut store = NbdStore::new(conn, buffers)?;
+        }
+        // Without a live connection, the store makes one at its first command.
+        let mut store = NbdStore::with(conn, buffers, self.redial.clone())?;
+        store.name = format!("cryptblk-q{queue}");
         store.can_flush = self.info.can_flush;
         store.home = Some((self.clone(), queue));
         Ok(Some(store))
@@ -191,50 +360,117 @@ impl crate::luks::device::Device for HeaderDevice {
     }
 }
 
+/// A command sent and not yet reported: enough to send it again.
+#[derive(Clone, Copy)]
+struct Command {
+    tag: u64,
+    /// Its result on success.
+    ok: i32,
+    op: Op,
+}
+
 pub struct NbdStore {
-    /// Declared before `buffers`: dropped (closed) first. Always Some but
-    /// in Drop, which may hand it back to its export.
+    /// Declared before `buffers`: dropped (closed) first. None: lost, and
+    /// not made again yet (reconnecting on).
     conn: Option<Connection>,
+    /// The connection's socket (meaningless while `conn` is None or dead:
+    /// libnbd closes the socket of a dead connection).
     fd: RawFd,
+    /// What the vring thread waits on: an epoll set holding the socket.
+    events: OwnedFd,
     buffers: Buffers,
-    /// Commands in flight: cookie → (tag, result on success).
-    commands: HashMap<u64, (u64, i32)>,
-    /// Completed without a command (FLUSH on a server that needs none).
+    /// Commands in flight: cookie → command.
+    commands: HashMap<u64, Command>,
+    /// Completed outside the connection: FLUSH on a server that needs none,
+    /// commands answered before their connection was lost, commands failed
+    /// because no connection came back.
     done: Vec<(u64, i32)>,
     /// The server takes NBD_CMD_FLUSH. One that does not has no volatile
     /// cache to flush (the NBD spec forbids sending it FLUSH): a FLUSH then
     /// completes at once, every acknowledged write already being stable.
     can_flush: bool,
     home: Option<(Arc<NbdExport>, usize)>,
+    redial: Option<Arc<Redial>>,
+    /// When reconnecting last timed out (or a single later attempt failed).
+    gave_up: Option<Instant>,
+    /// Since when commands have waited for a connection that answers them
+    /// (cleared by the first success), and the pause before the next
+    /// attempt.
+    lost_since: Option<(Instant, Duration)>,
+    /// Commands the server refused because it is shutting down
+    /// (NBD_ESHUTDOWN, reconnecting on): sent again on a new connection,
+    /// which the store makes at once.
+    refused: Vec<Command>,
+    name: String,
 }
 
 impl NbdStore {
-    /// A store on a connected `conn` with `buffers` as its I/O buffers.
+    /// A store on a connected `conn` with `buffers` as its I/O buffers
+    /// (never reconnecting).
     pub fn new(conn: Connection, buffers: Buffers) -> io::Result<Self> {
-        let fd = conn.fd()?;
-        Ok(NbdStore {
-            conn: Some(conn),
-            fd,
+        Self::with(Some(conn), buffers, None)
+    }
+
+    fn with(
+        conn: Option<Connection>,
+        buffers: Buffers,
+        redial: Option<Arc<Redial>>,
+    ) -> io::Result<Self> {
+        // SAFETY: plain system call; the fd is owned right below.
+        let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if ep < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut store = NbdStore {
+            conn: None,
+            fd: -1,
+            // SAFETY: a new fd nothing else owns.
+            events: unsafe { OwnedFd::from_raw_fd(ep) },
             buffers,
             commands: HashMap::with_capacity(256),
             done: Vec::new(),
             can_flush: true,
             home: None,
-        })
+            redial,
+            gave_up: None,
+            lost_since: None,
+            refused: Vec::new(),
+            name: "cryptblk".into(),
+        };
+        if let Some(conn) = conn {
+            store.attach(conn)?;
+        }
+        Ok(store)
     }
 
-    fn conn(&self) -> &Connection {
-        self.conn.as_ref().expect("connection taken outside Drop")
+    /// Makes `conn` the store's connection: its socket joins the epoll set.
+    fn attach(&mut self, conn: Connection) -> io::Result<()> {
+        let fd = conn.fd()?;
+        let mut ev = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: 0,
+        };
+        // SAFETY: both fds are open; `ev` is a valid epoll_event. A closed
+        // socket leaves the set by itself.
+        let rc =
+            unsafe { libc::epoll_ctl(self.events.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        self.fd = fd;
+        self.conn = Some(conn);
+        Ok(())
     }
 
     /// Readable when replies are waiting (or the server hung up): register
-    /// it beside the kick fd.
+    /// it beside the kick fd. The same fd for the store's whole life.
     pub fn event_fd(&self) -> RawFd {
-        self.fd
+        self.events.as_raw_fd()
     }
 
-    pub fn connection(&self) -> &Connection {
-        self.conn()
+    /// The current connection (None: lost, and not made again yet).
+    pub fn connection(&self) -> Option<&Connection> {
+        self.conn.as_ref()
     }
 
     pub fn buffers(&mut self) -> &mut Buffers {
@@ -243,37 +479,75 @@ impl NbdStore {
 
     /// Pushed and not yet reaped: libnbd may still use their buffers.
     pub fn in_flight(&self) -> usize {
-        self.commands.len() + self.done.len()
+        self.commands.len() + self.done.len() + self.refused.len()
+    }
+
+    /// A connection that takes commands: there, not dead, and its server
+    /// not shutting down.
+    fn live(&self) -> bool {
+        self.refused.is_empty() && self.conn.as_ref().is_some_and(|c| !c.is_dead())
     }
 
     /// Sends `op` (as far as the socket takes it; `submit` sends the rest).
     /// `tag` comes back with its result.
     pub fn push(&mut self, op: Op, tag: u64) -> io::Result<()> {
-        let (cookie, ok) = match op {
-            Op::Read { buf, len, offset } => {
-                let ptr = self.buffers.ptr(buf);
-                // SAFETY: the buffer run belongs to the pool, which outlives
-                // the connection (field order); the caller does not touch it
-                // between pushing and reaping, and `reap` retires the
-                // command before reporting it.
-                let cookie = unsafe { self.conn().aio_pread(ptr, len as usize, offset) }?;
-                (cookie, len as i32)
-            }
-            Op::Write { buf, len, offset } => {
-                let ptr = self.buffers.ptr(buf);
-                // SAFETY: as for Read.
-                let cookie = unsafe { self.conn().aio_pwrite(ptr, len as usize, offset) }?;
-                (cookie, len as i32)
-            }
+        let ok = match op {
+            Op::Read { len, .. } | Op::Write { len, .. } => len as i32,
             Op::Sync if !self.can_flush => {
                 self.done.push((tag, 0));
                 return Ok(());
             }
-            Op::Sync => (self.conn().aio_flush()?, 0),
-            Op::Discard { offset, len } => (self.conn().aio_trim(offset, len)?, 0),
+            Op::Sync | Op::Discard { .. } => 0,
         };
-        self.commands.insert(cookie, (tag, ok));
+        let command = Command { tag, ok, op };
+        if !self.live() && self.redial.is_some() {
+            self.recover();
+            if !self.live() {
+                return Err(not_connected());
+            }
+        }
+        let cookie = match self.issue(op) {
+            Ok(cookie) => cookie,
+            // Lost right now: a new connection takes it.
+            Err(_) if !self.live() && self.redial.is_some() => {
+                self.recover();
+                if !self.live() {
+                    return Err(not_connected());
+                }
+                self.issue(op)?
+            }
+            Err(e) => return Err(e),
+        };
+        self.commands.insert(cookie, command);
         Ok(())
+    }
+
+    /// Hands `op` to libnbd; its cookie.
+    fn issue(&mut self, op: Op) -> io::Result<u64> {
+        let ptr = match op {
+            Op::Read { buf, .. } | Op::Write { buf, .. } => self.buffers.ptr(buf),
+            Op::Sync | Op::Discard { .. } => std::ptr::null_mut(),
+        };
+        let Some(conn) = self.conn.as_ref() else {
+            return Err(not_connected());
+        };
+        match op {
+            Op::Read { len, offset, .. } => {
+                // SAFETY: the buffer run belongs to the pool, which outlives
+                // the connection (field order); the caller does not touch it
+                // between pushing and reaping, and `reap` retires the
+                // command before reporting it (a command sent again after a
+                // reconnect is retired by its new connection, the old one
+                // having been closed).
+                unsafe { conn.aio_pread(ptr, len as usize, offset) }
+            }
+            Op::Write { len, offset, .. } => {
+                // SAFETY: as for Read.
+                unsafe { conn.aio_pwrite(ptr, len as usize, offset) }
+            }
+            Op::Sync => conn.aio_flush(),
+            Op::Discard { offset, len } => conn.aio_trim(offset, len),
+        }
     }
 
     /// Finishes sending what `push` could not, without waiting for replies.
@@ -285,6 +559,7 @@ impl NbdStore {
     /// them when `submit` read their replies while it waited to send.
     pub fn ready(&self) -> bool {
         !self.done.is_empty()
+            || !self.refused.is_empty()
             || self
                 .conn
                 .as_ref()
@@ -310,14 +585,28 @@ impl NbdStore {
         let Some(conn) = self.conn.as_ref() else {
             return n;
         };
+        // A lost connection fails its unanswered commands: with
+        // reconnecting on they are not reported here but sent again
+        // (`recover`, which `drive` runs before this).
+        if conn.is_dead() && self.redial.is_some() {
+            return n;
+        }
+        let redial = self.redial.is_some();
         while let Some(cookie) = conn.peek_completed() {
             let Some(result) = conn.command_completed(cookie) else {
                 break;
             };
-            let Some((tag, ok)) = self.commands.remove(&cookie) else {
+            let Some(c) = self.commands.remove(&cookie) else {
                 continue;
             };
-            f(tag, result.map_or_else(|errno| -errno, |()| ok));
+            if redial && result == Err(libc::ESHUTDOWN) {
+                self.refused.push(c);
+                continue;
+            }
+            if result.is_ok() {
+                self.lost_since = None;
+            }
+            f(c.tag, result.map_or_else(|errno| -errno, |()| c.ok));
             n += 1;
         }
         n
@@ -326,27 +615,154 @@ impl NbdStore {
     /// Blocks until at least one command has completed (for draining a
     /// queue, and a lone request; the data path otherwise never blocks).
     pub fn wait(&mut self) -> io::Result<()> {
-        if self.commands.is_empty() || !self.done.is_empty() {
+        if (self.commands.is_empty() && self.refused.is_empty()) || !self.done.is_empty() {
             return Ok(());
         }
         self.drive(true)
     }
 
+    /// The connection was lost (or is missing): keeps what it answered,
+    /// connects again and sends the rest again. If no connection comes back
+    /// in time, the rest fails (EIO). Blocks the queue's thread meanwhile:
+    /// its requests are waiting for this anyway.
+    fn recover(&mut self) {
+        let Some(redial) = self.redial.clone() else {
+            return;
+        };
+        let mut again = std::mem::take(&mut self.refused);
+        let refused = match again.len() {
+            0 => String::new(),
+            n => format!(", {n} of them refused by the server as it shut down"),
+        };
+        if let Some(conn) = self.conn.take() {
+            // Answered before the loss: those answers stand (an
+            // acknowledged write is done; it is never sent twice).
+            while let Some(cookie) = conn.peek_completed() {
+                let Some(result) = conn.command_completed(cookie) else {
+                    break;
+                };
+                if let Some(c) = self.commands.remove(&cookie) {
+                    match result {
+                        Ok(()) => self.done.push((c.tag, c.ok)),
+                        // Failed by the loss, or refused by a server
+                        // shutting down; a real error (EIO) just before
+                        // the loss is tried once more, which reads and
+                        // writes allow.
+                        Err(_) => again.push(c),
+                    }
+                }
+            }
+            // Closing it ends libnbd's use of every buffer; its socket
+            // leaves the epoll set as it closes.
+            drop(conn);
+        }
+        again.extend(self.commands.drain().map(|(_, c)| c));
+        self.fd = -1;
+        let now = Instant::now();
+        let deadline = match (self.gave_up, self.lost_since) {
+            (Some(last), _) if now < last + RETRY_EVERY => {
+                self.fail(again);
+                return;
+            }
+            (Some(_), _) => now + ONE_ATTEMPT,
+            // Lost again before any command succeeded on the new
+            // connection (a server that refuses everything as it shuts
+            // down, or drops each connection): the same deadline, and a
+            // pause that grows, never a loop of reconnects.
+            (None, Some((since, pause))) => {
+                std::thread::sleep(pause);
+                self.lost_since = Some((since, (pause * 2).min(BACKOFF_MAX)));
+                since + redial.timeout
+            }
+            (None, None) => {
+                self.lost_since = Some((now, BACKOFF_FIRST));
+                log::warn!(
+                    "NBD connection {} lost: reconnecting to {} for up to {:?} ({} commands \
+                     waiting{refused})",
+                    self.name,
+                    redial.endpoint.describe(),
+                    redial.timeout,
+                    again.len()
+                );
+                now + redial.timeout
+            }
+        };
+        let conn = match redial.connect(&self.name, deadline) {
+            Ok(conn) => conn,
+            Err(e) => {
+                if self.gave_up.is_none() {
+                    log::error!(
+                        "NBD connection {}: no connection to {} within {:?} ({e}): {} commands \
+                         fail, and new ones fail until the server is back",
+                        self.name,
+                        redial.endpoint.describe(),
+                        redial.timeout,
+                        again.len()
+                    );
+                }
+                self.gave_up = Some(Instant::now());
+                self.lost_since = None;
+                self.fail(again);
+                return;
+            }
+        };
+        if let Err(e) = self.attach(conn) {
+            log::error!("NBD connection {}: {e}", self.name);
+            self.gave_up = Some(Instant::now());
+            self.fail(again);
+            return;
+        }
+        log::info!(
+            "NBD connection {} made again after {:.1} s; sending {} commands again",
+            self.name,
+            now.elapsed().as_secs_f64(),
+            again.len()
+        );
+        self.gave_up = None;
+        for c in again {
+            match self.issue(c.op) {
+                Ok(cookie) => {
+                    self.commands.insert(cookie, c);
+                }
+                Err(e) => self.done.push((c.tag, -errno_of(&e))),
+            }
+        }
+    }
+
+    fn fail(&mut self, commands: Vec<Command>) {
+        self.done
+            .extend(commands.into_iter().map(|c| (c.tag, -libc::EIO)));
+    }
+
     /// Runs libnbd's state machine while the socket is ready: sends what is
     /// queued (waiting for room if need be) and reads what arrived. With
     /// `block`, also waits until some command has completed. A connection
-    /// that dies completes every command with an error; nothing blocks on
-    /// a dead one.
+    /// that dies completes every command with an error (or, reconnecting,
+    /// is made again and its commands sent again); nothing blocks on a dead
+    /// one.
     fn drive(&mut self, block: bool) -> io::Result<()> {
-        let Some(conn) = self.conn.as_ref() else {
-            return Ok(());
-        };
         loop {
-            if conn.is_dead() {
-                return Ok(());
+            if !self.live() {
+                if self.redial.is_none() {
+                    return Ok(());
+                }
+                if self.commands.is_empty() && self.refused.is_empty() {
+                    // Nothing waits: the next command reconnects.
+                    self.conn = None;
+                    self.fd = -1;
+                    return Ok(());
+                }
+                self.recover();
+                if block && !self.done.is_empty() {
+                    return Ok(());
+                }
+                continue;
             }
+            let Some(conn) = self.conn.as_ref() else {
+                return Ok(());
+            };
             let dir = conn.direction();
-            let waiting = block && conn.peek_completed().is_none();
+            let waiting = block && self.done.is_empty() && conn.peek_completed().is_none();
             let mut events = 0;
             if dir.read {
                 events |= libc::POLLIN;
@@ -378,7 +794,7 @@ impl NbdStore {
             // Both ready: read first (libnbd(3): a reply may change what is
             // to be written). An error here kills the connection, which
             // completes the commands in flight with errors: their owners
-            // learn it through `reap`.
+            // learn it through `reap` (or they are sent again).
             let r = if pfd.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
                 conn.notify_read()
             } else {
@@ -391,10 +807,24 @@ impl NbdStore {
     }
 }
 
+/// NBD_ESHUTDOWN: the server is shutting down and answers no more; the
+/// command was not done, and another server (the same one restarted) may
+/// take it: with reconnecting on, a lost connection.
+fn server_leaving(e: &io::Error) -> bool {
+    errno_of(e) == libc::ESHUTDOWN
+}
+
+fn not_connected() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::NotConnected,
+        "no connection to the NBD server",
+    )
+}
+
 impl Drop for NbdStore {
     /// Waits for the commands in flight (libnbd may still fill or send
     /// their buffers; a dead connection has completed them all), then hands
-    /// a live connection back to its export.
+    /// the connection back to its export.
     fn drop(&mut self) {
         while !self.commands.is_empty() {
             let before = self.commands.len();
@@ -402,7 +832,7 @@ impl Drop for NbdStore {
                 break;
             }
             self.retire(&mut |_, _| {});
-            if self.commands.len() == before && self.conn().is_dead() {
+            if self.commands.len() == before && !self.live() {
                 break;
             }
         }
@@ -719,7 +1149,7 @@ pub(crate) mod tests {
             assert!(start.elapsed() < Duration::from_secs(5), "hangs");
         }
         assert!(results.iter().all(|&r| r < 0), "{results:?}");
-        assert!(s.connection().is_dead());
+        assert!(s.connection().unwrap().is_dead());
         // Later commands fail at once.
         let b = s.buffers().take().unwrap();
         let op = Op::Read {

@@ -36,6 +36,9 @@ pub struct ImageOptions {
 pub struct NbdOptions {
     pub tls: Tls,
     pub queues: usize,
+    /// How long requests wait for a lost connection to come back (zero:
+    /// never reconnect).
+    pub reconnect: std::time::Duration,
 }
 
 pub fn open_image(opts: ImageOptions) -> Result<Volume, VolumeError> {
@@ -155,12 +158,11 @@ fn open_nbd(opts: ImageOptions) -> Result<Volume, VolumeError> {
     let path = opts.path.display().to_string();
     let export = match opts.export.clone() {
         Some(e) => e,
-        None => NbdExport::open(&path, &opts.nbd.tls, opts.nbd.queues).map_err(|source| {
-            VolumeError::Open {
+        None => NbdExport::open(&path, &opts.nbd.tls, opts.nbd.queues, opts.nbd.reconnect)
+            .map_err(|source| VolumeError::Open {
                 path: path.clone(),
                 source,
-            }
-        })?,
+            })?,
     };
     let info = *export.info();
     let sector_size = opts.cipher.sector_size();

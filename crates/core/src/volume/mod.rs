@@ -97,14 +97,14 @@ impl Backing {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         match self {
             Backing::File(f) => f.read_exact_at(buf, offset),
-            Backing::Nbd(e) => e.sync().pread(buf, offset),
+            Backing::Nbd(e) => e.with_sync(|c| c.pread(buf, offset)),
         }
     }
 
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         match self {
             Backing::File(f) => f.write_all_at(buf, offset),
-            Backing::Nbd(e) => e.sync().pwrite(buf, offset),
+            Backing::Nbd(e) => e.with_sync(|c| c.pwrite(buf, offset)),
         }
     }
 
@@ -113,7 +113,7 @@ impl Backing {
             Backing::File(f) => f.sync_data(),
             // A server without FLUSH has no volatile cache: see NbdStore.
             Backing::Nbd(e) if !e.info().can_flush => Ok(()),
-            Backing::Nbd(e) => e.sync().flush(),
+            Backing::Nbd(e) => e.with_sync(|c| c.flush()),
         }
     }
 }
@@ -334,7 +334,7 @@ impl Volume {
         let start = self.payload_offset + pos;
         let file = match &self.backing {
             Backing::File(file) => file,
-            Backing::Nbd(export) => return export.sync().trim(start, len),
+            Backing::Nbd(export) => return export.with_sync(|c| c.trim(start, len)),
         };
         if self.block_device {
             let range = [start, len];
