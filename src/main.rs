@@ -1,6 +1,6 @@
 use std::process::ExitCode;
 
-use clap::{CommandFactory, Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use cryptblk::config::{ServeArgs, ServeConfig};
 use cryptblk::daemon;
@@ -61,7 +61,11 @@ fn main() -> ExitCode {
         println!("{}", capabilities::document());
         return ExitCode::SUCCESS;
     }
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    // The options serve was given, for --config's merge: the subcommand's,
+    // or the top level's when serving without a subcommand.
+    let serve_matches = matches.subcommand_matches("serve").unwrap_or(&matches);
     let command = match cli.command {
         Some(command) => command,
         // A bare `cryptblk` prints the usage rather than complaining that
@@ -74,7 +78,7 @@ fn main() -> ExitCode {
         None => Command::Serve(Box::new(cli.serve)),
     };
     let result = match command {
-        Command::Serve(args) => serve(*args),
+        Command::Serve(args) => serve(*args, serve_matches),
         Command::Bench(args) => std::process::exit(cryptblk::bench::cli::main(args)),
         Command::Demo(args) => cryptblk::demo::run(&args).map_err(Into::into),
         Command::Format(a) => {
@@ -118,10 +122,10 @@ fn with_logging<E: std::error::Error + 'static>(
     f().map_err(Into::into)
 }
 
-fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
+fn serve(args: ServeArgs, cli: &clap::ArgMatches) -> Result<(), Box<dyn std::error::Error>> {
     // Before the key is read: no core dump or ptrace by others may hold it.
     secrets::forbid_core_dumps();
-    let args = args.with_config_file()?;
+    let args = args.with_config_file(cli)?;
     init_logging(args.log_level.as_deref());
     // Both read (and remove) environment variables: here, while the
     // process has a single thread.

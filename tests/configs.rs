@@ -11,12 +11,7 @@ fn every_example_config_is_valid() {
         if path.extension().and_then(|e| e.to_str()) != Some("toml") {
             continue;
         }
-        let args = ServeArgs {
-            config: Some(path.clone()),
-            ..Default::default()
-        };
-        let merged = args
-            .with_config_file()
+        let merged = ServeArgs::from_config_file(&path)
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         // A config without a socket is a systemd instance's: the socket
         // comes from socket activation.

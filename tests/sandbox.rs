@@ -592,21 +592,27 @@ fn the_mode_comes_from_the_flag_or_the_config_file_and_defaults_to_seccomp() {
         "socket = \"/tmp/x.sock\"\nimage = \"/tmp/x.img\"\ncipher = \"none\"\nsandbox = \"full\"\n",
     )
     .unwrap();
-    let mode = |flag: Option<SandboxMode>, config: bool| {
-        let args = ServeArgs {
-            config: config.then(|| file.clone()),
-            socket: Some("/tmp/x.sock".into()),
-            image: Some("/tmp/x.img".into()),
-            cipher: Some(cryptblk::config::Cipher::None),
-            sandbox: flag,
-            ..Default::default()
-        };
-        ServeConfig::from_args(args.with_config_file().unwrap())
+    let mode = |flag: Option<&str>, config: bool| {
+        let mut argv = vec![
+            "--socket",
+            "/tmp/x.sock",
+            "--image",
+            "/tmp/x.img",
+            "--cipher",
+            "none",
+        ];
+        if let Some(flag) = flag {
+            argv.extend(["--sandbox", flag]);
+        }
+        if config {
+            argv.extend(["--config", file.to_str().unwrap()]);
+        }
+        ServeConfig::from_args(ServeArgs::from_command_line(argv).unwrap())
             .unwrap()
             .sandbox
             .mode
     };
     assert_eq!(mode(None, false), SandboxMode::Seccomp);
     assert_eq!(mode(None, true), SandboxMode::Full);
-    assert_eq!(mode(Some(SandboxMode::None), true), SandboxMode::None);
+    assert_eq!(mode(Some("none"), true), SandboxMode::None);
 }

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clap::{Args, ValueEnum};
+use clap::{Args, FromArgMatches, ValueEnum};
 use cryptblk_units::ByteSize;
 use serde::Deserialize;
 
@@ -28,6 +28,8 @@ use crate::volume::{open_image, ImageOptions, IoMode, NbdOptions, Volume, Volume
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    #[error("{0}")]
+    CommandLine(String),
     #[error("{0} is required (on the command line or in the --config file)")]
     Missing(&'static str),
     #[error("invalid {flag} {value:?}: {why}")]
@@ -260,78 +262,52 @@ pub struct ServeArgs {
     pub control: Option<PathBuf>,
 }
 
-/// For each listed field left out on the command line, takes the file's
-/// value. The list is a destructuring pattern of the whole struct, so an
-/// option added to `ServeArgs` and not listed here does not compile: no
-/// field can be silently dropped from the TOML file.
-macro_rules! fill_missing_from {
-    ($into:ident, $file:expr, $($field:ident),* $(,)?) => {
-        let ServeArgs { config: _, $($field),* } = $file;
-        $( if $into.$field.is_none() { $into.$field = $field; } )*
-    };
-}
-
 impl ServeArgs {
-    /// Fills options the command line left out from `--config`, if given.
-    pub fn with_config_file(mut self) -> Result<Self, ConfigError> {
-        let Some(path) = self.config.clone() else {
-            return Ok(self);
-        };
+    /// The options on `cryptblk serve`'s command line (`argv` without the
+    /// program and subcommand), merged with the `--config` file it names.
+    pub fn from_command_line<I, T>(argv: I) -> Result<Self, ConfigError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let command = Self::augment_args(clap::Command::new("serve").no_binary_name(true));
+        let matches = command
+            .try_get_matches_from(argv)
+            .map_err(|e| ConfigError::CommandLine(e.to_string()))?;
+        let cli = Self::from_arg_matches(&matches)
+            .map_err(|e| ConfigError::CommandLine(e.to_string()))?;
+        cli.with_config_file(&matches)
+    }
+
+    /// Reads a `--config` file alone: every key is an option's long name.
+    pub fn from_config_file(path: &Path) -> Result<Self, ConfigError> {
         let shown = path.display().to_string();
-        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::ReadFile {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
             path: shown.clone(),
             source,
         })?;
-        let file: ServeArgs = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        let mut file: ServeArgs = toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path: shown,
             source: Box::new(e),
         })?;
-        fill_missing_from!(
-            self,
-            file,
-            socket,
-            fd,
-            socket_group,
-            socket_mode,
-            allow_uid,
-            allow_gid,
-            image,
-            size,
-            tls_certificates,
-            tls_psk_file,
-            tls_username,
-            nbd_reconnect_timeout,
-            key_file,
-            key_keyring,
-            key_keyring_unlink,
-            key_size,
-            cipher,
-            sector_size,
-            iv_large_sectors,
-            offset,
-            skip,
-            queues,
-            queue_size,
-            readonly,
-            direct,
-            io,
-            aio,
-            allow_discards,
-            inflight_tracking,
-            serial,
-            device_type,
-            header,
-            key_slot,
-            keyfile_size,
-            keyfile_offset,
-            crypto,
-            workers,
-            split_threshold,
-            log_level,
-            sandbox,
-            control
-        );
-        Ok(self)
+        file.config = Some(path.to_path_buf());
+        Ok(file)
+    }
+
+    /// With `--config`, the file's options overridden by those `cli` (the
+    /// command line these options were parsed from) gives. clap updates
+    /// exactly the options present on the command line, whatever they are,
+    /// so an option added to `ServeArgs` is a TOML key and a flag at once:
+    /// there is no list of fields to forget.
+    pub fn with_config_file(self, cli: &clap::ArgMatches) -> Result<Self, ConfigError> {
+        let Some(path) = self.config.clone() else {
+            return Ok(self);
+        };
+        let mut merged = Self::from_config_file(&path)?;
+        merged
+            .update_from_arg_matches(cli)
+            .map_err(|e| ConfigError::CommandLine(e.to_string()))?;
+        Ok(merged)
     }
 }
 
@@ -1114,25 +1090,20 @@ mod tests {
     }
 
     /// `args` merged with a config file holding `toml`.
-    fn with_file(toml: &str, args: ServeArgs) -> Result<ServeArgs, ConfigError> {
+    /// The command line `cli` with `--config` naming a file holding `toml`.
+    fn with_file(toml: &str, cli: &[&str]) -> Result<ServeArgs, ConfigError> {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("c.toml");
         std::fs::write(&file, toml).unwrap();
-        ServeArgs {
-            config: Some(file),
-            ..args
-        }
-        .with_config_file()
+        let mut argv = vec!["--config", file.to_str().unwrap()];
+        argv.extend_from_slice(cli);
+        ServeArgs::from_command_line(argv)
     }
 
     #[test]
     fn flags_override_the_config_file() {
         let toml = "socket = \"/tmp/a.sock\"\nimage = \"/tmp/a.img\"\nqueues = 2\nreadonly = true\ncipher = \"none\"\n";
-        let args = ServeArgs {
-            queues: Some(3),
-            ..Default::default()
-        };
-        let merged = with_file(toml, args).unwrap();
+        let merged = with_file(toml, &["--queues", "3"]).unwrap();
         assert_eq!(merged.queues, Some(3));
         assert_eq!(merged.readonly, Some(true));
         assert_eq!(merged.cipher, Some(Cipher::None));
@@ -1144,7 +1115,7 @@ mod tests {
     fn the_control_socket_comes_from_the_config_file_and_is_removable() {
         let toml =
             "socket = \"/run/a/s\"\nimage = \"/i\"\ncipher = \"none\"\ncontrol = \"/run/b/c\"\n";
-        let cfg = ServeConfig::from_args(with_file(toml, ServeArgs::default()).unwrap()).unwrap();
+        let cfg = ServeConfig::from_args(with_file(toml, &[]).unwrap()).unwrap();
         assert_eq!(cfg.control, Some(PathBuf::from("/run/b/c")));
         // The sandbox must let the daemon remove it at exit.
         assert_eq!(cfg.sandbox.control, cfg.control);
@@ -1154,7 +1125,7 @@ mod tests {
     #[test]
     fn io_crypto_and_workers_come_from_the_config_file() {
         let toml = "socket = \"/s\"\nimage = \"/i\"\ncipher = \"none\"\nio = \"pread\"\ncrypto = \"workers\"\nworkers = 3\nsplit-threshold = \"64K\"\n";
-        let cfg = ServeConfig::from_args(with_file(toml, ServeArgs::default()).unwrap()).unwrap();
+        let cfg = ServeConfig::from_args(with_file(toml, &[]).unwrap()).unwrap();
         assert_eq!(cfg.image.io, IoMode::Pread);
         assert_eq!(cfg.device.crypto, CryptoMode::Workers);
         assert_eq!(cfg.device.workers, 3);
@@ -1203,7 +1174,7 @@ mod tests {
     #[test]
     fn socket_keys_come_from_the_config_file_with_names_or_numbers() {
         let toml = "socket = \"/s\"\nimage = \"/i\"\ncipher = \"none\"\nsocket-group = \"root\"\nsocket-mode = \"0620\"\nallow-uid = [107, \"root\"]\nallow-gid = [\"36\"]\n";
-        let cfg = ServeConfig::from_args(with_file(toml, ServeArgs::default()).unwrap()).unwrap();
+        let cfg = ServeConfig::from_args(with_file(toml, &[]).unwrap()).unwrap();
         assert_eq!(cfg.access.mode, 0o620);
         assert_eq!(cfg.access.group, Some(0));
         assert_eq!(cfg.access.allow.uids, vec![107, 0]);
@@ -1263,7 +1234,7 @@ mod tests {
         let err = unlink_alone.err().unwrap().to_string();
         assert!(err.contains("--key-keyring-unlink"), "{err}");
         let toml = "socket = \"/s\"\nimage = \"/i\"\nkey-keyring = \"%user:vm1\"\nkey-keyring-unlink = true\n";
-        let merged = with_file(toml, ServeArgs::default()).unwrap();
+        let merged = with_file(toml, &[]).unwrap();
         assert_eq!(merged.key_keyring.as_deref(), Some("%user:vm1"));
         assert_eq!(merged.key_keyring_unlink, Some(true));
         assert!(ServeConfig::from_args(merged).is_ok());
@@ -1272,7 +1243,7 @@ mod tests {
     #[test]
     fn the_vhost_user_convention_names_are_config_keys_too() {
         let toml = "socket-path = \"/s\"\nblk-file = \"/i\"\nread-only = true\ncipher = \"none\"\n";
-        let merged = with_file(toml, ServeArgs::default()).unwrap();
+        let merged = with_file(toml, &[]).unwrap();
         assert_eq!(merged.socket, Some("/s".into()));
         assert_eq!(merged.image, Some("/i".into()));
         assert_eq!(merged.readonly, Some(true));
@@ -1370,7 +1341,7 @@ mod tests {
     #[test]
     fn unknown_config_keys_and_bad_values_are_refused() {
         assert!(matches!(
-            with_file("sockett = \"/tmp/a.sock\"\n", ServeArgs::default()),
+            with_file("sockett = \"/tmp/a.sock\"\n", &[]),
             Err(ConfigError::Parse { .. })
         ));
         assert!(ServeConfig::from_args(ServeArgs {
