@@ -195,7 +195,9 @@ target_line() {
     for name in "$@"; do
       col=3
       [[ $name == 1m-* ]] && col=4
-      r=$(ratio "$(median_of "$transport:$a" "$name" $col)" "$(median_of "$transport:$b" "$name" $col)")
+      # Three decimals: a ratio that rounds to the target is not always on it.
+      r=$(awk -v x="$(median_of "$transport:$a" "$name" $col)" -v y="$(median_of "$transport:$b" "$name" $col)" \
+        'BEGIN { if (x == "nan" || y == "nan" || y + 0 == 0) print "-"; else printf "%.3f", x / y }')
       detail+=" $transport/$name=$r"
       awk -v r="$r" -v m="$min" 'BEGIN { exit !(r != "-" && r + 0 >= m) }' || verdict="NOT met"
     done
