@@ -36,32 +36,19 @@ TARGETS=${TARGETS:-"qsd-luks qsd-raw cryptblk-xts cryptblk-none"}
 CRYPTO=${CRYPTO:-}
 DIRECT=${DIRECT:-}
 SEED=4242
-WORKLOADS=(
-  "4k-randread  --rw randread  --bs 4k --iodepth 32"
-  "4k-randwrite --rw randwrite --bs 4k --iodepth 32"
-  "1m-read      --rw read      --bs 1m --iodepth 4"
-  "1m-write     --rw write     --bs 1m --iodepth 4"
-)
-if [ -n "${QD1:-}" ]; then
-  WORKLOADS+=(
-    "4k-randr-qd1 --rw randread  --bs 4k --iodepth 1"
-    "4k-randw-qd1 --rw randwrite --bs 4k --iodepth 1"
-  )
-fi
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 LOG_TAG=compare
 # shellcheck source=integration/lib.sh
 . "$ROOT/integration/lib.sh"
+bench_workloads
 
 for tool in qemu-img qemu-storage-daemon cryptsetup jq cargo; do
   command -v "$tool" >/dev/null || die "$tool not found: run integration/install-deps.sh"
 done
 [[ " $TARGETS " != *" fio "* ]] || need_tools fio
 
-log "building cryptblk (release)"
-(cd "$ROOT" && cargo build --release --quiet --bin cryptblk)
-BIN=$ROOT/target/release/cryptblk
+build_release
 if [[ " $TARGETS " == *" cryptblk-"* ]] && ! "$BIN" serve --help >/dev/null 2>&1; then
   die "this build has no 'cryptblk serve'; run with TARGETS='qsd-luks qsd-raw' to compare QSD only"
 fi
@@ -73,34 +60,15 @@ else
   WORK=$(mktemp -d /tmp/cryptblk-compare.XXXXXX)
 fi
 PID=
-cleanup() {
-  stop_target
-  drop_work_dir
-}
-trap cleanup EXIT
+trap end_comparison EXIT
 umask 077
 IMG=$WORK/image.luks
 
 # --- the image, its payload offset and its volume key -------------------------
 log "creating a $SIZE LUKS1 image with qemu-img"
-head -c 24 /dev/urandom | base64 | tr -d '\n' >"$WORK/passphrase"
-qemu-img create -q -f luks --object "secret,id=sec0,file=$WORK/passphrase" \
-  -o key-secret=sec0,iter-time=10 "$IMG" "$SIZE"
-PAYLOAD=$(cryptsetup luksDump "$IMG" | awk '/^Payload offset:/ {print $3}')
-[[ "$PAYLOAD" =~ ^[0-9]+$ ]] || die "cannot read the payload offset of $IMG"
-# The key goes from cryptsetup's stdout to a 0600 file, never through argv.
-hex=$(cryptsetup luksDump --batch-mode --dump-volume-key --key-file "$WORK/passphrase" "$IMG" |
-  sed -n '/MK dump:/,$p' | sed 's/.*MK dump://' | grep -oE '\b[0-9a-f]{2}\b' | tr -d '\n' || true)
-[ ${#hex} -eq 128 ] || die "expected a 512-bit volume key from cryptsetup luksDump"
-printf '%b' "$(sed 's/../\\x&/g' <<<"$hex")" >"$WORK/volume.key"
-unset hex
-log "payload offset $PAYLOAD sectors, aes-xts-plain64, 512-bit key"
+luks1_image "$IMG" "$SIZE"
 
 # --- targets ------------------------------------------------------------------
-qsd_export() { # node-name
-  echo "type=vhost-user-blk,id=exp0,node-name=$1,addr.type=unix,addr.path=$SOCK,writable=on,num-queues=$QUEUES"
-}
-
 start_target() { # name
   SOCK=$WORK/$1.sock
   rm -f "$SOCK"
@@ -150,23 +118,7 @@ start_target() { # name
     *) die "unknown target $1" ;;
   esac
   PID=$!
-  for _ in $(seq 200); do
-    listening "$SOCK" && return 0
-    kill -0 "$PID" 2>/dev/null || { PID=; die "$1 exited early: $(tail -5 "$WORK/daemon.log")"; }
-    sleep 0.05
-  done
-  die "$1 did not listen on its socket within 10 s"
-}
-
-stop_target() {
-  [ -n "${PID:-}" ] || return 0
-  kill "$PID" 2>/dev/null || true
-  wait "$PID" 2>/dev/null || true
-  PID=
-}
-
-bench() { # extra args...; prints the JSON report
-  "$BIN" bench --socket "$SOCK" --queues "$QUEUES" --json --pid "$PID" "$@"
+  wait_listening "$1"
 }
 
 # One fio run on the payload bytes with a workload's bench arguments, as one
@@ -225,31 +177,17 @@ for round in $(seq "$ROUNDS"); do
         continue
       fi
       # shellcheck disable=SC2086 # args is a word list on purpose
-      bench $args --runtime "$RUNTIME" --seed "$round" >"$WORK/run.json" ||
-        echo "   $name on $target reported errors: $(jq -c '.errors' "$WORK/run.json")" >&2
-      jq -r --arg t "$target" --arg w "$name" \
-        '[$t, $w, .total.iops, .total.mib_per_sec, .total.latency_us.p99,
-          (.daemon_cpu.us_per_io // 0), (.errors | add // 0)] | @tsv' \
-        "$WORK/run.json" >>"$RESULTS"
+      bench_row "$target" "$name" $args --runtime "$RUNTIME" --seed "$round"
     done
     stop_target
   done
 done
 
 # --- medians and ratios -------------------------------------------------------
-median() { # target workload column -> median value
-  awk -F'\t' -v t="$1" -v w="$2" -v c="$3" '$1 == t && $2 == w {print $c}' "$RESULTS" |
-    sort -g | awk '{v[NR] = $1} END {if (NR == 0) print "nan"; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2}'
-}
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (b + 0 == 0 || a == "nan" || b == "nan") print "-"; else printf "%.2f", a / b}'; }
-
 echo
 echo "cryptblk vs qemu-storage-daemon: $SIZE LUKS1 image, $QUEUES queues, ${RUNTIME}s runs," \
   "median of $ROUNDS rounds (A/B/A/B), client: cryptblk bench (libblkio)," \
   "$([ -n "$DIRECT" ] && echo O_DIRECT || echo 'page cache'), $(lscpu | sed -n 's/^Model name: *//p')"
-echo "throughput: 4k rows in IOPS, 1m rows in MiB/s"
-printf '%-13s' workload
-for t in $TARGETS; do printf ' %14s' "$t"; done
 pairs=()
 has cryptblk-xts && has cryptblk-none && pairs+=("cryptblk-xts cryptblk-none xts/none")
 has qsd-luks && has qsd-raw && pairs+=("qsd-luks qsd-raw luks/raw")
@@ -259,28 +197,6 @@ has cryptblk-workers && has fio && pairs+=("cryptblk-workers fio wrk/fio")
 has cryptblk-workers && has cryptblk-xts && pairs+=("cryptblk-workers cryptblk-xts wrk/inline")
 has cryptblk-pread && has cryptblk-xts && pairs+=("cryptblk-pread cryptblk-xts pread/mmap")
 has cryptblk-none && has qsd-raw && pairs+=("cryptblk-none qsd-raw none/qsdraw")
-for p in "${pairs[@]}"; do read -r _ _ label <<<"$p"; printf ' %12s' "$label"; done
-echo
-for workload in "${WORKLOADS[@]}"; do
-  read -r name _ <<<"$workload"
-  col=3; [[ $name == 1m-* ]] && col=4
-  printf '%-13s' "$name"
-  for t in $TARGETS; do printf ' %14.0f' "$(median "$t" "$name" $col)"; done
-  for p in "${pairs[@]}"; do
-    read -r a b _ <<<"$p"
-    printf ' %12s' "$(ratio "$(median "$a" "$name" $col)" "$(median "$b" "$name" $col)")"
-  done
-  echo
-done
-echo
-echo "p99 latency (us) / daemon CPU per I/O (us):"
-for workload in "${WORKLOADS[@]}"; do
-  read -r name _ <<<"$workload"
-  printf '%-13s' "$name"
-  for t in $TARGETS; do
-    printf ' %14s' "$(printf '%.0f/%.1f' "$(median "$t" "$name" 5)" "$(median "$t" "$name" 6)")"
-  done
-  echo
-done
+results_table "" "${pairs[@]}"
 errors=$(awk -F'\t' '{s += $7} END {print s + 0}' "$RESULTS")
 [ "$errors" -eq 0 ] || echo "WARNING: $errors requests failed during the runs (see $RESULTS with KEEP=1)"

@@ -6,14 +6,18 @@
 # they must see exactly what the guest wrote, and the image itself must hold
 # no plaintext.
 #
-#   bash integration/e2e-qemu.sh                   # BACKEND=cryptblk (default): three runs,
+#   bash integration/e2e-qemu.sh                   # BACKEND=cryptblk (default): five runs,
 #       a qemu-img LUKS1 image served in plain mode with its volume key and
 #       payload offset (--crypto inline); a cryptsetup LUKS2 image with 4 KiB
 #       sectors unlocked by passphrase (--crypto inline --io pread); a LUKS2 image
 #       that `cryptblk format` made (4 KiB sectors, --direct); a plain image with
 #       4 KiB sectors, --iv-large-sectors --skip 8, --crypto workers, a small
-#       --split-threshold, --direct and --allow-discards; then the negative
-#       control below, which must fail on exactly the ciphertext checks
+#       --split-threshold, --direct and --allow-discards; the qemu-img LUKS1
+#       image again, unlocked by passphrase, on an NBD export (E2E_NBD=1:
+#       nbdkit's file plugin serves the image file over a unix socket, with
+#       --allow-discards); then the negative control below, which must fail
+#       on exactly the ciphertext checks
+#   E2E_FORMAT=luks1 E2E_UNLOCK=passphrase E2E_NBD=1 bash integration/e2e-qemu.sh  # one run, on NBD
 #   E2E_FORMAT=plain E2E_SERVE_ARGS='--crypto workers' bash integration/e2e-qemu.sh  # one run
 #   BACKEND=qsd bash integration/e2e-qemu.sh       # qemu-storage-daemon's luks export
 #   BACKEND=plaintext bash integration/e2e-qemu.sh # negative control: MUST fail
@@ -27,6 +31,7 @@
 # default key for luks1, passphrase for luks2); E2E_SECTOR (luks2 sector size,
 # default 4096; plain: default 512); E2E_LUKS2_MAKER (cryptsetup|cryptblk);
 # E2E_RESIZE (1: grow the disk online after the reboot, see below);
+# E2E_NBD (1: cryptblk reaches the image through nbdkit, see below);
 # E2E_PLAIN_IV (plain mode's IV options for both sides); E2E_SERVE_ARGS (extra `cryptblk serve` options); CRYPTBLK
 # (path to the binary; default: built here with cargo, profile
 # E2E_PROFILE=debug|release); E2E_TIMEOUT (seconds the guest may run, default
@@ -52,6 +57,12 @@ SERVE_ARGS=${E2E_SERVE_ARGS:-}
 # E2E_RESIZE=1: after the reboot the host grows the disk by 16 MiB through the
 # control socket while the guest runs, and the guest must see and use it.
 RESIZE=${E2E_RESIZE:-0}
+# E2E_NBD=1: the ciphertext goes over NBD. nbdkit's file plugin serves the
+# image file on a unix socket and cryptblk's --image is that export
+# (nbd+unix://); the file is still here, below nbdkit, for the guest's
+# read-only reference disk and the host's checks, which thereby read what
+# went over the wire. nbdkit's stats filter counts the commands it served.
+NBD=${E2E_NBD:-0}
 # Who formats a LUKS2 image: cryptsetup, or cryptblk itself (then the guest's
 # dm-crypt proves that cryptblk's headers are what cryptsetup expects).
 LUKS2_MAKER=${E2E_LUKS2_MAKER:-cryptsetup}
@@ -73,6 +84,11 @@ case $FORMAT in
 esac
 [ "$FORMAT" = luks1 ] || [ "$BACKEND" != qsd ] ||
   die "qemu-storage-daemon serves only LUKS1 images: E2E_FORMAT=$FORMAT needs BACKEND=cryptblk"
+if [ "$NBD" = 1 ]; then
+  [ "$BACKEND" = cryptblk ] || die "E2E_NBD=1 needs BACKEND=cryptblk"
+  [ "$RESIZE" = 0 ] || die "E2E_NBD=1 cannot resize: an export's size is its server's"
+  [[ " $SERVE_ARGS " != *" --direct "* ]] || die "E2E_NBD=1: cryptblk refuses --direct on an NBD export"
+fi
 TIMEOUT=${E2E_TIMEOUT:-180}
 CPUS=2
 QUEUES=2
@@ -113,12 +129,15 @@ fi
 
 RUN=$WORK_DIR/e2e-$BACKEND-$FORMAT
 [ "$FORMAT" != luks2 ] || [ "$LUKS2_MAKER" = cryptsetup ] || RUN+=-$LUKS2_MAKER
+[ "$NBD" = 0 ] || RUN+=-nbd
 SOCK=$RUN/vhost.sock
 IMG=$RUN/img.$FORMAT
 PASSFILE=$RUN/passphrase
 KEYFILE=$RUN/volume.key
 SERIAL=$RUN/serial.log
 BACKEND_LOG=$RUN/backend.log
+NBD_SOCK=$RUN/nbd.sock
+NBD_STATS=$RUN/nbdkit.stats
 RUNID=$(od -An -tx4 -N4 /dev/urandom | tr -d ' ')
 MARKER=CRYPTBLK-E2E-$RUNID
 
@@ -139,6 +158,7 @@ check_tools() {
   need_tools qemu-system-x86_64 qemu-img cryptsetup busybox cpio awk cmp grep od \
     timeout debugfs e2fsck diff
   [ "$BACKEND" = cryptblk ] || need_tools qemu-storage-daemon
+  [ "$NBD" = 0 ] || need_tools nbdkit
 }
 
 # The image, its volume key and payload offset in 512-byte sectors (what a
@@ -271,11 +291,46 @@ EOF
   cp -a "$RUN/fs-src" "$e2e/fs-src"
 }
 
+# The NBD server below cryptblk (E2E_NBD=1): nbdkit's file plugin on the
+# image file (it advertises multi-conn, so each queue gets a connection),
+# with the stats filter, which writes its counts when nbdkit exits.
+start_nbd_server() {
+  rm -f "$NBD_SOCK" "$NBD_STATS"
+  nbdkit --foreground --exit-with-parent --unix "$NBD_SOCK" --filter=stats \
+    file file="$IMG" statsfile="$NBD_STATS" >"$RUN/nbdkit.log" 2>&1 &
+  server_pid=$!
+  local _
+  for _ in $(seq 100); do
+    listening "$NBD_SOCK" && return 0
+    kill -0 "$server_pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  tail -20 "$RUN/nbdkit.log" >&2
+  die "nbdkit did not listen on $NBD_SOCK"
+}
+
+# After cryptblk has exited (and flushed): SIGTERM, a clean exit, and the
+# stats file written.
+stop_nbd_server() {
+  local rc=0
+  kill -TERM "$server_pid" 2>/dev/null || true
+  wait "$server_pid" || rc=$?
+  server_pid=
+  [ "$rc" = 0 ] || {
+    tail -20 "$RUN/nbdkit.log" >&2
+    die "nbdkit exited with status $rc"
+  }
+}
+
 start_backend() {
   rm -f "$SOCK"
   case $BACKEND in
     cryptblk)
-      local open=(--type luks --key-file "$PASSFILE")
+      local image=$IMG open=(--type luks --key-file "$PASSFILE")
+      if [ "$NBD" = 1 ]; then
+        start_nbd_server
+        image="nbd+unix:///?socket=$NBD_SOCK"
+      fi
       if [ "$UNLOCK" = key ]; then
         open=(--type plain --key-file "$KEYFILE" --key-size 512 --offset "$PAYLOAD")
         [ "$SECTOR" = 512 ] || open+=(--sector-size "$SECTOR")
@@ -284,7 +339,7 @@ start_backend() {
       fi
       # shellcheck disable=SC2086 # SERVE_ARGS is a list of options
       [ "$RESIZE" = 0 ] || open+=(--control "$RUN/ctl.sock")
-      RUST_LOG=${RUST_LOG:-info} "$CRYPTBLK" serve --socket "$SOCK" --image "$IMG" "${open[@]}" \
+      RUST_LOG=${RUST_LOG:-info} "$CRYPTBLK" serve --socket "$SOCK" --image "$image" "${open[@]}" \
         --queues "$QUEUES" $SERVE_ARGS >"$BACKEND_LOG" 2>&1 &
       ;;
     qsd)
@@ -358,8 +413,20 @@ resize_answered() {
   tr -d ' \n' <"$RUN/resize.json" | grep -q "\"capacity\":$RESIZE_BYTES,\"guest-notified\":true"
 }
 
+# nbdkit's stats filter counted OP (read, write, flush, trim) commands: the
+# guest's I/O of that kind went over NBD.
+nbd_served() {
+  awk -v op="$1:" '$1 == op && $2 + 0 > 0 { found = 1 } END { exit !found }' "$NBD_STATS"
+}
+
 host_checks() {
   host_check image-has-no-plaintext no_plaintext_in_image
+  if [ "$NBD" = 1 ]; then
+    host_check nbd-served-reads nbd_served read
+    host_check nbd-served-writes nbd_served write
+    host_check nbd-served-flushes nbd_served flush
+    [ "$DISCARD" = 0 ] || host_check nbd-served-trims nbd_served trim
+  fi
   [ "$RESIZE" = 0 ] || host_check resize-answered resize_answered
   # qemu-img reads only LUKS; for plain images the guest's dm-crypt is the oracle.
   [ "$FORMAT" = luks1 ] || return 0
@@ -394,6 +461,7 @@ main() {
   run_guest
   t_guest=$(now)
   stop_backend
+  [ "$NBD" = 0 ] || stop_nbd_server
   check_guest_results
   host_checks
   t_end=$(now)
@@ -402,6 +470,7 @@ main() {
   [ "$FORMAT" != luks2 ] || how+=", made by $LUKS2_MAKER"
   [ -z "$PLAIN_IV" ] || [ "$FORMAT" != plain ] || how+=", $PLAIN_IV"
   [ "$BACKEND" != cryptblk ] || [ "$FORMAT" = plain ] || how+=", unlocked by $UNLOCK"
+  [ "$NBD" = 0 ] || how+=", over NBD (nbdkit file plugin, unix socket)"
   echo "==== e2e-qemu summary (backend $BACKEND${SERVE_ARGS:+ ($SERVE_ARGS)}, $how, guest kernel $GUEST_KVER) ===="
   # shellcheck disable=SC2086 # counting words
   echo "guest checks passed: $GUEST_PASSES of $(set -- $EXPECTED_RESULTS && echo $#); host checks failed: ${HOST_FAILS:-none}"
@@ -418,8 +487,8 @@ main() {
   echo "PASS"
 }
 
-# Without E2E_FORMAT, cryptblk gets three runs that cover its code paths;
-# each is this script again, with E2E_FORMAT set. A third run with a backend
+# Without E2E_FORMAT, cryptblk gets five runs that cover its code paths (the
+# last on NBD); each is this script again, with E2E_FORMAT set. A run with a backend
 # that does not encrypt must fail on the ciphertext checks (and only there):
 # otherwise the checks themselves are broken.
 all_runs() {
@@ -435,6 +504,9 @@ all_runs() {
     bash "${BASH_SOURCE[0]}" || status=1
   E2E_FORMAT=plain E2E_SECTOR=4096 E2E_PLAIN_IV='--iv-large-sectors --skip 8' \
     E2E_SERVE_ARGS='--crypto workers --split-threshold 16K --direct --allow-discards' \
+    bash "${BASH_SOURCE[0]}" || status=1
+  # The LUKS header read and the payload served through libnbd (issue #15).
+  E2E_FORMAT=luks1 E2E_UNLOCK=passphrase E2E_NBD=1 E2E_SERVE_ARGS='--crypto inline --allow-discards' \
     bash "${BASH_SOURCE[0]}" || status=1
   log "negative control: BACKEND=plaintext must fail (log: $control)"
   if BACKEND=plaintext E2E_FORMAT=luks1 bash "${BASH_SOURCE[0]}" >"$control" 2>&1; then

@@ -63,3 +63,154 @@ has() { [[ " ${TARGETS:-} " == *" $1 "* ]]; }
 drop_work_dir() {
   if [ -n "${KEEP:-}" ]; then echo "kept $WORK" >&2; else rm -rf "$WORK"; fi
 }
+
+# --- the comparison scripts (compare.sh, nbd.sh) ------------------------------
+# They share: WORK (their work dir), BIN (the release cryptblk), QUEUES, SOCK
+# (the vhost-user socket of the target being measured) and PID (its process),
+# RESULTS (a TSV file: target, workload, IOPS, MiB/s, p99 us, daemon CPU us per
+# I/O, errors) and TARGETS.
+
+# The workloads every comparison runs (name, then `cryptblk bench` arguments);
+# QD1=1 adds the 4K QD1 pair.
+bench_workloads() {
+  WORKLOADS=(
+    "4k-randread  --rw randread  --bs 4k --iodepth 32"
+    "4k-randwrite --rw randwrite --bs 4k --iodepth 32"
+    "1m-read      --rw read      --bs 1m --iodepth 4"
+    "1m-write     --rw write     --bs 1m --iodepth 4"
+  )
+  if [ -n "${QD1:-}" ]; then
+    WORKLOADS+=(
+      "4k-randr-qd1 --rw randread  --bs 4k --iodepth 1"
+      "4k-randw-qd1 --rw randwrite --bs 4k --iodepth 1"
+    )
+  fi
+}
+
+# Builds the release binary and sets BIN.
+build_release() {
+  need_tools cargo
+  log "building cryptblk (release)"
+  (cd "$REPO_DIR" && cargo build --release --quiet --bin cryptblk) || die "cargo build --release failed"
+  BIN=${CARGO_TARGET_DIR:-$REPO_DIR/target}/release/cryptblk
+}
+
+# luks1_image IMG SIZE: a LUKS1 image made by qemu-img (aes-xts-plain64,
+# 512-bit key) with a random passphrase in $WORK/passphrase; writes its volume
+# key to $WORK/volume.key (from cryptsetup's stdout, never through argv) and
+# sets PAYLOAD, its payload offset in 512-byte sectors. Run under umask 077.
+luks1_image() {
+  local img=$1 hex
+  head -c 24 /dev/urandom | base64 | tr -d '\n' >"$WORK/passphrase"
+  qemu-img create -q -f luks --object "secret,id=sec0,file=$WORK/passphrase" \
+    -o key-secret=sec0,iter-time=10 "$img" "$2" || die "qemu-img create -f luks failed"
+  PAYLOAD=$(cryptsetup luksDump "$img" | awk '/^Payload offset:/ {print $3}')
+  [[ "$PAYLOAD" =~ ^[0-9]+$ ]] || die "cannot read the payload offset of $img"
+  hex=$(cryptsetup luksDump --batch-mode --dump-volume-key --key-file "$WORK/passphrase" "$img" |
+    sed -n '/MK dump:/,$p' | sed 's/.*MK dump://' | grep -oE '\b[0-9a-f]{2}\b' | tr -d '\n' || true)
+  [ ${#hex} -eq 128 ] || die "expected a 512-bit volume key from cryptsetup luksDump"
+  printf '%b' "$(sed 's/../\\x&/g' <<<"$hex")" >"$WORK/volume.key"
+  log "$img: payload offset $PAYLOAD sectors, aes-xts-plain64, 512-bit key"
+}
+
+# qsd_export NODE: qemu-storage-daemon's --export of NODE on $SOCK.
+qsd_export() {
+  echo "type=vhost-user-blk,id=exp0,node-name=$1,addr.type=unix,addr.path=$SOCK,writable=on,num-queues=$QUEUES"
+}
+
+# wait_listening NAME: the target just started (PID) listens on SOCK within 10 s.
+wait_listening() {
+  local _
+  for _ in $(seq 200); do
+    listening "$SOCK" && return 0
+    kill -0 "$PID" 2>/dev/null || {
+      PID=
+      die "$1 exited early: $(tail -5 "$WORK/daemon.log")"
+    }
+    sleep 0.05
+  done
+  die "$1 did not listen on its socket within 10 s"
+}
+
+stop_target() {
+  [ -n "${PID:-}" ] || return 0
+  kill "$PID" 2>/dev/null || true
+  wait "$PID" 2>/dev/null || true
+  PID=
+}
+
+# The comparison scripts' EXIT trap: the target, any server below it
+# (SERVER_PID) and the work dir.
+end_comparison() {
+  stop_target
+  if [ -n "${SERVER_PID:-}" ]; then
+    kill "$SERVER_PID" 2>/dev/null || true
+    wait "$SERVER_PID" 2>/dev/null || true
+  fi
+  drop_work_dir
+}
+
+bench() { # extra args...; prints the JSON report
+  "$BIN" bench --socket "$SOCK" --queues "$QUEUES" --json --pid "$PID" "$@"
+}
+
+# bench_row TARGET WORKLOAD ARGS...: one `cryptblk bench` run on the target,
+# appended to RESULTS.
+bench_row() {
+  local target=$1 name=$2
+  shift 2
+  bench "$@" >"$WORK/run.json" ||
+    echo "   $name on $target reported errors: $(jq -c '.errors' "$WORK/run.json")" >&2
+  jq -r --arg t "$target" --arg w "$name" \
+    '[$t, $w, .total.iops, .total.mib_per_sec, .total.latency_us.p99,
+      (.daemon_cpu.us_per_io // 0), (.errors | add // 0)] | @tsv' \
+    "$WORK/run.json" >>"$RESULTS"
+}
+
+# median_of TARGET WORKLOAD COLUMN: the median of RESULTS' values ("nan": none).
+median_of() {
+  awk -F'\t' -v t="$1" -v w="$2" -v c="$3" '$1 == t && $2 == w {print $c}' "$RESULTS" |
+    sort -g | awk '{v[NR] = $1} END {if (NR == 0) print "nan"; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2}'
+}
+
+# ratio A B: A/B with two decimals, "-" when either is missing or B is 0.
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (a == "nan" || b == "nan" || b + 0 == 0) print "-"; else printf "%.2f", a / b}'; }
+
+# results_table PREFIX PAIR...: the medians of every target in TARGETS (named
+# PREFIX<target> in RESULTS) for every workload, 4K rows in IOPS and 1M rows
+# in MiB/s, then one ratio column per PAIR ("a b label": a/b), then p99 and
+# daemon CPU per I/O.
+results_table() {
+  local prefix=$1 p t a b label name col workload
+  shift
+  echo "throughput: 4k rows in IOPS, 1m rows in MiB/s"
+  printf '%-13s' workload
+  for t in $TARGETS; do printf ' %14s' "$t"; done
+  for p in "$@"; do
+    read -r _ _ label <<<"$p"
+    printf ' %12s' "$label"
+  done
+  echo
+  for workload in "${WORKLOADS[@]}"; do
+    read -r name _ <<<"$workload"
+    col=3
+    [[ $name == 1m-* ]] && col=4
+    printf '%-13s' "$name"
+    for t in $TARGETS; do printf ' %14.0f' "$(median_of "$prefix$t" "$name" $col)"; done
+    for p in "$@"; do
+      read -r a b _ <<<"$p"
+      printf ' %12s' "$(ratio "$(median_of "$prefix$a" "$name" $col)" "$(median_of "$prefix$b" "$name" $col)")"
+    done
+    echo
+  done
+  echo
+  echo "p99 latency (us) / daemon CPU per I/O (us):"
+  for workload in "${WORKLOADS[@]}"; do
+    read -r name _ <<<"$workload"
+    printf '%-13s' "$name"
+    for t in $TARGETS; do
+      printf ' %14s' "$(printf '%.0f/%.1f' "$(median_of "$prefix$t" "$name" 5)" "$(median_of "$prefix$t" "$name" 6)")"
+    done
+    echo
+  done
+}

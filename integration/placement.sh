@@ -51,9 +51,7 @@ for tool in jq cargo; do
   command -v "$tool" >/dev/null || die "$tool not found: run integration/install-deps.sh"
 done
 
-log "building cryptblk (release)"
-(cd "$ROOT" && cargo build --release --quiet --bin cryptblk)
-BIN=$ROOT/target/release/cryptblk
+build_release
 
 WORK=$(mktemp -d /tmp/cryptblk-placement.XXXXXX)
 declare -A PIDS=()
@@ -62,11 +60,7 @@ stop_all() {
   for t in "${!PIDS[@]}"; do wait "${PIDS[$t]}" 2>/dev/null || true; done
   PIDS=()
 }
-cleanup() {
-  stop_all
-  drop_work_dir
-}
-trap cleanup EXIT
+trap 'stop_all; drop_work_dir' EXIT
 umask 077
 IMG=$WORK/image
 head -c 64 /dev/urandom >"$WORK/key"
@@ -143,7 +137,6 @@ median() { # queues target workload column
   awk -F'\t' -v q="$1" -v t="$2" -v w="$3" -v c="$4" '$1 == q && $2 == t && $3 == w {print $c}' "$RESULTS" |
     sort -g | awk '{v[NR] = $1} END {if (NR == 0) print "nan"; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2}'
 }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (a == "nan" || b == "nan" || b + 0 == 0) print "-"; else printf "%.2f", a / b}'; }
 # Throughput of a cell: kIOPS for 4K rows, MiB/s otherwise.
 thr() { # queues target workload
   if [[ $3 == 4k-* ]]; then

@@ -3,18 +3,20 @@
 # Sourced after integration/lib.sh and guest/kernel.sh. The callers set:
 # SOCK (the vhost-user socket), SERIAL (QEMU's console file), RUN (the run's
 # directory), BACKEND (its name) and BACKEND_LOG, backend_pid (the running
-# backend), IMG and REF_SERIAL (the image, given to the guest read-only as a
+# backend), server_pid (a server below the backend, if any: e2e-qemu.sh's
+# nbdkit), IMG and REF_SERIAL (the image, given to the guest read-only as a
 # second disk with that serial, for its dm-crypt), MEM, CPUS, QUEUES, MARKER
 # (the prefix of every record the guest writes) and EXPECTED_RESULTS.
 # shellcheck shell=bash
 # shellcheck disable=SC2034 # the variables set here are the callers' results
 
 # cleanup_on_exit SECRET-FILE...: from now on, ending the script in any way
-# (exit, INT, TERM) kills QEMU (qemu_pid) and the backend (backend_pid) and
-# removes the files given: keys and passphrases are test values, but still
+# (exit, INT, TERM) kills QEMU (qemu_pid), the backend (backend_pid) and the
+# server below it (server_pid) and removes the files given: keys and passphrases are test values, but still
 # do not leave them around.
 backend_pid=
 qemu_pid=
+server_pid=
 cleanup_on_exit() {
   CLEANUP_FILES=("$@")
   trap cleanup EXIT
@@ -24,7 +26,7 @@ cleanup_on_exit() {
 }
 cleanup() {
   local pid
-  for pid in $qemu_pid $backend_pid; do
+  for pid in $qemu_pid $backend_pid $server_pid; do
     kill "$pid" 2>/dev/null || true
   done
   rm -f "${CLEANUP_FILES[@]}"

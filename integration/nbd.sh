@@ -1,0 +1,219 @@
+#!/usr/bin/env bash
+# Issue #15's measurement: cryptblk with its ciphertext on an NBD export,
+# against itself without encryption and against qemu-storage-daemon's luks
+# driver over its nbd driver, in one run. The export is nbdkit's memory
+# plugin, first over a unix socket (no network: the servers are what is
+# measured) and then over TCP on 127.0.0.1. On each, one LUKS1 image made by
+# qemu-img (copied onto the export with nbdcopy) is served three ways, each
+# driven by `cryptblk bench` (release build, libblkio client, 2 queues):
+#   cryptblk-xts   cryptblk plain mode on the export (--offset = payload
+#                  offset, the volume key): one NBD connection per queue
+#                  (nbdkit's memory plugin advertises multi-conn)
+#   cryptblk-none  cryptblk --cipher none on the same payload (plaintext)
+#   qsd-luks       qemu-storage-daemon: --blockdev driver=nbd, then
+#                  driver=luks on it, exported as vhost-user-blk
+#   qsd-raw        (not by default) QSD's raw driver on the payload over nbd
+# Workloads: 4K random read/write at QD32 and QD1, 1M sequential read/write at
+# QD4 (QD per queue). Before measuring, a pattern is written through qsd-luks
+# and read back through cryptblk-xts on each transport: the figures are void
+# unless both decrypt the same export to the same data. Targets run A/B/A/B
+# within each transport (every target once per round), medians are reported,
+# then the issue's targets: encrypted >= 0.9x plaintext in every workload,
+# >= 3x qsd-luks at 4K QD32 and at 1M.
+#
+# Knobs (environment): SIZE=1G (payload; nbdkit holds it in memory) RUNTIME=5
+# (s per run) ROUNDS=3 QUEUES=2 TRANSPORTS="unix tcp"
+# TARGETS="cryptblk-xts cryptblk-none qsd-luks" KEEP=1 (keep the work dir).
+# Needs qemu-img, qemu-storage-daemon, cryptsetup, jq, nbdkit, nbdcopy, python3:
+# integration/install-deps.sh installs them.
+set -euo pipefail
+
+SIZE=${SIZE:-1G}
+RUNTIME=${RUNTIME:-5}
+ROUNDS=${ROUNDS:-3}
+QUEUES=${QUEUES:-2}
+TRANSPORTS=${TRANSPORTS:-"unix tcp"}
+TARGETS=${TARGETS:-"cryptblk-xts cryptblk-none qsd-luks"}
+SEED=4242
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+LOG_TAG=nbd
+# shellcheck source=integration/lib.sh
+. "$ROOT/integration/lib.sh"
+QD1=1
+bench_workloads
+
+need_tools qemu-img qemu-storage-daemon cryptsetup jq nbdkit nbdcopy python3
+build_release
+
+WORK=$(mktemp -d /tmp/cryptblk-nbd.XXXXXX)
+PID=
+SERVER_PID=
+trap end_comparison EXIT
+umask 077
+
+log "creating a $SIZE LUKS1 image with qemu-img (copied onto each export)"
+IMG=$WORK/image.luks
+luks1_image "$IMG" "$SIZE"
+EXPORT_BYTES=$(stat -c %s "$IMG")
+
+# tcp_listening PORT: something listens on 127.0.0.1:PORT (a probing
+# connection would be a client of the server's).
+tcp_listening() {
+  awk -v p="$(printf ':%04X' "$1")" '$2 ~ p "$" && $4 == "0A" { found = 1 } END { exit !found }' \
+    /proc/net/tcp
+}
+
+# start_server TRANSPORT: nbdkit's memory plugin, export size = the image's,
+# with the image copied onto it. Sets SERVER_PID, URI (cryptblk's --image) and
+# QSD_SERVER (the server options of QEMU's nbd driver).
+start_server() {
+  local listen _ port
+  case $1 in
+    unix)
+      NBD_SOCK=$WORK/nbd.sock
+      rm -f "$NBD_SOCK"
+      listen=(--unix "$NBD_SOCK")
+      URI="nbd+unix:///?socket=$NBD_SOCK"
+      QSD_SERVER="server.type=unix,server.path=$NBD_SOCK"
+      ;;
+    tcp)
+      port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+      listen=(--ipaddr 127.0.0.1 --port "$port")
+      URI="nbd://127.0.0.1:$port/"
+      QSD_SERVER="server.type=inet,server.host=127.0.0.1,server.port=$port"
+      ;;
+    *) die "unknown transport $1 (unix or tcp)" ;;
+  esac
+  nbdkit --foreground --exit-with-parent "${listen[@]}" memory size="$EXPORT_BYTES" \
+    2>>"$WORK/nbdkit.log" &
+  SERVER_PID=$!
+  for _ in $(seq 200); do
+    if [ "$1" = unix ]; then listening "$NBD_SOCK" && break; else tcp_listening "$port" && break; fi
+    kill -0 "$SERVER_PID" 2>/dev/null || die "nbdkit exited early: $(tail -5 "$WORK/nbdkit.log")"
+    sleep 0.05
+  done
+  nbdcopy "$IMG" "$URI" || die "nbdcopy could not copy the image onto $URI"
+  log "$1: nbdkit memory plugin, $EXPORT_BYTES bytes, at $URI"
+}
+
+stop_server() {
+  kill "$SERVER_PID" 2>/dev/null || true
+  wait "$SERVER_PID" 2>/dev/null || true
+  SERVER_PID=
+}
+
+start_nbd_target() { # name: as compare.sh's start_target, on the export
+  SOCK=$WORK/$1.sock
+  rm -f "$SOCK"
+  local plain=(--image "$URI" --type plain --key-file "$WORK/volume.key" --key-size 512
+    --offset "$PAYLOAD" --queues "$QUEUES")
+  local nbd0="driver=nbd,node-name=nbd0,$QSD_SERVER"
+  case $1 in
+    cryptblk-xts)
+      "$BIN" serve --socket "$SOCK" "${plain[@]}" --cipher aes-xts-plain64 2>>"$WORK/daemon.log" &
+      ;;
+    cryptblk-none)
+      "$BIN" serve --socket "$SOCK" "${plain[@]}" --cipher none 2>>"$WORK/daemon.log" &
+      ;;
+    qsd-luks)
+      qemu-storage-daemon --object "secret,id=sec0,file=$WORK/passphrase" --blockdev "$nbd0" \
+        --blockdev driver=luks,file=nbd0,key-secret=sec0,node-name=luks0 \
+        --export "$(qsd_export luks0)" 2>>"$WORK/daemon.log" &
+      ;;
+    qsd-raw)
+      qemu-storage-daemon --blockdev "$nbd0" \
+        --blockdev "driver=raw,file=nbd0,offset=$((PAYLOAD * 512)),node-name=raw0" \
+        --export "$(qsd_export raw0)" 2>>"$WORK/daemon.log" &
+      ;;
+    *) die "unknown target $1" ;;
+  esac
+  PID=$!
+  wait_listening "$1"
+}
+
+RESULTS=$WORK/results.tsv
+: >"$RESULTS"
+for transport in $TRANSPORTS; do
+  start_server "$transport"
+  # --- cross-check: cryptblk reads what QSD's luks driver wrote ----------------
+  if has qsd-luks && has cryptblk-xts; then
+    log "$transport: writing a pattern through qsd-luks, reading it back through cryptblk-xts"
+    start_nbd_target qsd-luks
+    bench --rw write --bs 1m --iodepth 4 --seed "$SEED" --verify >"$WORK/fill.json" ||
+      die "pattern write through qsd-luks failed: $(jq -c '.errors, .verify.mismatches' "$WORK/fill.json")"
+    stop_target
+    start_nbd_target cryptblk-xts
+    bench --verify-only --bs 1m --iodepth 4 --seed "$SEED" >"$WORK/check.json" ||
+      die "cryptblk-xts does not read back what qsd-luks wrote: $(jq -c '.verify' "$WORK/check.json")"
+    stop_target
+  else
+    # Every target still reads written data, not the memory plugin's holes.
+    start_nbd_target "${TARGETS%% *}"
+    bench --rw write --bs 1m --iodepth 4 --seed "$SEED" >"$WORK/fill.json" || die "filling the export failed"
+    stop_target
+  fi
+  # --- A/B/A/B rounds ----------------------------------------------------------
+  for round in $(seq "$ROUNDS"); do
+    for target in $TARGETS; do
+      log "$transport: round $round/$ROUNDS: $target"
+      start_nbd_target "$target"
+      for workload in "${WORKLOADS[@]}"; do
+        read -r name args <<<"$workload"
+        # shellcheck disable=SC2086 # args is a word list on purpose
+        bench_row "$transport:$target" "$name" $args --runtime "$RUNTIME" --seed "$round"
+      done
+      stop_target
+    done
+  done
+  stop_server
+done
+
+# --- medians, ratios and the issue's targets -----------------------------------
+pairs=()
+has cryptblk-xts && has cryptblk-none && pairs+=("cryptblk-xts cryptblk-none xts/none")
+has cryptblk-xts && has qsd-luks && pairs+=("cryptblk-xts qsd-luks xts/qsdluks")
+has qsd-luks && has qsd-raw && pairs+=("qsd-luks qsd-raw luks/raw")
+has cryptblk-none && has qsd-raw && pairs+=("cryptblk-none qsd-raw none/qsdraw")
+for transport in $TRANSPORTS; do
+  echo
+  echo "cryptblk on NBD ($transport: nbdkit memory plugin): $SIZE LUKS1 payload, $QUEUES queues," \
+    "${RUNTIME}s runs, median of $ROUNDS rounds (A/B/A/B), client: cryptblk bench (libblkio)," \
+    "$(date -u +%F), $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)" \
+    "(family $(sed -n 's/^cpu family[[:space:]]*: //p' /proc/cpuinfo | head -1)," \
+    "model $(sed -n 's/^model[[:space:]]*: //p' /proc/cpuinfo | head -1))," \
+    "$(nproc) CPUs, $(nbdkit --version), $(qemu-storage-daemon --version | head -1)"
+  results_table "$transport:" "${pairs[@]}"
+done
+
+# target_line LABEL A B MIN WORKLOAD...: whether A/B >= MIN in each workload,
+# on each transport.
+target_line() {
+  local label=$1 a=$2 b=$3 min=$4 transport name col r verdict=met detail=
+  shift 4
+  for transport in $TRANSPORTS; do
+    for name in "$@"; do
+      col=3
+      [[ $name == 1m-* ]] && col=4
+      # Three decimals: a ratio that rounds to the target is not always on it.
+      r=$(awk -v x="$(median_of "$transport:$a" "$name" $col)" -v y="$(median_of "$transport:$b" "$name" $col)" \
+        'BEGIN { if (x == "nan" || y == "nan" || y + 0 == 0) print "-"; else printf "%.3f", x / y }')
+      detail+=" $transport/$name=$r"
+      awk -v r="$r" -v m="$min" 'BEGIN { exit !(r != "-" && r + 0 >= m) }' || verdict="NOT met"
+    done
+  done
+  echo "$label: $verdict ($detail )"
+}
+echo
+echo "issue #15's targets:"
+names=()
+for workload in "${WORKLOADS[@]}"; do names+=("${workload%% *}"); done
+if has cryptblk-xts && has cryptblk-none; then
+  target_line "encrypted >= 0.9x plaintext, every workload" cryptblk-xts cryptblk-none 0.9 "${names[@]}"
+fi
+if has cryptblk-xts && has qsd-luks; then
+  target_line ">= 3x qsd-luks at 4K QD32 and 1M" cryptblk-xts qsd-luks 3 \
+    4k-randread 4k-randwrite 1m-read 1m-write
+fi
+errors=$(awk -F'\t' '{s += $7} END {print s + 0}' "$RESULTS")
+[ "$errors" -eq 0 ] || echo "WARNING: $errors requests failed during the runs (see $RESULTS with KEEP=1)"
