@@ -54,8 +54,13 @@ _ceph_wait() {
   done
 }
 
-# _ceph_alive PIDFILE: the daemon whose pid the file holds is running.
-_ceph_alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# _ceph_running PID: the process runs (a daemon that exited stays a zombie until
+# init, which may be slow here, reaps it: that counts as gone).
+_ceph_running() {
+  local state
+  state=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) || return 1
+  [ -n "$state" ] && [ "$state" != Z ] && [ "$state" != X ]
+}
 
 _ceph_conf() { # DIR PORT FSID
   cat >"$1/ceph.conf" <<EOF
@@ -165,7 +170,7 @@ _ceph_kill() {
   pid=$(cat "$1")
   kill "$pid" 2>/dev/null || return 0
   for i in $(seq 50); do
-    kill -0 "$pid" 2>/dev/null || return 0
+    _ceph_running "$pid" || return 0
     sleep 0.2
   done
   _ceph_log "$(basename "$1" .pid) ignored SIGTERM for 10 s: SIGKILL"
