@@ -8,10 +8,14 @@
 //!
 //! `nbd` does the same on an NBD export, through libnbd (`libnbd`, the one
 //! module that knows its C API; loaded at run time).
+//!
+//! `librbd` is the Ceph RBD client (librados and librbd, loaded at run
+//! time), the groundwork of an RBD store (issue #16).
 
 mod aligned;
 mod buffers;
 pub mod libnbd;
+pub mod librbd;
 mod nbd;
 mod uring;
 
