@@ -103,13 +103,20 @@ osd max object namespace len = 64
 EOF
 }
 
+# ceph_need: fails (never skips) when a tool the cluster needs is missing.
+ceph_need() {
+  local t missing=()
+  for t in ceph-mon ceph-osd ceph ceph-authtool monmaptool rbd python3; do
+    command -v "$t" >/dev/null 2>&1 || missing+=("$t")
+  done
+  [ ${#missing[@]} -eq 0 ] ||
+    _ceph_die "missing: ${missing[*]} (run: sudo bash integration/install-deps.sh)"
+}
+
 # ceph_start DIR: starts the cluster in DIR and exports CEPH_CONF (DIR/ceph.conf).
 ceph_start() {
-  local dir=$1 tries port fsid osd_uuid t0=$SECONDS timeout=${CEPH_START_TIMEOUT:-60} t
-  for t in ceph-mon ceph-osd ceph ceph-authtool monmaptool rbd python3; do
-    command -v "$t" >/dev/null 2>&1 ||
-      _ceph_die "$t is missing (run: sudo bash integration/install-deps.sh)" || return 1
-  done
+  local dir=$1 tries port fsid osd_uuid t0=$SECONDS timeout=${CEPH_START_TIMEOUT:-60}
+  ceph_need || return 1
   mkdir -p "$dir"
   dir=$(cd "$dir" && pwd)
   [ -z "$(ls -A "$dir")" ] || _ceph_die "$dir is not empty" || return 1
@@ -213,6 +220,7 @@ if [ "${BASH_SOURCE[0]}" = "$0" ]; then
     run)
       shift
       [ $# -ge 1 ] || _ceph_die "usage: $0 run CMD [ARGS...]"
+      ceph_need
       CEPH_DIR=$(mktemp -d "${TMPDIR:-/tmp}/cryptblk-ceph.XXXXXX")
       trap 'ceph_stop "$CEPH_DIR"' EXIT
       trap 'exit 130' INT TERM
