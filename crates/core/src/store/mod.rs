@@ -24,7 +24,7 @@ mod uring;
 pub use aligned::AlignedBuf;
 pub use buffers::{BufId, Buffers};
 pub use nbd::{install_luks_opener, is_uri as is_nbd_uri, NbdExport, NbdStore};
-pub use rbd::RbdStore;
+pub use rbd::{is_spec as is_rbd_spec, RbdSpec, RbdStore};
 pub use uring::{Op, UringStore};
 
 use std::io;

@@ -26,12 +26,84 @@
 //! one it cut short at the end of the image: the store reports such a write
 //! as short, as a file would.
 
+use std::fmt;
 use std::io;
 use std::os::unix::io::RawFd;
+use std::path::Path;
 use std::sync::Arc;
 
 use super::librbd::{Completions, Image};
 use super::{Buffers, Op};
+
+/// Whether an `--image` names an RBD image (`rbd:…`) rather than a file.
+pub fn is_spec(image: &Path) -> bool {
+    image.to_str().is_some_and(|s| s.starts_with("rbd:"))
+}
+
+/// An RBD image as `--image` names it: `rbd:POOL[/NAMESPACE]/IMAGE[@SNAP]`,
+/// QEMU's spelling (without its `:key=value` options, which are cryptblk's
+/// `--ceph-*` options instead).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RbdSpec {
+    pub pool: String,
+    /// A RADOS namespace inside the pool.
+    pub namespace: Option<String>,
+    pub image: String,
+    /// A snapshot: always served read-only.
+    pub snap: Option<String>,
+}
+
+impl RbdSpec {
+    /// Parses `rbd:POOL[/NAMESPACE]/IMAGE[@SNAP]`; the error says what is
+    /// wrong with it.
+    pub fn parse(spec: &str) -> Result<RbdSpec, &'static str> {
+        let rest = spec
+            .strip_prefix("rbd:")
+            .ok_or("an RBD image is rbd:POOL/IMAGE[@SNAP]")?;
+        if rest.contains(':') {
+            return Err("QEMU's :key=value options are not taken here: use --ceph-conf, --ceph-id and --ceph-keyring");
+        }
+        if rest.contains('\\') || rest.contains('\0') {
+            return Err("backslashes and NUL are not allowed in pool, image or snapshot names");
+        }
+        let (path, snap) = match rest.split_once('@') {
+            Some((path, snap)) => (path, Some(snap)),
+            None => (rest, None),
+        };
+        if snap.is_some_and(|s| s.is_empty() || s.contains(['@', '/'])) {
+            return Err("the snapshot name after @ must be non-empty and contain no @ or /");
+        }
+        let parts: Vec<&str> = path.split('/').collect();
+        if parts.iter().any(|p| p.is_empty()) {
+            return Err("pool, namespace and image names must not be empty: rbd:POOL/IMAGE[@SNAP]");
+        }
+        let (pool, namespace, image) = match parts[..] {
+            [pool, image] => (pool, None, image),
+            [pool, ns, image] => (pool, Some(ns), image),
+            _ => return Err("an RBD image is rbd:POOL/IMAGE or rbd:POOL/NAMESPACE/IMAGE, with an optional @SNAP"),
+        };
+        Ok(RbdSpec {
+            pool: pool.to_string(),
+            namespace: namespace.map(str::to_string),
+            image: image.to_string(),
+            snap: snap.map(str::to_string),
+        })
+    }
+}
+
+impl fmt::Display for RbdSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "rbd:{}/", self.pool)?;
+        if let Some(ns) = &self.namespace {
+            write!(f, "{ns}/")?;
+        }
+        write!(f, "{}", self.image)?;
+        if let Some(snap) = &self.snap {
+            write!(f, "@{snap}")?;
+        }
+        Ok(())
+    }
+}
 
 /// What an operation in flight reports on success.
 #[derive(Debug, Clone, Copy)]
@@ -216,6 +288,47 @@ mod tests {
             assert!(start.elapsed() < Duration::from_secs(60), "no completion");
         }
         got.unwrap()
+    }
+
+    #[test]
+    fn specs_parse_as_qemu_spells_them() {
+        let spec = |s: &str| RbdSpec::parse(s);
+        let img = |pool: &str, ns: Option<&str>, image: &str, snap: Option<&str>| RbdSpec {
+            pool: pool.into(),
+            namespace: ns.map(Into::into),
+            image: image.into(),
+            snap: snap.map(Into::into),
+        };
+        assert_eq!(spec("rbd:rbd/vm1"), Ok(img("rbd", None, "vm1", None)));
+        assert_eq!(
+            spec("rbd:pool/vm1@before-upgrade"),
+            Ok(img("pool", None, "vm1", Some("before-upgrade")))
+        );
+        assert_eq!(
+            spec("rbd:pool/tenant1/vm1@s"),
+            Ok(img("pool", Some("tenant1"), "vm1", Some("s")))
+        );
+        for s in ["rbd:rbd/vm1", "rbd:p/ns/i@s", "rbd:p/i@s"] {
+            assert_eq!(spec(s).unwrap().to_string(), s);
+        }
+        assert!(is_spec(Path::new("rbd:p/i")));
+        assert!(!is_spec(Path::new("/var/lib/rbd:p/i")));
+        for bad in [
+            "rbd:",
+            "rbd:vm1",
+            "rbd:/vm1",
+            "rbd:pool/",
+            "rbd:a/b/c/d",
+            "rbd:pool/vm1@",
+            "rbd:pool/vm1@a@b",
+            "rbd:pool/vm1@a/b",
+            "rbd:pool/vm1:conf=/etc/ceph/ceph.conf",
+            "rbd:pool\\/vm1",
+            "nbd://h/e",
+        ] {
+            assert!(spec(bad).is_err(), "{bad} parsed");
+        }
+        assert!(spec("rbd:p/i:id=admin").unwrap_err().contains("--ceph-id"));
     }
 
     #[test]
