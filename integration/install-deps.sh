@@ -3,7 +3,8 @@
 # plain-mode reference), qemu-img / qemu-storage-daemon (LUKS1 images and the
 # comparison backend), qemu-system-x86 (end-to-end guest), busybox-static and a
 # Debian kernel package (the guest itself), strace and losetup (observers for the
-# durability and sandbox tests). Idempotent; needs root (apt-get).
+# durability and sandbox tests), libnbd/nbdkit (NBD images) and Ceph (a single-node
+# cluster for RBD images, integration/ceph.sh). Idempotent; needs root (apt-get).
 set -euo pipefail
 
 need=()
@@ -41,6 +42,14 @@ command -v xmllint >/dev/null || need+=(libxml2-utils)
 command -v nbdkit >/dev/null || need+=(nbdkit)
 command -v nbdcopy >/dev/null || need+=(libnbd-bin)
 [ -e /usr/include/libnbd.h ] || need+=(libnbd-dev)
+# Ceph RBD images (--image rbd:...): librbd1/librados2 are loaded at run time (dlopen);
+# integration/ceph.sh starts a single-node test cluster from ceph-mon and ceph-osd
+# (ceph-common: the ceph and rbd tools, ceph-authtool, monmaptool); librbd-dev's librbd.h
+# and librados.h are what crates/core/src/store/librbd.rs is checked against.
+command -v ceph-mon >/dev/null || need+=(ceph-mon)
+command -v ceph-osd >/dev/null || need+=(ceph-osd)
+command -v rbd >/dev/null || need+=(ceph-common)
+[ -e /usr/include/rbd/librbd.h ] || need+=(librbd-dev)
 
 # qemu-system-x86 must come from bookworm-backports: plain bookworm's 7.2 would
 # replace the preinstalled qemu-utils 10.0.
@@ -66,4 +75,4 @@ if [ ${#need[@]} -gt 0 ] || [ -n "${qemu:-}" ] || [ -n "${lists:-}" ]; then
     apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 qemu-utils qemu-block-extra
   fi
 fi
-echo "install-deps: cryptsetup $(cryptsetup --version | awk '{print $2}'), $(qemu-system-x86_64 --version | head -1)"
+echo "install-deps: cryptsetup $(cryptsetup --version | awk '{print $2}'), $(qemu-system-x86_64 --version | head -1), ceph $(ceph --version | awk '{print $3}')"

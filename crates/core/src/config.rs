@@ -24,6 +24,8 @@ const DEFAULT_SPLIT_THRESHOLD: u64 = 512 << 10;
 const DEFAULT_IO: IoMode = IoMode::Mmap;
 use crate::store::is_nbd_uri;
 use crate::store::libnbd::Tls;
+use crate::store::librbd::ClusterOptions;
+use crate::store::{is_rbd_spec, RbdSpec};
 use crate::volume::{open_image, ImageOptions, IoMode, NbdOptions, Volume, VolumeError};
 
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +64,8 @@ pub enum ConfigError {
         option: &'static str,
         from: &'static str,
     },
+    #[error("{0}: serving RBD images is not implemented yet (issue #16: the RBD store exists, the daemon does not use it); meanwhile qemu-storage-daemon can export the image over NBD (--blockdev driver=rbd), which cryptblk serves")]
+    RbdNotServed(String),
     #[error("--key-file and --key-keyring both name a key; keep one")]
     TwoKeySources,
     #[error(
@@ -164,6 +168,16 @@ pub struct ServeArgs {
     /// Default 30 (QEMU's nbd driver calls it reconnect-delay).
     #[arg(long, value_name = "SECONDS")]
     pub nbd_reconnect_timeout: Option<u64>,
+    /// RBD images (rbd:POOL/IMAGE): the Ceph configuration file (default:
+    /// librados' search, $CEPH_CONF then /etc/ceph/ceph.conf).
+    #[arg(long, value_name = "FILE")]
+    pub ceph_conf: Option<PathBuf>,
+    /// RBD: the cephx user to connect as, without "client." (default admin).
+    #[arg(long, value_name = "ID")]
+    pub ceph_id: Option<String>,
+    /// RBD: the cephx keyring (default: where the Ceph configuration says).
+    #[arg(long, value_name = "FILE")]
+    pub ceph_keyring: Option<PathBuf>,
     /// File holding the raw key (key-size/8 bytes); "-" reads standard input.
     #[arg(long, value_name = "PATH")]
     pub key_file: Option<String>,
@@ -410,6 +424,9 @@ impl ServeConfig {
         let direct = a.direct.unwrap_or(false);
         let nbd = nbd_tls(&a, &path)?;
         let reconnect = nbd_reconnect(&a, nbd.as_ref())?;
+        if let Some((spec, _cluster)) = rbd_image(&a, &path)? {
+            return Err(ConfigError::RbdNotServed(spec.to_string()));
+        }
         if nbd.is_some() {
             if a.size.is_some() {
                 return invalid(
@@ -745,6 +762,57 @@ fn nbd_tls(a: &ServeArgs, image: &std::path::Path) -> Result<Option<Tls>, Config
     }))
 }
 
+/// An `rbd:` image's spec and how to reach its cluster; the `--ceph-*`
+/// options with any other image are refused (they would go unused).
+fn rbd_image(
+    a: &ServeArgs,
+    image: &Path,
+) -> Result<Option<(RbdSpec, ClusterOptions)>, ConfigError> {
+    let ceph_options = [
+        ("--ceph-conf", a.ceph_conf.is_some()),
+        ("--ceph-id", a.ceph_id.is_some()),
+        ("--ceph-keyring", a.ceph_keyring.is_some()),
+    ];
+    let given = ceph_options.iter().find(|(_, set)| *set).map(|(f, _)| *f);
+    let Some(text) = image.to_str().filter(|_| is_rbd_spec(image)) else {
+        return match given {
+            Some(flag) => invalid(
+                flag,
+                image.display(),
+                "Ceph options apply to rbd:POOL/IMAGE images only",
+            ),
+            None => Ok(None),
+        };
+    };
+    let spec = RbdSpec::parse(text).map_err(|why| ConfigError::Invalid {
+        flag: "--image",
+        value: text.to_string(),
+        why,
+    })?;
+    // The rbd tool's --id takes the name without "client."; accept both.
+    let id = a
+        .ceph_id
+        .as_deref()
+        .map(|id| id.strip_prefix("client.").unwrap_or(id));
+    if id.is_some_and(|id| id.is_empty() || id.contains(char::is_whitespace)) {
+        return invalid(
+            "--ceph-id",
+            a.ceph_id.as_deref().unwrap_or_default(),
+            "the cephx user's name without client., e.g. admin or libvirt",
+        );
+    }
+    let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
+    Ok(Some((
+        spec,
+        ClusterOptions {
+            conf: path(&a.ceph_conf),
+            id: id.map(str::to_string),
+            keyring: path(&a.ceph_keyring),
+            set: Vec::new(),
+        },
+    )))
+}
+
 /// `--type auto` (the default) looks for the LUKS magic in --header, else
 /// in the image; a missing image is plain (it may be created with --size).
 fn is_luks_device(a: &ServeArgs) -> Result<bool, ConfigError> {
@@ -1023,6 +1091,83 @@ mod tests {
         assert_eq!(nbd("nbds://host/e", psk), None);
         let file = nbd("/i", psk).unwrap();
         assert!(file.contains("nbds:// images only"), "{file}");
+    }
+
+    #[test]
+    fn rbd_images_parse_with_their_ceph_options_and_are_not_served_yet() {
+        let rbd = |image: &str, adjust: fn(&mut ServeArgs)| {
+            let mut a = ServeArgs {
+                image: Some(image.into()),
+                ..base()
+            };
+            adjust(&mut a);
+            let parsed = rbd_image(&a, a.image.as_deref().unwrap());
+            let served = ServeConfig::from_args(a).err().map(|e| e.to_string());
+            (parsed, served)
+        };
+        let ceph = |a: &mut ServeArgs| {
+            a.ceph_conf = Some("/etc/ceph/c.conf".into());
+            a.ceph_id = Some("client.libvirt".into());
+            a.ceph_keyring = Some("/etc/ceph/k".into());
+        };
+        let (parsed, served) = rbd("rbd:vms/ns/vm1@snap", ceph);
+        let (spec, cluster) = parsed.unwrap().unwrap();
+        assert_eq!(spec.to_string(), "rbd:vms/ns/vm1@snap");
+        assert_eq!(cluster.conf.as_deref(), Some("/etc/ceph/c.conf"));
+        assert_eq!(cluster.id.as_deref(), Some("libvirt"), "client. is dropped");
+        assert_eq!(cluster.keyring.as_deref(), Some("/etc/ceph/k"));
+        let served = served.unwrap();
+        assert!(
+            served.contains("rbd:vms/ns/vm1@snap") && served.contains("not implemented yet"),
+            "{served}"
+        );
+        let (parsed, _) = rbd("rbd:vms/vm1", |_| {});
+        let (_, cluster) = parsed.unwrap().unwrap();
+        assert!(cluster.conf.is_none() && cluster.id.is_none() && cluster.keyring.is_none());
+
+        let (_, bad) = rbd("rbd:vm1", |_| {});
+        let bad = bad.unwrap();
+        assert!(
+            bad.contains("--image") && bad.contains("rbd:POOL/IMAGE"),
+            "{bad}"
+        );
+        let (_, qemu) = rbd("rbd:vms/vm1:id=admin", |_| {});
+        assert!(qemu.unwrap().contains("--ceph-id"));
+        let (_, empty) = rbd("rbd:vms/vm1", |a| a.ceph_id = Some("client.".into()));
+        assert!(empty.unwrap().contains("--ceph-id"));
+        // Ceph options with a file or an NBD image would go unused.
+        for image in ["/i", "nbd+unix:///?socket=/run/n.sock"] {
+            let (_, file) = rbd(image, |a| a.ceph_keyring = Some("/k".into()));
+            let file = file.unwrap();
+            assert!(
+                file.contains("--ceph-keyring") && file.contains("rbd:POOL/IMAGE images only"),
+                "{file}"
+            );
+        }
+    }
+
+    #[test]
+    fn ceph_options_are_config_file_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "ceph-conf = \"/etc/ceph/c.conf\"\nceph-id = \"libvirt\"\nceph-keyring = \"/k\"\n",
+        )
+        .unwrap();
+        let a = ServeArgs::from_config_file(&path).unwrap();
+        assert_eq!(a.ceph_conf.as_deref(), Some(Path::new("/etc/ceph/c.conf")));
+        assert_eq!(a.ceph_id.as_deref(), Some("libvirt"));
+        assert_eq!(a.ceph_keyring.as_deref(), Some(Path::new("/k")));
+        let cli = ServeArgs::from_command_line([
+            "--config",
+            path.to_str().unwrap(),
+            "--ceph-id",
+            "admin",
+        ])
+        .unwrap();
+        assert_eq!(cli.ceph_id.as_deref(), Some("admin"), "the flag wins");
+        assert_eq!(cli.ceph_keyring.as_deref(), Some(Path::new("/k")));
     }
 
     #[test]

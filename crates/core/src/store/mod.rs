@@ -8,16 +8,23 @@
 //!
 //! `nbd` does the same on an NBD export, through libnbd (`libnbd`, the one
 //! module that knows its C API; loaded at run time).
+//!
+//! `rbd` does the same on a Ceph RBD image, through librbd (`librbd`, the
+//! one module that knows librados' and librbd's C API; loaded at run time).
+//! Not yet a `Store`: nothing serves RBD images so far (issue #16).
 
 mod aligned;
 mod buffers;
 pub mod libnbd;
+pub mod librbd;
 mod nbd;
+mod rbd;
 mod uring;
 
 pub use aligned::AlignedBuf;
 pub use buffers::{BufId, Buffers};
 pub use nbd::{install_luks_opener, is_uri as is_nbd_uri, NbdExport, NbdStore};
+pub use rbd::{is_spec as is_rbd_spec, RbdSpec, RbdStore};
 pub use uring::{Op, UringStore};
 
 use std::io;
