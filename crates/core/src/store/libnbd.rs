@@ -157,23 +157,7 @@ fn api() -> Result<&'static Api, Missing> {
 }
 
 fn load(soname: &CStr) -> Result<Api, Missing> {
-    // SAFETY: dlopen of a plain shared library whose initialisers are
-    // libnbd's own; the handle is never closed, so the functions stay
-    // mapped for the life of the process.
-    let lib = unsafe { libc::dlopen(soname.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
-    if lib.is_null() {
-        // SAFETY: dlerror returns NULL or a NUL-terminated string.
-        let err = unsafe { libc::dlerror() };
-        let reason = if err.is_null() {
-            format!("dlopen {} failed", soname.to_string_lossy())
-        } else {
-            // SAFETY: see above; copied before any other dl* call.
-            unsafe { CStr::from_ptr(err) }
-                .to_string_lossy()
-                .into_owned()
-        };
-        return Err(Missing { reason });
-    }
+    let lib = super::dl::open(soname).map_err(|reason| Missing { reason })?;
     // SAFETY: `lib` is the live handle just opened.
     unsafe { Api::resolve(lib) }.map_err(|reason| Missing { reason })
 }

@@ -74,7 +74,7 @@ macro_rules! api {
 
             fn load(soname: &CStr) -> Result<$table, Missing> {
                 let missing = |reason| Missing { reason, package: $package };
-                let lib = dlopen(soname).map_err(missing)?;
+                let lib = super::dl::open(soname).map_err(missing)?;
                 Ok($table {
                     $( $name: {
                         let name = concat!(stringify!($name), "\0");
@@ -133,27 +133,6 @@ api! {
 pub struct Missing {
     reason: String,
     package: &'static str,
-}
-
-fn dlopen(soname: &CStr) -> Result<*mut c_void, String> {
-    // SAFETY: dlopen of a plain shared library whose initialisers are
-    // Ceph's own; the handle is never closed, so the functions stay mapped
-    // for the life of the process.
-    let lib = unsafe { libc::dlopen(soname.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
-    if !lib.is_null() {
-        return Ok(lib);
-    }
-    // SAFETY: dlerror returns NULL or a NUL-terminated string, copied here
-    // before any other dl* call.
-    let err = unsafe { libc::dlerror() };
-    Err(if err.is_null() {
-        format!("dlopen {} failed", soname.to_string_lossy())
-    } else {
-        // SAFETY: see above.
-        unsafe { CStr::from_ptr(err) }
-            .to_string_lossy()
-            .into_owned()
-    })
 }
 
 /// Both libraries, loaded.

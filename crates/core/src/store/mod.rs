@@ -15,6 +15,7 @@
 
 mod aligned;
 mod buffers;
+mod dl;
 pub mod libnbd;
 pub mod librbd;
 mod nbd;
