@@ -18,9 +18,13 @@
 //!   SET_DEVICE_STATE_FD (save) and CHECK_DEVICE_STATE; on a fresh daemon
 //!   SET_DEVICE_STATE_FD (load), CHECK_DEVICE_STATE, and the activation.
 //!
+//! - live migration: SET_FEATURES with VHOST_F_LOG_ALL and SET_LOG_BASE with
+//!   a new log memfd at every round (`start_dirty_log`, `dirty_log`), then
+//!   GET_VRING_BASE when the VM stops; a destination daemon takes over.
+//!
 //! Its offer includes features cryptblk does not implement (IN_ORDER,
-//! NOTIFICATION_DATA, ORDER_PLATFORM, LOG_ALL; LOG_SHMFD): the daemon must
-//! not offer them, so they cannot be negotiated.
+//! NOTIFICATION_DATA, ORDER_PLATFORM): the daemon must not offer them, so
+//! they cannot be negotiated.
 
 mod support;
 use std::os::unix::io::AsRawFd;
@@ -252,7 +256,8 @@ impl Queue {
         h[8..].copy_from_slice(&sector.to_le_bytes());
         ram.write(header, &h);
         ram.write(status, &[0xff]);
-        let into_guest = if kind == 0 { 2 } else { 0 };
+        // IN (0) and GET_ID (8) write into the data buffer.
+        let into_guest = if kind == 0 || kind == 8 { 2 } else { 0 };
         let chain = [
             (header, 16, 1, head + 1),
             (data, len, 1 | into_guest, head + 2),
@@ -354,7 +359,8 @@ impl Ch {
 
     /// `setup_vhost_user`: everything up to the enabled queues.
     fn activate(&mut self, ram: &Ram, inflight: &mut Option<(VhostUserInflight, std::fs::File)>) {
-        self.fe.set_features(self.features).unwrap();
+        // LOG_ALL only while a migration runs (`start_dirty_log`).
+        self.fe.set_features(self.features & !F_LOG_ALL).unwrap();
         let regions: Vec<_> = ram.regions.iter().map(Region::info).collect();
         self.fe.set_mem_table(&regions).unwrap();
         for q in &self.queues {
@@ -401,8 +407,14 @@ fn mark_in_flight(region: &std::fs::File, head: u16) {
 
 fn start(dir: &Path) -> (Daemon, std::path::PathBuf) {
     let image = dir.join("disk.img");
+    (start_on(dir, &image, &[]), image)
+}
+
+/// A daemon on `image` (created with 16 MiB if missing) with its socket
+/// in `dir`, and `extra` arguments.
+fn start_on(dir: &Path, image: &Path, extra: &[&str]) -> Daemon {
     let (key, _) = write_key(dir, 64);
-    let args = [
+    let mut args = vec![
         "--image",
         image.to_str().unwrap(),
         "--size",
@@ -413,7 +425,8 @@ fn start(dir: &Path) -> (Daemon, std::path::PathBuf) {
         "2",
         "--allow-discards",
     ];
-    (Daemon::start(dir, &args), image)
+    args.extend_from_slice(extra);
+    Daemon::start(dir, &args)
 }
 
 /// Writes a pattern through queue q from guest RAM at `buf`, reads it back
@@ -444,12 +457,10 @@ fn cloud_hypervisor_creation_activation_hotplug_and_reconnect() {
         (F_IN_ORDER, "IN_ORDER"),
         (F_NOTIFICATION_DATA, "NOTIFICATION_DATA"),
         (F_ORDER_PLATFORM, "ORDER_PLATFORM"),
-        (F_LOG_ALL, "LOG_ALL"),
         (F_CONFIG_WCE, "CONFIG_WCE"),
     ] {
         assert_eq!(ch.features & bit, 0, "{name} was negotiated");
     }
-    assert!(!ch.protocol.contains(VhostUserProtocolFeatures::LOG_SHMFD));
     // ...while what it needs was.
     for (bit, name) in [
         (F_VERSION_1, "VERSION_1"),
@@ -457,10 +468,12 @@ fn cloud_hypervisor_creation_activation_hotplug_and_reconnect() {
         (F_MQ, "MQ"),
         (F_DISCARD, "DISCARD"),
         (F_EVENT_IDX, "EVENT_IDX"),
+        (F_LOG_ALL, "LOG_ALL"),
     ] {
         assert_ne!(ch.features & bit, 0, "{name} was not negotiated");
     }
     for p in [
+        VhostUserProtocolFeatures::LOG_SHMFD,
         VhostUserProtocolFeatures::INFLIGHT_SHMFD,
         VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS,
         VhostUserProtocolFeatures::REPLY_ACK,
@@ -631,4 +644,242 @@ fn cloud_hypervisor_snapshot_and_restore_carry_the_device_state() {
     let back = BOOT_RAM + 0x28_0000;
     assert_eq!(ch.queues[1].request(&ram, 0, 64, back, 16 << 10), 0);
     assert!(ram.read(back, 16 << 10) == pattern(5, 64 * 512, 16 << 10));
+}
+
+/// A dirty log as cloud-hypervisor makes one for each migration round: a
+/// memfd with one bit per 4 KiB page of guest RAM, up to the end of RAM.
+struct DirtyLog {
+    file: std::fs::File,
+}
+
+impl DirtyLog {
+    fn new(ram_end: u64) -> DirtyLog {
+        // SAFETY: memfd_create with a valid NUL-terminated name.
+        let fd = unsafe { libc::memfd_create(c"ch-dirty-log".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+        // SAFETY: a fresh descriptor this function owns.
+        let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let pages = ram_end.div_ceil(4096);
+        file.set_len(pages.div_ceil(64) * 8).unwrap();
+        DirtyLog { file }
+    }
+
+    fn region(&self) -> vhost::VhostUserDirtyLogRegion {
+        vhost::VhostUserDirtyLogRegion {
+            mmap_size: self.file.metadata().unwrap().len(),
+            mmap_offset: 0,
+            mmap_handle: self.file.as_raw_fd(),
+        }
+    }
+
+    /// Whether the page of `gpa` is marked (read through the file: the
+    /// daemon's shared mapping of it writes the same pages).
+    fn dirty(&self, gpa: u64) -> bool {
+        use std::os::unix::fs::FileExt;
+        let page = gpa / 4096;
+        let mut byte = [0u8];
+        self.file.read_exact_at(&mut byte, page / 8).unwrap();
+        byte[0] & (1 << (page % 8)) != 0
+    }
+
+    /// Pages of [gpa, gpa + len) that are not marked.
+    fn clean_pages(&self, gpa: u64, len: u64) -> Vec<u64> {
+        (gpa / 4096..(gpa + len).div_ceil(4096))
+            .filter(|p| !self.dirty(p * 4096))
+            .map(|p| p * 4096)
+            .collect()
+    }
+}
+
+/// A GET_ID request on queue q into `buf` (20 bytes).
+fn get_id(ch: &mut Ch, ram: &Ram, q: usize, buf: u64) -> u8 {
+    ch.queues[q].request(ram, 8, 0, buf, 20)
+}
+
+/// Two migration rounds with log rotation: every page the daemon writes
+/// (read data, GET_ID, status bytes, the used ring) is marked in the log of
+/// the round it was written in; pages it only reads are not (the control
+/// that the log is not simply all ones), and an old log gets no new marks.
+/// Run over the inline, worker-pool and asynchronous (--direct) paths.
+#[test]
+fn cloud_hypervisor_migration_rounds_log_every_page_the_daemon_writes() {
+    for extra in [&[][..], &["--crypto", "workers"], &["--direct"]] {
+        let dir = tempfile::tempdir().unwrap();
+        let daemon = start_on(dir.path(), &dir.path().join("disk.img"), extra);
+        let ram = Ram {
+            regions: vec![Region::new(BOOT_RAM, BOOT_LEN)],
+        };
+        let (mut ch, _) = Ch::create(&daemon.socket);
+        assert_ne!(ch.features & F_LOG_ALL, 0, "{extra:?}: LOG_ALL not offered");
+        let mut inflight = None;
+        ch.activate(&ram, &mut inflight);
+        // Data on the disk before the migration starts.
+        let source = BOOT_RAM + 0x10_0000;
+        let data = pattern(11, 0, 32 << 10);
+        ram.write(source, &data);
+        assert_eq!(ch.queues[0].request(&ram, 1, 0, source, 32 << 10), 0);
+
+        // start_dirty_log: LOG_ALL, and the first round's log.
+        ch.fe.set_features(ch.features | F_LOG_ALL).unwrap();
+        let end = BOOT_RAM + BOOT_LEN as u64;
+        let round1 = DirtyLog::new(end);
+        ch.fe.set_log_base(0, Some(round1.region())).unwrap();
+        // A read into a buffer that straddles three pages, a write from
+        // pages the daemon must only read, and a GET_ID.
+        let read1 = BOOT_RAM + 0x20_0800;
+        let written = BOOT_RAM + 0x30_0000;
+        let id1 = BOOT_RAM + 0x38_0010;
+        assert_eq!(ch.queues[0].request(&ram, 0, 0, read1, 8 << 10), 0);
+        assert!(
+            ram.read(read1, 8 << 10) == data[..8 << 10],
+            "{extra:?}: read"
+        );
+        assert_eq!(ch.queues[0].request(&ram, 1, 64, written, 8 << 10), 0);
+        assert_eq!(get_id(&mut ch, &ram, 0, id1), 0);
+        let (_, _, used0) = ring(0);
+        let (_, status0) = meta(0);
+        for (what, gpa, len) in [
+            ("read data", read1, 8 << 10),
+            ("GET_ID", id1, 20),
+            ("status byte", status0, 1),
+            ("used ring", used0, 4),
+        ] {
+            let clean = round1.clean_pages(gpa, len);
+            assert!(
+                clean.is_empty(),
+                "{extra:?}: {what} pages {clean:x?} not logged"
+            );
+        }
+        assert_eq!(
+            round1.clean_pages(written, 8 << 10).len(),
+            2,
+            "{extra:?}: pages the daemon only read were logged"
+        );
+        let (_, _, used1) = ring(1);
+        assert!(
+            !round1.dirty(used1),
+            "{extra:?}: idle queue 1's ring logged"
+        );
+
+        // dirty_log: the next round has a new log; the old one is left alone.
+        let round2 = DirtyLog::new(end);
+        ch.fe.set_log_base(0, Some(round2.region())).unwrap();
+        let read2 = BOOT_RAM + 0x40_0000;
+        assert_eq!(ch.queues[1].request(&ram, 0, 16, read2, 16 << 10), 0);
+        assert!(
+            round2.clean_pages(read2, 16 << 10).is_empty(),
+            "{extra:?}: round 2"
+        );
+        assert!(round2.dirty(used1) && round2.dirty(meta(1).1));
+        assert!(
+            !round2.dirty(read1),
+            "{extra:?}: round 1's page in round 2's log"
+        );
+        assert!(
+            round1.clean_pages(read2, 16 << 10).len() == 4,
+            "{extra:?}: the rotated-out log was written"
+        );
+        // The migration ends: logging off, the disk goes on.
+        ch.fe.set_features(ch.features & !F_LOG_ALL).unwrap();
+        verify(&mut ch, &ram, 1, 256, BOOT_RAM + 0x50_0000, 12);
+        drop(ch);
+        daemon.stop();
+    }
+}
+
+/// `--dirty-logging false` (the e2e migration test's negative control):
+/// neither LOG_ALL nor LOG_SHMFD is offered, so a frontend cannot migrate.
+#[test]
+fn without_dirty_logging_no_migration_feature_is_offered() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = start_on(
+        dir.path(),
+        &dir.path().join("disk.img"),
+        &["--dirty-logging", "false"],
+    );
+    let (ch, _) = Ch::create(&daemon.socket);
+    assert_eq!(ch.features & F_LOG_ALL, 0);
+    assert!(!ch.protocol.contains(VhostUserProtocolFeatures::LOG_SHMFD));
+    drop(ch);
+    daemon.stop();
+}
+
+/// The migration hand-over on one image: a destination daemon started with
+/// --incoming runs beside the source that holds the image; its requests
+/// fail while the source still holds it (the control: no two writers),
+/// succeed once the source's frontend stopped the device during a
+/// migration, and see everything the source acknowledged. Afterwards the
+/// destination holds the image: a plain second daemon is refused.
+#[test]
+fn migration_hands_the_image_over_to_an_incoming_daemon() {
+    let src_dir = tempfile::tempdir().unwrap();
+    let dst_dir = tempfile::tempdir().unwrap();
+    let image = src_dir.path().join("disk.img");
+    let source = start_on(src_dir.path(), &image, &[]);
+    let destination = start_on(dst_dir.path(), &image, &["--incoming"]);
+
+    let src_ram = Ram {
+        regions: vec![Region::new(BOOT_RAM, BOOT_LEN)],
+    };
+    let (mut src, _) = Ch::create(&source.socket);
+    let mut inflight = None;
+    src.activate(&src_ram, &mut inflight);
+    verify(&mut src, &src_ram, 0, 32, BOOT_RAM + 0x10_0000, 21);
+
+    // The destination VMM connects at once (QEMU -incoming does); a request
+    // before the hand-over waits for the source, then fails.
+    let dst_ram = Ram {
+        regions: vec![Region::new(BOOT_RAM, BOOT_LEN)],
+    };
+    let (mut dst, _) = Ch::create(&destination.socket);
+    let mut dst_inflight = None;
+    dst.activate(&dst_ram, &mut dst_inflight);
+    let early = BOOT_RAM + 0x20_0000;
+    assert_ne!(
+        dst.queues[0].request(&dst_ram, 0, 32, early, 4096),
+        0,
+        "the destination read the image while the source held it"
+    );
+
+    // The migration: logging on, a last write, the VM stops (GET_VRING_BASE).
+    src.fe.set_features(src.features | F_LOG_ALL).unwrap();
+    let log = DirtyLog::new(BOOT_RAM + BOOT_LEN as u64);
+    src.fe.set_log_base(0, Some(log.region())).unwrap();
+    verify(&mut src, &src_ram, 1, 96, BOOT_RAM + 0x30_0000, 22);
+    for q in 0..QUEUES {
+        src.fe.get_vring_base(q).unwrap();
+    }
+
+    // The destination now serves what the source acknowledged.
+    for (q, sector, seed) in [(0, 32, 21), (1, 96, 22)] {
+        let buf = BOOT_RAM + 0x40_0000 + q as u64 * 0x1_0000;
+        assert_eq!(dst.queues[q].request(&dst_ram, 0, sector, buf, 16 << 10), 0);
+        assert!(
+            dst_ram.read(buf, 16 << 10) == pattern(seed, sector * 512, 16 << 10),
+            "queue {q}: the destination does not see the source's write"
+        );
+    }
+    verify(&mut dst, &dst_ram, 1, 512, BOOT_RAM + 0x50_0000, 23);
+
+    // It holds the image now: a third daemon is refused.
+    let third = tempfile::tempdir().unwrap();
+    let (key, _) = write_key(third.path(), 64);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cryptblk"))
+        .args(["serve", "--socket"])
+        .arg(third.path().join("s.sock"))
+        .arg("--image")
+        .arg(&image)
+        .arg("--key-file")
+        .arg(&key)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && text.contains("in use"),
+        "a third writer was not refused: {text}"
+    );
+    drop(src);
+    drop(dst);
+    source.stop();
+    destination.stop();
 }

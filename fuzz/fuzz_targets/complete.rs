@@ -37,6 +37,7 @@ fn disk() -> &'static Disk {
             skip: 0,
         };
         let volume = open_image(ImageOptions {
+            incoming: false,
             path: path.clone(),
             create_size: None,
             payload_offset: HEADER as u64,
@@ -62,6 +63,7 @@ fn disk() -> &'static Disk {
                 split_threshold: 1 << 17,
                 aio: AioMode::Sync,
                 inflight_tracking: true,
+                dirty_logging: true,
             },
         );
         Disk {

@@ -219,6 +219,15 @@ pub struct ServeArgs {
     /// Open the image with O_DIRECT (bypass the host page cache).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub direct: Option<bool>,
+    /// Live-migration destination (as QEMU's -incoming): start while the
+    /// source's daemon still holds the image, and lock it at the first
+    /// request, once the source has handed it over.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub incoming: Option<bool>,
+    /// Offer dirty-page logging (VHOST_F_LOG_ALL, LOG_SHMFD), which live
+    /// migration needs (default true; false makes QEMU refuse to migrate).
+    #[arg(long, value_name = "BOOL")]
+    pub dirty_logging: Option<bool>,
     /// mmap: the cipher copies between guest memory and a shared mapping of
     /// the image (one pass); pread: read/write then crypt (two passes).
     /// Default mmap; block devices and --direct always use pread.
@@ -345,6 +354,7 @@ struct ImageSpec {
     reconnect: Duration,
     create_size: Option<u64>,
     readonly: bool,
+    incoming: bool,
     direct: bool,
     io: IoMode,
     layout: Layout,
@@ -484,6 +494,7 @@ impl ServeConfig {
                 readonly,
                 allow_discards: a.allow_discards.unwrap_or(false),
                 inflight_tracking: a.inflight_tracking.unwrap_or(true),
+                dirty_logging: a.dirty_logging.unwrap_or(true),
                 serial,
                 crypto: a.crypto.unwrap_or(CryptoMode::Inline),
                 workers,
@@ -505,6 +516,7 @@ impl ServeConfig {
                 reconnect,
                 create_size: a.size.map(|s| positive("--size", s)).transpose()?,
                 readonly,
+                incoming: a.incoming.unwrap_or(false),
                 direct,
                 io,
                 layout,
@@ -563,6 +575,7 @@ impl ServeConfig {
         // at trace level and the key's bytes nowhere in the log.
         log::trace!("volume key {key:?}, {rule:?}, payload at byte {payload_offset}");
         Ok(open_image(ImageOptions {
+            incoming: s.incoming,
             nbd: NbdOptions {
                 tls: s.nbd.clone().unwrap_or_default(),
                 queues: self.device.queues,

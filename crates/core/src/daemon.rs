@@ -6,11 +6,12 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::device::GuestMemory;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use vhost::vhost_user::Error as VhostUserError;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::GuestMemoryAtomic;
 
 use crate::control::ControlSocket;
 use crate::device::{AioMode, BlkBackend, BlkDevice};
@@ -220,7 +221,7 @@ fn serve_connections(
 ) -> Result<(), DaemonError> {
     let mut connections = 0u64;
     while !shutdown.requested() {
-        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let mem = GuestMemoryAtomic::new(GuestMemory::new());
         let backend = BlkBackend::new(dev.clone(), mem.clone())
             .map_err(|e| DaemonError::Device(format!("cannot start crypto workers: {e}")))?;
         let mut daemon = VhostUserDaemon::new("cryptblk".into(), backend.clone(), mem)

@@ -24,7 +24,8 @@ use std::io;
 use std::os::unix::io::RawFd;
 use std::sync::Arc;
 
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use super::GuestMemory;
+use vm_memory::GuestAddress;
 
 use super::completion::{Finished, Outcome};
 use super::stats::Ticket;
@@ -55,7 +56,7 @@ struct Pending {
     status_at: GuestAddress,
     request: Option<Request>,
     segments: Vec<Segment>,
-    mem: Option<Arc<GuestMemoryMmap>>,
+    mem: Option<Arc<GuestMemory>>,
     /// Bytes of the request already given to pieces.
     queued: u64,
     /// Operations of this request the kernel has not completed.
@@ -100,7 +101,7 @@ struct Piece {
 
 /// Receives each finished request with the guest memory it was parsed
 /// against (the status byte goes there).
-pub type Done<'a> = dyn FnMut(Finished, &GuestMemoryMmap) -> io::Result<()> + 'a;
+pub type Done<'a> = dyn FnMut(Finished, &GuestMemory) -> io::Result<()> + 'a;
 
 /// One queue's asynchronous executor.
 pub struct AsyncQueue {
@@ -117,7 +118,7 @@ pub struct AsyncQueue {
     piece_segments: Vec<Segment>,
     bufs: GuestBufs,
     /// Requests that finished, waiting to be handed to the completion path.
-    finished: Vec<(Finished, Arc<GuestMemoryMmap>)>,
+    finished: Vec<(Finished, Arc<GuestMemory>)>,
     reaped: Vec<(u64, i32)>,
 }
 
@@ -196,7 +197,7 @@ impl AsyncQueue {
         status_at: GuestAddress,
         request: Request,
         segments: &[Segment],
-        mem: &Arc<GuestMemoryMmap>,
+        mem: &Arc<GuestMemory>,
     ) {
         let index = self.free.pop().expect("start() without has_room()");
         let p = &mut self.requests[index as usize];

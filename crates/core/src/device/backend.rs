@@ -7,9 +7,10 @@ use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
+use super::{GuestMemory, Vring};
 use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures};
-use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vhost_user_backend::{VhostUserBackend, VringEpollHandler};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -17,14 +18,14 @@ use vmm_sys_util::event::{
 
 use super::aio::AsyncQueue;
 use super::blk::{BlkDevice, Workspace};
-use super::config_space::{config_window, protocol_features, virtio_features};
+use super::config_space::{config_window, protocol_features, virtio_features, VHOST_F_LOG_ALL};
 use super::guest_faults::GuestFaults;
 use super::inflight::{InflightQueue, InflightRegion};
 use super::options::{AioMode, CryptoMode};
 use super::pool::Pool;
 use super::queue::{drain_async, process_vring, QueueCtx, QueueState};
 
-type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
+type Mem = GuestMemoryAtomic<GuestMemory>;
 
 /// The backend of one vhost-user connection. A new one is made for every
 /// connection, so nothing a previous VMM negotiated leaks into the next.
@@ -34,6 +35,9 @@ pub struct BlkBackend {
     pool: Option<Pool>,
     mem: RwLock<Mem>,
     event_idx: AtomicBool,
+    /// The frontend acked VHOST_F_LOG_ALL: a live migration is running, and
+    /// a queue it stops may be the last before the destination takes over.
+    migrating: AtomicBool,
     /// The connection is ending: queues take no new requests.
     stopping: AtomicBool,
     /// One per queue; only that queue's vring thread (and stop_vring and
@@ -71,6 +75,7 @@ impl BlkBackend {
             pool,
             mem: RwLock::new(mem),
             event_idx: AtomicBool::new(false),
+            migrating: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
             queues,
             exit_events: Mutex::new(Vec::new()),
@@ -163,8 +168,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl VhostUserBackend for BlkBackend {
-    type Bitmap = ();
-    type Vring = VringRwLock;
+    type Bitmap = vhost_user_backend::bitmap::BitmapMmapRegion;
+    type Vring = Vring;
 
     fn num_queues(&self) -> usize {
         self.dev.options().queues
@@ -184,6 +189,13 @@ impl VhostUserBackend for BlkBackend {
 
     fn acked_features(&self, features: u64) {
         self.dev.stats().set_features(features);
+        let logging = features & (1 << VHOST_F_LOG_ALL) != 0;
+        if self.migrating.swap(logging, Ordering::AcqRel) != logging {
+            log::info!(
+                "dirty-page logging {} (live migration)",
+                if logging { "on" } else { "off" }
+            );
+        }
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -272,6 +284,16 @@ impl VhostUserBackend for BlkBackend {
         if let Some(pool) = &self.pool {
             pool.wait_idle(queue_index as usize);
         }
+        // A migration source stopping its device: what this queue completed
+        // is durable and the image free for the destination once the last
+        // queue stops (volume/lock.rs). A queue still running takes the
+        // image back with its next request.
+        if self.migrating.load(Ordering::Acquire) {
+            if let Err(e) = self.dev.volume().hand_over() {
+                log::error!("queue {queue_index}: {e}");
+                return Err(io::Error::other(e));
+            }
+        }
         Ok(())
     }
 
@@ -279,7 +301,7 @@ impl VhostUserBackend for BlkBackend {
         &self,
         device_event: u16,
         evset: EventSet,
-        vrings: &[VringRwLock],
+        vrings: &[Vring],
         thread_id: usize,
     ) -> io::Result<()> {
         // A kick names the thread's vring (one per thread); a completion

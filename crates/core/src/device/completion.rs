@@ -4,9 +4,10 @@
 //! and the guest interrupt under the EVENT_IDX rules. Errors are logged
 //! here too, rate-limited, so a guest cannot flood the host's log.
 
+use super::Vring;
 use std::io;
 
-use vhost_user_backend::{VringRwLock, VringT};
+use vhost_user_backend::VringT;
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
@@ -100,7 +101,7 @@ pub fn write_status<M: GuestMemoryBackend>(
 /// Writes the status and puts the chain in the used ring. The caller
 /// interrupts the guest once per batch (`notify_guest`).
 pub fn finish<M: GuestMemoryBackend>(
-    vring: &VringRwLock,
+    vring: &Vring,
     tracker: Option<&InflightQueue>,
     stats: &QueueStats,
     guest: &GuestFaults,
@@ -117,7 +118,7 @@ pub fn finish<M: GuestMemoryBackend>(
 /// all under the vring lock so that completions from several threads
 /// cannot interleave their steps.
 pub fn put_used(
-    vring: &VringRwLock,
+    vring: &Vring,
     tracker: Option<&InflightQueue>,
     head: u16,
     used: u32,
@@ -133,7 +134,7 @@ pub fn put_used(
 }
 
 /// Interrupts the guest if the event-index rules say it wants to know.
-pub fn notify_guest(vring: &VringRwLock) -> io::Result<()> {
+pub fn notify_guest(vring: &Vring) -> io::Result<()> {
     if vring.needs_notification().map_err(io::Error::other)? {
         vring.signal_used_queue()?;
     }

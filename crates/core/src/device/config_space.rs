@@ -10,6 +10,10 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 use super::options::DeviceOptions;
 use crate::virtio::Limits;
 
+/// VHOST_F_LOG_ALL (vhost's own feature bit): the backend logs every write
+/// into guest memory in the dirty log the frontend gives it.
+pub const VHOST_F_LOG_ALL: u32 = 26;
+
 /// Largest single data descriptor the guest may use (config `size_max`).
 pub const SIZE_MAX: u32 = 1 << 20;
 /// DISCARD and WRITE_ZEROES carry one range each; the sector limits keep a
@@ -20,6 +24,7 @@ const MAX_WRITE_ZEROES_SECTORS: u32 = 1 << 16;
 pub fn virtio_features(opts: &DeviceOptions) -> u64 {
     let bits = [
         (VIRTIO_F_VERSION_1, true),
+        (VHOST_F_LOG_ALL, opts.dirty_logging),
         (VIRTIO_RING_F_EVENT_IDX, true),
         (VIRTIO_RING_F_INDIRECT_DESC, true),
         (VIRTIO_BLK_F_SEG_MAX, true),
@@ -47,11 +52,19 @@ pub fn protocol_features(opts: &DeviceOptions) -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::BACKEND_REQ
         // Snapshot/restore and migration hand-over (device/state.rs).
         | VhostUserProtocolFeatures::DEVICE_STATE;
-    if opts.inflight_tracking {
-        base | VhostUserProtocolFeatures::INFLIGHT_SHMFD
-    } else {
-        base
-    }
+    let optional = [
+        (
+            VhostUserProtocolFeatures::INFLIGHT_SHMFD,
+            opts.inflight_tracking,
+        ),
+        // The dirty log of a live migration (SET_LOG_BASE): see
+        // virtio::GuestBufs and device::GuestMemory.
+        (VhostUserProtocolFeatures::LOG_SHMFD, opts.dirty_logging),
+    ];
+    optional
+        .into_iter()
+        .filter(|(_, on)| *on)
+        .fold(base, |acc, (f, _)| acc | f)
 }
 
 /// Guest-visible limits that request parsing enforces.
@@ -139,6 +152,7 @@ mod tests {
             split_threshold: 128 << 10,
             aio: AioMode::IoUring,
             inflight_tracking: true,
+            dirty_logging: true,
         }
     }
 

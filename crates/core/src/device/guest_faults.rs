@@ -26,8 +26,10 @@ use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use super::GuestMemory;
+use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::ShutdownHandle;
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MmapRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MmapRegion};
 
 use super::seals::seal_against_shrinking;
 use crate::sigbus::{self, Slot};
@@ -50,7 +52,7 @@ pub struct GuestFaults {
 /// Fields drop in order: the registration goes before the mapping can.
 struct Held {
     slot: Option<Slot>,
-    region: Arc<MmapRegion<()>>,
+    region: Arc<MmapRegion<BitmapMmapRegion>>,
 }
 
 /// For requests executed outside any connection (the fuzz targets).
@@ -74,7 +76,7 @@ impl GuestFaults {
 
     /// A new memory table (SET_MEM_TABLE, ADD/REM_MEM_REG): seals or
     /// registers its new regions and gives back those nothing uses any more.
-    pub fn update(&self, mem: &GuestMemoryMmap) {
+    pub fn update(&self, mem: &GuestMemory) {
         let mut held = lock(&self.held);
         for region in mem.iter() {
             let map = region.get_mmap();
@@ -93,7 +95,7 @@ impl GuestFaults {
 
     /// Seals `file` against shrinking, or registers its mapping `map` if it
     /// cannot be sealed.
-    fn guard(&self, at: u64, file: &File, map: &MmapRegion<()>) -> Option<Slot> {
+    fn guard(&self, at: u64, file: &File, map: &MmapRegion<BitmapMmapRegion>) -> Option<Slot> {
         let Err(e) = seal_against_shrinking(file) else {
             return None;
         };
@@ -199,7 +201,7 @@ mod tests {
     use vm_memory::{FileOffset, GuestAddress};
 
     /// Guest memory in a file that cannot be sealed (not a memfd).
-    fn unsealable_memory() -> Arc<GuestMemoryMmap> {
+    fn unsealable_memory() -> Arc<GuestMemory> {
         let file = tempfile::tempfile().unwrap();
         file.set_len(1 << 20).unwrap();
         let range = (
@@ -207,7 +209,7 @@ mod tests {
             1 << 20,
             Some(FileOffset::new(file, 0)),
         );
-        Arc::new(GuestMemoryMmap::from_ranges_with_files([range]).unwrap())
+        Arc::new(GuestMemory::from_ranges_with_files([range]).unwrap())
     }
 
     fn slot_count(g: &GuestFaults) -> u32 {
@@ -230,7 +232,7 @@ mod tests {
 
         let request = table.clone();
         drop(table);
-        let empty = GuestMemoryMmap::new();
+        let empty = GuestMemory::new();
         g.update(&empty);
         assert_eq!(slot_count(&g), 1, "given back while a request uses it");
 
@@ -255,7 +257,7 @@ mod tests {
             1 << 20,
             Some(FileOffset::new(file, 0)),
         );
-        let table = GuestMemoryMmap::from_ranges_with_files([range]).unwrap();
+        let table = GuestMemory::from_ranges_with_files([range]).unwrap();
         let g = GuestFaults::new();
         g.update(&table);
         assert_eq!(slot_count(&g), 0);

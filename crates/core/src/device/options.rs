@@ -40,4 +40,6 @@ pub struct DeviceOptions {
     pub aio: AioMode,
     /// Offer INFLIGHT_SHMFD (requests survive a daemon restart).
     pub inflight_tracking: bool,
+    /// Offer VHOST_F_LOG_ALL and LOG_SHMFD (live migration).
+    pub dirty_logging: bool,
 }

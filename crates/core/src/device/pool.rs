@@ -13,9 +13,9 @@ use std::sync::atomic::{AtomicI32, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
+use super::{GuestMemory, Vring};
 use crossbeam_channel::{Receiver, Sender};
-use vhost_user_backend::VringRwLock;
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 
 use super::blk::{BlkDevice, Workspace};
 use super::completion::{self, Finished, Outcome};
@@ -35,8 +35,8 @@ struct Slot {
     status: GuestAddress,
     request: Option<Request>,
     segments: Vec<Segment>,
-    vring: Option<VringRwLock>,
-    mem: Option<Arc<GuestMemoryMmap>>,
+    vring: Option<Vring>,
+    mem: Option<Arc<GuestMemory>>,
     inflight: Option<Arc<InflightQueue>>,
     parts: usize,
     parts_left: AtomicUsize,
@@ -154,8 +154,8 @@ impl Pool {
     /// queue has no free slot.
     pub fn submit(
         &self,
-        vring: &VringRwLock,
-        mem: &Arc<GuestMemoryMmap>,
+        vring: &Vring,
+        mem: &Arc<GuestMemory>,
         accepted: Accepted,
         segments: &[Segment],
     ) {

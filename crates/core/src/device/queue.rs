@@ -10,10 +10,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use vhost_user_backend::{VringRwLock, VringT};
+use super::{GuestMemory, Vring};
+use vhost_user_backend::VringT;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use super::aio::{AsyncQueue, Done};
 use super::blk::{BlkDevice, Workspace};
@@ -34,7 +35,7 @@ pub struct QueueState {
     pub aio: Option<AsyncQueue>,
     /// The vring this queue's thread serves, kept to complete requests
     /// outside its events (draining).
-    pub vring: Option<VringRwLock>,
+    pub vring: Option<Vring>,
 }
 
 /// What one vring thread needs to serve its queue.
@@ -59,7 +60,7 @@ impl QueueCtx<'_> {
 }
 
 /// The guest memory map as of now (the frontend may add regions at any time).
-pub type MemNow<'a> = &'a dyn Fn() -> Arc<GuestMemoryMmap>;
+pub type MemNow<'a> = &'a dyn Fn() -> Arc<GuestMemory>;
 
 /// Why popping stopped.
 #[derive(PartialEq, Eq)]
@@ -79,7 +80,7 @@ enum Stop {
 /// re-enabled, so loop until the ring stays empty.
 pub fn process_vring(
     ctx: &QueueCtx<'_>,
-    vring: &VringRwLock,
+    vring: &Vring,
     mem: MemNow<'_>,
     qs: &mut QueueState,
 ) -> io::Result<()> {
@@ -124,7 +125,7 @@ pub fn process_vring(
     notify_if(completed, vring)
 }
 
-fn notify_if(completed: bool, vring: &VringRwLock) -> io::Result<()> {
+fn notify_if(completed: bool, vring: &Vring) -> io::Result<()> {
     if completed {
         completion::notify_guest(vring)?;
     }
@@ -134,7 +135,7 @@ fn notify_if(completed: bool, vring: &VringRwLock) -> io::Result<()> {
 /// Takes what the asynchronous executor finished and completes it.
 fn progress(
     ctx: &QueueCtx<'_>,
-    vring: &VringRwLock,
+    vring: &Vring,
     qs: &mut QueueState,
     completed: &mut bool,
 ) -> io::Result<()> {
@@ -144,7 +145,7 @@ fn progress(
 /// See `AsyncQueue::finish_lone_request`.
 fn finish_lone_request(
     ctx: &QueueCtx<'_>,
-    vring: &VringRwLock,
+    vring: &Vring,
     qs: &mut QueueState,
     completed: &mut bool,
 ) -> io::Result<()> {
@@ -155,7 +156,7 @@ fn finish_lone_request(
 /// the completion path for what it finishes.
 fn on_executor(
     ctx: &QueueCtx<'_>,
-    vring: &VringRwLock,
+    vring: &Vring,
     qs: &mut QueueState,
     completed: &mut bool,
     step: impl FnOnce(&mut AsyncQueue, &Volume, &mut Done<'_>) -> io::Result<()>,
@@ -174,12 +175,12 @@ fn on_executor(
 /// The completion path for what the asynchronous executor finished; notes
 /// that the guest is to be interrupted.
 fn completer<'a>(
-    vring: &'a VringRwLock,
+    vring: &'a Vring,
     tracker: Option<&'a InflightQueue>,
     stats: &'a QueueStats,
     guest: &'a GuestFaults,
     completed: &'a mut bool,
-) -> impl FnMut(Finished, &GuestMemoryMmap) -> io::Result<()> + 'a {
+) -> impl FnMut(Finished, &GuestMemory) -> io::Result<()> + 'a {
     move |done, mem| {
         *completed = true;
         completion::finish(vring, tracker, stats, guest, mem, done)
@@ -212,7 +213,7 @@ pub fn drain_async(
 /// ring ahead of ours. virtio-queue logs each of those at error level on
 /// every pop, so a hostile guest kicking in a loop could flood the host's
 /// log; here it is one rate-limited warning instead.
-fn avail_ring_usable(queue: &Queue, mem: &GuestMemoryMmap) -> bool {
+fn avail_ring_usable(queue: &Queue, mem: &GuestMemory) -> bool {
     if !queue.ready() || queue.avail_ring() == 0 {
         return false;
     }
@@ -238,7 +239,7 @@ fn avail_ring_usable(queue: &Queue, mem: &GuestMemoryMmap) -> bool {
 /// cannot take more.
 fn drain(
     ctx: &QueueCtx<'_>,
-    vring: &VringRwLock,
+    vring: &Vring,
     mem_now: MemNow<'_>,
     qs: &mut QueueState,
     completed: &mut bool,
@@ -289,7 +290,7 @@ fn drain(
 fn resubmit(
     ctx: &QueueCtx<'_>,
     tracker: &InflightQueue,
-    vring: &VringRwLock,
+    vring: &Vring,
     mem_now: MemNow<'_>,
     qs: &mut QueueState,
     completed: &mut bool,
@@ -374,8 +375,8 @@ struct Popped {
 /// Parses one chain and runs it where it belongs.
 fn dispatch_chain(
     ctx: &QueueCtx<'_>,
-    vring: &VringRwLock,
-    mem: &Arc<GuestMemoryMmap>,
+    vring: &Vring,
+    mem: &Arc<GuestMemory>,
     qs: &mut QueueState,
     popped: Popped,
     descs: impl Iterator<Item = Descriptor>,
@@ -387,6 +388,18 @@ fn dispatch_chain(
     let (Some(status), Ok(request)) = (parsed.status, parsed.request.clone()) else {
         return complete_here(ctx, vring, mem, qs, (parsed, popped.at), completed);
     };
+    if let Err(e) = ctx.dev.volume().ensure_active() {
+        let failed = Finished {
+            head,
+            status_at: Some(status),
+            outcome: Outcome::Failed(io::Error::other(e)),
+            ticket,
+        };
+        let used = completion::write_status(&**mem, ctx.stats(), ctx.guest, failed);
+        completion::put_used(vring, ctx.inflight.as_deref(), head, used)?;
+        *completed = true;
+        return Ok(());
+    }
     match placement(ctx, qs, &request) {
         Placement::Pool(pool) => {
             let accepted = Accepted {
@@ -418,8 +431,8 @@ fn dispatch_chain(
 
 fn complete_here(
     ctx: &QueueCtx<'_>,
-    vring: &VringRwLock,
-    mem: &Arc<GuestMemoryMmap>,
+    vring: &Vring,
+    mem: &Arc<GuestMemory>,
     qs: &mut QueueState,
     (parsed, popped_at): (Parsed, Option<Instant>),
     completed: &mut bool,

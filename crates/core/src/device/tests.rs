@@ -7,14 +7,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
-use vm_memory::{
-    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap,
-};
+use vm_memory::{Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 
-use super::{AioMode, BlkBackend, BlkDevice, CryptoMode, DeviceOptions};
+use super::{AioMode, BlkBackend, BlkDevice, CryptoMode, DeviceOptions, GuestMemory, Vring};
 use crate::crypto::{IvRule, SectorCipher, XtsKey};
 use crate::volume::{open_image, ImageOptions, IoMode};
 
@@ -85,9 +83,9 @@ fn cipher() -> SectorCipher {
 struct Rig {
     _dir: tempfile::TempDir,
     image: std::path::PathBuf,
-    mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    mem: GuestMemoryAtomic<GuestMemory>,
     backend: Arc<BlkBackend>,
-    vring: VringRwLock,
+    vring: Vring,
     /// Descriptors used so far (each request takes three).
     next_desc: u16,
 }
@@ -97,6 +95,7 @@ impl Rig {
         let dir = tempfile::tempdir().unwrap();
         let image = dir.path().join("image");
         let volume = open_image(ImageOptions {
+            incoming: false,
             path: image.clone(),
             create_size: Some(IMAGE_BYTES),
             payload_offset: 0,
@@ -123,12 +122,13 @@ impl Rig {
                 split_threshold: 16 << 10,
                 aio: p.aio,
                 inflight_tracking: false,
+                dirty_logging: true,
             },
         );
-        let guest = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_END)]).unwrap();
+        let guest = GuestMemory::from_ranges(&[(GuestAddress(0), MEM_END)]).unwrap();
         let mem = GuestMemoryAtomic::new(guest);
         let backend = BlkBackend::new(dev, mem.clone()).unwrap();
-        let vring = VringRwLock::new(mem.clone(), QSIZE).unwrap();
+        let vring = Vring::new(mem.clone(), QSIZE).unwrap();
         vring.set_queue_size(QSIZE);
         vring
             .set_queue_info(DESC_TABLE, AVAIL_RING, USED_RING)

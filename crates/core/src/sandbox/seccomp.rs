@@ -217,7 +217,9 @@ fn conditional(
 
 const CLONE_THREAD_FLAG: u64 = libc::CLONE_THREAD as u64;
 
-const FCNTL_COMMANDS: [libc::c_int; 7] = [
+/// The OFD lock commands: a migration hands the image's locks over while
+/// serving (volume/lock.rs).
+const FCNTL_COMMANDS: [libc::c_int; 9] = [
     libc::F_GETFD,
     libc::F_SETFD,
     libc::F_GETFL,
@@ -225,6 +227,8 @@ const FCNTL_COMMANDS: [libc::c_int; 7] = [
     libc::F_DUPFD_CLOEXEC,
     libc::F_ADD_SEALS,
     libc::F_GET_SEALS,
+    libc::F_OFD_GETLK,
+    libc::F_OFD_SETLK,
 ];
 
 /// The `prot` argument (2) of mmap/mprotect has no PROT_EXEC.

@@ -6,6 +6,7 @@
 //! because the cipher and the syscalls need plain slices to run at speed.
 
 use std::io::{IoSlice, IoSliceMut};
+use vm_memory::bitmap::Bitmap;
 use vm_memory::{GuestMemoryBackend, VolatileMemory};
 
 use super::Segment;
@@ -35,6 +36,7 @@ impl GuestBufs {
         }
         let r = f(&mut v);
         self.writable = relabel(v);
+        mark_dirty(mem, segments);
         Ok(r)
     }
 
@@ -51,6 +53,21 @@ impl GuestBufs {
         let r = f(&v);
         self.readable = relabel(v);
         Ok(r)
+    }
+}
+
+/// Tells a migrating frontend that the daemon wrote these bytes (the dirty
+/// log of SET_LOG_BASE; a no-op while no log is set). Marked after the
+/// writes, never before: the frontend may collect and clear the log at any
+/// moment, and a page marked before it changed could be copied stale with
+/// its bit already cleared. Writes through vm-memory (status bytes, GET_ID,
+/// the used ring) mark themselves; this covers the cipher's and the
+/// syscalls' writes through the slices above.
+fn mark_dirty<M: GuestMemoryBackend>(mem: &M, segments: &[Segment]) {
+    for s in segments {
+        if let Ok(vs) = mem.get_slice(s.addr, s.len as usize) {
+            vs.bitmap().mark_dirty(0, vs.len());
+        }
     }
 }
 

@@ -1,5 +1,6 @@
 //! Opening (or creating) the backing image and working out its capacity.
 
+use super::lock::Handover;
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
@@ -22,6 +23,9 @@ pub struct ImageOptions {
     /// "to the end of the image".
     pub payload_size: Option<u64>,
     pub readonly: bool,
+    /// A migration destination: take no lock until the first request (the
+    /// source still holds the image; see volume/lock.rs).
+    pub incoming: bool,
     pub direct: bool,
     /// `Mmap` maps regular files; block devices and `direct` use pread.
     pub io: IoMode,
@@ -79,7 +83,10 @@ pub fn open_image(opts: ImageOptions) -> Result<Volume, VolumeError> {
     if opts.direct {
         file = open_file(&opts, true).map_err(open_err)?;
     }
-    super::lock::lock_image(&file, &path, opts.readonly)?;
+    if !opts.incoming {
+        super::lock::lock_image(&file, &path, opts.readonly)?;
+    }
+    let handover = Handover::new(path.clone(), opts.readonly, !opts.incoming);
     let map = if opts.io == IoMode::Mmap && !opts.direct && !block_device {
         let mapped = Mapping::new(&file, opts.payload_offset, capacity, opts.readonly);
         Some(mapped.map_err(|source| VolumeError::Map {
@@ -91,6 +98,7 @@ pub fn open_image(opts: ImageOptions) -> Result<Volume, VolumeError> {
     };
     Ok(Volume {
         backing: Backing::File(file),
+        handover: Some(handover),
         payload_offset: opts.payload_offset,
         capacity: capacity.into(),
         fixed_size: opts.payload_size.is_some(),
@@ -187,6 +195,7 @@ fn open_nbd(opts: ImageOptions) -> Result<Volume, VolumeError> {
     }
     Ok(Volume {
         backing: Backing::Nbd(export),
+        handover: None,
         payload_offset: opts.payload_offset,
         capacity: capacity.into(),
         fixed_size: true,

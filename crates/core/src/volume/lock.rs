@@ -16,9 +16,27 @@
 //! daemons may serve one image, a writer only alone. The locks belong to the
 //! image's open file description, so they go when the daemon exits, however
 //! it exits. Byte 0 is libvirt's; it is left alone.
+//!
+//! Live migration is the one time two daemons must have one image open:
+//! the destination's daemon starts (`--incoming`) while the source's still
+//! serves. QEMU solves the same problem for its own disks by "inactivating"
+//! them: an incoming QEMU opens its images without locks, the source drops
+//! its locks once it has stopped the VM and flushed, and the destination
+//! takes them when it starts the VM. cryptblk follows the frontend's device
+//! state the same way (`Handover`): a daemon started with `--incoming`
+//! holds no lock until the first request arrives; a daemon whose frontend
+//! turned on dirty-page logging (VHOST_F_LOG_ALL: a migration is running)
+//! syncs the image and drops its locks when the frontend stops a queue
+//! (GET_VRING_BASE, after that queue's requests are done), and takes them
+//! again if a request arrives after all (the migration failed and the
+//! source VM goes on). Outside a migration nothing changes: a second
+//! writer is refused at start.
 
 use std::fs::File;
 use std::os::unix::io::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use super::VolumeError;
 
@@ -44,6 +62,17 @@ fn name(perm: u32) -> &'static str {
 /// Takes the image's locks for a reader or a writer, or says who holds the
 /// image in a way that excludes us.
 pub fn lock_image(file: &File, path: &str, readonly: bool) -> Result<(), VolumeError> {
+    try_lock(file, path, readonly, holder)
+}
+
+/// `lock_image`, naming a conflicting holder with `who` (which may not
+/// look in /proc once the sandbox is on).
+fn try_lock(
+    file: &File,
+    path: &str,
+    readonly: bool,
+    who: fn(&File) -> Option<String>,
+) -> Result<(), VolumeError> {
     let held: &[u32] = if readonly {
         &[CONSISTENT_READ]
     } else {
@@ -70,7 +99,7 @@ pub fn lock_image(file: &File, path: &str, readonly: bool) -> Result<(), VolumeE
             return Err(VolumeError::InUse {
                 path: path.to_string(),
                 conflict: format!("another process {how} the {} permission", name(perm)),
-                holder: holder(file),
+                holder: who(file),
             });
         }
     }
@@ -82,6 +111,89 @@ pub fn lock_image(file: &File, path: &str, readonly: bool) -> Result<(), VolumeE
         set_shared_lock(file, byte).map_err(io)?;
     }
     Ok(())
+}
+
+/// Drops every lock this open file description holds on the image's lock
+/// bytes (the migration hand-over).
+pub fn unlock_image(file: &File) -> std::io::Result<()> {
+    let mut l = flock(libc::F_UNLCK, PERM_BASE);
+    l.l_len = SHARED_BASE + ALL.len() as i64 - PERM_BASE;
+    // SAFETY: F_OFD_SETLK reads the flock we own.
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &l) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Whether this daemon holds the image's locks now, and the switch between
+/// holding and not holding them (see the module comment).
+pub struct Handover {
+    path: String,
+    readonly: bool,
+    active: AtomicBool,
+    switching: Mutex<()>,
+}
+
+/// How long the first request after a migration waits for the source to
+/// let go of the image before it fails.
+const TAKE_OVER_WAIT: Duration = Duration::from_secs(10);
+
+impl Handover {
+    /// `active`: the locks are held already (taken at open).
+    pub fn new(path: String, readonly: bool, active: bool) -> Handover {
+        Handover {
+            path,
+            readonly,
+            active: AtomicBool::new(active),
+            switching: Mutex::new(()),
+        }
+    }
+
+    pub fn is_active(&self) -> bool {
+        self.active.load(Ordering::Acquire)
+    }
+
+    /// Drops the locks; the caller has synced what this daemon wrote.
+    pub fn release(&self, file: &File) -> Result<(), VolumeError> {
+        let _one = self.switching.lock().unwrap_or_else(|p| p.into_inner());
+        if !self.active.swap(false, Ordering::AcqRel) {
+            return Ok(());
+        }
+        unlock_image(file).map_err(|source| VolumeError::Lock {
+            path: self.path.clone(),
+            source,
+        })?;
+        log::info!(
+            "image {} handed over (the frontend stopped the device during a migration): \
+             locks released until the next request",
+            self.path
+        );
+        Ok(())
+    }
+
+    /// Takes the locks, waiting a while for a migration source to release
+    /// them; fails as `lock_image` does if they stay held.
+    pub fn take(&self, file: &File) -> Result<(), VolumeError> {
+        let _one = self.switching.lock().unwrap_or_else(|p| p.into_inner());
+        if self.is_active() {
+            return Ok(());
+        }
+        let deadline = Instant::now() + TAKE_OVER_WAIT;
+        loop {
+            // No holder's name: /proc is out of the sandbox's reach.
+            match try_lock(file, &self.path, self.readonly, |_| None) {
+                Ok(()) => break,
+                Err(VolumeError::InUse { .. }) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.active.store(true, Ordering::Release);
+        log::info!("image {} taken over: locks held", self.path);
+        Ok(())
+    }
 }
 
 fn flock(kind: libc::c_int, byte: i64) -> libc::flock {
@@ -185,5 +297,29 @@ mod tests {
         lock_image(&r2, &shown, true).expect("two readers");
         let err = lock_image(&open(&path), &shown, false).unwrap_err();
         assert!(err.to_string().contains("write"), "{err}");
+    }
+
+    #[test]
+    fn a_hand_over_lets_exactly_one_writer_hold_the_image_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        std::fs::write(&path, [0u8; 4096]).unwrap();
+        let shown = path.display().to_string();
+        let (source_file, dest_file) = (open(&path), open(&path));
+        lock_image(&source_file, &shown, false).unwrap();
+        let source = Handover::new(shown.clone(), false, true);
+        // The destination starts without locks (--incoming) and cannot
+        // take them while the source holds them.
+        let dest = Handover::new(shown.clone(), false, false);
+        assert!(lock_image(&dest_file, &shown, false).is_err());
+        source.release(&source_file).unwrap();
+        assert!(!source.is_active());
+        dest.take(&dest_file)
+            .expect("the destination takes the image");
+        assert!(dest.is_active());
+        // The source cannot take it back now (its wait ends in a refusal).
+        let err = source.take(&source_file).unwrap_err();
+        assert!(err.to_string().contains("in use"), "{err}");
+        assert!(lock_image(&open(&path), &shown, true).is_err());
     }
 }

@@ -12,6 +12,7 @@ pub use crate::store::AlignedBuf;
 pub use image::{open_image, ImageOptions, NbdOptions};
 pub use resize::ResizeError;
 
+use lock::Handover;
 use std::fs::File;
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::unix::fs::FileExt;
@@ -66,6 +67,10 @@ pub enum VolumeError {
         size: u64,
         segment: u64,
     },
+    #[error(
+        "cannot make the image durable before handing it over to a migration destination: {source}"
+    )]
+    Sync { source: io::Error },
     #[error("cannot lock image {path}: {source}")]
     Lock { path: String, source: io::Error },
     #[error("image {path} is in use: {conflict}{}; two writers would corrupt it: stop the other user (another cryptblk, a VM, qemu-img) first, or open it --readonly everywhere", holder.as_ref().map(|h| format!(" ({h})")).unwrap_or_default())]
@@ -121,6 +126,9 @@ impl Backing {
 /// A contiguous run of payload sectors plus the file behind it.
 pub struct Volume {
     backing: Backing,
+    /// The image's locks during a migration hand-over (None: nothing to
+    /// lock, as on an NBD export).
+    handover: Option<Handover>,
     payload_offset: u64,
     /// Grows (never shrinks) with `grow`; requests are checked against the
     /// device's copy, published after this one.
@@ -142,6 +150,33 @@ pub struct Volume {
 }
 
 impl Volume {
+    /// Takes the image's locks if this daemon does not hold them (a
+    /// migration destination's first request, or a source whose migration
+    /// failed): nothing may be read or written without them.
+    pub fn ensure_active(&self) -> Result<(), VolumeError> {
+        match (&self.handover, &self.backing) {
+            (Some(h), Backing::File(f)) if !h.is_active() => h.take(f),
+            _ => Ok(()),
+        }
+    }
+
+    /// A migration source stopped the device: make everything written so
+    /// far durable (the destination may run on another host's view of
+    /// shared storage), then let the destination take the image.
+    pub fn hand_over(&self) -> Result<(), VolumeError> {
+        let (Some(h), Backing::File(f)) = (&self.handover, &self.backing) else {
+            return Ok(());
+        };
+        if !h.is_active() {
+            return Ok(());
+        }
+        if !self.readonly {
+            f.sync_data()
+                .map_err(|source| VolumeError::Sync { source })?;
+        }
+        h.release(f)
+    }
+
     /// Payload size in bytes, a whole number of sectors.
     pub fn capacity_bytes(&self) -> u64 {
         self.capacity.load(Ordering::Acquire)

@@ -27,6 +27,7 @@ fn open_with(
     io: IoMode,
 ) -> Volume {
     let vol = open_image(ImageOptions {
+        incoming: false,
         nbd: Default::default(),
         export: None,
         path: path.to_path_buf(),
@@ -164,6 +165,7 @@ fn refuses_missing_image_and_size_mismatch() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("img");
     let opts = |size| ImageOptions {
+        incoming: false,
         nbd: Default::default(),
         export: None,
         path: path.clone(),
@@ -226,6 +228,7 @@ fn a_readonly_mapping_refuses_writes_without_faulting() {
     let path = dir.path().join("img");
     std::fs::write(&path, vec![0u8; 1 << 16]).unwrap();
     let vol = open_image(ImageOptions {
+        incoming: false,
         nbd: Default::default(),
         export: None,
         path: path.clone(),
