@@ -56,10 +56,11 @@ fi
 
 # Exactly these scripts, each with an environment cleared of the knobs that
 # would change what it tests.
-E2E_SCRIPTS=(integration/e2e-qemu.sh integration/e2e-reconnect.sh)
+E2E_SCRIPTS=(integration/e2e-qemu.sh integration/e2e-reconnect.sh integration/e2e-migrate.sh)
 KNOBS=(BACKEND E2E_FORMAT E2E_SERVE_ARGS E2E_PROFILE E2E_DEBUG E2E_APPEND E2E_UNLOCK E2E_SECTOR
   E2E_LUKS2_MAKER E2E_PLAIN_IV E2E_RESIZE E2E_NBD E2E_TIMEOUT WORK_DIR
-  RECONNECT_RUN RECONNECT_KILLS RECONNECT_PROGRESS RECONNECT_TIMEOUT)
+  RECONNECT_RUN RECONNECT_KILLS RECONNECT_PROGRESS RECONNECT_TIMEOUT
+  MIGRATE_RUN MIGRATE_PROGRESS MIGRATE_TIMEOUT)
 unset_knobs=()
 for k in "${KNOBS[@]}"; do unset_knobs+=(-u "$k"); done
 for script in "${E2E_SCRIPTS[@]}"; do

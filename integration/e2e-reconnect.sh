@@ -45,27 +45,13 @@ LOG_TAG=e2e-reconnect
 . "$INTEGRATION_DIR/guest/initramfs.sh"
 # shellcheck source=integration/guest/vm.sh
 . "$INTEGRATION_DIR/guest/vm.sh"
+# shellcheck source=integration/guest/writers.sh
+. "$INTEGRATION_DIR/guest/writers.sh"
 
 SERVE_ARGS=${E2E_SERVE_ARGS:-}
 KILLS=${RECONNECT_KILLS:-10}
 PROGRESS_S=${RECONNECT_PROGRESS:-60}
 TIMEOUT=${RECONNECT_TIMEOUT:-300}
-CPUS=2
-QUEUES=2
-# Two writers per queue: each writes and reads with O_DIRECT one request at a
-# time, so a queue has several requests in flight only with two of them.
-WRITERS=$((2 * QUEUES))
-MEM=512M
-DISK_BYTES=$((64 << 20))
-# Each writer cycles through SLOTS slots of SLOT_BYTES (one O_DIRECT write
-# each, which the guest splits into several requests in flight at once).
-# shellcheck disable=SC2034 # passed to the guest by name (guest_conf)
-SLOTS=32
-# shellcheck disable=SC2034
-
-SLOT_BYTES=$((256 << 10))
-REF_SERIAL="rc-image"
-CTL_SERIAL="rc-control"
 BACKEND=cryptblk
 RUN=$WORK_DIR/e2e-reconnect${RECONNECT_RUN:+-$RECONNECT_RUN}
 SOCK=$RUN/vhost.sock
@@ -76,8 +62,6 @@ SERIAL=$RUN/serial.log
 BACKEND_LOG=$RUN/backend.log
 RUNID=$(od -An -tx4 -N4 /dev/urandom | tr -d ' ')
 MARKER=CRYPTBLK-E2E-$RUNID
-EXPECTED_RESULTS="modules disk-present queues $(seq -f 'writer-%g' 0 $((WRITERS - 1)) | xargs)
-  stopped-by-host final-verify dmcrypt-open dmcrypt-verify both-queues-used kernel-log"
 
 cleanup_on_exit "$KEYFILE" "$RUN/initramfs/e2e/volume.key"
 
@@ -137,16 +121,6 @@ kill_daemon() {
 
 # The guest's console without carriage returns.
 console() { { tr -d '\r' <"$SERIAL"; } 2>/dev/null || true; }
-# rounds: the last round each writer reported, space-separated.
-rounds() {
-  local text w r
-  text=$(console)
-  for w in $(seq 0 $((WRITERS - 1))); do
-    r=$(awk -v w="w=$w" '$1 == "RC-ROUND" && $2 == w { sub(/^r=/, "", $3); r = $3 } END { print r }' <<<"$text")
-    printf '%s ' "${r:-0}"
-  done
-}
-
 # watch_run: stops the test at once when QEMU is gone, the guest reported an error or
 # panicked, the daemon died on its own, or the whole run took too long.
 watch_run() {
@@ -159,47 +133,6 @@ watch_run() {
   [ -z "$backend_pid" ] || kill -0 "$backend_pid" 2>/dev/null ||
     guest_failed "the daemon exited on its own (see $BACKEND_LOG)"
   [ "$SECONDS" -lt "$TIMEOUT" ] || guest_failed "the test ran over its ${TIMEOUT}s timeout"
-}
-
-# wait_rounds MIN WHAT: until every writer has reported round MIN[w] (a list),
-# within PROGRESS_S seconds. Sets TOOK, the seconds it took. (Not for $(...):
-# its failures must end the test, not a subshell.)
-wait_rounds() {
-  local t0=$SECONDS start need now w ok
-  start=$(now)
-  read -r -a need <<<"$1"
-  while :; do
-    watch_run
-    read -r -a now <<<"$(rounds)"
-    ok=1
-    for w in $(seq 0 $((WRITERS - 1))); do
-      [ "${now[$w]}" -ge "${need[$w]}" ] || ok=
-    done
-    [ -z "$ok" ] || break
-    [ $((SECONDS - t0)) -lt "$PROGRESS_S" ] ||
-      guest_failed "no progress within ${PROGRESS_S}s $2: writers at rounds $(rounds), need $1"
-    sleep 0.2
-  done
-  TOOK=$(elapsed "$start" "$(now)")
-}
-
-# plus N: the current rounds plus N each.
-plus() {
-  local r out=
-  for r in $(rounds); do out+="$((r + $1)) "; done
-  echo "$out"
-}
-
-make_guest() {
-  (umask 077 && head -c 64 /dev/urandom >"$KEYFILE")
-  truncate -s "$DISK_BYTES" "$IMG"
-  truncate -s 4096 "$CTLFILE"
-  local root=$RUN/initramfs
-  guest_initramfs_stage "$root"
-  install -m 755 "$INTEGRATION_DIR/guest/reconnect.sh" "$root/e2e/test.sh"
-  install -m 600 "$KEYFILE" "$root/e2e/volume.key"
-  guest_conf "$root/e2e/conf" RUNID QUEUES WRITERS SLOTS SLOT_BYTES REF_SERIAL CTL_SERIAL
-  guest_initramfs_pack "$root" "$RUN/initramfs.cpio"
 }
 
 main() {
@@ -245,7 +178,7 @@ main() {
 
   inflight_mapped
   log "daemon $((k + 1)) (the last) maps the in-flight region: $MAPPED; asking the guest to stop"
-  printf 'STOP-%s\n' "$RUNID" | dd of="$CTLFILE" conv=notrunc status=none
+  stop_writers
   while kill -0 "$qemu_pid" 2>/dev/null; do
     watch_run
     sleep 0.5
