@@ -9,6 +9,13 @@
 //! the most any XTS kernel on this CPU could reach. The fused kernel's
 //! figure reads best as a fraction of it, measured in the same run.
 //!
+//! The `copy` groups time the fused copy the daemon runs between its own
+//! buffers and guest memory (AES-256, 4 KiB sectors): through Rust slices,
+//! and through the `SharedRef`/`SharedMut` pointers guest memory is reached
+//! by (crypto's `shared` module), on both kernels. The fused kernel takes
+//! the pointers as they are; the portable one bounces each sector through
+//! a stack buffer.
+//!
 //! `cargo bench --bench xts` (about 3 minutes plus the LTO build on a quiet
 //! machine). Filter with criterion's usual argument, e.g.
 //! `cargo bench --bench xts -- aes256/encrypt/4096`.
@@ -26,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use aes::cipher::KeyInit;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use cryptblk::crypto::{Xts, XtsKey};
+use cryptblk::crypto::{SharedMut, SharedRef, Xts, XtsKey};
 use openssl::cipher::Cipher;
 use openssl::cipher_ctx::CipherCtx;
 
@@ -240,10 +247,73 @@ fn bench_xts(c: &mut Criterion) {
     }
 }
 
+/// One way to run the fused copy from `src` into `dst`.
+type Copy = Box<dyn FnMut(&[u8], &mut [u8])>;
+
+fn fused_copy(xts: Xts, encrypt: bool, shared: bool) -> Copy {
+    const SECTOR: usize = 4096;
+    Box::new(move |src, dst| match (encrypt, shared) {
+        (true, false) => xts.encrypt_sectors_to(FIRST_IV, 8, SECTOR, src, dst),
+        (false, false) => xts.decrypt_sectors_to(FIRST_IV, 8, SECTOR, src, dst),
+        (true, true) => xts.encrypt_sectors_shared(
+            FIRST_IV,
+            8,
+            SECTOR,
+            SharedRef::from_ref(src),
+            SharedMut::from_mut(dst),
+        ),
+        (false, true) => xts.decrypt_sectors_shared(
+            FIRST_IV,
+            8,
+            SECTOR,
+            SharedRef::from_ref(src),
+            SharedMut::from_mut(dst),
+        ),
+    })
+}
+
+fn bench_copy(c: &mut Criterion) {
+    let key = XtsKey::from_bytes(&key_bytes(64)).expect("XTS key");
+    for encrypt in [true, false] {
+        let dir = if encrypt { "encrypt" } else { "decrypt" };
+        let mut group = c.benchmark_group(format!("aes256/copy-{dir}/4096"));
+        group
+            .warm_up_time(Duration::from_millis(200))
+            .measurement_time(Duration::from_millis(600))
+            .sample_size(10);
+        let vaes = || Xts::new_vaes(&key).expect("this CPU lacks VAES/AVX-512");
+        let mut runs: Vec<(&str, Copy)> = vec![
+            ("vaes-slices", fused_copy(vaes(), encrypt, false)),
+            ("vaes-shared", fused_copy(vaes(), encrypt, true)),
+            (
+                "portable-slices",
+                fused_copy(Xts::new_portable(&key), encrypt, false),
+            ),
+            (
+                "portable-shared",
+                fused_copy(Xts::new_portable(&key), encrypt, true),
+            ),
+        ];
+        for request in REQUESTS {
+            group.throughput(Throughput::Bytes(request as u64));
+            let src: Vec<u8> = (0..request).map(|i| (i * 7) as u8).collect();
+            let mut dst = vec![0u8; request];
+            for (name, run) in runs.iter_mut() {
+                group.bench_function(BenchmarkId::new(*name, request), |b| {
+                    b.iter_custom(|iters| {
+                        best_batch(iters, request, || run(black_box(&src), black_box(&mut dst)))
+                    })
+                });
+            }
+        }
+        group.finish();
+    }
+}
+
 criterion_group! {
     name = benches;
     // No HTML plots: they take longer to draw than the measurements.
     config = Criterion::default().without_plots();
-    targets = bench_xts
+    targets = bench_xts, bench_copy
 }
 criterion_main!(benches);

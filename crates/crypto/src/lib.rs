@@ -6,9 +6,11 @@
 
 mod key;
 pub mod secrets;
+mod shared;
 mod xts;
 
 pub use key::{KeyError, XtsKey};
+pub use shared::{SharedMut, SharedRef};
 pub use xts::Xts;
 
 /// Sizes dm-crypt accepts for `--sector-size`.
@@ -116,6 +118,41 @@ impl SectorCipher {
                 xts.decrypt_sectors_to(iv, step, self.rule.sector_size, src, dst)
             }
             None => dst.copy_from_slice(src),
+        }
+    }
+
+    /// Decrypts `src` into memory someone else may change meanwhile (a
+    /// guest's read buffer), in one pass; only finished plaintext is stored
+    /// into `dst`.
+    pub fn decrypt_to_shared(&self, first: u64, src: &[u8], dst: SharedMut<'_>) {
+        assert_eq!(src.len(), dst.len());
+        match self.run(first, src.len()) {
+            Some((xts, iv, step)) => xts.decrypt_sectors_shared(
+                iv,
+                step,
+                self.rule.sector_size,
+                SharedRef::from_ref(src),
+                dst,
+            ),
+            None => dst.write(src),
+        }
+    }
+
+    /// Encrypts memory someone else may change meanwhile (a guest's write
+    /// buffer) into `dst`, in one pass. A guest that changes its buffer
+    /// during the call gets some mix of old and new sectors written, as a
+    /// disk would; each sector's ciphertext is that of what was read.
+    pub fn encrypt_from_shared(&self, first: u64, src: SharedRef<'_>, dst: &mut [u8]) {
+        assert_eq!(src.len(), dst.len());
+        match self.run(first, src.len()) {
+            Some((xts, iv, step)) => xts.encrypt_sectors_shared(
+                iv,
+                step,
+                self.rule.sector_size,
+                src,
+                SharedMut::from_mut(dst),
+            ),
+            None => src.read(dst),
         }
     }
 

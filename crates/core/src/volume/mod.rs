@@ -14,16 +14,17 @@ pub use resize::ResizeError;
 
 use lock::Handover;
 use std::fs::File;
-use std::io::{self, IoSlice, IoSliceMut};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::crypto::SectorCipher;
+use crate::crypto::{SharedMut, SharedRef};
 use crate::store::NbdExport;
 use mapping::Mapping;
-use sectors::{for_each_sector_run, Segments};
+use sectors::{Gather, Scatter};
 
 /// How the volume moves data between the image and guest memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
@@ -233,7 +234,7 @@ impl Volume {
     pub fn read_into(
         &self,
         pos: u64,
-        bufs: &mut [IoSliceMut<'_>],
+        bufs: &[SharedMut<'_>],
         scratch: &mut AlignedBuf,
     ) -> io::Result<()> {
         if let Some(map) = self.healthy_map() {
@@ -246,33 +247,25 @@ impl Volume {
 
     /// Decrypts from the mapping straight into the caller's buffers (the
     /// cipher is the copy). Ok(false): a SIGBUS spoiled it, redo with pread.
-    fn read_mapped(
-        &self,
-        map: &Mapping,
-        pos: u64,
-        bufs: &mut [IoSliceMut<'_>],
-    ) -> io::Result<bool> {
+    fn read_mapped(&self, map: &Mapping, pos: u64, bufs: &[SharedMut<'_>]) -> io::Result<bool> {
         let total: usize = bufs.iter().map(|b| b.len()).sum();
         let src = map.bytes(pos, total)?;
-        self.decrypt_into(self.first_sector(pos), src, &mut Segments::new(bufs));
+        self.decrypt_into(self.first_sector(pos), src, &mut Scatter::new(bufs));
         Ok(self.copy_survived(map))
     }
 
     /// Decrypts the whole sectors of `src` (ciphertext of payload sectors
     /// from `first` on) into the buffers at the cursor: the cipher is the
     /// copy, and plaintext lands only in the caller's buffers.
-    fn decrypt_into(&self, first: u64, src: &[u8], segs: &mut Segments<'_, '_>) {
-        let sector = self.sector_size();
-        for_each_sector_run(segs, src.len(), sector, |index, run| {
-            let at = index as usize * sector;
-            self.cipher
-                .decrypt_to(first + index, &src[at..at + run.len()], run)
+    fn decrypt_into(&self, first: u64, src: &[u8], segs: &mut Scatter<'_, '_>) {
+        segs.fill_sectors(src, self.sector_size(), |index, src, dst| {
+            self.cipher.decrypt_to_shared(first + index, src, dst)
         });
     }
 
     /// Encrypts from the caller's buffers straight into the mapping: only
     /// ciphertext is ever stored there (`SectorCipher::encrypt_to`).
-    fn write_mapped(&self, map: &Mapping, pos: u64, bufs: &[IoSlice<'_>]) -> io::Result<bool> {
+    fn write_mapped(&self, map: &Mapping, pos: u64, bufs: &[SharedRef<'_>]) -> io::Result<bool> {
         let total: usize = bufs.iter().map(|b| b.len()).sum();
         let dst = map.bytes_mut(pos, total)?;
         self.encrypt_to(pos, bufs, dst);
@@ -298,11 +291,11 @@ impl Volume {
     fn read_via(
         &self,
         pos: u64,
-        bufs: &mut [IoSliceMut<'_>],
+        bufs: &[SharedMut<'_>],
         scratch: &mut AlignedBuf,
     ) -> io::Result<()> {
         let total: usize = bufs.iter().map(|b| b.len()).sum();
-        let mut segs = Segments::new(bufs);
+        let mut segs = Scatter::new(bufs);
         let mut done = 0;
         while done < total {
             let len = (total - done).min(scratch.capacity());
@@ -322,7 +315,7 @@ impl Volume {
     pub fn write_from(
         &self,
         pos: u64,
-        bufs: &[IoSlice<'_>],
+        bufs: &[SharedRef<'_>],
         scratch: &mut AlignedBuf,
     ) -> io::Result<()> {
         if let Some(map) = self.healthy_map() {
@@ -331,14 +324,14 @@ impl Volume {
             }
         }
         let total: usize = bufs.iter().map(|b| b.len()).sum();
-        let mut reader = sectors::Gather::new(bufs, self.sector_size());
+        let mut reader = Gather::new(bufs, self.sector_size());
         let first = self.first_sector(pos);
         let mut done = 0;
         while done < total {
             let len = (total - done).min(scratch.capacity());
             let chunk = scratch.slice_mut(len);
             reader.encrypt_into(chunk, |index, src, dst| {
-                self.cipher.encrypt_to(first + index, src, dst)
+                self.cipher.encrypt_from_shared(first + index, src, dst)
             });
             self.backing
                 .write_all_at(chunk, self.payload_offset + pos + done as u64)?;
@@ -455,16 +448,16 @@ impl Volume {
 
     /// Decrypts `src`, the ciphertext of the payload from byte `pos`, into
     /// the caller's buffers (one pass).
-    pub fn decrypt_to(&self, pos: u64, src: &[u8], bufs: &mut [IoSliceMut<'_>]) {
-        self.decrypt_into(self.first_sector(pos), src, &mut Segments::new(bufs));
+    pub fn decrypt_to(&self, pos: u64, src: &[u8], bufs: &[SharedMut<'_>]) {
+        self.decrypt_into(self.first_sector(pos), src, &mut Scatter::new(bufs));
     }
 
     /// Encrypts the caller's buffers, plaintext of the payload from byte
     /// `pos`, into `dst` (one pass; `dst` is as long as the buffers).
-    pub fn encrypt_to(&self, pos: u64, bufs: &[IoSlice<'_>], dst: &mut [u8]) {
+    pub fn encrypt_to(&self, pos: u64, bufs: &[SharedRef<'_>], dst: &mut [u8]) {
         let first = self.first_sector(pos);
-        sectors::Gather::new(bufs, self.sector_size()).encrypt_into(dst, |index, src, dst| {
-            self.cipher.encrypt_to(first + index, src, dst)
+        Gather::new(bufs, self.sector_size()).encrypt_into(dst, |index, src, dst| {
+            self.cipher.encrypt_from_shared(first + index, src, dst)
         });
     }
 

@@ -1,6 +1,6 @@
 use super::*;
 use crate::crypto::{IvRule, SectorCipher, XtsKey};
-use std::io::{IoSlice, IoSliceMut};
+use crate::crypto::{SharedMut, SharedRef};
 use std::path::Path;
 
 fn cipher(sector_size: usize) -> SectorCipher {
@@ -52,16 +52,16 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
 }
 
 /// Splits `data` at the given byte positions, as a guest's descriptors might.
-fn split_mut<'a>(mut data: &'a mut [u8], cuts: &[usize]) -> Vec<IoSliceMut<'a>> {
+fn split_mut<'a>(mut data: &'a mut [u8], cuts: &[usize]) -> Vec<SharedMut<'a>> {
     let mut out = Vec::new();
     let mut last = 0;
     for &c in cuts {
         let (a, b) = data.split_at_mut(c - last);
-        out.push(IoSliceMut::new(a));
+        out.push(SharedMut::from_mut(a));
         data = b;
         last = c;
     }
-    out.push(IoSliceMut::new(data));
+    out.push(SharedMut::from_mut(data));
     out
 }
 
@@ -79,23 +79,19 @@ fn write_then_read_round_trips_with_odd_buffer_splits() {
         let mut scratch = AlignedBuf::new(8192); // smaller than the request: chunking
         let data = pattern(5 * 4096, 3);
         let cuts = [100, 4096, 4097, 9000, 16384];
-        let bufs: Vec<IoSlice> = {
+        let bufs: Vec<SharedRef> = {
             let mut v = Vec::new();
             let mut last = 0;
             for &c in cuts.iter().chain(std::iter::once(&data.len())) {
-                v.push(IoSlice::new(&data[last..c]));
+                v.push(SharedRef::from_ref(&data[last..c]));
                 last = c;
             }
             v
         };
         vol.write_from(8192, &bufs, &mut scratch).unwrap();
         let mut back = vec![0u8; data.len()];
-        vol.read_into(
-            8192,
-            &mut split_mut(&mut back, &[1, 511, 7000]),
-            &mut scratch,
-        )
-        .unwrap();
+        vol.read_into(8192, &split_mut(&mut back, &[1, 511, 7000]), &mut scratch)
+            .unwrap();
         assert_eq!(back, data, "sector {sector_size} direct {direct} {io:?}");
 
         // The file holds the ciphertext dm-crypt would produce: sector n of
@@ -122,12 +118,12 @@ fn write_zeroes_and_discard(io: IoMode) {
     let path = dir.path().join("img");
     let vol = open_with(&path, Some(1 << 20), 0, 512, false, io);
     let mut scratch = AlignedBuf::new(4096);
-    vol.write_from(0, &[IoSlice::new(&pattern(8192, 1))], &mut scratch)
+    vol.write_from(0, &[SharedRef::from_ref(&pattern(8192, 1))], &mut scratch)
         .unwrap();
     vol.write_zeroes(1024, 5000 / 512 * 512, &mut scratch)
         .unwrap();
     let mut back = vec![1u8; 8192];
-    vol.read_into(0, &mut [IoSliceMut::new(&mut back)], &mut scratch)
+    vol.read_into(0, &[SharedMut::from_mut(&mut back)], &mut scratch)
         .unwrap();
     assert!(back[1024..1024 + 4608].iter().all(|b| *b == 0));
     assert_eq!(back[..1024], pattern(8192, 1)[..1024]);
@@ -138,7 +134,7 @@ fn write_zeroes_and_discard(io: IoMode) {
     );
     vol.discard(0, 4096).unwrap();
     let mut back = vec![1u8; 4096];
-    vol.read_into(0, &mut [IoSliceMut::new(&mut back)], &mut scratch)
+    vol.read_into(0, &[SharedMut::from_mut(&mut back)], &mut scratch)
         .unwrap();
     assert_ne!(back, pattern(4096, 1), "discard left the data ({io:?})");
     vol.flush().unwrap();
@@ -155,7 +151,7 @@ fn capacity_excludes_offset_and_partial_sectors() {
         // The last payload byte is reachable, one more is refused.
         let mut scratch = AlignedBuf::new(4096);
         let mut buf = vec![0u8; 4096];
-        vol.read_into(4096, &mut [IoSliceMut::new(&mut buf)], &mut scratch)
+        vol.read_into(4096, &[SharedMut::from_mut(&mut buf)], &mut scratch)
             .unwrap();
     }
 }
@@ -191,14 +187,18 @@ fn refuses_missing_image_and_size_mismatch() {
 
 /// One-buffer write and read, for tests that do not care about splits.
 fn write_at(vol: &Volume, pos: u64, data: &[u8]) -> std::io::Result<()> {
-    vol.write_from(pos, &[IoSlice::new(data)], &mut AlignedBuf::new(1 << 16))
+    vol.write_from(
+        pos,
+        &[SharedRef::from_ref(data)],
+        &mut AlignedBuf::new(1 << 16),
+    )
 }
 
 fn read_at(vol: &Volume, pos: u64, len: usize) -> std::io::Result<Vec<u8>> {
     let mut back = vec![0u8; len];
     vol.read_into(
         pos,
-        &mut [IoSliceMut::new(&mut back)],
+        &[SharedMut::from_mut(&mut back)],
         &mut AlignedBuf::new(1 << 16),
     )?;
     Ok(back)
@@ -308,10 +308,12 @@ fn a_fault_between_the_health_check_and_the_copy_spoils_the_copy() {
     map.count_fault();
     let mut buf = vec![0u8; 4096];
     let spoiled_read = !vol
-        .read_mapped(map, 0, &mut [IoSliceMut::new(&mut buf)])
+        .read_mapped(map, 0, &[SharedMut::from_mut(&mut buf)])
         .unwrap();
     let data = pattern(4096, 9);
-    let spoiled_write = !vol.write_mapped(map, 0, &[IoSlice::new(&data)]).unwrap();
+    let spoiled_write = !vol
+        .write_mapped(map, 0, &[SharedRef::from_ref(&data)])
+        .unwrap();
     assert!(
         spoiled_read,
         "a read after another queue's fault counted as good"

@@ -14,6 +14,10 @@ mod vaes;
 
 use super::XtsKey;
 use crate::secrets::Locked;
+use crate::shared::{SharedMut, SharedRef};
+
+/// Largest sector the shared-memory path takes (every dm-crypt size).
+const MAX_SECTOR: usize = 4096;
 
 /// An expanded XTS key bound to the fastest kernel this CPU supports. The
 /// round keys live on mlock'ed pages of their own, wiped on drop.
@@ -175,6 +179,64 @@ impl Xts {
             src,
             dst,
         )
+    }
+
+    /// Encrypts from shared memory (see `SharedRef`) into `dst`.
+    pub fn encrypt_sectors_shared(
+        &self,
+        first_iv: u64,
+        iv_step: u64,
+        sector_size: usize,
+        src: SharedRef<'_>,
+        dst: SharedMut<'_>,
+    ) {
+        let run = Run::new(first_iv, iv_step, sector_size, src.len());
+        self.shared(false, run, src, dst)
+    }
+
+    /// Decrypts `src` into shared memory (see `SharedMut`).
+    pub fn decrypt_sectors_shared(
+        &self,
+        first_iv: u64,
+        iv_step: u64,
+        sector_size: usize,
+        src: SharedRef<'_>,
+        dst: SharedMut<'_>,
+    ) {
+        let run = Run::new(first_iv, iv_step, sector_size, src.len());
+        self.shared(true, run, src, dst)
+    }
+
+    /// The fused kernel works on raw pointers already: shared memory costs
+    /// nothing there. The portable kernel needs slices, so each sector goes
+    /// through a stack buffer (a copy in and a copy out: this path is for
+    /// CPUs without VAES, where the cipher dominates anyway).
+    fn shared(&self, decrypt: bool, run: Run, src: SharedRef<'_>, dst: SharedMut<'_>) {
+        assert_eq!(src.len(), dst.len());
+        #[cfg(target_arch = "x86_64")]
+        if let Kernel::Vaes { fast, .. } = &*self.0 {
+            if vaes::Vaes::takes(run.sector_size, src.len()) {
+                return fast.shared(decrypt, run, src, dst);
+            }
+        }
+        assert!(
+            run.sector_size <= MAX_SECTOR,
+            "sector of {} bytes",
+            run.sector_size
+        );
+        let p = self.portable();
+        let mut tmp = [0u8; MAX_SECTOR];
+        let sector = &mut tmp[..run.sector_size];
+        for i in 0..src.len() / run.sector_size {
+            let at = i * run.sector_size;
+            src.tail(at).read(sector);
+            if decrypt {
+                p.decrypt_sector(run.iv(i), sector)
+            } else {
+                p.encrypt_sector(run.iv(i), sector)
+            }
+            dst.tail(at).write(sector);
+        }
     }
 
     fn inplace(&self, decrypt: bool, run: Run, data: &mut [u8]) {

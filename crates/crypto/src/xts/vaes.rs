@@ -42,6 +42,7 @@
 // The AVX-512/VAES intrinsics are stable since Rust 1.89, later than the
 // crate's declared rust-version (which its dependencies already exceed).
 
+use crate::shared::{SharedMut, SharedRef};
 use core::arch::x86_64::*;
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
@@ -140,6 +141,25 @@ impl Vaes {
         assert!(Self::takes(run.sector_size, src.len()) && src.len() == dst.len());
         // SAFETY: as in encrypt_to.
         unsafe { self.run::<true>(run, src.as_ptr(), dst.as_mut_ptr(), src.len()) }
+    }
+
+    /// From or into memory someone else may change meanwhile (see
+    /// `SharedRef`): the kernel only ever touches it through these pointers.
+    pub(super) fn shared(&self, decrypt: bool, run: Run, src: SharedRef<'_>, dst: SharedMut<'_>) {
+        let len = src.len();
+        assert!(Self::takes(run.sector_size, len) && len == dst.len());
+        let (s, d) = (src.as_ptr(), dst.as_ptr());
+        // SAFETY: `self` exists only if cpu_supported() held; SharedRef and
+        // SharedMut vouch that their pointers are valid for len bytes; the
+        // two do not overlap (one side is always the daemon's own buffer or
+        // the image mapping, the other a guest's buffer).
+        unsafe {
+            if decrypt {
+                self.run::<true>(run, s, d, len)
+            } else {
+                self.run::<false>(run, s, d, len)
+            }
+        }
     }
 
     /// # Safety
