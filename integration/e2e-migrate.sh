@@ -40,25 +40,13 @@ set -euo pipefail
 LOG_TAG=e2e-migrate
 # shellcheck source=integration/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
-# shellcheck source=integration/guest/kernel.sh
-. "$INTEGRATION_DIR/guest/kernel.sh"
-# shellcheck source=integration/guest/initramfs.sh
-. "$INTEGRATION_DIR/guest/initramfs.sh"
-# shellcheck source=integration/guest/vm.sh
-. "$INTEGRATION_DIR/guest/vm.sh"
 # shellcheck source=integration/guest/writers.sh
 . "$INTEGRATION_DIR/guest/writers.sh"
 
 SERVE_ARGS=${E2E_SERVE_ARGS:-}
 PROGRESS_S=${MIGRATE_PROGRESS:-60}
 TIMEOUT=${MIGRATE_TIMEOUT:-300}
-BACKEND=cryptblk
-RUN=$WORK_DIR/e2e-migrate${MIGRATE_RUN:+-$MIGRATE_RUN}
-IMG=$RUN/img.plain
-KEYFILE=$RUN/volume.key
-CTLFILE=$RUN/control
-RUNID=$(od -An -tx4 -N4 /dev/urandom | tr -d ' ')
-MARKER=CRYPTBLK-E2E-$RUNID
+writers_run "e2e-migrate${MIGRATE_RUN:+-$MIGRATE_RUN}"
 MIGRATION_SOCK=$RUN/migrate.sock
 
 # Each side: its daemon's socket, log and pid, its QEMU's console, monitor and pid.

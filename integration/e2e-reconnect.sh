@@ -39,12 +39,6 @@ set -euo pipefail
 LOG_TAG=e2e-reconnect
 # shellcheck source=integration/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
-# shellcheck source=integration/guest/kernel.sh
-. "$INTEGRATION_DIR/guest/kernel.sh"
-# shellcheck source=integration/guest/initramfs.sh
-. "$INTEGRATION_DIR/guest/initramfs.sh"
-# shellcheck source=integration/guest/vm.sh
-. "$INTEGRATION_DIR/guest/vm.sh"
 # shellcheck source=integration/guest/writers.sh
 . "$INTEGRATION_DIR/guest/writers.sh"
 
@@ -52,16 +46,10 @@ SERVE_ARGS=${E2E_SERVE_ARGS:-}
 KILLS=${RECONNECT_KILLS:-10}
 PROGRESS_S=${RECONNECT_PROGRESS:-60}
 TIMEOUT=${RECONNECT_TIMEOUT:-300}
-BACKEND=cryptblk
-RUN=$WORK_DIR/e2e-reconnect${RECONNECT_RUN:+-$RECONNECT_RUN}
+writers_run "e2e-reconnect${RECONNECT_RUN:+-$RECONNECT_RUN}"
 SOCK=$RUN/vhost.sock
-IMG=$RUN/img.plain
-KEYFILE=$RUN/volume.key
-CTLFILE=$RUN/control
 SERIAL=$RUN/serial.log
 BACKEND_LOG=$RUN/backend.log
-RUNID=$(od -An -tx4 -N4 /dev/urandom | tr -d ' ')
-MARKER=CRYPTBLK-E2E-$RUNID
 
 cleanup_on_exit "$KEYFILE" "$RUN/initramfs/e2e/volume.key"
 

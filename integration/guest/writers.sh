@@ -1,12 +1,19 @@
 # The host side of the verified write loop that guest/reconnect.sh runs in the
 # guest (e2e-reconnect.sh, e2e-migrate.sh): the workload's shape, building the
 # guest, and following the writers' progress on the console. Sourced after
-# integration/lib.sh, guest/initramfs.sh and guest/vm.sh. The callers set RUN,
-# IMG, KEYFILE, CTLFILE, RUNID, PROGRESS_S, and define console (the guest's
+# integration/lib.sh; sources the guest helpers itself. The callers call
+# writers_run DIR-NAME first, set PROGRESS_S, and define console (the guest's
 # console so far, without carriage returns) and watch_run (fails the test at
 # once when something died or the run took too long).
 # shellcheck shell=bash
 # shellcheck disable=SC2034 # the variables set here are passed to the guest by name
+
+# shellcheck source=integration/guest/kernel.sh
+. "$INTEGRATION_DIR/guest/kernel.sh"
+# shellcheck source=integration/guest/initramfs.sh
+. "$INTEGRATION_DIR/guest/initramfs.sh"
+# shellcheck source=integration/guest/vm.sh
+. "$INTEGRATION_DIR/guest/vm.sh"
 
 CPUS=2
 QUEUES=2
@@ -23,6 +30,18 @@ REF_SERIAL="rc-image"
 CTL_SERIAL="rc-control"
 EXPECTED_RESULTS="modules disk-present queues $(seq -f 'writer-%g' 0 $((WRITERS - 1)) | xargs)
   stopped-by-host final-verify dmcrypt-open dmcrypt-verify both-queues-used kernel-log"
+
+# writers_run NAME: the run's directory (integration/work/NAME) and files: the
+# image, its key, the control disk, and the run's id and record marker.
+writers_run() {
+  RUN=$WORK_DIR/$1
+  IMG=$RUN/img.plain
+  KEYFILE=$RUN/volume.key
+  CTLFILE=$RUN/control
+  RUNID=$(od -An -tx4 -N4 /dev/urandom | tr -d ' ')
+  MARKER=CRYPTBLK-E2E-$RUNID
+  BACKEND=cryptblk
+}
 
 # rounds: the last round each writer reported, space-separated.
 rounds() {

@@ -40,6 +40,42 @@ unsafe impl Send for SharedMut<'_> {}
 // SAFETY: as above.
 unsafe impl Send for SharedRef<'_> {}
 
+/// What both kinds share: the length, the pointer, and sub-ranges.
+macro_rules! ranges {
+    ($t:ident, $ptr:ty) => {
+        impl $t<'_> {
+            pub fn len(&self) -> usize {
+                self.len
+            }
+
+            pub fn is_empty(&self) -> bool {
+                self.len == 0
+            }
+
+            pub fn as_ptr(&self) -> $ptr {
+                self.ptr
+            }
+
+            /// The bytes from `at` on.
+            pub fn tail(self, at: usize) -> Self {
+                assert!(at <= self.len, "tail {at} of {} bytes", self.len);
+                // SAFETY: a sub-range of what `self` vouches for.
+                unsafe { Self::from_raw(self.ptr.add(at), self.len - at) }
+            }
+
+            /// The first `len` bytes.
+            pub fn head(self, len: usize) -> Self {
+                assert!(len <= self.len, "head {len} of {} bytes", self.len);
+                // SAFETY: a sub-range of what `self` vouches for.
+                unsafe { Self::from_raw(self.ptr, len) }
+            }
+        }
+    };
+}
+
+ranges!(SharedMut, *mut u8);
+ranges!(SharedRef, *const u8);
+
 impl<'a> SharedMut<'a> {
     /// # Safety
     /// `ptr` is valid for reads and writes of `len` bytes for `'a`, and no
@@ -55,32 +91,6 @@ impl<'a> SharedMut<'a> {
     pub fn from_mut(bytes: &'a mut [u8]) -> Self {
         // SAFETY: the borrow keeps the bytes valid and unaliased for 'a.
         unsafe { Self::from_raw(bytes.as_mut_ptr(), bytes.len()) }
-    }
-
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    pub fn as_ptr(&self) -> *mut u8 {
-        self.ptr
-    }
-
-    /// The bytes from `at` on.
-    pub fn tail(self, at: usize) -> Self {
-        assert!(at <= self.len, "tail {at} of {} bytes", self.len);
-        // SAFETY: a sub-range of what `self` vouches for.
-        unsafe { Self::from_raw(self.ptr.add(at), self.len - at) }
-    }
-
-    /// The first `len` bytes.
-    pub fn head(self, len: usize) -> Self {
-        assert!(len <= self.len, "head {len} of {} bytes", self.len);
-        // SAFETY: a sub-range of what `self` vouches for.
-        unsafe { Self::from_raw(self.ptr, len) }
     }
 
     /// Copies `src` to the start of these bytes.
@@ -113,32 +123,6 @@ impl<'a> SharedRef<'a> {
     pub fn from_ref(bytes: &'a [u8]) -> Self {
         // SAFETY: the borrow keeps the bytes valid and unchanged for 'a.
         unsafe { Self::from_raw(bytes.as_ptr(), bytes.len()) }
-    }
-
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    pub fn as_ptr(&self) -> *const u8 {
-        self.ptr
-    }
-
-    /// The bytes from `at` on.
-    pub fn tail(self, at: usize) -> Self {
-        assert!(at <= self.len, "tail {at} of {} bytes", self.len);
-        // SAFETY: a sub-range of what `self` vouches for.
-        unsafe { Self::from_raw(self.ptr.add(at), self.len - at) }
-    }
-
-    /// The first `len` bytes.
-    pub fn head(self, len: usize) -> Self {
-        assert!(len <= self.len, "head {len} of {} bytes", self.len);
-        // SAFETY: a sub-range of what `self` vouches for.
-        unsafe { Self::from_raw(self.ptr, len) }
     }
 
     /// Copies the first `dst.len()` bytes into `dst`.
