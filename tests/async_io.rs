@@ -5,7 +5,6 @@
 //! daemon falls back to synchronous I/O where the kernel refuses io_uring.
 
 mod support;
-use std::io::Read;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -14,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use support::hostile::*;
-use support::{pattern, write_key, Client, Daemon};
+use support::{pattern, read_log, write_key, Client, Daemon};
 
 const PAYLOAD: u64 = 8 << 20;
 const SECTORS: u64 = PAYLOAD / 512;
@@ -63,12 +62,7 @@ fn serve_sized(bytes: u64, cipher: &str, extra: &[&str]) -> Setup {
 }
 
 fn log_of(s: &Setup) -> String {
-    let mut text = String::new();
-    std::fs::File::open(&s.log)
-        .unwrap()
-        .read_to_string(&mut text)
-        .unwrap();
-    text
+    read_log(&s.log)
 }
 
 fn assert_no_panic(s: &Setup) {

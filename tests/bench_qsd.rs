@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cryptblk::bench::{run, BenchError, JobSpec, Report, RwMode};
-use support::bench::Qsd;
+use support::bench::{assert_clean, Qsd};
 
 const MIB: u64 = 1 << 20;
 
@@ -19,13 +19,6 @@ fn spec(qsd: &Qsd, rw: RwMode, bs: u64, iodepth: u32, queues: u32) -> JobSpec {
         queues,
         ..JobSpec::new(qsd.socket())
     }
-}
-
-fn assert_clean(report: &Report) {
-    assert_eq!(report.error_count(), 0, "errors: {:?}", report.errors);
-    assert_eq!(report.mismatches(), 0, "{}", report.to_table());
-    assert!(report.total.iops > 0.0);
-    assert!(report.total.latency_us.max >= report.total.latency_us.p50);
 }
 
 #[test]

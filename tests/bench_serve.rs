@@ -8,8 +8,8 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
-use cryptblk::bench::{run, BenchError, JobSpec, Report, RwMode};
-use support::bench::{serve, Luks, Target};
+use cryptblk::bench::{run, BenchError, JobSpec, RwMode};
+use support::bench::{assert_clean, serve, Luks, Target};
 
 const MIB: u64 = 1 << 20;
 
@@ -21,12 +21,6 @@ fn job(target: &Target, rw: RwMode, bs: u64, iodepth: u32, queues: u32) -> JobSp
         queues,
         ..JobSpec::new(&target.socket)
     }
-}
-
-fn assert_clean(report: &Report) {
-    assert_eq!(report.error_count(), 0, "errors: {:?}", report.errors);
-    assert_eq!(report.mismatches(), 0, "{}", report.to_table());
-    assert!(report.total.iops > 0.0);
 }
 
 fn key_file(dir: &Path) -> String {

@@ -18,12 +18,11 @@
 //! region can trigger.
 
 mod support;
-use std::io::Read;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use support::hostile::*;
-use support::{pattern, wait_until, write_key, Client, Daemon};
+use support::{pattern, read_log, wait_until, write_key, Client, Daemon};
 
 const PAYLOAD: u64 = 8 << 20;
 const QSIZE: u16 = 16;
@@ -67,12 +66,7 @@ fn serve(extra: &[&str]) -> Setup {
 }
 
 fn log_of(s: &Setup) -> String {
-    let mut text = String::new();
-    std::fs::File::open(&s.log)
-        .unwrap()
-        .read_to_string(&mut text)
-        .unwrap();
-    text
+    read_log(&s.log)
 }
 
 /// One connection: a request of `kind` with its data at DATA is served,

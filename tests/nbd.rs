@@ -9,23 +9,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use cryptblk::bench::{run, JobSpec, RwMode};
-use cryptblk::crypto::{IvRule, SectorCipher, XtsKey};
 use support::nbd::{copy_raw, NbdServer, Transport};
 use support::*;
 
 const MIB: usize = 1 << 20;
-
-fn cipher(key: &[u8], skip: u64) -> SectorCipher {
-    let k = XtsKey::from_bytes(key).unwrap();
-    SectorCipher::new(
-        Some(&k),
-        IvRule {
-            sector_size: 512,
-            large_sectors: false,
-            skip,
-        },
-    )
-}
 
 /// Serves `uri` encrypted (payload 8 sectors in, IVs + 16) on `queues`
 /// queues with `extra` options; writes, reads back, zeroes, flushes on
@@ -74,7 +61,7 @@ fn round_trip(dir: &Path, uri: &str, queues: usize, extra: &[&str]) {
     // dm-crypt's view of the export: payload after 8 sectors, IV = sector + 16.
     let raw = copy_raw(uri, dir);
     assert_eq!(raw.len(), 16 * MIB);
-    let cipher = cipher(&key, 16);
+    let cipher = plain_cipher(&key, 512, 16);
     let payload = &raw[4096..];
     let stored: std::collections::HashSet<&[u8]> = raw.chunks(512).collect();
     for (offset, data) in &written {
@@ -287,7 +274,7 @@ fn luks_on_the_export(kind: &str, transport: Transport) {
     };
     let key = std::fs::read(&vk).unwrap();
     let mut plain = raw[offset + (1 << 20)..offset + (1 << 20) + data.len()].to_vec();
-    cipher(&key, 0).decrypt((1 << 20) / 512, &mut plain);
+    plain_cipher(&key, 512, 0).decrypt((1 << 20) / 512, &mut plain);
     assert!(
         plain == data,
         "cryptsetup's volume key decrypts the guest's data"

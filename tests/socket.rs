@@ -50,7 +50,7 @@ fn with_umask(cmd: &mut Command, umask: u32) {
 }
 
 fn log_of(dir: &Path) -> String {
-    std::fs::read_to_string(dir.join("daemon.log")).unwrap()
+    read_log(&dir.join("daemon.log"))
 }
 
 /// Waits up to 10 s for `needle` in the daemon's log.

@@ -182,7 +182,7 @@ fn serve_on_fd(
 }
 
 fn log_of(dir: &Path) -> String {
-    std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default()
+    read_log(&dir.join("daemon.log"))
 }
 
 /// Waits for `d` to exit on its own and returns its log.

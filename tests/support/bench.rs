@@ -185,3 +185,11 @@ fn run(command: &mut Command) -> String {
     );
     String::from_utf8(output.stdout).expect("UTF-8 output")
 }
+
+/// A bench run that saw no error and no mismatch, and measured something.
+pub fn assert_clean(report: &cryptblk::bench::Report) {
+    assert_eq!(report.error_count(), 0, "errors: {:?}", report.errors);
+    assert_eq!(report.mismatches(), 0, "{}", report.to_table());
+    assert!(report.total.iops > 0.0);
+    assert!(report.total.latency_us.max >= report.total.latency_us.p50);
+}

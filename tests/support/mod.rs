@@ -336,6 +336,25 @@ impl Client {
 
 /// Polls `done` every 10 ms until it holds; panics with `what` once `limit`
 /// has passed.
+/// A daemon's log file as text (empty if it does not exist yet).
+pub fn read_log(path: &Path) -> String {
+    String::from_utf8_lossy(&std::fs::read(path).unwrap_or_default()).into_owned()
+}
+
+/// The test oracle for plain dm-crypt aes-xts-plain64 with `key`.
+pub fn plain_cipher(key: &[u8], sector_size: usize, skip: u64) -> cryptblk::crypto::SectorCipher {
+    use cryptblk::crypto::{IvRule, SectorCipher, XtsKey};
+    let k = XtsKey::from_bytes(key).unwrap();
+    SectorCipher::new(
+        Some(&k),
+        IvRule {
+            sector_size,
+            large_sectors: false,
+            skip,
+        },
+    )
+}
+
 pub fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !done() {
