@@ -76,7 +76,16 @@ impl NotifySocket {
                 return self.seen[self.next - 1].clone();
             }
             if Instant::now() > deadline {
-                panic!("no {needle:?} on NOTIFY_SOCKET; seen: {:?}", self.seen);
+                // The daemon's log, when it writes one beside the socket: a
+                // daemon that died says why there.
+                let log = Path::new(&self.target)
+                    .parent()
+                    .map(|dir| read_log(&dir.join("daemon.log")))
+                    .unwrap_or_default();
+                panic!(
+                    "no {needle:?} on NOTIFY_SOCKET; seen: {:?}; daemon log:\n{log}",
+                    self.seen
+                );
             }
             if let Ok(n) = self.socket.recv(&mut buf) {
                 self.seen
@@ -167,11 +176,19 @@ fn serve_on_fd(
         cmd.env("NOTIFY_SOCKET", target);
     }
     if let Some(fd) = listener {
-        // SAFETY: dup2 is async-signal-safe; the new descriptor has no
-        // close-on-exec, so the daemon inherits it as FD.
+        // SAFETY: dup2 and fcntl are async-signal-safe; the new descriptor
+        // has no close-on-exec, so the daemon inherits it as FD. When the
+        // listener already is FD (fd numbers vary with the tests running
+        // beside this one), dup2 does nothing and leaves close-on-exec set:
+        // clear it, or the daemon finds FD closed.
         unsafe {
             cmd.pre_exec(move || {
-                if libc::dup2(fd, FD) < 0 {
+                let rc = if fd == FD {
+                    libc::fcntl(FD, libc::F_SETFD, 0)
+                } else {
+                    libc::dup2(fd, FD)
+                };
+                if rc < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
