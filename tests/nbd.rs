@@ -884,3 +884,210 @@ fn the_shared_connection_reconnects_when_qemu_nbd_restarts() {
     assert!(log.contains("one connection"), "{log}");
     assert!(log.contains("NBD connection made again"), "{log}");
 }
+
+// A hostile server (issue #15: "a server that sends garbage is
+// disconnected and reconnected; the daemon never trusts a length from the
+// wire without checking it"): tests/support/hostile_nbd.py shakes hands
+// correctly and serves a memory export, but breaks the protocol on the
+// first read at or past 8 MiB (or on every one).
+
+const TRIGGER: u64 = 8 * MIB as u64;
+
+/// The daemon's resident memory (VmRSS), in bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/PID/status");
+    kib * 1024
+}
+
+/// What the hostile server logged: how many connections it took, and how
+/// often it misbehaved.
+fn hostile_log(log: &Path) -> (usize, usize) {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let count = |word: &str| text.lines().filter(|l| l.starts_with(word)).count();
+    (count("connect "), count("misbehave "))
+}
+
+/// What a mode must do to the guest's read and to the connection.
+#[derive(PartialEq)]
+enum Expect {
+    /// The connection is dropped (with a log line that says why), made
+    /// again, the read sent again: the guest gets the right data.
+    Reconnect,
+    /// A well-formed error reply: the guest gets IOERR for that read only,
+    /// and the connection goes on.
+    Ioerr,
+    /// The well-behaved control: nothing happens.
+    Nothing,
+}
+
+/// Serves the hostile server's export (plain mode, one queue, reconnect
+/// timeout 2 s), writes a block below and one at the trigger, reads the
+/// trigger block (the server misbehaves once) and checks what `expect`
+/// says; then the daemon is alive, serves both blocks correctly (the
+/// server behaves again) and its memory has not grown by the length the
+/// server announced.
+fn against_a_hostile_server(transport: Transport, mode: &str, structured: &str, expect: Expect) {
+    against_a_hostile(transport, mode, structured, "yes", expect);
+}
+
+/// `multi_conn` "no": the daemon's one shared synchronous connection meets
+/// the garbage instead of a queue's asynchronous one.
+fn against_a_hostile(
+    transport: Transport,
+    mode: &str,
+    structured: &str,
+    multi_conn: &str,
+    expect: Expect,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let log = d.join("hostile.log");
+    let server = NbdServer::hostile(
+        d,
+        transport,
+        &log,
+        &[
+            "--mode",
+            mode,
+            "--structured",
+            structured,
+            "--multi-conn",
+            multi_conn,
+        ],
+    );
+    let mut daemon = serve_logged(d, &server.uri, 1, &["--nbd-reconnect-timeout", "2"]);
+    let mut c = Client::connect(&daemon.socket, 1);
+    let low = pattern(21, 0, BLOCK);
+    let high = pattern(22, TRIGGER, BLOCK);
+    assert_eq!(c.write(0, 0, &low), 0);
+    assert_eq!(c.write(0, TRIGGER, &high), 0);
+    assert_eq!(c.flush(0), 0);
+    let before = rss(daemon.pid);
+    let (connections, _) = hostile_log(&log);
+
+    let start = Instant::now();
+    let got = c.read(0, TRIGGER, BLOCK);
+    let took = start.elapsed();
+    let (connections_after, misbehaved) = hostile_log(&log);
+    let daemon_said = daemon_log(d);
+    match expect {
+        Expect::Reconnect | Expect::Nothing => {
+            let got = got.unwrap_or_else(|e| panic!("read: {e} after {took:?}: {daemon_said}"));
+            assert!(got == high, "the read after the reconnect has wrong data");
+        }
+        Expect::Ioerr => assert!(got.is_err(), "an error reply was taken as data"),
+    }
+    assert!(
+        took < Duration::from_secs(2),
+        "took {took:?}: {daemon_said}"
+    );
+    if expect == Expect::Nothing {
+        assert_eq!(misbehaved, 0);
+    } else {
+        assert_eq!(misbehaved, 1, "the server never misbehaved: vacuous");
+    }
+    let reconnected = connections_after > connections;
+    assert_eq!(
+        reconnected,
+        expect == Expect::Reconnect,
+        "{connections} → {connections_after} connections: {daemon_said}"
+    );
+    if expect == Expect::Reconnect {
+        assert!(daemon_said.contains("reconnecting"), "{daemon_said}");
+        assert!(
+            daemon_said.contains("the server broke the NBD protocol")
+                || daemon_said.contains("the server closed the connection"),
+            "no line says what the server did: {daemon_said}"
+        );
+    } else {
+        assert!(!daemon_said.contains("reconnecting"), "{daemon_said}");
+    }
+
+    // Alive, serving, the server's announced lengths never allocated.
+    assert!(daemon.alive());
+    assert!(c.read(0, 0, BLOCK).unwrap() == low);
+    assert!(c.read(0, TRIGGER, BLOCK).unwrap() == high);
+    assert_eq!(c.write(0, TRIGGER + BLOCK as u64, &low), 0);
+    assert!(c.read(0, TRIGGER + BLOCK as u64, BLOCK).unwrap() == low);
+    let after = rss(daemon.pid);
+    assert!(
+        after < before + 32 * MIB as u64,
+        "VmRSS grew from {before} to {after}"
+    );
+    drop(c);
+    assert!(daemon.terminate().success());
+    let said = daemon_log(d);
+    assert!(!said.contains("panicked"), "{said}");
+}
+
+matrix! {
+    hostile_control_well_behaved_simple: against_a_hostile_server(Transport::Unix, "good", "no", Expect::Nothing);
+    hostile_control_well_behaved_structured: against_a_hostile_server(Transport::Unix, "good", "yes", Expect::Nothing);
+    hostile_wrong_cookie_simple: against_a_hostile_server(Transport::Unix, "wrong-cookie", "no", Expect::Reconnect);
+    hostile_wrong_cookie_structured: against_a_hostile_server(Transport::Unix, "wrong-cookie", "yes", Expect::Reconnect);
+    hostile_short_reply_simple: against_a_hostile_server(Transport::Unix, "short", "no", Expect::Reconnect);
+    hostile_short_reply_structured: against_a_hostile_server(Transport::Unix, "short", "yes", Expect::Reconnect);
+    hostile_overlong_reply_simple: against_a_hostile_server(Transport::Unix, "overlong", "no", Expect::Reconnect);
+    hostile_overlong_chunk_structured: against_a_hostile_server(Transport::Unix, "overlong", "yes", Expect::Reconnect);
+    hostile_4gib_chunk_structured_tcp: against_a_hostile_server(Transport::Tcp, "huge", "yes", Expect::Reconnect);
+    hostile_trailing_garbage_simple: against_a_hostile_server(Transport::Unix, "huge", "no", Expect::Reconnect);
+    hostile_unknown_errno_simple: against_a_hostile_server(Transport::Unix, "bad-errno", "no", Expect::Ioerr);
+    hostile_unknown_errno_structured: against_a_hostile_server(Transport::Unix, "bad-errno", "yes", Expect::Ioerr);
+    hostile_unsolicited_reply_simple: against_a_hostile_server(Transport::Unix, "unsolicited", "no", Expect::Reconnect);
+    hostile_unsolicited_reply_structured: against_a_hostile_server(Transport::Unix, "unsolicited", "yes", Expect::Reconnect);
+    hostile_wrong_cookie_shared_connection: against_a_hostile(Transport::Unix, "wrong-cookie", "yes", "no", Expect::Reconnect);
+    hostile_4gib_chunk_shared_connection: against_a_hostile(Transport::Unix, "huge", "yes", "no", Expect::Reconnect);
+}
+
+/// A server that breaks the protocol on every read of the region: each
+/// reconnect meets the same garbage, so the read fails with IOERR once the
+/// 2 s timeout has passed (a handful of reconnects with a growing pause,
+/// not a loop), the daemon stays up and goes on serving the rest.
+#[test]
+fn hostile_server_that_never_behaves_fails_the_request_after_the_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let log = d.join("hostile.log");
+    let server = NbdServer::hostile(
+        d,
+        Transport::Unix,
+        &log,
+        &["--mode", "short", "--times", "0"],
+    );
+    let mut daemon = serve_logged(d, &server.uri, 1, &["--nbd-reconnect-timeout", "2"]);
+    let mut c = Client::connect(&daemon.socket, 1);
+    let low = pattern(23, 0, BLOCK);
+    assert_eq!(c.write(0, 0, &low), 0);
+    let start = Instant::now();
+    assert!(c.read(0, TRIGGER, BLOCK).is_err());
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(1900) && took < Duration::from_secs(8),
+        "failed after {took:?}"
+    );
+    let (connections, misbehaved) = hostile_log(&log);
+    assert!(
+        (3..=20).contains(&misbehaved),
+        "{misbehaved} tries in {took:?}"
+    );
+    assert!(connections > misbehaved, "{connections} connections");
+    assert!(daemon.alive());
+    let mut back = None;
+    wait_until(
+        Duration::from_secs(5),
+        "the rest is not served again",
+        || {
+            back = c.read(0, 0, BLOCK).ok();
+            back.is_some()
+        },
+    );
+    assert!(back.unwrap() == low);
+    drop(c);
+    assert!(daemon.terminate().success());
+    assert!(!daemon_log(d).contains("panicked"));
+}

@@ -790,7 +790,12 @@ fn last_error(api: &Api, what: &str) -> io::Error {
     } else {
         io::ErrorKind::Other
     };
-    let err = io::Error::new(kind, format!("{what}: {msg}"));
+    // libnbd's messages of its own calls start with the call's name.
+    let err = if msg.starts_with(&format!("{what}: ")) {
+        io::Error::new(kind, msg)
+    } else {
+        io::Error::new(kind, format!("{what}: {msg}"))
+    };
     if errno > 0 {
         // Keep the errno for callers that pass it on (the guest's status).
         io::Error::new(kind, ErrnoError { errno, inner: err })
@@ -813,6 +818,17 @@ impl std::fmt::Display for ErrnoError {
 }
 
 impl std::error::Error for ErrnoError {}
+
+#[cfg(test)]
+impl ErrnoError {
+    /// The error libnbd would report with `msg` and `errno`.
+    pub fn for_test(errno: i32, msg: &str) -> Self {
+        ErrnoError {
+            errno,
+            inner: io::Error::other(msg.to_string()),
+        }
+    }
+}
 
 /// The errno an error from this module carries (EIO if none).
 pub fn errno_of(e: &io::Error) -> i32 {
@@ -924,5 +940,14 @@ mod tests {
             .expect("connected to nothing");
         assert!(e.to_string().starts_with("connect: "), "{e}");
         assert_eq!(errno_of(&e), libc::ENOENT, "{e}");
+    }
+
+    #[test]
+    fn a_call_is_named_once_in_its_error() {
+        let conn = Connection::create("t").unwrap();
+        let e = conn.notify_read().expect_err("read on no connection");
+        let said = e.to_string();
+        assert!(said.starts_with("nbd_aio_notify_read: "), "{said}");
+        assert!(!said[1..].contains("nbd_aio_notify_read"), "{said}");
     }
 }
