@@ -42,6 +42,8 @@ command -v xmllint >/dev/null || need+=(libxml2-utils)
 command -v nbdkit >/dev/null || need+=(nbdkit)
 command -v nbdcopy >/dev/null || need+=(libnbd-bin)
 [ -e /usr/include/libnbd.h ] || need+=(libnbd-dev)
+# tests/nbd.rs's X.509 TLS tests make a throwaway CA and certificates with openssl.
+command -v openssl >/dev/null || need+=(openssl)
 # integration/qmp.py (e2e-migrate.sh drives QEMU's migration through QMP), the fuzz seeds
 # and tests/support/hostile_nbd.py (the hostile NBD server of tests/nbd.rs).
 command -v python3 >/dev/null || need+=(python3)

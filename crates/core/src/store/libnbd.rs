@@ -253,14 +253,7 @@ impl Connection {
         conn.check(rc, "connect").map_err(|e| {
             if e.to_string().contains("gnutls") {
                 // GnuTLS says how the handshake broke, not why.
-                io::Error::new(
-                    e.kind(),
-                    format!(
-                        "{e}: the TLS handshake failed; check the key and user name \
-                         (--tls-psk-file, --tls-username) or the certificates \
-                         (--tls-certificates) against the server's"
-                    ),
-                )
+                io::Error::new(e.kind(), format!("{e}: {}", tls_hint(tls, &e)))
             } else {
                 e
             }
@@ -765,6 +758,34 @@ fn poll_fd(fd: RawFd, events: libc::c_short, timeout: Duration) -> io::Result<li
         if e.kind() != io::ErrorKind::Interrupted {
             return Err(e);
         }
+    }
+}
+
+/// What a failed TLS handshake asks the user to check, for the
+/// credentials given.
+fn tls_hint(tls: &Tls, e: &io::Error) -> String {
+    let said = e.to_string();
+    match (&tls.certificates, &tls.psk_file) {
+        (Some(dir), _) => {
+            let side = if said.contains("certificate verification") {
+                "the server's certificate did not verify; "
+            } else {
+                ""
+            };
+            format!(
+                "the TLS handshake failed; {side}check the certificates (--tls-certificates \
+                 {dir}): the server's certificate must be signed by {dir}/ca-cert.pem and \
+                 name the host connected to, and the server must accept \
+                 {dir}/client-cert.pem"
+            )
+        }
+        (None, Some(_)) => "the TLS handshake failed; check the key and user name \
+                            (--tls-psk-file, --tls-username) against the server's"
+            .to_string(),
+        (None, None) => "the TLS handshake failed; give the key (--tls-psk-file, \
+                         --tls-username) or the certificates (--tls-certificates) the \
+                         server expects"
+            .to_string(),
     }
 }
 
