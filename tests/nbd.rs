@@ -1236,6 +1236,8 @@ fn tls_x509_round_trip(transport: Transport) {
     assert!(daemon.terminate().success());
     let log = daemon_log(d);
     assert!(log.contains("sandbox: seccomp"), "{log}");
+    // The handshake reads the certificates, which the sandbox forbids later.
+    assert!(log.contains("a lost connection is not made again"), "{log}");
     let sep = if uri.contains('?') { '&' } else { '?' };
     let raw = copy_raw(&format!("{uri}{sep}tls-certificates={client_dir}"), d);
     let stored: std::collections::HashSet<&[u8]> = raw.chunks(512).collect();
@@ -1328,10 +1330,11 @@ fn a_certificate_from_another_ca_is_a_clear_start_up_error() {
 }
 
 /// X.509 and reconnecting (which needs --sandbox none over TLS: the
-/// handshake reads the certificates again): a restarted server is reached
-/// again through the certificates and the data verifies.
+/// handshake reads the certificates again): asked for under the sandbox it
+/// is refused; without one, a restarted server is reached again through
+/// the certificates and the data verifies.
 #[test]
-fn tls_x509_reconnects_without_a_sandbox() {
+fn tls_x509_reconnects_without_a_sandbox_and_is_refused_under_one() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let (server_dir, client_dir) = x509_dirs(d, "ca");
@@ -1339,6 +1342,18 @@ fn tls_x509_reconnects_without_a_sandbox() {
     std::fs::write(&file, vec![0u8; 16 * MIB]).unwrap();
     let file_arg = format!("file={}", file.display());
     let (mut server, uri) = x509_export(d, Transport::Tcp, &server_dir, &["file", &file_arg]);
+    let (key_path, _) = write_key(d, 64);
+    let refused = std::process::Command::new(BIN)
+        .args(["serve", "--socket"])
+        .arg(d.join("s.sock"))
+        .args(["--image", &uri, "--tls-certificates", &client_dir])
+        .args(["--nbd-reconnect-timeout", "10", "--key-file"])
+        .arg(&key_path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{err}");
+    assert!(err.contains("--sandbox none"), "{err}");
     let daemon = serve_logged(
         d,
         &uri,
