@@ -23,6 +23,8 @@ Modes:
                 of trailing garbage); the connection then stays open
   bad-errno     an error reply with an error number no NBD spec defines
   unsolicited   first a reply to a cookie never sent, then the right reply
+  silent        no reply at all; the connection stays open and later
+                requests are answered
 
 Every event is appended to --log, one line each: "connect N",
 "misbehave MODE N", "read OFFSET LEN", "write ...", so that the test can see
@@ -275,6 +277,8 @@ class Handler(socketserver.BaseRequestHandler):
         elif mode == "bad-errno":
             # No NBD error has this number (they are small errno values).
             self.done(cookie, 0x7EADBEEF)
+        elif mode == "silent":
+            pass  # never answered; later requests are
         elif mode == "unsolicited":
             self.done(0xBAD0C0FFEE, 0)
             self.read_reply(cookie, offset, data)
