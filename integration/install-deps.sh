@@ -42,7 +42,10 @@ command -v xmllint >/dev/null || need+=(libxml2-utils)
 command -v nbdkit >/dev/null || need+=(nbdkit)
 command -v nbdcopy >/dev/null || need+=(libnbd-bin)
 [ -e /usr/include/libnbd.h ] || need+=(libnbd-dev)
-# integration/qmp.py (e2e-migrate.sh drives QEMU's migration through QMP) and the fuzz seeds.
+# tests/nbd.rs's X.509 TLS tests make a throwaway CA and certificates with openssl.
+command -v openssl >/dev/null || need+=(openssl)
+# integration/qmp.py (e2e-migrate.sh drives QEMU's migration through QMP), the fuzz seeds
+# and tests/support/hostile_nbd.py (the hostile NBD server of tests/nbd.rs).
 command -v python3 >/dev/null || need+=(python3)
 # Ceph RBD images (--image rbd:...): librbd1/librados2 are loaded at run time (dlopen);
 # integration/ceph.sh starts a single-node test cluster from ceph-mon and ceph-osd

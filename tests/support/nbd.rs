@@ -63,6 +63,25 @@ impl NbdServer {
         })
     }
 
+    /// `tests/support/hostile_nbd.py ARGS`: an NBD server that breaks the
+    /// protocol as its `--mode` says (see the script), logging what it
+    /// does to `log`. python3 must be installed.
+    pub fn hostile(dir: &Path, transport: Transport, log: &Path, args: &[&str]) -> NbdServer {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/hostile_nbd.py");
+        let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        args.extend(["--log".to_string(), log.display().to_string()]);
+        Self::start(dir, transport, move |t, sock, port| {
+            let mut c = Command::new("python3");
+            c.arg(script);
+            match t {
+                Transport::Unix => c.arg("--unix").arg(sock),
+                Transport::Tcp => c.args(["--port", &port.to_string()]),
+            };
+            c.args(&args);
+            c
+        })
+    }
+
     fn start(
         dir: &Path,
         transport: Transport,

@@ -253,14 +253,7 @@ impl Connection {
         conn.check(rc, "connect").map_err(|e| {
             if e.to_string().contains("gnutls") {
                 // GnuTLS says how the handshake broke, not why.
-                io::Error::new(
-                    e.kind(),
-                    format!(
-                        "{e}: the TLS handshake failed; check the key and user name \
-                         (--tls-psk-file, --tls-username) or the certificates \
-                         (--tls-certificates) against the server's"
-                    ),
-                )
+                io::Error::new(e.kind(), format!("{e}: {}", tls_hint(tls, &e)))
             } else {
                 e
             }
@@ -768,6 +761,34 @@ fn poll_fd(fd: RawFd, events: libc::c_short, timeout: Duration) -> io::Result<li
     }
 }
 
+/// What a failed TLS handshake asks the user to check, for the
+/// credentials given.
+fn tls_hint(tls: &Tls, e: &io::Error) -> String {
+    let said = e.to_string();
+    match (&tls.certificates, &tls.psk_file) {
+        (Some(dir), _) => {
+            let side = if said.contains("certificate verification") {
+                "the server's certificate did not verify; "
+            } else {
+                ""
+            };
+            format!(
+                "the TLS handshake failed; {side}check the certificates (--tls-certificates \
+                 {dir}): the server's certificate must be signed by {dir}/ca-cert.pem and \
+                 name the host connected to, and the server must accept \
+                 {dir}/client-cert.pem"
+            )
+        }
+        (None, Some(_)) => "the TLS handshake failed; check the key and user name \
+                            (--tls-psk-file, --tls-username) against the server's"
+            .to_string(),
+        (None, None) => "the TLS handshake failed; give the key (--tls-psk-file, \
+                         --tls-username) or the certificates (--tls-certificates) the \
+                         server expects"
+            .to_string(),
+    }
+}
+
 fn cstring(s: &str) -> io::Result<CString> {
     CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in a string"))
 }
@@ -790,7 +811,12 @@ fn last_error(api: &Api, what: &str) -> io::Error {
     } else {
         io::ErrorKind::Other
     };
-    let err = io::Error::new(kind, format!("{what}: {msg}"));
+    // libnbd's messages of its own calls start with the call's name.
+    let err = if msg.starts_with(&format!("{what}: ")) {
+        io::Error::new(kind, msg)
+    } else {
+        io::Error::new(kind, format!("{what}: {msg}"))
+    };
     if errno > 0 {
         // Keep the errno for callers that pass it on (the guest's status).
         io::Error::new(kind, ErrnoError { errno, inner: err })
@@ -813,6 +839,17 @@ impl std::fmt::Display for ErrnoError {
 }
 
 impl std::error::Error for ErrnoError {}
+
+#[cfg(test)]
+impl ErrnoError {
+    /// The error libnbd would report with `msg` and `errno`.
+    pub fn for_test(errno: i32, msg: &str) -> Self {
+        ErrnoError {
+            errno,
+            inner: io::Error::other(msg.to_string()),
+        }
+    }
+}
 
 /// The errno an error from this module carries (EIO if none).
 pub fn errno_of(e: &io::Error) -> i32 {
@@ -924,5 +961,14 @@ mod tests {
             .expect("connected to nothing");
         assert!(e.to_string().starts_with("connect: "), "{e}");
         assert_eq!(errno_of(&e), libc::ENOENT, "{e}");
+    }
+
+    #[test]
+    fn a_call_is_named_once_in_its_error() {
+        let conn = Connection::create("t").unwrap();
+        let e = conn.notify_read().expect_err("read on no connection");
+        let said = e.to_string();
+        assert!(said.starts_with("nbd_aio_notify_read: "), "{said}");
+        assert!(!said[1..].contains("nbd_aio_notify_read"), "{said}");
     }
 }

@@ -227,8 +227,9 @@ impl NbdExport {
                 Some(last) if now < last + RETRY_EVERY => return result,
                 Some(_) => now + ONE_ATTEMPT,
                 None => {
+                    let why = result.as_ref().err().map(why_lost).unwrap_or_default();
                     log::warn!(
-                        "{}: NBD connection lost; reconnecting for up to {:?}",
+                        "{}: NBD connection lost: {why}; reconnecting for up to {:?}",
                         self.uri,
                         redial.timeout
                     );
@@ -801,9 +802,30 @@ impl NbdStore {
                 conn.notify_write()
             };
             if let Err(e) = r {
-                log::debug!("NBD connection: {e} (errno {})", errno_of(&e));
+                if conn.is_dead() {
+                    log::warn!("NBD connection {}: {}", self.name, why_lost(&e));
+                } else {
+                    log::debug!("NBD connection: {e} (errno {})", errno_of(&e));
+                }
             }
         }
+    }
+}
+
+/// Why libnbd gave a connection up, for the log line that says so: the
+/// server closed it, or broke the protocol (libnbd checks every reply's
+/// magic, cookie, length and range against the command it answers, and
+/// moves the connection to its dead state on the first that does not fit,
+/// reading no further: a length from the wire is never used unchecked).
+fn why_lost(e: &io::Error) -> String {
+    let msg = e.to_string();
+    let errno = errno_of(e);
+    if msg.contains("disconnected") || msg.contains("recv:") || msg.contains("send:") {
+        format!("the server closed the connection or it broke ({msg})")
+    } else if errno == libc::EIO || errno == libc::EPROTO || errno == libc::EINVAL {
+        format!("the server broke the NBD protocol ({msg}); dropping the connection")
+    } else {
+        format!("the connection failed ({msg})")
     }
 }
 
@@ -1086,6 +1108,28 @@ pub(crate) mod tests {
             s.push(op, 0).unwrap();
         }
         drop(s);
+    }
+
+    #[test]
+    fn a_lost_connection_says_what_the_server_did() {
+        let libnbd = |msg: &str, errno| {
+            io::Error::other(super::super::libnbd::ErrnoError::for_test(errno, msg))
+        };
+        let garbage = libnbd(
+            "nbd_aio_notify_read: invalid server reply length",
+            libc::EIO,
+        );
+        let why = why_lost(&garbage);
+        assert!(
+            why.starts_with("the server broke the NBD protocol"),
+            "{why}"
+        );
+        assert!(why.contains("invalid server reply length"), "{why}");
+        let gone = libnbd(
+            "nbd_aio_notify_read: recv: server disconnected unexpectedly",
+            libc::EIO,
+        );
+        assert!(why_lost(&gone).starts_with("the server closed the connection"));
     }
 
     #[test]
