@@ -18,6 +18,7 @@ use crate::device::{AioMode, BlkBackend, BlkDevice};
 use crate::notify::Notifier;
 use crate::sandbox::{NbdPeer, Sandbox, SandboxError};
 use crate::socket::{inherited, Gate, ListenOn, SocketAccess, SocketError, SocketFile, Stopper};
+use crate::store::NbdExport;
 
 /// STATUS= while no VMM is connected.
 const WAITING: &str = "waiting for a VMM";
@@ -46,11 +47,19 @@ struct Shutdown {
     connection: Mutex<Option<ShutdownHandle>>,
     /// Ends a wait for the next connection.
     stopper: Stopper,
+    /// An NBD export: its requests in flight are waited for only so long.
+    nbd: Option<Arc<NbdExport>>,
 }
 
 impl Shutdown {
     fn request(&self) {
         self.requested.store(true, Ordering::SeqCst);
+        // Before anything waits for the requests in flight: a queue thread
+        // blocked on a server that never answers gives up within the
+        // export's grace (the reconnect timeout), so the drain below ends.
+        if let Some(nbd) = &self.nbd {
+            nbd.stop_within();
+        }
         // Every accept from now on returns at once, so a connection that
         // ends after this point is the last one.
         self.stopper.stop();
@@ -130,6 +139,7 @@ pub fn serve(
         requested: AtomicBool::new(false),
         connection: Mutex::new(None),
         stopper: listening.gate.stopper(),
+        nbd: dev.volume().nbd().cloned(),
     });
     let control = match control.map(ControlSocket::listen).transpose() {
         Ok(c) => c,
@@ -259,6 +269,13 @@ fn serve_connections(
             Err(e) => log::warn!("connection ended with an error: {e}"),
         }
         dev.stats().disconnected();
+        // The requests in flight on an NBD export get its grace (the
+        // reconnect timeout) to be answered, then fail (IOERR): a server
+        // that never answers must not keep the next VMM out.
+        let nbd = dev.volume().nbd();
+        if let Some(nbd) = nbd {
+            nbd.stop_within();
+        }
         shutdown
             .connection
             .lock()
@@ -277,6 +294,9 @@ fn serve_connections(
         drop(backend);
         if let Err(e) = dev.volume().flush() {
             log::error!("fdatasync after disconnect failed: {e}");
+        }
+        if let (Some(nbd), false) = (nbd, shutdown.requested()) {
+            nbd.resume();
         }
         if !wake_up && !shutdown.requested() {
             notify.status(WAITING);

@@ -21,7 +21,8 @@ use std::ffi::{c_char, c_int, c_uint, c_void, CStr, CString};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::os::unix::io::RawFd;
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// The library's file name (its soname), and the Debian package that has it.
@@ -120,10 +121,6 @@ api! {
     fn nbd_can_multi_conn(*mut Handle) -> c_int;
     fn nbd_get_size(*mut Handle) -> i64;
     fn nbd_get_block_size(*mut Handle, c_int) -> i64;
-    fn nbd_pread(*mut Handle, *mut c_void, usize, u64, u32) -> c_int;
-    fn nbd_pwrite(*mut Handle, *const c_void, usize, u64, u32) -> c_int;
-    fn nbd_flush(*mut Handle, u32) -> c_int;
-    fn nbd_trim(*mut Handle, u64, u64, u32) -> c_int;
     fn nbd_shutdown(*mut Handle, u32) -> c_int;
     fn nbd_aio_pread(*mut Handle, *mut c_void, usize, u64, CompletionCallback, u32) -> i64;
     fn nbd_aio_pwrite(*mut Handle, *const c_void, usize, u64, CompletionCallback, u32) -> i64;
@@ -231,6 +228,15 @@ macro_rules! call {
 pub struct Connection {
     api: &'static Api,
     h: *mut Handle,
+    /// How long a synchronous call (`pread`, `pwrite`, `flush`, `trim`)
+    /// waits for its answer, in milliseconds (0: forever). A call that
+    /// times out shuts the socket down: see `finish`.
+    sync_timeout_ms: AtomicU64,
+    /// One synchronous call at a time drives the connection (libnbd's own
+    /// synchronous calls hold the handle's lock for the whole call, so this
+    /// is what they did too); two threads polling one socket could each
+    /// consume the wake-up meant for the other.
+    sync_calls: Mutex<()>,
 }
 
 // SAFETY: libnbd handles may be used from any thread and from several at
@@ -361,7 +367,12 @@ impl Connection {
         if h.is_null() {
             return Err(last_error(api, "nbd_create"));
         }
-        let conn = Connection { api, h };
+        let conn = Connection {
+            api,
+            h,
+            sync_timeout_ms: AtomicU64::new(0),
+            sync_calls: Mutex::new(()),
+        };
         let cname = cstring(name)?;
         // NUL-terminated string copied by libnbd.
         conn.check(
@@ -462,37 +473,124 @@ impl Connection {
         })
     }
 
+    /// Bounds the synchronous calls below: one the server has not
+    /// answered within `timeout` shuts the connection down and fails
+    /// (zero: wait forever, as libnbd's own synchronous calls do).
+    pub fn set_sync_timeout(&self, timeout: Duration) {
+        let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        self.sync_timeout_ms.store(ms, Ordering::Relaxed);
+    }
+
     /// Reads `buf.len()` bytes at `offset`, waiting for the answer.
     pub fn pread(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        // `buf` is valid for writes of its length for
-        // the whole (synchronous) call.
-        let rc = call!(
-            self,
-            nbd_pread,
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            offset,
-            0
-        );
-        self.check(rc, "nbd_pread").map(drop)
+        let _one = self.sync_calls.lock().unwrap_or_else(|p| p.into_inner());
+        // SAFETY: `buf` is valid for writes of its length, and borrowed
+        // mutably, until `finish` returns, which it does only once the
+        // command is retired (or was never issued).
+        let cookie = unsafe { self.aio_pread(buf.as_mut_ptr(), buf.len(), offset) };
+        self.finish(cookie, "nbd_pread")
     }
 
     /// Writes `buf` at `offset`, waiting for the server's acknowledgement.
     pub fn pwrite(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        // `buf` is valid for reads for the whole call.
-        let rc = call!(self, nbd_pwrite, buf.as_ptr().cast(), buf.len(), offset, 0);
-        self.check(rc, "nbd_pwrite").map(drop)
+        let _one = self.sync_calls.lock().unwrap_or_else(|p| p.into_inner());
+        // SAFETY: `buf` is valid for reads of its length until `finish`
+        // returns, which it does only once the command is retired.
+        let cookie = unsafe { self.aio_pwrite(buf.as_ptr(), buf.len(), offset) };
+        self.finish(cookie, "nbd_pwrite")
     }
 
     /// NBD_CMD_FLUSH, waiting for the answer.
     pub fn flush(&self) -> io::Result<()> {
-        self.check(call!(self, nbd_flush, 0), "nbd_flush").map(drop)
+        let _one = self.sync_calls.lock().unwrap_or_else(|p| p.into_inner());
+        let cookie = self.aio_flush();
+        self.finish(cookie, "nbd_flush")
     }
 
     /// NBD_CMD_TRIM, waiting for the answer.
     pub fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.check(call!(self, nbd_trim, len, offset, 0), "nbd_trim")
-            .map(drop)
+        let _one = self.sync_calls.lock().unwrap_or_else(|p| p.into_inner());
+        let cookie = self.aio_trim(offset, len);
+        self.finish(cookie, "nbd_trim")
+    }
+
+    /// Drives the connection until command `cookie` is answered and
+    /// retires it: the synchronous calls, made of the asynchronous ones so
+    /// that a server that keeps the connection open and never answers
+    /// cannot hold the caller forever. At the timeout the socket is shut
+    /// down (shutdown(2)): from then on the server can send us nothing, the
+    /// connection dies, libnbd completes the command with an error, and we
+    /// return only then, so the caller's buffer is never used after this
+    /// returns. A write it had not acknowledged may or may not have landed,
+    /// as on a disk that lost power; the caller (`NbdExport::with_sync`)
+    /// sends it again on a new connection.
+    fn finish(&self, cookie: io::Result<u64>, what: &str) -> io::Result<()> {
+        let cookie = cookie?;
+        let ms = self.sync_timeout_ms.load(Ordering::Relaxed);
+        let deadline = (ms > 0).then(|| Instant::now() + Duration::from_millis(ms));
+        let mut timed_out = false;
+        // What killed the connection, if a read or write did: says more
+        // (a protocol error, the server leaving) than the command's error.
+        let mut killed = None;
+        let fd = self.fd().ok();
+        loop {
+            match self.command_completed(cookie) {
+                Some(Ok(())) => return Ok(()),
+                Some(Err(errno)) if timed_out => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        ErrnoError {
+                            errno: libc::ETIMEDOUT,
+                            inner: io::Error::other(format!(
+                                "{what}: the server did not answer within {ms} ms \
+                                 (errno {errno} once the connection was shut down)"
+                            )),
+                        },
+                    ))
+                }
+                Some(Err(_)) => {
+                    let said = last_error(self.api, what);
+                    return Err(killed.unwrap_or(said));
+                }
+                None => {}
+            }
+            let (Some(fd), false) = (fd, self.is_dead()) else {
+                // Dead: libnbd completes every command (with an error), so
+                // this is not reached; never spin on it.
+                return Err(killed.unwrap_or_else(|| last_error(self.api, what)));
+            };
+            let dir = self.direction();
+            let mut events = 0;
+            if dir.read {
+                events |= libc::POLLIN;
+            }
+            if dir.write {
+                events |= libc::POLLOUT;
+            }
+            let left = match deadline {
+                Some(d) if !timed_out => d.saturating_duration_since(Instant::now()),
+                _ => Duration::from_secs(3600),
+            };
+            if left.is_zero() {
+                timed_out = true;
+                self.shutdown_socket();
+                continue;
+            }
+            let ready = poll_fd(fd, events, left)?;
+            let r = if ready & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
+                self.notify_read()
+            } else if ready & libc::POLLOUT != 0 {
+                self.notify_write()
+            } else {
+                Ok(())
+            };
+            if let Err(e) = r {
+                if !self.is_dead() {
+                    return Err(e);
+                }
+                killed = Some(e);
+            }
+        }
     }
 
     /// Starts NBD_CMD_READ of `len` bytes at `offset` into `buf`; returns
@@ -598,6 +696,25 @@ impl Connection {
                 let errno = unsafe { (self.api.nbd_get_errno)() };
                 Some(Err(if errno > 0 { errno } else { libc::EIO }))
             }
+        }
+    }
+
+    /// Shuts the connection's socket down both ways (shutdown(2)), at
+    /// once: the server can no longer send a reply nor receive a command;
+    /// libnbd's next read sees the end of the stream and moves the
+    /// connection to its dead state, completing every command in flight
+    /// with an error. For a server that stopped answering (libnbd's own
+    /// `nbd_shutdown` would wait for it).
+    pub fn shutdown_socket(&self) {
+        if self.is_dead() {
+            return; // libnbd may have closed the socket: the fd is not ours
+        }
+        if let Ok(fd) = self.fd() {
+            // SAFETY: `fd` is the live connection's socket, owned by the
+            // handle and closed only when the connection dies or is
+            // dropped: not dead (checked above), and this connection is
+            // borrowed, so not dropped. shutdown(2) changes no memory.
+            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
         }
     }
 

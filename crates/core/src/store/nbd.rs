@@ -28,13 +28,16 @@
 //! connection (after which libnbd touches no buffer) before the pool is
 //! freed.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::io::RawFd;
 use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
+
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::libnbd::{errno_of, Connection, Endpoint, ExportInfo, Tls};
 use super::{Buffers, Op};
@@ -60,6 +63,62 @@ const ATTEMPT_MAX: Duration = Duration::from_secs(5);
 const BACKOFF_FIRST: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
+/// How long a command may go unanswered before its connection counts as
+/// lost, when reconnecting is off (with it on, the reconnect timeout is
+/// that bound too: see `NbdExport::request_timeout`).
+const REQUEST_TIMEOUT_NO_RECONNECT: Duration = Duration::from_secs(30);
+/// How long a VMM disconnect or SIGTERM waits for the commands in flight
+/// when reconnecting is off (with it on: the reconnect timeout; see
+/// `NbdExport::grace`).
+const STOP_GRACE_NO_RECONNECT: Duration = Duration::from_secs(5);
+
+/// The end of a VMM connection (a disconnect) or of the daemon (SIGTERM),
+/// shared by an export and its stores: from `at` on, stores stop waiting
+/// for their server. Their commands still unanswered then fail (IOERR)
+/// once their connection is closed, and no connection is made again until
+/// `resume`. `wake` is readable while a stop is on, so that a queue thread
+/// blocked on its server sees it at once.
+pub struct Stop {
+    at: Mutex<Option<Instant>>,
+    wake: EventFd,
+}
+
+impl Stop {
+    fn new() -> io::Result<Self> {
+        Ok(Stop {
+            at: Mutex::new(None),
+            wake: EventFd::new(EFD_NONBLOCK)?,
+        })
+    }
+
+    /// When waiting ends, if a stop is on.
+    fn deadline(&self) -> Option<Instant> {
+        *self.at.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn passed(&self) -> bool {
+        self.deadline().is_some_and(|at| Instant::now() >= at)
+    }
+
+    /// Starts a stop ending at `at` (an earlier one stands).
+    fn begin(&self, at: Instant) {
+        let mut was = self.at.lock().unwrap_or_else(|p| p.into_inner());
+        *was = Some(was.map_or(at, |w| w.min(at)));
+        let _ = self.wake.write(1);
+    }
+
+    fn end(&self) {
+        *self.at.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        let _ = self.wake.read();
+    }
+}
+
+/// `deadline`, or earlier if a stop ends before it.
+fn until(deadline: Instant, stop: Option<&Stop>) -> Instant {
+    stop.and_then(Stop::deadline)
+        .map_or(deadline, |at| deadline.min(at))
+}
+
 /// How to reach the export again once a connection is lost.
 pub struct Redial {
     endpoint: Endpoint,
@@ -76,9 +135,17 @@ impl Redial {
     /// Connects, trying again with back-off until `deadline`; the new
     /// connection must lead to the same export (size, read-only flag,
     /// multi-conn), or it is refused as a failed attempt.
-    pub fn connect(&self, name: &str, deadline: Instant) -> io::Result<Connection> {
+    /// A stop (`stop`) that begins meanwhile ends the attempts at its own
+    /// deadline.
+    pub fn connect(
+        &self,
+        name: &str,
+        deadline: Instant,
+        stop: Option<&Stop>,
+    ) -> io::Result<Connection> {
         let mut pause = BACKOFF_FIRST;
         loop {
+            let deadline = until(deadline, stop);
             let attempt = deadline.min(Instant::now() + ATTEMPT_MAX);
             let result = Connection::connect_to(&self.endpoint, &self.tls, name, attempt)
                 .and_then(|conn| self.same_export(conn));
@@ -147,6 +214,11 @@ pub struct NbdExport {
     /// When the synchronous connection last failed to come back within the
     /// timeout (then calls fail at once, with one attempt a second).
     sync_gave_up: Mutex<Option<Instant>>,
+    /// A disconnect or SIGTERM in progress (see `stop_within`).
+    stop: Arc<Stop>,
+    /// How long a command may go unanswered before its connection counts
+    /// as lost (see `request_timeout`).
+    request_timeout: Duration,
 }
 
 impl NbdExport {
@@ -156,6 +228,8 @@ impl NbdExport {
     pub fn open(uri: &str, tls: &Tls, queues: usize, reconnect: Duration) -> io::Result<Arc<Self>> {
         let sync = Connection::connect(uri, tls, "cryptblk")?;
         let info = sync.info()?;
+        let request_timeout = Self::request_timeout_for(reconnect);
+        sync.set_sync_timeout(request_timeout);
         let queues = if info.can_multi_conn {
             (0..queues)
                 .map(|q| {
@@ -183,7 +257,58 @@ impl NbdExport {
             queues,
             redial,
             sync_gave_up: Mutex::new(None),
+            stop: Arc::new(Stop::new()?),
+            request_timeout,
         }))
+    }
+
+    /// How long a command may go unanswered before its connection counts
+    /// as lost: the reconnect timeout (30 s unless set otherwise), or 30 s
+    /// with reconnecting off. A server that keeps the connection open and
+    /// never answers, or a network that silently drops everything, is
+    /// otherwise never seen as lost (TCP alone retransmits for about 15
+    /// minutes, and a live server's kernel acknowledges keep-alive probes
+    /// while the server itself is stuck). One knob: a server silent for as
+    /// long as we would wait for a lost one to come back is no better than
+    /// a lost one, and the operator who shortens one wants the other short
+    /// too. A slow server is not a silent one as long as it answers each
+    /// command within that time (tests/nbd.rs checks both sides).
+    fn request_timeout_for(reconnect: Duration) -> Duration {
+        if reconnect.is_zero() {
+            REQUEST_TIMEOUT_NO_RECONNECT
+        } else {
+            reconnect
+        }
+    }
+
+    /// How long a VMM disconnect or SIGTERM waits for the commands in
+    /// flight before closing their connections and failing them (IOERR):
+    /// the reconnect timeout, which is how long those commands could wait
+    /// for a lost connection anyway (so a stop never cuts short what a
+    /// reconnect would have finished in time); with reconnecting off, a
+    /// fixed 5 s (the operator asked not to wait for a server at all, and
+    /// a server that answers needs far less). With the default 30 s, a
+    /// stop with a silent server stays well inside systemd's 90 s
+    /// TimeoutStopSec.
+    pub fn grace(&self) -> Duration {
+        self.redial
+            .as_ref()
+            .map_or(STOP_GRACE_NO_RECONNECT, |r| r.timeout)
+    }
+
+    /// A disconnect or SIGTERM began: commands in flight on any queue's
+    /// connection get `grace()` more to be answered, then their
+    /// connections are shut down and they fail (IOERR); nothing is
+    /// reconnected until `resume`. Wakes queue threads blocked on their
+    /// server. A stop already on keeps its earlier deadline.
+    pub fn stop_within(&self) {
+        self.stop.begin(Instant::now() + self.grace());
+    }
+
+    /// The stop is over (the next VMM is served): back to waiting for the
+    /// server as long as the timeouts say.
+    pub fn resume(&self) {
+        self.stop.end();
     }
 
     pub fn uri(&self) -> &str {
@@ -217,6 +342,9 @@ impl NbdExport {
                 return result;
             }
             drop(guard);
+            if self.stop.passed() {
+                return result; // stopping: no more waiting for the server
+            }
             let mut sync = self.sync.write().unwrap_or_else(|p| p.into_inner());
             if sync.0 != lost {
                 continue; // another thread made it again meanwhile
@@ -236,9 +364,10 @@ impl NbdExport {
                     now + redial.timeout
                 }
             });
-            match redial.connect("cryptblk", deadline) {
+            match redial.connect("cryptblk", deadline, Some(&self.stop)) {
                 Ok(new) => {
                     log::info!("{}: NBD connection made again", self.uri);
+                    new.set_sync_timeout(self.request_timeout);
                     *sync = (lost + 1, new);
                     *gave_up = None;
                 }
@@ -279,6 +408,8 @@ impl NbdExport {
         // Without a live connection, the store makes one at its first command.
         let mut store = NbdStore::with(conn, buffers, self.redial.clone())?;
         store.name = format!("cryptblk-q{queue}");
+        store.stop = Some(self.stop.clone());
+        store.request_timeout = Some(self.request_timeout);
         store.can_flush = self.info.can_flush;
         store.home = Some((self.clone(), queue));
         Ok(Some(store))
@@ -368,6 +499,9 @@ struct Command {
     /// Its result on success.
     ok: i32,
     op: Op,
+    /// When it was sent (again: a command sent on a new connection gets a
+    /// new time).
+    sent: Instant,
 }
 
 pub struct NbdStore {
@@ -380,8 +514,9 @@ pub struct NbdStore {
     /// What the vring thread waits on: an epoll set holding the socket.
     events: OwnedFd,
     buffers: Buffers,
-    /// Commands in flight: cookie → command.
-    commands: HashMap<u64, Command>,
+    /// Commands in flight: cookie → command. libnbd's cookies grow with
+    /// every command on a connection, so the first is the oldest.
+    commands: BTreeMap<u64, Command>,
     /// Completed outside the connection: FLUSH on a server that needs none,
     /// commands answered before their connection was lost, commands failed
     /// because no connection came back.
@@ -403,6 +538,20 @@ pub struct NbdStore {
     /// which the store makes at once.
     refused: Vec<Command>,
     name: String,
+    /// A disconnect or SIGTERM (the export's): see `Stop`.
+    stop: Option<Arc<Stop>>,
+    /// How long a command may go unanswered before the connection counts
+    /// as lost (None: forever; see `NbdExport::request_timeout`).
+    request_timeout: Option<Duration>,
+    /// In the epoll set: fires when the oldest command's time is up, so
+    /// the vring thread learns of a silent server while it waits in epoll
+    /// for the socket (which then never becomes readable).
+    timer: TimerFd,
+    /// When `timer` fires (None: disarmed).
+    armed: Option<Instant>,
+    /// The current connection was shut down because the server did not
+    /// answer in time (its death says so already).
+    timed_out: bool,
 }
 
 impl NbdStore {
@@ -422,13 +571,16 @@ impl NbdStore {
         if ep < 0 {
             return Err(io::Error::last_os_error());
         }
+        // SAFETY: a new fd nothing else owns.
+        let events = unsafe { OwnedFd::from_raw_fd(ep) };
+        let timer = TimerFd::new()?;
+        add_to(&events, timer.as_raw_fd())?;
         let mut store = NbdStore {
             conn: None,
             fd: -1,
-            // SAFETY: a new fd nothing else owns.
-            events: unsafe { OwnedFd::from_raw_fd(ep) },
+            events,
             buffers,
-            commands: HashMap::with_capacity(256),
+            commands: BTreeMap::new(),
             done: Vec::new(),
             can_flush: true,
             home: None,
@@ -437,6 +589,11 @@ impl NbdStore {
             lost_since: None,
             refused: Vec::new(),
             name: "cryptblk".into(),
+            stop: None,
+            request_timeout: None,
+            timer,
+            armed: None,
+            timed_out: false,
         };
         if let Some(conn) = conn {
             store.attach(conn)?;
@@ -447,19 +604,10 @@ impl NbdStore {
     /// Makes `conn` the store's connection: its socket joins the epoll set.
     fn attach(&mut self, conn: Connection) -> io::Result<()> {
         let fd = conn.fd()?;
-        let mut ev = libc::epoll_event {
-            events: libc::EPOLLIN as u32,
-            u64: 0,
-        };
-        // SAFETY: both fds are open; `ev` is a valid epoll_event. A closed
-        // socket leaves the set by itself.
-        let rc =
-            unsafe { libc::epoll_ctl(self.events.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        add_to(&self.events, fd)?;
         self.fd = fd;
         self.conn = Some(conn);
+        self.timed_out = false;
         Ok(())
     }
 
@@ -500,7 +648,12 @@ impl NbdStore {
             }
             Op::Sync | Op::Discard { .. } => 0,
         };
-        let command = Command { tag, ok, op };
+        let command = Command {
+            tag,
+            ok,
+            op,
+            sent: Instant::now(),
+        };
         if !self.live() && self.redial.is_some() {
             self.recover();
             if !self.live() {
@@ -520,6 +673,7 @@ impl NbdStore {
             Err(e) => return Err(e),
         };
         self.commands.insert(cookie, command);
+        self.arm();
         Ok(())
     }
 
@@ -630,36 +784,18 @@ impl NbdStore {
         let Some(redial) = self.redial.clone() else {
             return;
         };
-        let mut again = std::mem::take(&mut self.refused);
-        let refused = match again.len() {
+        let refused = match self.refused.len() {
             0 => String::new(),
             n => format!(", {n} of them refused by the server as it shut down"),
         };
-        if let Some(conn) = self.conn.take() {
-            // Answered before the loss: those answers stand (an
-            // acknowledged write is done; it is never sent twice).
-            while let Some(cookie) = conn.peek_completed() {
-                let Some(result) = conn.command_completed(cookie) else {
-                    break;
-                };
-                if let Some(c) = self.commands.remove(&cookie) {
-                    match result {
-                        Ok(()) => self.done.push((c.tag, c.ok)),
-                        // Failed by the loss, or refused by a server
-                        // shutting down; a real error (EIO) just before
-                        // the loss is tried once more, which reads and
-                        // writes allow.
-                        Err(_) => again.push(c),
-                    }
-                }
-            }
-            // Closing it ends libnbd's use of every buffer; its socket
-            // leaves the epoll set as it closes.
-            drop(conn);
-        }
-        again.extend(self.commands.drain().map(|(_, c)| c));
-        self.fd = -1;
+        let again = self.salvage();
         let now = Instant::now();
+        if self.stop.as_deref().is_some_and(Stop::passed) {
+            // A disconnect or SIGTERM that waited long enough: no new
+            // connection for commands it gave up on.
+            self.fail(again);
+            return;
+        }
         let deadline = match (self.gave_up, self.lost_since) {
             (Some(last), _) if now < last + RETRY_EVERY => {
                 self.fail(again);
@@ -688,7 +824,7 @@ impl NbdStore {
                 now + redial.timeout
             }
         };
-        let conn = match redial.connect(&self.name, deadline) {
+        let conn = match redial.connect(&self.name, deadline, self.stop.as_deref()) {
             Ok(conn) => conn,
             Err(e) => {
                 if self.gave_up.is_none() {
@@ -720,14 +856,143 @@ impl NbdStore {
             again.len()
         );
         self.gave_up = None;
-        for c in again {
+        for mut c in again {
             match self.issue(c.op) {
                 Ok(cookie) => {
+                    c.sent = Instant::now();
                     self.commands.insert(cookie, c);
                 }
                 Err(e) => self.done.push((c.tag, -errno_of(&e))),
             }
         }
+        self.arm();
+    }
+
+    /// Closes the connection (if any) and returns the commands it did not
+    /// answer (with those its server refused as it shut down); the answers
+    /// it gave stand (an acknowledged write is done and never sent twice).
+    fn salvage(&mut self) -> Vec<Command> {
+        let mut again = std::mem::take(&mut self.refused);
+        if let Some(conn) = self.conn.take() {
+            while let Some(cookie) = conn.peek_completed() {
+                let Some(result) = conn.command_completed(cookie) else {
+                    break;
+                };
+                if let Some(c) = self.commands.remove(&cookie) {
+                    match result {
+                        Ok(()) => self.done.push((c.tag, c.ok)),
+                        // Failed by the loss, or refused by a server
+                        // shutting down; a real error (EIO) just before
+                        // the loss is tried once more, which reads and
+                        // writes allow.
+                        Err(_) => again.push(c),
+                    }
+                }
+            }
+            // Closing it ends libnbd's use of every buffer; its socket
+            // leaves the epoll set as it closes. A connection shut down
+            // unanswered (see `expire`) closes at once.
+            conn.shutdown_socket();
+            drop(conn);
+        }
+        again.extend(std::mem::take(&mut self.commands).into_values());
+        self.fd = -1;
+        again
+    }
+
+    /// When the oldest unanswered command's time is up (None: no command
+    /// waits, or no timeout).
+    fn due(&self) -> Option<Instant> {
+        let timeout = self.request_timeout?;
+        let (_, oldest) = self.commands.first_key_value()?;
+        Some(oldest.sent + timeout)
+    }
+
+    /// Keeps the timer set for the oldest command. Lazily: a timer that
+    /// fires early (the command it was set for was answered) is set again
+    /// for the oldest one then, so a busy queue sets it about once per
+    /// timeout, not at every reply. Setting it also clears a firing.
+    fn arm(&mut self) {
+        let now = Instant::now();
+        let due = self.due();
+        if self.armed.is_some_and(|at| now < at) {
+            return; // fires before anything can be due
+        }
+        let r = match due {
+            Some(at) => self.timer.reset(
+                at.saturating_duration_since(now)
+                    .max(Duration::from_millis(1)),
+                None,
+            ),
+            None if self.armed.is_some() => self.timer.clear(),
+            None => return,
+        };
+        self.armed = if r.is_ok() { due } else { None };
+    }
+
+    /// Acts on the clock: a stop past its deadline abandons every command;
+    /// a command unanswered past the request timeout shuts the connection
+    /// down, which then counts as lost (`recover` sends the rest again on
+    /// a new connection, or fails them).
+    ///
+    /// Why sending again is sound: once the socket is shut down the
+    /// server can send no reply on it, so the command was never
+    /// acknowledged and is never reported as done from there. A write the
+    /// server had received may still land later, or not: a write in flight
+    /// when a disk loses power, which the guest's file system survives (it
+    /// relies only on acknowledged writes and FLUSH). Sent again on the new
+    /// connection, the same bytes go to the same place, and the guest's
+    /// answer comes from there. The window left: a server whose storage
+    /// stalled longer than the timeout and that carries out the old
+    /// connection's copy after the guest has overwritten the same blocks
+    /// through the new connection brings the older data back. That needs a
+    /// server that keeps executing a closed connection's commands for
+    /// longer than the timeout; QEMU's NBD client has the same window when
+    /// it reconnects. README "Network storage (NBD)" says so.
+    fn expire(&mut self) {
+        let now = Instant::now();
+        if self.stop.as_deref().is_some_and(Stop::passed) {
+            self.abandon();
+            return;
+        }
+        if let Some(at) = self.armed {
+            if now >= at {
+                self.armed = None;
+                self.arm();
+            }
+        }
+        let late = self.due().is_some_and(|at| now >= at);
+        if late && !self.timed_out {
+            if let Some(conn) = self.conn.as_ref() {
+                log::warn!(
+                    "NBD connection {}: the server has not answered a command for {:?} \
+                     (a silent server or network); shutting the connection down and counting \
+                     it as lost",
+                    self.name,
+                    self.request_timeout.unwrap_or_default()
+                );
+                self.timed_out = true;
+                // Its next read sees the end: libnbd declares it dead.
+                conn.shutdown_socket();
+            }
+        }
+    }
+
+    /// A stop waited long enough: closes the connection and fails every
+    /// command it had not answered (IOERR), once; the log says how many.
+    fn abandon(&mut self) {
+        if self.commands.is_empty() && self.refused.is_empty() {
+            return;
+        }
+        let unanswered = self.salvage();
+        log::error!(
+            "NBD connection {}: {} commands still unanswered at the end of the wait for them \
+             (the VMM left, or cryptblk is stopping); connection closed, they fail (IOERR)",
+            self.name,
+            unanswered.len(),
+        );
+        self.fail(unanswered);
+        self.arm();
     }
 
     fn fail(&mut self, commands: Vec<Command>) {
@@ -743,6 +1008,7 @@ impl NbdStore {
     /// one.
     fn drive(&mut self, block: bool) -> io::Result<()> {
         loop {
+            self.expire();
             if !self.live() {
                 if self.redial.is_none() {
                     return Ok(());
@@ -774,14 +1040,41 @@ impl NbdStore {
             if events == 0 {
                 return Ok(());
             }
-            let timeout = if dir.write || waiting { -1 } else { 0 };
-            let mut pfd = libc::pollfd {
-                fd: self.fd,
-                events,
-                revents: 0,
+            // Blocking, but never past the oldest command's time nor a
+            // stop's deadline; a stop that begins meanwhile wakes us
+            // (its eventfd stays readable while it is on, so it is
+            // polled only until its deadline is known).
+            let stop_at = self.stop.as_deref().and_then(Stop::deadline);
+            let timeout = if dir.write || waiting {
+                match [self.due(), stop_at].into_iter().flatten().min() {
+                    Some(at) => {
+                        let left = at.saturating_duration_since(Instant::now());
+                        // Rounded up: waking a little late is harmless,
+                        // waking early spins.
+                        i32::try_from(left.as_micros().div_ceil(1000)).unwrap_or(i32::MAX)
+                    }
+                    None => -1,
+                }
+            } else {
+                0
             };
-            // SAFETY: one valid pollfd.
-            let rc = unsafe { libc::poll(&mut pfd, 1, timeout) };
+            let mut pfds = [
+                libc::pollfd {
+                    fd: self.fd,
+                    events,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: -1, // ignored by poll(2)
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            if let (Some(stop), None, true) = (self.stop.as_deref(), stop_at, timeout != 0) {
+                pfds[1].fd = stop.wake.as_raw_fd();
+            }
+            // SAFETY: two valid pollfds.
+            let rc = unsafe { libc::poll(pfds.as_mut_ptr(), 2, timeout) };
             if rc < 0 {
                 let e = io::Error::last_os_error();
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -789,20 +1082,26 @@ impl NbdStore {
                 }
                 return Err(e);
             }
-            if rc == 0 {
-                return Ok(());
+            let revents = pfds[0].revents;
+            if revents == 0 {
+                if timeout == 0 {
+                    return Ok(());
+                }
+                continue; // a deadline or a stop: `expire` acts on it
             }
             // Both ready: read first (libnbd(3): a reply may change what is
             // to be written). An error here kills the connection, which
             // completes the commands in flight with errors: their owners
             // learn it through `reap` (or they are sent again).
-            let r = if pfd.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
+            let r = if revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
                 conn.notify_read()
             } else {
                 conn.notify_write()
             };
             if let Err(e) = r {
-                if conn.is_dead() {
+                if self.timed_out {
+                    // `expire` said why already.
+                } else if conn.is_dead() {
                     log::warn!("NBD connection {}: {}", self.name, why_lost(&e));
                 } else {
                     log::debug!("NBD connection: {e} (errno {})", errno_of(&e));
@@ -834,6 +1133,21 @@ fn why_lost(e: &io::Error) -> String {
 /// take it: with reconnecting on, a lost connection.
 fn server_leaving(e: &io::Error) -> bool {
     errno_of(e) == libc::ESHUTDOWN
+}
+
+/// Adds `fd` to the epoll set `events` (readable). A closed fd leaves the
+/// set by itself.
+fn add_to(events: &OwnedFd, fd: RawFd) -> io::Result<()> {
+    let mut ev = libc::epoll_event {
+        events: libc::EPOLLIN as u32,
+        u64: 0,
+    };
+    // SAFETY: both fds are open; `ev` is a valid epoll_event.
+    let rc = unsafe { libc::epoll_ctl(events.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn not_connected() -> io::Error {
