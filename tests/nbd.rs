@@ -1086,6 +1086,168 @@ fn hostile_server_that_never_behaves_fails_the_request_after_the_timeout() {
     assert!(!said.contains("panicked"), "{said}");
 }
 
+// A server that keeps the connection open and never answers (or a network
+// that silently drops everything): hostile_nbd.py --mode silent leaves the
+// first read at or past the trigger (or every one, with --times 0)
+// unanswered, and answers everything else.
+
+/// A silent server under a serving daemon: the read it leaves unanswered
+/// counts its connection as lost once the request timeout (the reconnect
+/// timeout, 2 s) passes; the daemon says so, connects again, sends the read
+/// again, and the server (behaving now) returns the right data. Meanwhile
+/// the other queue, on its own connection, goes on serving.
+#[test]
+fn a_silent_server_is_detected_and_the_request_sent_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let log = d.join("hostile.log");
+    let server = NbdServer::hostile(d, Transport::Tcp, &log, &["--mode", "silent"]);
+    let daemon = serve_logged(d, &server.uri, 2, &["--nbd-reconnect-timeout", "2"]);
+    let mut c = Client::connect(&daemon.socket, 2);
+    let high = pattern(31, TRIGGER, BLOCK);
+    let other = pattern(32, 0, BLOCK);
+    assert_eq!(c.write(0, TRIGGER, &high), 0);
+    let (connections, _) = hostile_log(&log);
+
+    let start = Instant::now();
+    let at = 2 * MIB;
+    c.start_read(0, TRIGGER, BLOCK, at);
+    // Queue 1 is served while queue 0's read waits at the silent server.
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(c.write(1, 0, &other), 0);
+    assert!(c.read(1, 0, BLOCK).unwrap() == other);
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "queue 1 waited for queue 0: {:?}",
+        start.elapsed()
+    );
+    let got = c.finish_read(0, BLOCK, at);
+    let took = start.elapsed();
+    let said = daemon_log(d);
+    let got = got.unwrap_or_else(|e| panic!("read: {e} after {took:?}: {said}"));
+    assert!(got == high, "the read sent again has wrong data");
+    assert!(
+        took >= Duration::from_millis(1900) && took < Duration::from_secs(6),
+        "answered after {took:?}: {said}"
+    );
+    let (connections_after, misbehaved) = hostile_log(&log);
+    assert_eq!(misbehaved, 1, "the server was never silent: vacuous");
+    assert!(connections_after > connections, "no reconnect: {said}");
+    assert!(said.contains("has not answered a command"), "{said}");
+    assert!(said.contains("sending 1 commands again"), "{said}");
+    assert!(daemon.terminate().success());
+}
+
+/// The same on the one shared synchronous connection (a server without
+/// multi-conn): libnbd's blocking call would wait forever; ours gives up
+/// at the request timeout, shuts the connection down, and the read sent
+/// again on a new one returns the right data.
+#[test]
+fn a_silent_server_on_the_shared_connection_is_detected() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let log = d.join("hostile.log");
+    let server = NbdServer::hostile(
+        d,
+        Transport::Unix,
+        &log,
+        &["--mode", "silent", "--multi-conn", "no"],
+    );
+    let daemon = serve_logged(d, &server.uri, 1, &["--nbd-reconnect-timeout", "2"]);
+    let mut c = Client::connect(&daemon.socket, 1);
+    let high = pattern(35, TRIGGER, BLOCK);
+    assert_eq!(c.write(0, TRIGGER, &high), 0);
+    let start = Instant::now();
+    let got = c.read(0, TRIGGER, BLOCK);
+    let took = start.elapsed();
+    let said = daemon_log(d);
+    let got = got.unwrap_or_else(|e| panic!("read: {e} after {took:?}: {said}"));
+    assert!(got == high, "the read sent again has wrong data");
+    assert!(
+        took >= Duration::from_millis(1900) && took < Duration::from_secs(6),
+        "answered after {took:?}: {said}"
+    );
+    assert_eq!(
+        hostile_log(&log).1,
+        1,
+        "the server was never silent: vacuous"
+    );
+    assert!(said.contains("did not answer within"), "{said}");
+    assert!(said.contains("NBD connection made again"), "{said}");
+    assert!(daemon.terminate().success());
+}
+
+/// The control: a slow server that answers within the request timeout
+/// (nbdkit's delay filter, 1.5 s a read, timeout 2 s) is not counted as
+/// lost: no reconnect, the right data.
+#[test]
+fn a_slow_server_within_the_request_timeout_is_not_counted_as_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let server = NbdServer::nbdkit(
+        d,
+        Transport::Tcp,
+        &["--filter=delay", "memory", "size=16M", "delay-read=1500ms"],
+    );
+    let daemon = serve_logged(d, &server.uri, 1, &["--nbd-reconnect-timeout", "2"]);
+    let mut c = Client::connect(&daemon.socket, 1);
+    let data = pattern(33, 0, BLOCK);
+    assert_eq!(c.write(0, 0, &data), 0);
+    let start = Instant::now();
+    let got = c.read(0, 0, BLOCK);
+    let took = start.elapsed();
+    let said = daemon_log(d);
+    assert!(got.unwrap() == data, "{said}");
+    assert!(
+        took >= Duration::from_millis(1400),
+        "answered after {took:?}: the delay filter did not delay (vacuous)"
+    );
+    assert!(!said.contains("has not answered"), "{said}");
+    assert!(!said.contains("reconnecting"), "{said}");
+    assert!(daemon.terminate().success());
+}
+
+/// SIGTERM while a read waits at a server that never answers it (every
+/// read of the region, on every connection): the daemon waits for it at
+/// most its grace (the reconnect timeout, 3 s here), then closes the
+/// connection; the read gets IOERR, the daemon exits 0, and the log says
+/// what it gave up on.
+#[test]
+fn sigterm_with_a_request_stuck_on_a_silent_server_exits_within_the_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let log = d.join("hostile.log");
+    let server = NbdServer::hostile(
+        d,
+        Transport::Unix,
+        &log,
+        &["--mode", "silent", "--times", "0"],
+    );
+    let mut daemon = serve_logged(d, &server.uri, 1, &["--nbd-reconnect-timeout", "3"]);
+    let mut c = Client::connect(&daemon.socket, 1);
+    let low = pattern(34, 0, BLOCK);
+    assert_eq!(c.write(0, 0, &low), 0);
+    let at = 2 * MIB;
+    c.start_read(0, TRIGGER, BLOCK, at);
+    std::thread::sleep(Duration::from_millis(300));
+    let (_, misbehaved) = hostile_log(&log);
+    assert_eq!(misbehaved, 1, "the read never reached the server: vacuous");
+    let start = Instant::now();
+    daemon.signal(libc::SIGTERM);
+    let got = c.finish_read(0, BLOCK, at);
+    let status = daemon.wait_exit(Duration::from_secs(15));
+    let took = start.elapsed();
+    let said = daemon_log(d);
+    assert!(got.is_err(), "the stuck read succeeded: {said}");
+    assert!(status.success(), "{status}: {said}");
+    assert!(
+        took >= Duration::from_millis(2500) && took < Duration::from_secs(6),
+        "exited {took:?} after SIGTERM: {said}"
+    );
+    assert!(said.contains("still unanswered"), "{said}");
+    assert!(!said.contains("panicked"), "{said}");
+}
+
 // TLS with X.509 certificates: a throwaway CA, server and client
 // certificates made with openssl, nbdkit --tls=require --tls-certificates
 // (and --tls-verify-peer: the client's certificate is checked too).

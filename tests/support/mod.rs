@@ -318,6 +318,33 @@ impl Client {
         Ok(out)
     }
 
+    /// Starts a read of `len` bytes into the memory region at `at`,
+    /// without waiting: `finish_read` waits for it. Other requests meanwhile
+    /// must use other parts of the region (the others use its start).
+    pub fn start_read(&mut self, q: usize, offset: u64, len: usize, at: usize) {
+        assert!(at + len <= self.region.len);
+        // SAFETY: within our mapped region (checked above).
+        let buf = unsafe { self.buf().add(at) };
+        self.queues[q].read(offset, buf, len, 0, ReqFlags::empty());
+        // Submitted now, not at the next wait.
+        let mut none: [MaybeUninit<Completion>; 0] = [];
+        self.queues[q]
+            .do_io(&mut none, 0, None, None)
+            .expect("do_io");
+    }
+
+    /// Waits (up to 20 s) for the read `start_read` started on queue `q`.
+    pub fn finish_read(&mut self, q: usize, len: usize, at: usize) -> Result<Vec<u8>, i32> {
+        let ret = self.wait(q);
+        if ret != 0 {
+            return Err(ret);
+        }
+        let mut out = vec![0u8; len];
+        // SAFETY: the request filled len bytes of our region at `at`.
+        unsafe { std::ptr::copy_nonoverlapping(self.buf().add(at), out.as_mut_ptr(), len) };
+        Ok(out)
+    }
+
     pub fn flush(&mut self, q: usize) -> i32 {
         self.queues[q].flush(0, ReqFlags::empty());
         self.wait(q)
