@@ -858,7 +858,11 @@ impl Endpoint {
 
 /// poll(2) on one fd for `events`, at most `timeout`; the events that
 /// occurred (0: timed out). Retries on EINTR.
-fn poll_fd(fd: RawFd, events: libc::c_short, timeout: Duration) -> io::Result<libc::c_short> {
+pub(super) fn poll_fd(
+    fd: RawFd,
+    events: libc::c_short,
+    timeout: Duration,
+) -> io::Result<libc::c_short> {
     let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
     loop {
         let mut pfd = libc::pollfd {

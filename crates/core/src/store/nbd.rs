@@ -1478,6 +1478,53 @@ pub(crate) mod tests {
         assert_eq!(run(&mut s, Op::Sync, 3), 0);
     }
 
+    /// A command the server leaves unanswered (nbdkit's delay filter
+    /// holding reads for 20 s) wakes the event fd the vring thread waits
+    /// on at its timeout, not before, with no call into the store
+    /// meanwhile (the queue's timer); reaping then finds the connection
+    /// shut down and the command failed (reconnecting off).
+    #[test]
+    fn an_unanswered_command_wakes_the_event_fd_at_its_timeout() {
+        let server = Nbdkit::start(
+            Transport::Unix,
+            &["--filter=delay", "memory", "size=1M", "delay-read=20"],
+        );
+        let mut s = store(&server);
+        s.request_timeout = Some(Duration::from_millis(600));
+        let b = s.buffers().take().unwrap();
+        let op = Op::Read {
+            buf: b,
+            len: 4096,
+            offset: 0,
+        };
+        let start = Instant::now();
+        s.push(op, 1).unwrap();
+        s.submit().unwrap();
+        let fd = s.event_fd();
+        let poll = super::super::libnbd::poll_fd;
+        assert_eq!(
+            poll(fd, libc::POLLIN, Duration::from_millis(300)).unwrap(),
+            0
+        );
+        assert_ne!(poll(fd, libc::POLLIN, Duration::from_secs(5)).unwrap(), 0);
+        let woke = start.elapsed();
+        assert!(
+            woke >= Duration::from_millis(550) && woke < Duration::from_secs(3),
+            "woke after {woke:?}"
+        );
+        let mut results = Vec::new();
+        while results.is_empty() {
+            s.reap(|t, r| results.push((t, r))).unwrap();
+            if results.is_empty() {
+                s.wait().unwrap();
+            }
+            assert!(start.elapsed() < Duration::from_secs(5), "hangs");
+        }
+        assert_eq!(results.len(), 1);
+        assert!(results[0].1 < 0, "{results:?}");
+        assert!(s.connection().unwrap().is_dead());
+    }
+
     #[test]
     fn a_killed_server_fails_the_commands_in_flight() {
         // Every command waits 2 s at the server: they are in flight when
