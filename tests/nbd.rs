@@ -1259,6 +1259,17 @@ fn a_disconnect_with_a_request_stuck_on_a_silent_server_serves_the_next_vmm() {
 /// what it gave up on.
 #[test]
 fn sigterm_with_a_request_stuck_on_a_silent_server_exits_within_the_bound() {
+    sigterm_with_a_stuck_request("yes");
+}
+
+/// The same on the one shared synchronous connection (no multi-conn):
+/// after the grace a synchronous call gets at most 1 s more.
+#[test]
+fn sigterm_with_a_request_stuck_on_the_shared_connection_exits_within_the_bound() {
+    sigterm_with_a_stuck_request("no");
+}
+
+fn sigterm_with_a_stuck_request(multi_conn: &str) {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let log = d.join("hostile.log");
@@ -1266,7 +1277,14 @@ fn sigterm_with_a_request_stuck_on_a_silent_server_exits_within_the_bound() {
         d,
         Transport::Unix,
         &log,
-        &["--mode", "silent", "--times", "0"],
+        &[
+            "--mode",
+            "silent",
+            "--times",
+            "0",
+            "--multi-conn",
+            multi_conn,
+        ],
     );
     let mut daemon = serve_logged(d, &server.uri, 1, &["--nbd-reconnect-timeout", "3"]);
     let mut c = Client::connect(&daemon.socket, 1);
@@ -1292,7 +1310,11 @@ fn sigterm_with_a_request_stuck_on_a_silent_server_exits_within_the_bound() {
         took >= Duration::from_millis(2500) && took < Duration::from_millis(4500),
         "exited {took:?} after SIGTERM: {said}"
     );
-    assert!(said.contains("still unanswered"), "{said}");
+    if multi_conn == "yes" {
+        assert!(said.contains("still unanswered"), "{said}");
+    } else {
+        assert!(said.contains("did not answer within"), "{said}");
+    }
     assert!(!said.contains("panicked"), "{said}");
 }
 

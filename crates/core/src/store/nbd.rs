@@ -281,6 +281,20 @@ impl NbdExport {
         }
     }
 
+    /// How long the next synchronous call may wait for its answer: the
+    /// request timeout, and during a stop no longer than the stop's
+    /// deadline, but at least `ONE_ATTEMPT` (the final FLUSH after a stop
+    /// that gave up still gets a moment on a server that answers).
+    fn sync_timeout(&self) -> Duration {
+        match self.stop.deadline() {
+            None => self.request_timeout,
+            Some(at) => {
+                let left = at.saturating_duration_since(Instant::now());
+                self.request_timeout.min(left.max(ONE_ATTEMPT))
+            }
+        }
+    }
+
     /// How long a VMM disconnect or SIGTERM waits for the commands in
     /// flight before closing their connections and failing them (IOERR):
     /// the reconnect timeout, which is how long those commands could wait
@@ -328,11 +342,18 @@ impl NbdExport {
     /// found lost is made again (reconnecting on) and `f` runs again on the
     /// new one: every command here is idempotent (read, write, flush, trim)
     /// and its caller has had no answer.
+    ///
+    /// During a stop (`stop_within`) a call that was waiting when the
+    /// grace ran out gives up; a call made after it (the FLUSH after a
+    /// disconnect or at exit) gets one quick attempt at a new connection.
     pub fn with_sync<T>(&self, mut f: impl FnMut(&Connection) -> io::Result<T>) -> io::Result<T> {
         let mut deadline = None;
+        let began_stopped = self.stop.passed();
+        let mut tried_stopped = false;
         loop {
             let guard = self.sync.read().unwrap_or_else(|p| p.into_inner());
             let (lost, conn) = (guard.0, &guard.1);
+            conn.set_sync_timeout(self.sync_timeout());
             let result = f(conn);
             let Some(redial) = self.redial.as_deref() else {
                 return result;
@@ -342,8 +363,9 @@ impl NbdExport {
                 return result;
             }
             drop(guard);
-            if self.stop.passed() {
-                return result; // stopping: no more waiting for the server
+            let stopped = self.stop.passed();
+            if stopped && (!began_stopped || tried_stopped) {
+                return result; // the grace is over: no more waiting
             }
             let mut sync = self.sync.write().unwrap_or_else(|p| p.into_inner());
             if sync.0 != lost {
@@ -351,23 +373,38 @@ impl NbdExport {
             }
             let now = Instant::now();
             let mut gave_up = self.sync_gave_up.lock().unwrap_or_else(|p| p.into_inner());
-            let deadline = *deadline.get_or_insert(match *gave_up {
-                Some(last) if now < last + RETRY_EVERY => return result,
-                Some(_) => now + ONE_ATTEMPT,
+            let attempt = if stopped {
+                tried_stopped = true;
+                log::warn!(
+                    "{}: NBD connection lost, one attempt to connect again",
+                    self.uri
+                );
+                Some((now + ONE_ATTEMPT, None))
+            } else {
+                None
+            };
+            let (deadline, stop) = match attempt {
+                Some(a) => a,
                 None => {
-                    let why = result.as_ref().err().map(why_lost).unwrap_or_default();
-                    log::warn!(
-                        "{}: NBD connection lost: {why}; reconnecting for up to {:?}",
-                        self.uri,
-                        redial.timeout
-                    );
-                    now + redial.timeout
+                    let d = *deadline.get_or_insert(match *gave_up {
+                        Some(last) if now < last + RETRY_EVERY => return result,
+                        Some(_) => now + ONE_ATTEMPT,
+                        None => {
+                            let why = result.as_ref().err().map(why_lost).unwrap_or_default();
+                            log::warn!(
+                                "{}: NBD connection lost: {why}; reconnecting for up to {:?}",
+                                self.uri,
+                                redial.timeout
+                            );
+                            now + redial.timeout
+                        }
+                    });
+                    (d, Some(&*self.stop))
                 }
-            });
-            match redial.connect("cryptblk", deadline, Some(&self.stop)) {
+            };
+            match redial.connect("cryptblk", deadline, stop) {
                 Ok(new) => {
                     log::info!("{}: NBD connection made again", self.uri);
-                    new.set_sync_timeout(self.request_timeout);
                     *sync = (lost + 1, new);
                     *gave_up = None;
                 }
