@@ -23,6 +23,13 @@
 //! sent twice. After a timeout, new commands fail at once, with one attempt
 //! to connect a second, until the server is back.
 //!
+//! A silent server (the connection open, no answers): a command unanswered
+//! for the request timeout shuts the socket down, and then it is a lost
+//! connection (`NbdStore::expire` says why resending is sound). A timer in
+//! the epoll set wakes the vring thread for it. A disconnect or SIGTERM
+//! (`Stop`) waits for the commands in flight only for a grace period, then
+//! closes their connections and fails them.
+//!
 //! Buffers: libnbd reads into and writes from pool buffers, which stay
 //! untouched until the command is retired; dropping the store closes the
 //! connection (after which libnbd touches no buffer) before the pool is
@@ -36,7 +43,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::libnbd::{errno_of, Connection, Endpoint, ExportInfo, Tls};
@@ -87,7 +94,7 @@ impl Stop {
     fn new() -> io::Result<Self> {
         Ok(Stop {
             at: Mutex::new(None),
-            wake: EventFd::new(EFD_NONBLOCK)?,
+            wake: EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?,
         })
     }
 
