@@ -546,6 +546,12 @@ struct Command {
     /// When it was sent (again: a command sent on a new connection gets a
     /// new time).
     sent: Instant,
+    /// When a connection was first lost with it unanswered: it fails once
+    /// the reconnect timeout has passed since then without an answer,
+    /// even if the server answers other commands meanwhile (a server
+    /// silent on one region only would otherwise have it sent again
+    /// forever).
+    lost_at: Option<Instant>,
 }
 
 pub struct NbdStore {
@@ -697,6 +703,7 @@ impl NbdStore {
             ok,
             op,
             sent: Instant::now(),
+            lost_at: None,
         };
         if !self.live() && self.redial.is_some() {
             self.recover();
@@ -832,8 +839,30 @@ impl NbdStore {
             0 => String::new(),
             n => format!(", {n} of them refused by the server as it shut down"),
         };
-        let again = self.salvage();
+        let mut again = self.salvage();
         let now = Instant::now();
+        let mut expired = Vec::new();
+        again.retain_mut(|c| {
+            let since = *c.lost_at.get_or_insert(now);
+            let keep = now < since + redial.timeout;
+            if !keep {
+                expired.push(*c);
+            }
+            keep
+        });
+        if !expired.is_empty() {
+            log::error!(
+                "NBD connection {}: {} commands unanswered for {:?} across reconnects fail \
+                 (IOERR)",
+                self.name,
+                expired.len(),
+                redial.timeout
+            );
+            self.fail(expired);
+            if again.is_empty() {
+                return; // nothing waits: the next command connects
+            }
+        }
         if self.stop.as_deref().is_some_and(Stop::passed) {
             // A disconnect or SIGTERM that waited long enough: no new
             // connection for commands it gave up on.
@@ -1567,6 +1596,77 @@ pub(crate) mod tests {
         assert_eq!(results.len(), 1);
         assert!(results[0].1 < 0, "{results:?}");
         assert!(s.connection().unwrap().is_dead());
+    }
+
+    /// A server that never answers one command but answers the others
+    /// (nbdkit's delay filter holding reads for 20 s, writes at once):
+    /// the read times out, is sent again on a new connection, times out
+    /// again, and fails once the reconnect timeout has passed since it was
+    /// first lost, although writes succeed on the new connections
+    /// meanwhile. Without that rule it would be sent again forever. (nbdkit
+    /// sometimes stalls a moment after a connection with delayed reads is
+    /// closed, refusing connections and leaving a write unanswered: such a
+    /// write may fail too; the test needs enough that succeed.)
+    #[test]
+    fn a_command_silent_on_every_connection_fails_after_the_reconnect_timeout() {
+        let server = Nbdkit::start(
+            Transport::Unix,
+            &["--filter=delay", "memory", "size=1M", "delay-read=20"],
+        );
+        let timeout = Duration::from_secs(1);
+        let export = NbdExport::open(&server.uri, &Tls::default(), 1, timeout).unwrap();
+        let mut s = export.store(0, Buffers::new(4, 4096)).unwrap().unwrap();
+        let (r, w) = (s.buffers().take().unwrap(), s.buffers().take().unwrap());
+        let read = Op::Read {
+            buf: r,
+            len: 4096,
+            offset: 0,
+        };
+        let write = Op::Write {
+            buf: w,
+            len: 4096,
+            offset: 8192,
+        };
+        let start = Instant::now();
+        s.push(read, 1).unwrap();
+        s.submit().unwrap();
+        let mut read_result = None;
+        let (mut writes, mut failed) = (0, 0);
+        while read_result.is_none() {
+            assert!(
+                start.elapsed() < Duration::from_secs(8),
+                "sent again forever"
+            );
+            s.push(write, 2).unwrap();
+            s.submit().unwrap();
+            let mut written = false;
+            while !written && read_result.is_none() {
+                s.wait().unwrap();
+                s.reap(|tag, r| match tag {
+                    1 => read_result = Some(r),
+                    _ => {
+                        written = true;
+                        if r == 4096 {
+                            writes += 1;
+                        } else {
+                            failed += 1;
+                        }
+                    }
+                })
+                .unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let took = start.elapsed();
+        assert!(read_result.unwrap() < 0);
+        assert!(
+            took >= Duration::from_millis(1900) && took < Duration::from_secs(5),
+            "failed after {took:?}"
+        );
+        assert!(
+            writes > 5 && failed <= 2,
+            "{writes} writes answered, {failed} failed: the server answered too few"
+        );
     }
 
     #[test]
