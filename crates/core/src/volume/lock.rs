@@ -133,6 +133,8 @@ pub struct Handover {
     readonly: bool,
     active: AtomicBool,
     switching: Mutex<()>,
+    /// How long `take` waits for the other holder to let go.
+    wait: Duration,
 }
 
 /// How long the first request after a migration waits for the source to
@@ -147,6 +149,7 @@ impl Handover {
             readonly,
             active: AtomicBool::new(active),
             switching: Mutex::new(()),
+            wait: TAKE_OVER_WAIT,
         }
     }
 
@@ -179,7 +182,7 @@ impl Handover {
         if self.is_active() {
             return Ok(());
         }
-        let deadline = Instant::now() + TAKE_OVER_WAIT;
+        let deadline = Instant::now() + self.wait;
         loop {
             // No holder's name: /proc is out of the sandbox's reach.
             match try_lock(file, &self.path, self.readonly, |_| None) {
@@ -311,6 +314,11 @@ mod tests {
         // The destination starts without locks (--incoming) and cannot
         // take them while the source holds them.
         let dest = Handover::new(shown.clone(), false, false);
+        // The source's failed take below waits this long, not 10 s.
+        let source = Handover {
+            wait: Duration::from_millis(200),
+            ..source
+        };
         assert!(lock_image(&dest_file, &shown, false).is_err());
         source.release(&source_file).unwrap();
         assert!(!source.is_active());
