@@ -132,13 +132,16 @@ impl AsyncQueue {
         // Room for every buffer's operation plus one FLUSH or DISCARD per
         // request: the submission queue never needs to wait for the kernel.
         let entries = (BUFS + table).next_power_of_two() as u32;
-        let store = match (volume.image_fd(), volume.nbd()) {
-            (Some(fd), _) => Store::Uring(UringStore::new(fd, entries, buffers)?),
-            (None, Some(export)) => match export.store(queue, buffers)? {
+        let store = match (volume.image_fd(), volume.nbd(), volume.rbd()) {
+            (Some(fd), _, _) => Store::Uring(UringStore::new(fd, entries, buffers)?),
+            (None, Some(export), _) => match export.store(queue, buffers)? {
                 Some(store) => Store::Nbd(store),
                 None => return Ok(None),
             },
-            (None, None) => return Ok(None),
+            // Every queue's store shares the daemon's one image handle
+            // (see RbdDisk for why one and not one per queue).
+            (None, None, Some(disk)) => Store::Rbd(disk.store(buffers)?),
+            (None, None, None) => return Ok(None),
         };
         let run = (MAX_RUN * BUF_BYTES) as u64;
         Ok(Some(AsyncQueue {

@@ -29,6 +29,7 @@ fn open_with(
     let vol = open_image(ImageOptions {
         nbd: Default::default(),
         export: None,
+        rbd: Default::default(),
         path: path.to_path_buf(),
         create_size: size,
         payload_offset: offset,
@@ -166,6 +167,7 @@ fn refuses_missing_image_and_size_mismatch() {
     let opts = |size| ImageOptions {
         nbd: Default::default(),
         export: None,
+        rbd: Default::default(),
         path: path.clone(),
         create_size: size,
         payload_offset: 0,
@@ -228,6 +230,7 @@ fn a_readonly_mapping_refuses_writes_without_faulting() {
     let vol = open_image(ImageOptions {
         nbd: Default::default(),
         export: None,
+        rbd: Default::default(),
         path: path.clone(),
         create_size: None,
         payload_offset: 0,
