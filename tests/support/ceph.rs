@@ -15,34 +15,60 @@ pub struct Cluster {
     /// DIR/ceph.conf: the configuration every client is given (-c).
     pub conf: PathBuf,
     pub dir: PathBuf,
+    /// Stopped when dropped (the shared one stops when the process ends).
+    private: bool,
 }
 
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/integration/ceph.sh");
 
-/// The cluster of this test process, started on first use.
+/// The cluster of this test process, started on first use (memstore).
 pub fn cluster() -> &'static Cluster {
     static CLUSTER: OnceLock<Cluster> = OnceLock::new();
-    CLUSTER.get_or_init(|| {
-        let pid = std::process::id();
-        let dir = std::env::temp_dir().join(format!("cryptblk-ceph-it.{pid}"));
-        let out = Command::new("bash")
-            .arg(SCRIPT)
-            .arg("start")
-            .arg(&dir)
-            .arg(pid.to_string())
-            .stdin(Stdio::null())
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("bash");
-        assert!(
-            out.status.success(),
-            "integration/ceph.sh could not start a Ceph cluster (ceph-mon, ceph-osd, \
-             ceph-common: run integration/install-deps.sh)"
-        );
-        let conf = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
-        let dir = conf.parent().unwrap().to_path_buf();
-        Cluster { conf, dir }
-    })
+    CLUSTER.get_or_init(|| start("shared", "memstore"))
+}
+
+/// A cluster of the caller's own (for tests that stop it or kill its
+/// OSD), stopped when dropped; `objectstore` "memstore" or "bluestore"
+/// (an OSD that must keep its data across a restart).
+pub fn private(what: &str, objectstore: &str) -> Cluster {
+    let mut c = start(what, objectstore);
+    c.private = true;
+    c
+}
+
+fn start(what: &str, objectstore: &str) -> Cluster {
+    let pid = std::process::id();
+    let dir = std::env::temp_dir().join(format!("cryptblk-ceph-it.{pid}.{what}"));
+    let out = Command::new("bash")
+        .arg(SCRIPT)
+        .arg("start")
+        .arg(&dir)
+        .arg(pid.to_string())
+        .env("CEPH_OBJECTSTORE", objectstore)
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("bash");
+    assert!(
+        out.status.success(),
+        "integration/ceph.sh could not start a Ceph cluster (ceph-mon, ceph-osd, \
+         ceph-common: run integration/install-deps.sh)"
+    );
+    let conf = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+    let dir = conf.parent().unwrap().to_path_buf();
+    Cluster {
+        conf,
+        dir,
+        private: false,
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if self.private && self.dir.exists() {
+            self.script("stop");
+        }
+    }
 }
 
 impl Cluster {
@@ -140,4 +166,94 @@ impl Cluster {
 /// `--image SPEC --ceph-conf CONF` for a daemon on this cluster.
 pub fn serve_args<'a>(c: &'a Cluster, spec: &'a str) -> Vec<&'a str> {
     vec!["--image", spec, "--ceph-conf", c.conf_str()]
+}
+
+/// librbd's own encryption (python3-rbd's `encryption_load`) on image
+/// `rbd/NAME`: `format` "luks1" or "luks2", the passphrase from
+/// `passphrase`. The script reads or writes the payload as librbd's
+/// encryption layer presents it (the header hidden, offset 0 = first
+/// payload byte).
+const LIBRBD_IO: &str = r#"
+import os, sys, rados, rbd
+name, fmt, pw, op, offset, length = sys.argv[1:7]
+formats = {"luks1": rbd.RBD_ENCRYPTION_FORMAT_LUKS1, "luks2": rbd.RBD_ENCRYPTION_FORMAT_LUKS2}
+with open(pw, "rb") as f:
+    passphrase = f.read()
+cluster = rados.Rados(conffile=os.environ["CEPH_CONF"])
+cluster.conf_set("admin_socket", "")
+cluster.connect()
+try:
+    io = cluster.open_ioctx("rbd")
+    with rbd.Image(io, name) as img:
+        img.encryption_load(formats[fmt], passphrase)
+        if op == "read":
+            sys.stdout.buffer.write(img.read(int(offset), int(length)))
+        else:
+            data = sys.stdin.buffer.read()
+            assert len(data) == int(length)
+            img.write(data, int(offset))
+            img.flush()
+    io.close()
+finally:
+    cluster.shutdown()
+"#;
+
+impl Cluster {
+    /// Reads `len` payload bytes at `offset` through librbd's encryption.
+    pub fn librbd_read(
+        &self,
+        name: &str,
+        format: &str,
+        pw: &Path,
+        offset: u64,
+        len: usize,
+    ) -> Vec<u8> {
+        let out = self.python(
+            LIBRBD_IO,
+            &[
+                name,
+                format,
+                pw.to_str().unwrap(),
+                "read",
+                &offset.to_string(),
+                &len.to_string(),
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "librbd encryption_load/read: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(out.stdout.len(), len);
+        out.stdout
+    }
+
+    /// Writes `data` at payload `offset` through librbd's encryption.
+    pub fn librbd_write(&self, name: &str, format: &str, pw: &Path, offset: u64, data: &[u8]) {
+        use std::io::Write;
+        let mut child = Command::new("/usr/bin/python3")
+            .arg("-c")
+            .arg(LIBRBD_IO)
+            .args([
+                name,
+                format,
+                pw.to_str().unwrap(),
+                "write",
+                &offset.to_string(),
+                &data.len().to_string(),
+            ])
+            .env("CEPH_CONF", &self.conf)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("/usr/bin/python3");
+        child.stdin.take().unwrap().write_all(data).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "librbd encryption_load/write: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }

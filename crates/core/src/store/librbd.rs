@@ -204,6 +204,25 @@ pub struct ClusterOptions {
     pub set: Vec<(String, String)>,
 }
 
+/// librados starts a score of threads. Once a process has more than 8
+/// threads that allocate, glibc works out how many malloc arenas it may
+/// create (8 per CPU) from get_nprocs(), which reads
+/// /sys/devices/system/cpu/online: a daemon whose sandbox is already on
+/// (no open(2)) is stopped there, in whichever thread allocates first.
+/// Setting that limit now, to glibc's own default, spares it the file.
+fn fix_malloc_arena_limit() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let arenas = c_int::try_from(cpus.saturating_mul(8)).unwrap_or(c_int::MAX);
+        // SAFETY: mallopt only sets an allocator parameter; M_ARENA_MAX
+        // takes any positive count.
+        if unsafe { libc::mallopt(libc::M_ARENA_MAX, arenas) } != 1 {
+            log::warn!("mallopt(M_ARENA_MAX) failed: the sandbox may stop a thread that allocates");
+        }
+    });
+}
+
 /// A connected cluster handle (`rados_t`).
 pub struct Cluster {
     rados: &'static Rados,
@@ -223,6 +242,7 @@ impl Cluster {
     /// answered and cephx authenticated, or `client_mount_timeout`).
     pub fn connect(opts: &ClusterOptions) -> io::Result<Arc<Cluster>> {
         let (rados, rbd) = apis().map_err(io::Error::other)?;
+        fix_malloc_arena_limit();
         let id = opts.id.as_deref().unwrap_or("admin");
         let name = cstring("client id", &format!("client.{id}"))?;
         let mut h: RadosT = std::ptr::null_mut();

@@ -44,7 +44,7 @@ const LAYERED_MAGIC: &[u8; 6] = b"RBDL\xba\xbe";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RbdError {
-    #[error("{spec}: {source}; check --ceph-conf, --ceph-id and --ceph-keyring, and that the cluster's monitors are reachable from here")]
+    #[error("{spec}: {source}; check the Ceph configuration and credentials (serve: --ceph-conf, --ceph-id, --ceph-keyring; format, key, dump: $CEPH_CONF and $CEPH_ARGS) and that the cluster's monitors are reachable from here")]
     Connect { spec: String, source: io::Error },
     #[error("{spec}: {source}")]
     Open { spec: String, source: io::Error },
