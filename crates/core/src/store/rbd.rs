@@ -192,8 +192,9 @@ impl Drop for RbdDisk {
     /// explicitly, so that the next daemon need not wait for it.
     fn drop(&mut self) {
         if self.locked && Arc::strong_count(&self.image) == 1 {
-            if let Err(e) = self.image.unlock() {
-                log::warn!("{}: {e}", self.spec);
+            match self.image.unlock() {
+                Ok(()) => log::info!("{}: exclusive lock released", self.spec),
+                Err(e) => log::warn!("{}: {e}", self.spec),
             }
         }
     }
