@@ -109,6 +109,13 @@ fn two_queues_inline() {
     round_trip(2, &["--crypto", "inline"]);
 }
 
+/// Landlock too: librados' connections to the monitor and the OSD are
+/// TCP connects to ports the cluster map gives.
+#[test]
+fn two_queues_under_the_full_sandbox() {
+    round_trip(2, &["--sandbox", "full"]);
+}
+
 #[test]
 fn two_queues_workers() {
     round_trip(2, &["--crypto", "workers", "--split-threshold", "64K"]);

@@ -88,7 +88,7 @@ fn a_stopped_cluster_fails_requests_after_the_timeout_and_the_daemon_lives() {
 }
 
 /// SIGKILL of the (bluestore) OSD under a verified write load on two
-/// queues, restarted two seconds later: every request completes (librbd
+/// queues (daemon under --sandbox full), restarted two seconds later: every request completes (librbd
 /// resends what the OSD had not answered), and every write acknowledged
 /// before, during and after is in the image afterwards.
 #[test]
@@ -98,7 +98,16 @@ fn an_osd_killed_and_restarted_under_load_loses_no_acknowledged_write() {
     let (spec, name) = c.create("osd", 64);
     let (key_path, key) = write_key(dir.path(), 64);
     let mut args = serve_args(&c, &spec);
-    args.extend(["--key-file", key_path.to_str().unwrap(), "--queues", "2"]);
+    // Under the full sandbox: librados reconnects to the restarted OSD
+    // (a new TCP socket, connect) with seccomp and Landlock on.
+    args.extend([
+        "--key-file",
+        key_path.to_str().unwrap(),
+        "--queues",
+        "2",
+        "--sandbox",
+        "full",
+    ]);
     let d = Daemon::start(dir.path(), &args);
     let mut cl = Client::connect(&d.socket, 2);
 
