@@ -545,3 +545,55 @@ fn snapshots_are_read_only_and_discard_needs_allow_discards() {
     drop(cl);
     assert!(daemon.terminate().success());
 }
+
+/// Another client breaks the daemon's exclusive lock (`rbd lock rm`, which
+/// blocklists the holder, as a failover does): the daemon's requests fail
+/// with IOERR, it says once why, and it stays up.
+#[test]
+fn a_blocklisted_daemon_fails_requests_and_says_why() {
+    let c = cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (spec, name) = c.create("fenced", 16);
+    let mut args = serve_args(c, &spec);
+    args.extend(["--type", "plain", "--cipher", "none"]);
+    let log_path = d.join("daemon.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut daemon = Daemon::start_with_stderr(d, &args, Stdio::from(log));
+    let mut cl = Client::connect(&daemon.socket, 1);
+    // Control: served before the lock is broken.
+    assert_eq!(cl.write(0, 0, &pattern(51, 0, 65536)), 0);
+    assert_eq!(cl.flush(0), 0);
+
+    let locks: serde_json::Value =
+        serde_json::from_str(&c.rbd(&["lock", "ls", "--format", "json", &format!("rbd/{name}")]))
+            .unwrap();
+    let lock = locks
+        .as_array()
+        .and_then(|a| a.first())
+        .unwrap_or_else(|| panic!("no lock on the image: {locks}"));
+    let (id, locker) = (
+        lock["id"].as_str().unwrap(),
+        lock["locker"].as_str().unwrap(),
+    );
+    c.rbd(&["lock", "rm", &format!("rbd/{name}"), id, locker]);
+
+    let t = Instant::now();
+    let write = cl.write(0, 4 << 20, &pattern(52, 4 << 20, 65536));
+    let flush = cl.flush(0);
+    assert!(write != 0 || flush != 0, "a fenced daemon still writes");
+    assert!(t.elapsed() < Duration::from_secs(20));
+    assert!(daemon.alive(), "the daemon died when fenced");
+    drop(cl);
+    daemon.stop();
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        text.contains("blocklisted") && text.contains("restart cryptblk"),
+        "{text}"
+    );
+    assert_eq!(
+        text.matches("has blocklisted this client").count(),
+        1,
+        "{text}"
+    );
+}
