@@ -462,9 +462,11 @@ fn a_second_writer_is_refused_by_the_exclusive_lock() {
     let mut ro = args.clone();
     ro.push("--readonly");
     let reader = Daemon::start(other.path(), &ro);
-    let mut rc = Client::connect_with(&reader.socket, 1, true);
+    // Read-only, each queue has an image handle of its own.
+    let mut rc = Client::connect_with(&reader.socket, 2, true);
     assert!(rc.blkio_read_only());
     assert!(rc.read(0, 0, data.len()).unwrap() == data);
+    assert!(rc.read(1, 0, data.len()).unwrap() == data);
     drop(rc);
     assert!(reader.terminate().success());
     // The first still writes: the read-only daemon took nothing from it.
@@ -534,14 +536,16 @@ fn snapshots_are_read_only_and_discard_needs_allow_discards() {
     }
     let snap = format!("{spec}@frozen");
     let mut args = serve_args(c, &snap);
-    args.extend(["--key-file", key_path.to_str().unwrap()]);
+    args.extend(["--key-file", key_path.to_str().unwrap(), "--queues", "2"]);
     let daemon = Daemon::start(d, &args);
-    let mut cl = Client::connect_with(&daemon.socket, 1, true);
+    let mut cl = Client::connect_with(&daemon.socket, 2, true);
     assert!(cl.blkio_read_only(), "a snapshot is offered read-only");
-    assert!(
-        cl.read(0, 1 << 20, data.len()).unwrap() == data,
-        "the snapshot's data"
-    );
+    for q in 0..2 {
+        assert!(
+            cl.read(q, 1 << 20, data.len()).unwrap() == data,
+            "the snapshot's data"
+        );
+    }
     drop(cl);
     assert!(daemon.terminate().success());
 }

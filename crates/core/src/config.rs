@@ -601,6 +601,7 @@ impl ServeConfig {
             export: None,
             rbd: RbdOptions {
                 cluster: s.rbd.clone().unwrap_or_default(),
+                queues: self.device.queues,
             },
             path: s.path.clone(),
             create_size: s.create_size,

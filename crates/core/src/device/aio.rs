@@ -138,9 +138,9 @@ impl AsyncQueue {
                 Some(store) => Store::Nbd(store),
                 None => return Ok(None),
             },
-            // Every queue's store shares the daemon's one image handle
-            // (see RbdDisk for why one and not one per queue).
-            (None, None, Some(disk)) => Store::Rbd(disk.store(buffers)?),
+            // The daemon's one image handle, or read-only the queue's own
+            // (see RbdDisk for why and what it measured).
+            (None, None, Some(disk)) => Store::Rbd(disk.store(queue, buffers)?),
             (None, None, None) => return Ok(None),
         };
         let run = (MAX_RUN * BUF_BYTES) as u64;

@@ -76,27 +76,35 @@ fn note_errno(errno: i64) {
 }
 
 /// An RBD image as the daemon serves it, opened at start-up (before the
-/// sandbox): one cluster connection and one image handle for the whole
-/// daemon, shared by every queue's store and the synchronous paths.
+/// sandbox): one cluster connection, and one image handle shared by every
+/// queue's store and the synchronous paths; read-only, each queue after
+/// the first gets a handle of its own.
 ///
-/// One handle per daemon, not per queue: the exclusive lock belongs to a
-/// handle, so a second handle of the same daemon would be refused as a
-/// second writer; librbd handles are thread-safe and complete on librbd's
-/// own threads anyway (measured with integration/rbd.sh: see
-/// docs/PERFORMANCE.md).
+/// Writable: one handle per daemon, because the exclusive lock belongs to a
+/// handle: a second handle of the same daemon would be a second writer
+/// (refused while the first holds the lock, or trading it back and forth
+/// with it on every write). Read-only, nothing is locked, and a handle per
+/// queue measured 9-13 % faster (2 queues, --cipher none, single-node
+/// cluster, 2 rounds: 4K random read QD32 31.5-31.8k IOPS against
+/// 28.1-29.3k shared, 1M read QD4 2325-2395 MiB/s against 2052-2196).
 pub struct RbdDisk {
     spec: RbdSpec,
     image: Arc<Image>,
+    /// Read-only: the handles of queues 1, 2, ... (queue 0 uses `image`).
+    queue_images: Vec<Arc<Image>>,
     locked: bool,
 }
 
 impl RbdDisk {
     /// Connects, opens the image (read-only for `readonly` and snapshots)
     /// and, when writable, takes its exclusive lock and keeps it.
+    /// `queues`: how many queues will ask for a store (read-only images
+    /// get a handle per queue).
     pub fn open(
         spec: &RbdSpec,
         cluster: &ClusterOptions,
         readonly: bool,
+        queues: usize,
     ) -> Result<Arc<RbdDisk>, RbdError> {
         let shown = spec.to_string();
         let connect = |source| RbdError::Connect {
@@ -137,9 +145,21 @@ impl RbdDisk {
             }
             log::info!("{shown}: exclusive lock taken");
         }
+        let queue_images = if image.read_only() {
+            (1..queues)
+                .map(|_| {
+                    Image::open(&pool, &spec.image, spec.snap.as_deref(), true)
+                        .map(Arc::new)
+                        .map_err(open)
+                })
+                .collect::<Result<_, _>>()?
+        } else {
+            Vec::new()
+        };
         Ok(Arc::new(RbdDisk {
             spec: spec.clone(),
             image: Arc::new(image),
+            queue_images,
             locked,
         }))
     }
@@ -161,9 +181,14 @@ impl RbdDisk {
         self.image.size()
     }
 
-    /// A queue's asynchronous store on the daemon's one image handle.
-    pub fn store(&self, buffers: Buffers) -> io::Result<RbdStore> {
-        RbdStore::new(self.image.clone(), buffers)
+    /// Queue `queue`'s asynchronous store: on the daemon's one image
+    /// handle, or (read-only) on the queue's own.
+    pub fn store(&self, queue: usize, buffers: Buffers) -> io::Result<RbdStore> {
+        let image = queue
+            .checked_sub(1)
+            .and_then(|i| self.queue_images.get(i))
+            .unwrap_or(&self.image);
+        RbdStore::new(image.clone(), buffers)
     }
 
     pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {

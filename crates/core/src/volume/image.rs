@@ -39,6 +39,8 @@ pub struct ImageOptions {
 pub struct RbdOptions {
     /// `--ceph-conf`, `--ceph-id`, `--ceph-keyring` and the timeouts.
     pub cluster: ClusterOptions,
+    /// How many queues will ask for a store.
+    pub queues: usize,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -222,7 +224,7 @@ fn open_rbd(opts: ImageOptions) -> Result<Volume, VolumeError> {
         path: path.clone(),
         source: std::io::Error::new(std::io::ErrorKind::InvalidInput, why),
     })?;
-    let disk = RbdDisk::open(&spec, &opts.rbd.cluster, opts.readonly)?;
+    let disk = RbdDisk::open(&spec, &opts.rbd.cluster, opts.readonly, opts.rbd.queues)?;
     let size = disk.size().map_err(|source| VolumeError::Open {
         path: path.clone(),
         source,
