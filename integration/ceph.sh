@@ -19,8 +19,12 @@
 #   bash integration/ceph.sh stop DIR            # stop it and remove DIR
 # Sourced (by scripts): ceph_start DIR, ceph_stop DIR, ceph_pool (the pool's name).
 #
-# Environment: CEPH_MEMSTORE_BYTES (the OSD's RAM store, default 1 GiB); CEPH_START_TIMEOUT
-# (seconds, default 60). Needs ceph-mon, ceph-osd and ceph-common
+#   bash integration/ceph.sh osd-kill DIR        # SIGKILL the OSD (nothing flushed)
+#   bash integration/ceph.sh osd-start DIR       # start it again; waits until it is up
+# Environment: CEPH_OBJECTSTORE (memstore, the default: in RAM, so an OSD killed loses
+# everything; bluestore: a sparse file DIR/osd.0/block, kept across osd-kill/osd-start,
+# for the tests that restart the OSD); CEPH_MEMSTORE_BYTES (the OSD's RAM store, default
+# 1 GiB); CEPH_START_TIMEOUT (seconds, default 60). Needs ceph-mon, ceph-osd and ceph-common
 # (integration/install-deps.sh): a missing tool fails, it never skips.
 #
 # Stop every librbd/librados client before the cluster: a client whose cluster vanished
@@ -96,11 +100,53 @@ mon data = $1/mon.\$id
 
 [osd]
 osd data = $1/osd.\$id
-osd objectstore = memstore
-memstore device bytes = ${CEPH_MEMSTORE_BYTES:-1073741824}
 osd max object name len = 256
 osd max object namespace len = 64
 EOF
+  case ${CEPH_OBJECTSTORE:-memstore} in
+    memstore)
+      cat >>"$1/ceph.conf" <<EOF
+osd objectstore = memstore
+memstore device bytes = ${CEPH_MEMSTORE_BYTES:-1073741824}
+EOF
+      ;;
+    bluestore)
+      # A sparse 4 GiB file; small caches: a test machine, not a storage node.
+      cat >>"$1/ceph.conf" <<EOF
+osd objectstore = bluestore
+bluestore block create = true
+bluestore block size = 4294967296
+bluestore cache autotune = false
+bluestore cache size = 134217728
+osd memory target = 939524096
+bluestore fsck on mount = false
+EOF
+      ;;
+    *) _ceph_die "CEPH_OBJECTSTORE=${CEPH_OBJECTSTORE} (memstore or bluestore)" ;;
+  esac
+}
+
+# ceph_osd_kill DIR: SIGKILL the OSD and wait until it is gone.
+ceph_osd_kill() {
+  local pid i
+  pid=$(cat "$1/osd.0.pid")
+  kill -9 "$pid" 2>/dev/null || true
+  for i in $(seq 100); do
+    _ceph_running "$pid" || { rm -f "$1/osd.0.pid"; return 0; }
+    sleep 0.1
+  done
+  _ceph_die "the OSD (pid $pid) survived SIGKILL"
+}
+
+# ceph_osd_start DIR: starts the OSD again (its store must have survived: bluestore)
+# and waits until the monitor sees it up.
+ceph_osd_start() {
+  local dir=$1
+  export CEPH_CONF=$dir/ceph.conf
+  ceph-osd -i 0 2>>"$dir/osd.0.err" ||
+    { tail -5 "$dir/osd.0.log" >&2; _ceph_die "ceph-osd did not start again"; return 1; }
+  _ceph_wait "${CEPH_START_TIMEOUT:-60}" _ceph_osd_up ||
+    { tail -5 "$dir/osd.0.log" >&2; _ceph_die "the OSD never came up again"; return 1; }
 }
 
 # ceph_need: fails (never skips) when a tool the cluster needs is missing.
@@ -217,6 +263,14 @@ if [ "${BASH_SOURCE[0]}" = "$0" ]; then
       [ $# -eq 2 ] || _ceph_die "usage: $0 stop DIR"
       ceph_stop "$2"
       ;;
+    osd-kill)
+      [ $# -eq 2 ] || _ceph_die "usage: $0 osd-kill DIR"
+      ceph_osd_kill "$2"
+      ;;
+    osd-start)
+      [ $# -eq 2 ] || _ceph_die "usage: $0 osd-start DIR"
+      ceph_osd_start "$2"
+      ;;
     run)
       shift
       [ $# -ge 1 ] || _ceph_die "usage: $0 run CMD [ARGS...]"
@@ -230,7 +284,7 @@ if [ "${BASH_SOURCE[0]}" = "$0" ]; then
       exit $status
       ;;
     *)
-      echo "usage: $0 run CMD [ARGS...] | start DIR [PID] | stop DIR" >&2
+      echo "usage: $0 run CMD [ARGS...] | start DIR [PID] | stop DIR | osd-kill DIR | osd-start DIR" >&2
       exit 2
       ;;
   esac

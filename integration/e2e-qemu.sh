@@ -6,7 +6,7 @@
 # they must see exactly what the guest wrote, and the image itself must hold
 # no plaintext.
 #
-#   bash integration/e2e-qemu.sh                   # BACKEND=cryptblk (default): five runs,
+#   bash integration/e2e-qemu.sh                   # BACKEND=cryptblk (default): six runs,
 #       a qemu-img LUKS1 image served in plain mode with its volume key and
 #       payload offset (--crypto inline); a cryptsetup LUKS2 image with 4 KiB
 #       sectors unlocked by passphrase (--crypto inline --io pread); a LUKS2 image
@@ -15,9 +15,11 @@
 #       --split-threshold, --direct and --allow-discards; the qemu-img LUKS1
 #       image again, unlocked by passphrase, on an NBD export (E2E_NBD=1:
 #       nbdkit's file plugin serves the image file over a unix socket, with
-#       --allow-discards); then the negative control below, which must fail
-#       on exactly the ciphertext checks
+#       --allow-discards); the same image imported into a single-node Ceph
+#       cluster and served from RBD (E2E_RBD=1, --allow-discards); then the
+#       negative control below, which must fail on exactly the ciphertext checks
 #   E2E_FORMAT=luks1 E2E_UNLOCK=passphrase E2E_NBD=1 bash integration/e2e-qemu.sh  # one run, on NBD
+#   E2E_FORMAT=luks1 E2E_UNLOCK=passphrase E2E_RBD=1 bash integration/e2e-qemu.sh  # one run, on RBD
 #   E2E_FORMAT=plain E2E_SERVE_ARGS='--crypto workers' bash integration/e2e-qemu.sh  # one run
 #   BACKEND=qsd bash integration/e2e-qemu.sh       # qemu-storage-daemon's luks export
 #   BACKEND=plaintext bash integration/e2e-qemu.sh # negative control: MUST fail
@@ -32,6 +34,7 @@
 # default 4096; plain: default 512); E2E_LUKS2_MAKER (cryptsetup|cryptblk);
 # E2E_RESIZE (1: grow the disk online after the reboot, see below);
 # E2E_NBD (1: cryptblk reaches the image through nbdkit, see below);
+# E2E_RBD (1: the image lives in a Ceph cluster, see below);
 # E2E_PLAIN_IV (plain mode's IV options for both sides); E2E_SERVE_ARGS (extra `cryptblk serve` options); CRYPTBLK
 # (path to the binary; default: built here with cargo, profile
 # E2E_PROFILE=debug|release); E2E_TIMEOUT (seconds the guest may run, default
@@ -63,6 +66,14 @@ RESIZE=${E2E_RESIZE:-0}
 # read-only reference disk and the host's checks, which thereby read what
 # went over the wire. nbdkit's stats filter counts the commands it served.
 NBD=${E2E_NBD:-0}
+# E2E_RBD=1: the ciphertext lives in Ceph. integration/ceph.sh starts a
+# single-node cluster (stopped when this script exits), the image file is
+# `rbd import`ed, and cryptblk's --image is rbd:rbd/e2e: the LUKS header is
+# read and unlocked through librbd, every guest request goes to the cluster.
+# The guest's read-only reference disk is the same RBD image through QEMU's
+# own rbd driver (uncached), and the host's checks run on an `rbd export`
+# of it taken after cryptblk exited.
+RBD=${E2E_RBD:-0}
 # Who formats a LUKS2 image: cryptsetup, or cryptblk itself (then the guest's
 # dm-crypt proves that cryptblk's headers are what cryptsetup expects).
 LUKS2_MAKER=${E2E_LUKS2_MAKER:-cryptsetup}
@@ -88,6 +99,12 @@ if [ "$NBD" = 1 ]; then
   [ "$BACKEND" = cryptblk ] || die "E2E_NBD=1 needs BACKEND=cryptblk"
   [ "$RESIZE" = 0 ] || die "E2E_NBD=1 cannot resize: an export's size is its server's"
   [[ " $SERVE_ARGS " != *" --direct "* ]] || die "E2E_NBD=1: cryptblk refuses --direct on an NBD export"
+fi
+if [ "$RBD" = 1 ]; then
+  [ "$BACKEND" = cryptblk ] || die "E2E_RBD=1 needs BACKEND=cryptblk"
+  [ "$NBD" = 0 ] || die "E2E_RBD=1 and E2E_NBD=1 exclude each other"
+  [ "$RESIZE" = 0 ] || die "E2E_RBD=1 cannot resize: cryptblk does not resize RBD images"
+  [[ " $SERVE_ARGS " != *" --direct "* ]] || die "E2E_RBD=1: cryptblk refuses --direct on an RBD image"
 fi
 TIMEOUT=${E2E_TIMEOUT:-180}
 CPUS=2
@@ -130,6 +147,7 @@ fi
 RUN=$WORK_DIR/e2e-$BACKEND-$FORMAT
 [ "$FORMAT" != luks2 ] || [ "$LUKS2_MAKER" = cryptsetup ] || RUN+=-$LUKS2_MAKER
 [ "$NBD" = 0 ] || RUN+=-nbd
+[ "$RBD" = 0 ] || RUN+=-rbd
 SOCK=$RUN/vhost.sock
 IMG=$RUN/img.$FORMAT
 PASSFILE=$RUN/passphrase
@@ -138,6 +156,8 @@ SERIAL=$RUN/serial.log
 BACKEND_LOG=$RUN/backend.log
 NBD_SOCK=$RUN/nbd.sock
 NBD_STATS=$RUN/nbdkit.stats
+CEPH_DIR=$RUN/ceph
+RBD_IMAGE=rbd/e2e
 RUNID=$(od -An -tx4 -N4 /dev/urandom | tr -d ' ')
 MARKER=CRYPTBLK-E2E-$RUNID
 
@@ -159,6 +179,7 @@ check_tools() {
     timeout debugfs e2fsck diff
   [ "$BACKEND" = cryptblk ] || need_tools qemu-storage-daemon
   [ "$NBD" = 0 ] || need_tools nbdkit
+  [ "$RBD" = 0 ] || need_tools ceph-mon ceph-osd rbd
 }
 
 # The image, its volume key and payload offset in 512-byte sectors (what a
@@ -322,6 +343,32 @@ stop_nbd_server() {
   }
 }
 
+# The cluster below cryptblk (E2E_RBD=1): integration/ceph.sh in $CEPH_DIR,
+# whose watcher stops it once this script has exited; the image imported with
+# the default features (exclusive-lock among them); the reference disk is the
+# RBD image through QEMU's rbd driver, uncached (cache.direct=on turns
+# librbd's cache off), so it reads what reached the cluster.
+start_rbd_cluster() {
+  local conf
+  conf=$(bash "$INTEGRATION_DIR/ceph.sh" start "$CEPH_DIR" $$) || die "integration/ceph.sh start failed"
+  CEPH_CONF_FILE=$conf
+  rbd -c "$conf" import --no-progress "$IMG" "$RBD_IMAGE" || die "rbd import failed"
+  cp "$IMG" "$RUN/img.before"
+  REF_DRIVE="if=none,id=ref,format=raw,readonly=on,cache.direct=on,file.driver=rbd,file.pool=${RBD_IMAGE%/*},file.image=${RBD_IMAGE#*/},file.conf=$conf"
+}
+
+# After cryptblk has exited: the image as the cluster holds it replaces the
+# file, for the host's checks.
+export_rbd_image() {
+  rm -f "$IMG"
+  rbd -c "$CEPH_CONF_FILE" export --no-progress "$RBD_IMAGE" "$IMG" || die "rbd export failed"
+}
+
+# The guest's writes reached the cluster: the export differs from what was imported.
+rbd_image_changed() { ! cmp -s "$RUN/img.before" "$IMG"; }
+# cryptblk took the image's exclusive lock.
+rbd_lock_taken() { grep -q 'exclusive lock taken' "$BACKEND_LOG"; }
+
 start_backend() {
   rm -f "$SOCK"
   case $BACKEND in
@@ -331,8 +378,13 @@ start_backend() {
         start_nbd_server
         image="nbd+unix:///?socket=$NBD_SOCK"
       fi
+      if [ "$RBD" = 1 ]; then
+        image="rbd:$RBD_IMAGE"
+        open+=(--ceph-conf "$CEPH_CONF_FILE")
+      fi
       if [ "$UNLOCK" = key ]; then
         open=(--type plain --key-file "$KEYFILE" --key-size 512 --offset "$PAYLOAD")
+        [ "$RBD" = 0 ] || open+=(--ceph-conf "$CEPH_CONF_FILE")
         [ "$SECTOR" = 512 ] || open+=(--sector-size "$SECTOR")
         # shellcheck disable=SC2206 # PLAIN_IV is a list of options
         [ "$FORMAT" != plain ] || open+=($PLAIN_IV)
@@ -427,6 +479,10 @@ host_checks() {
     host_check nbd-served-flushes nbd_served flush
     [ "$DISCARD" = 0 ] || host_check nbd-served-trims nbd_served trim
   fi
+  if [ "$RBD" = 1 ]; then
+    host_check rbd-image-changed rbd_image_changed
+    host_check rbd-lock-taken rbd_lock_taken
+  fi
   [ "$RESIZE" = 0 ] || host_check resize-answered resize_answered
   # qemu-img reads only LUKS; for plain images the guest's dm-crypt is the oracle.
   [ "$FORMAT" = luks1 ] || return 0
@@ -456,12 +512,14 @@ main() {
   make_guest_data "$RUN/initramfs"
   guest_initramfs_pack "$RUN/initramfs" "$RUN/initramfs.cpio"
   log "$FORMAT image $IMG, payload offset $PAYLOAD sectors of 512 bytes; initramfs $(($(stat -c %s "$RUN/initramfs.cpio") >> 20)) MiB"
+  [ "$RBD" = 0 ] || start_rbd_cluster
   start_backend
   t_boot=$(now)
   run_guest
   t_guest=$(now)
   stop_backend
   [ "$NBD" = 0 ] || stop_nbd_server
+  [ "$RBD" = 0 ] || export_rbd_image
   check_guest_results
   host_checks
   t_end=$(now)
@@ -471,6 +529,7 @@ main() {
   [ -z "$PLAIN_IV" ] || [ "$FORMAT" != plain ] || how+=", $PLAIN_IV"
   [ "$BACKEND" != cryptblk ] || [ "$FORMAT" = plain ] || how+=", unlocked by $UNLOCK"
   [ "$NBD" = 0 ] || how+=", over NBD (nbdkit file plugin, unix socket)"
+  [ "$RBD" = 0 ] || how+=", on Ceph RBD (single-node cluster, librbd)"
   echo "==== e2e-qemu summary (backend $BACKEND${SERVE_ARGS:+ ($SERVE_ARGS)}, $how, guest kernel $GUEST_KVER) ===="
   # shellcheck disable=SC2086 # counting words
   echo "guest checks passed: $GUEST_PASSES of $(set -- $EXPECTED_RESULTS && echo $#); host checks failed: ${HOST_FAILS:-none}"
@@ -483,12 +542,12 @@ main() {
     die "end-to-end test failed"
   fi
   # Keep the logs; the images and the guest archive are only worth keeping for a failure.
-  rm -rf "$IMG" "$RUN/out.raw" "$RUN/initramfs" "$RUN/initramfs.cpio" "$RUN/fs-dump"
+  rm -rf "$IMG" "$RUN/out.raw" "$RUN/initramfs" "$RUN/initramfs.cpio" "$RUN/fs-dump" "$RUN/img.before"
   echo "PASS"
 }
 
-# Without E2E_FORMAT, cryptblk gets five runs that cover its code paths (the
-# last on NBD); each is this script again, with E2E_FORMAT set. A run with a backend
+# Without E2E_FORMAT, cryptblk gets six runs that cover its code paths (the
+# last two on NBD and RBD); each is this script again, with E2E_FORMAT set. A run with a backend
 # that does not encrypt must fail on the ciphertext checks (and only there):
 # otherwise the checks themselves are broken.
 all_runs() {
@@ -507,6 +566,9 @@ all_runs() {
     bash "${BASH_SOURCE[0]}" || status=1
   # The LUKS header read and the payload served through libnbd (issue #15).
   E2E_FORMAT=luks1 E2E_UNLOCK=passphrase E2E_NBD=1 E2E_SERVE_ARGS='--crypto inline --allow-discards' \
+    bash "${BASH_SOURCE[0]}" || status=1
+  # The LUKS header and the payload in a Ceph cluster, through librbd (issue #16).
+  E2E_FORMAT=luks1 E2E_UNLOCK=passphrase E2E_RBD=1 E2E_SERVE_ARGS='--crypto inline --allow-discards' \
     bash "${BASH_SOURCE[0]}" || status=1
   log "negative control: BACKEND=plaintext must fail (log: $control)"
   if BACKEND=plaintext E2E_FORMAT=luks1 bash "${BASH_SOURCE[0]}" >"$control" 2>&1; then

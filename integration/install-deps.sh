@@ -55,11 +55,16 @@ command -v ceph-mon >/dev/null || need+=(ceph-mon)
 command -v ceph-osd >/dev/null || need+=(ceph-osd)
 command -v rbd >/dev/null || need+=(ceph-common)
 [ -e /usr/include/rbd/librbd.h ] || need+=(librbd-dev)
+# tests/rbd.rs reads and writes through librbd's own encryption with its Python binding.
+/usr/bin/python3 -c 'import rbd' 2>/dev/null || need+=(python3-rbd)
 
 # qemu-system-x86 must come from bookworm-backports: plain bookworm's 7.2 would
 # replace the preinstalled qemu-utils 10.0.
 backports=/etc/apt/sources.list.d/cryptblk-backports.sources
-if ! command -v qemu-system-x86_64 >/dev/null || ! command -v qemu-storage-daemon >/dev/null; then
+# QEMU's rbd driver (qemu-block-extra: e2e-qemu.sh's RBD run, integration/rbd.sh) must
+# match QEMU's version, so it comes from there too.
+if ! command -v qemu-system-x86_64 >/dev/null || ! command -v qemu-storage-daemon >/dev/null ||
+  [ ! -e /usr/lib/x86_64-linux-gnu/qemu/block-rbd.so ]; then
   if [ ! -f "$backports" ] && ! grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/; then
     uri=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
     uri=${uri:-http://deb.debian.org/debian}

@@ -84,16 +84,16 @@ fn main() -> ExitCode {
         Command::Format(a) => {
             secrets::forbid_core_dumps();
             // format, key and dump reach NBD URIs too (no TLS options).
-            cryptblk::store::install_luks_opener(None);
+            cryptblk::store::install_luks_opener(None, None);
             with_logging(|| luks_cli::run_format(&a))
         }
         Command::Key(a) => {
             secrets::forbid_core_dumps();
-            cryptblk::store::install_luks_opener(None);
+            cryptblk::store::install_luks_opener(None, None);
             with_logging(|| luks_cli::run_key(&a))
         }
         Command::Dump(a) => {
-            cryptblk::store::install_luks_opener(None);
+            cryptblk::store::install_luks_opener(None, None);
             with_logging(|| luks_cli::run_dump(&a))
         }
         Command::Ctl(a) => cryptblk::control::client::run(&a).map_err(Into::into),

@@ -422,8 +422,13 @@ fn landlock_child(dir: &Path) {
     let name = format!("cryptblk-landlock-test-{}", std::process::id());
     let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
     let _listener = std::os::unix::net::UnixListener::bind_addr(&addr).unwrap();
-    let status = cryptblk::sandbox::landlock::restrict(&image, &[socket.as_path()], false, None)
-        .expect("landlock");
+    let status = cryptblk::sandbox::landlock::restrict(
+        &image,
+        &[socket.as_path()],
+        false,
+        cryptblk::sandbox::landlock::TcpConnect::None,
+    )
+    .expect("landlock");
     assert_eq!(status, landlock::RulesetStatus::FullyEnforced);
     eprintln!("CHILD-RAN landlock");
     // The image: read and write.

@@ -48,6 +48,7 @@ fn disk() -> &'static Disk {
             cipher: SectorCipher::new(Some(&key), rule),
             nbd: Default::default(),
             export: None,
+            rbd: Default::default(),
         })
         .expect("volume");
         let dev = BlkDevice::new(

@@ -6,7 +6,9 @@
 # backend), server_pid (a server below the backend, if any: e2e-qemu.sh's
 # nbdkit), IMG and REF_SERIAL (the image, given to the guest read-only as a
 # second disk with that serial, for its dm-crypt), MEM, CPUS, QUEUES, MARKER
-# (the prefix of every record the guest writes) and EXPECTED_RESULTS.
+# (the prefix of every record the guest writes) and EXPECTED_RESULTS; REF_DRIVE,
+# if set, is the reference disk's -drive instead of the file IMG (e2e-qemu.sh's
+# RBD run: the image in the cluster, through QEMU's rbd driver).
 # shellcheck shell=bash
 # shellcheck disable=SC2034 # the variables set here are the callers' results
 
@@ -62,7 +64,7 @@ guest_qemu_args() {
     -serial file:"$SERIAL"
     -chardev socket,id=vhost0,path="$SOCK${2:-}"
     -device vhost-user-blk-pci,chardev=vhost0,num-queues="$QUEUES"
-    -drive if=none,id=ref,file="$IMG",format=raw,readonly=on,file.locking=off
+    -drive "${REF_DRIVE:-if=none,id=ref,file=$IMG,format=raw,readonly=on,file.locking=off}"
     -device virtio-blk-pci,drive=ref,serial="$REF_SERIAL",num-queues=1)
 }
 

@@ -17,6 +17,7 @@ use cryptblk::bench::listening::{wait_for_listener, Startup};
 pub const BIN: &str = env!("CARGO_BIN_EXE_cryptblk");
 
 pub mod bench;
+pub mod ceph;
 pub mod hostile;
 pub mod luks;
 pub mod nbd;

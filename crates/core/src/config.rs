@@ -26,7 +26,9 @@ use crate::store::is_nbd_uri;
 use crate::store::libnbd::Tls;
 use crate::store::librbd::ClusterOptions;
 use crate::store::{is_rbd_spec, RbdSpec};
-use crate::volume::{open_image, ImageOptions, IoMode, NbdOptions, Volume, VolumeError};
+use crate::volume::{
+    open_image, ImageOptions, IoMode, NbdOptions, RbdOptions, Volume, VolumeError,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -64,8 +66,6 @@ pub enum ConfigError {
         option: &'static str,
         from: &'static str,
     },
-    #[error("{0}: serving RBD images is not implemented yet (issue #16: the RBD store exists, the daemon does not use it); meanwhile qemu-storage-daemon can export the image over NBD (--blockdev driver=rbd), which cryptblk serves")]
-    RbdNotServed(String),
     #[error("--key-file and --key-keyring both name a key; keep one")]
     TwoKeySources,
     #[error(
@@ -178,6 +178,12 @@ pub struct ServeArgs {
     /// RBD: the cephx keyring (default: where the Ceph configuration says).
     #[arg(long, value_name = "FILE")]
     pub ceph_keyring: Option<PathBuf>,
+    /// RBD: a request the cluster has not answered after this many seconds
+    /// fails with an I/O error (librados' rados_osd_op_timeout; also
+    /// client_mount_timeout for connecting). Default 0: wait for the
+    /// cluster as long as it takes, as librbd and QEMU do.
+    #[arg(long, value_name = "SECONDS")]
+    pub rbd_timeout: Option<u64>,
     /// File holding the raw key (key-size/8 bytes); "-" reads standard input.
     #[arg(long, value_name = "PATH")]
     pub key_file: Option<String>,
@@ -350,6 +356,8 @@ struct ImageSpec {
     path: PathBuf,
     /// An NBD URI's TLS settings (None: a file or block device).
     nbd: Option<Tls>,
+    /// An RBD image's cluster (None: not an RBD image).
+    rbd: Option<ClusterOptions>,
     /// NBD: how long requests wait for a lost connection (zero: forever lost).
     reconnect: Duration,
     create_size: Option<u64>,
@@ -434,8 +442,29 @@ impl ServeConfig {
         let direct = a.direct.unwrap_or(false);
         let nbd = nbd_tls(&a, &path)?;
         let reconnect = nbd_reconnect(&a, nbd.as_ref())?;
-        if let Some((spec, _cluster)) = rbd_image(&a, &path)? {
-            return Err(ConfigError::RbdNotServed(spec.to_string()));
+        let rbd = rbd_image(&a, &path)?.map(|(_, cluster)| cluster);
+        if rbd.is_some() {
+            if a.size.is_some() {
+                return invalid(
+                    "--size",
+                    "with an RBD image",
+                    "an RBD image has the size it was created with; cryptblk neither creates nor resizes one (`rbd create --size` or `rbd resize` it, and drop --size)",
+                );
+            }
+            if direct {
+                return invalid(
+                    "--direct",
+                    "with an RBD image",
+                    "O_DIRECT bypasses this host's page cache, which RBD I/O never uses (librbd talks to the cluster over the network; its own cache follows rbd_cache in ceph.conf); drop --direct",
+                );
+            }
+            if a.io == Some(IoMode::Mmap) {
+                return invalid(
+                    "--io",
+                    "mmap",
+                    "an RBD image cannot be mapped into memory; drop --io",
+                );
+            }
         }
         if nbd.is_some() {
             if a.size.is_some() {
@@ -467,14 +496,14 @@ impl ServeConfig {
                 "--direct bypasses the page cache a mapping lives in; use --io pread or drop --direct",
             );
         }
-        let io = if direct || nbd.is_some() {
+        let io = if direct || nbd.is_some() || rbd.is_some() {
             IoMode::Pread
         } else {
             a.io.unwrap_or(DEFAULT_IO)
         };
-        if nbd.is_some() {
-            // The LUKS code reads the export's header through libnbd.
-            crate::store::install_luks_opener(nbd.clone());
+        if nbd.is_some() || rbd.is_some() {
+            // The LUKS code reads the header through libnbd or librbd.
+            crate::store::install_luks_opener(nbd.clone(), rbd.clone());
         }
         let layout = if is_luks_device(&a)? {
             Layout::Luks(luks_spec(&a)?)
@@ -513,6 +542,7 @@ impl ServeConfig {
             image: ImageSpec {
                 path,
                 nbd,
+                rbd,
                 reconnect,
                 create_size: a.size.map(|s| positive("--size", s)).transpose()?,
                 readonly,
@@ -582,6 +612,10 @@ impl ServeConfig {
                 reconnect: s.reconnect,
             },
             export: None,
+            rbd: RbdOptions {
+                cluster: s.rbd.clone().unwrap_or_default(),
+                queues: self.device.queues,
+            },
             path: s.path.clone(),
             create_size: s.create_size,
             payload_offset,
@@ -785,6 +819,7 @@ fn rbd_image(
         ("--ceph-conf", a.ceph_conf.is_some()),
         ("--ceph-id", a.ceph_id.is_some()),
         ("--ceph-keyring", a.ceph_keyring.is_some()),
+        ("--rbd-timeout", a.rbd_timeout.is_some()),
     ];
     let given = ceph_options.iter().find(|(_, set)| *set).map(|(f, _)| *f);
     let Some(text) = image.to_str().filter(|_| is_rbd_spec(image)) else {
@@ -814,6 +849,24 @@ fn rbd_image(
             "the cephx user's name without client., e.g. admin or libvirt",
         );
     }
+    let mut set = Vec::new();
+    match a.rbd_timeout {
+        Some(secs) if secs > 24 * 3600 => {
+            return invalid("--rbd-timeout", secs, "use 0 to 86400 seconds")
+        }
+        // 0: librados' defaults (OSD requests wait for ever, connecting
+        // gives up after client_mount_timeout, 300 s).
+        Some(0) | None => {}
+        Some(secs) => {
+            for option in [
+                "rados_osd_op_timeout",
+                "rados_mon_op_timeout",
+                "client_mount_timeout",
+            ] {
+                set.push((option.to_string(), secs.to_string()));
+            }
+        }
+    }
     let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
     Ok(Some((
         spec,
@@ -821,7 +874,7 @@ fn rbd_image(
             conf: path(&a.ceph_conf),
             id: id.map(str::to_string),
             keyring: path(&a.ceph_keyring),
-            set: Vec::new(),
+            set,
         },
     )))
 }
@@ -833,7 +886,7 @@ fn is_luks_device(a: &ServeArgs) -> Result<bool, ConfigError> {
     match (a.device_type.unwrap_or(DeviceType::Auto), header) {
         (DeviceType::Plain, _) => Ok(false),
         (DeviceType::Luks | DeviceType::Luks1 | DeviceType::Luks2, _) => Ok(true),
-        (DeviceType::Auto, Some(h)) if h.exists() || is_nbd_uri(h) => {
+        (DeviceType::Auto, Some(h)) if h.exists() || is_nbd_uri(h) || is_rbd_spec(h) => {
             luks::is_luks(h).map_err(|source| ConfigError::Probe {
                 path: h.display().to_string(),
                 source,
@@ -1107,10 +1160,12 @@ mod tests {
     }
 
     #[test]
-    fn rbd_images_parse_with_their_ceph_options_and_are_not_served_yet() {
+    fn rbd_images_parse_with_their_ceph_options_and_refuse_size_direct_mmap() {
+        // --type plain: `auto` would connect to look for a LUKS header.
         let rbd = |image: &str, adjust: fn(&mut ServeArgs)| {
             let mut a = ServeArgs {
                 image: Some(image.into()),
+                device_type: Some(DeviceType::Plain),
                 ..base()
             };
             adjust(&mut a);
@@ -1129,14 +1184,57 @@ mod tests {
         assert_eq!(cluster.conf.as_deref(), Some("/etc/ceph/c.conf"));
         assert_eq!(cluster.id.as_deref(), Some("libvirt"), "client. is dropped");
         assert_eq!(cluster.keyring.as_deref(), Some("/etc/ceph/k"));
-        let served = served.unwrap();
         assert!(
-            served.contains("rbd:vms/ns/vm1@snap") && served.contains("not implemented yet"),
-            "{served}"
+            cluster.set.is_empty(),
+            "no --rbd-timeout: librados' defaults"
         );
-        let (parsed, _) = rbd("rbd:vms/vm1", |_| {});
+        // Served: nothing connects until the volume is opened.
+        assert_eq!(served, None);
+        let (parsed, served) = rbd("rbd:vms/vm1", |_| {});
+        assert_eq!(served, None);
         let (_, cluster) = parsed.unwrap().unwrap();
         assert!(cluster.conf.is_none() && cluster.id.is_none() && cluster.keyring.is_none());
+        let cfg = ServeConfig::from_args(ServeArgs {
+            image: Some("rbd:vms/vm1".into()),
+            device_type: Some(DeviceType::Plain),
+            ..base()
+        })
+        .unwrap();
+        assert_eq!(cfg.image.io, IoMode::Pread);
+        assert!(cfg.image.rbd.is_some() && cfg.image.nbd.is_none());
+
+        // --size, --direct and --io mmap are refused with the reason.
+        let (_, size) = rbd("rbd:vms/vm1", |a| a.size = Some(ByteSize(1 << 30)));
+        let size = size.unwrap();
+        assert!(
+            size.contains("--size") && size.contains("rbd resize"),
+            "{size}"
+        );
+        let (_, direct) = rbd("rbd:vms/vm1", |a| a.direct = Some(true));
+        let direct = direct.unwrap();
+        assert!(
+            direct.contains("--direct") && direct.contains("RBD"),
+            "{direct}"
+        );
+        let (_, mmap) = rbd("rbd:vms/vm1", |a| a.io = Some(IoMode::Mmap));
+        assert!(mmap.unwrap().contains("cannot be mapped"));
+
+        // --rbd-timeout sets librados' timeouts; 0 leaves its defaults.
+        let (parsed, served) = rbd("rbd:vms/vm1", |a| a.rbd_timeout = Some(7));
+        assert_eq!(served, None);
+        let set = parsed.unwrap().unwrap().1.set;
+        for option in ["rados_osd_op_timeout", "client_mount_timeout"] {
+            assert!(
+                set.contains(&(option.to_string(), "7".to_string())),
+                "{set:?}"
+            );
+        }
+        let (parsed, _) = rbd("rbd:vms/vm1", |a| a.rbd_timeout = Some(0));
+        assert!(parsed.unwrap().unwrap().1.set.is_empty());
+        let (_, long) = rbd("rbd:vms/vm1", |a| a.rbd_timeout = Some(100_000));
+        assert!(long.unwrap().contains("--rbd-timeout"));
+        let (_, file) = rbd("/i", |a| a.rbd_timeout = Some(7));
+        assert!(file.unwrap().contains("--rbd-timeout"));
 
         let (_, bad) = rbd("rbd:vm1", |_| {});
         let bad = bad.unwrap();
@@ -1165,13 +1263,15 @@ mod tests {
         let path = dir.path().join("c.toml");
         std::fs::write(
             &path,
-            "ceph-conf = \"/etc/ceph/c.conf\"\nceph-id = \"libvirt\"\nceph-keyring = \"/k\"\n",
+            "ceph-conf = \"/etc/ceph/c.conf\"\nceph-id = \"libvirt\"\nceph-keyring = \"/k\"\n\
+             rbd-timeout = 20\n",
         )
         .unwrap();
         let a = ServeArgs::from_config_file(&path).unwrap();
         assert_eq!(a.ceph_conf.as_deref(), Some(Path::new("/etc/ceph/c.conf")));
         assert_eq!(a.ceph_id.as_deref(), Some("libvirt"));
         assert_eq!(a.ceph_keyring.as_deref(), Some(Path::new("/k")));
+        assert_eq!(a.rbd_timeout, Some(20));
         let cli = ServeArgs::from_command_line([
             "--config",
             path.to_str().unwrap(),

@@ -16,7 +16,7 @@ use vm_memory::GuestMemoryAtomic;
 use crate::control::ControlSocket;
 use crate::device::{AioMode, BlkBackend, BlkDevice};
 use crate::notify::Notifier;
-use crate::sandbox::{NbdPeer, Sandbox, SandboxError};
+use crate::sandbox::{NbdPeer, Network, Sandbox, SandboxError};
 use crate::socket::{inherited, Gate, ListenOn, SocketAccess, SocketError, SocketFile, Stopper};
 use crate::store::NbdExport;
 
@@ -151,15 +151,17 @@ pub fn serve(
     let dirs: Vec<_> = (listening.file.as_ref().map(SocketFile::dir_fd).into_iter())
         .chain(control.as_ref().map(ControlSocket::dir_fd))
         .collect();
-    let nbd = dev
-        .volume()
-        .nbd()
-        .and_then(|e| e.redial())
-        .map(|r| NbdPeer {
-            family: r.endpoint().family(),
-            tcp_port: r.endpoint().tcp_port(),
-        });
-    if let Err(e) = sandbox.apply(&dirs, nbd) {
+    let net = if dev.volume().rbd().is_some() {
+        Some(Network::Rbd)
+    } else {
+        dev.volume().nbd().and_then(|e| e.redial()).map(|r| {
+            Network::Nbd(NbdPeer {
+                family: r.endpoint().family(),
+                tcp_port: r.endpoint().tcp_port(),
+            })
+        })
+    };
+    if let Err(e) = sandbox.apply(&dirs, net) {
         listening.close();
         if let Some(c) = control {
             c.close();

@@ -133,13 +133,16 @@ impl AsyncQueue {
         // Room for every buffer's operation plus one FLUSH or DISCARD per
         // request: the submission queue never needs to wait for the kernel.
         let entries = (BUFS + table).next_power_of_two() as u32;
-        let store = match (volume.image_fd(), volume.nbd()) {
-            (Some(fd), _) => Store::Uring(UringStore::new(fd, entries, buffers)?),
-            (None, Some(export)) => match export.store(queue, buffers)? {
+        let store = match (volume.image_fd(), volume.nbd(), volume.rbd()) {
+            (Some(fd), _, _) => Store::Uring(UringStore::new(fd, entries, buffers)?),
+            (None, Some(export), _) => match export.store(queue, buffers)? {
                 Some(store) => Store::Nbd(store),
                 None => return Ok(None),
             },
-            (None, None) => return Ok(None),
+            // The daemon's one image handle, or read-only the queue's own
+            // (see RbdDisk for why and what it measured).
+            (None, None, Some(disk)) => Store::Rbd(disk.store(queue, buffers)?),
+            (None, None, None) => return Ok(None),
         };
         let run = (MAX_RUN * BUF_BYTES) as u64;
         Ok(Some(AsyncQueue {

@@ -367,6 +367,10 @@ fn async_queue(dev: &BlkDevice, queue: usize) -> Option<AsyncQueue> {
             log::warn!("queue {queue}: no asynchronous NBD connection ({e}): served synchronously");
             None
         }
+        Err(e) if dev.volume().rbd().is_some() => {
+            log::warn!("queue {queue}: no asynchronous RBD store ({e}): served synchronously");
+            None
+        }
         Err(e) => {
             if !WARNED.swap(true, Ordering::Relaxed) {
                 log::warn!(

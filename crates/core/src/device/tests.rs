@@ -106,6 +106,7 @@ impl Rig {
             cipher: cipher(),
             nbd: Default::default(),
             export: None,
+            rbd: Default::default(),
         })
         .unwrap();
         let dev = BlkDevice::new(

@@ -19,13 +19,22 @@ use super::SandboxError;
 /// get the best subset they support.
 const ABI_TARGET: ABI = ABI::V6;
 
-/// `nbd_port`: the TCP port lost NBD connections are made again to (the
-/// one TCP connect allowed).
+/// Which TCP connects stay allowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcpConnect {
+    None,
+    /// The port lost NBD connections are made again to.
+    Port(u16),
+    /// Any port: a Ceph cluster's monitors and OSDs (ports the cluster
+    /// map gives at run time). TCP bind stays denied.
+    Any,
+}
+
 pub fn restrict(
     image: &Path,
     sockets: &[&Path],
     readonly: bool,
-    nbd_port: Option<u16>,
+    connect: TcpConnect,
 ) -> Result<RulesetStatus, SandboxError> {
     let err = |e: landlock::RulesetError| SandboxError::Landlock(e.to_string());
     let socket_dirs = sockets.iter().map(|socket| match socket.parent() {
@@ -43,19 +52,24 @@ pub fn restrict(
     let mut ruleset = Ruleset::default()
         .handle_access(AccessFs::from_all(ABI_TARGET))
         .map_err(err)?
-        .handle_access(AccessNet::from_all(ABI_TARGET))
+        .handle_access(if connect == TcpConnect::Any {
+            AccessNet::from_all(ABI_TARGET) & !AccessNet::ConnectTcp
+        } else {
+            AccessNet::from_all(ABI_TARGET)
+        })
         .map_err(err)?
         .scope(Scope::from_all(ABI_TARGET))
         .map_err(err)?
         .create()
         .map_err(err)?;
-    // An NBD image is a connection made before the sandbox, not a path.
-    if !crate::store::is_nbd_uri(image) {
+    // An NBD or RBD image is a connection made before the sandbox, not a
+    // path.
+    if !crate::store::is_nbd_uri(image) && !crate::store::is_rbd_spec(image) {
         ruleset = ruleset
             .add_rule(PathBeneath::new(path_fd(image)?, image_access))
             .map_err(err)?;
     }
-    if let Some(port) = nbd_port {
+    if let TcpConnect::Port(port) = connect {
         ruleset = ruleset
             .add_rule(NetPort::new(port, AccessNet::ConnectTcp))
             .map_err(err)?;

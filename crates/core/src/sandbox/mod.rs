@@ -71,6 +71,24 @@ pub struct NbdPeer {
     pub tcp_port: Option<u16>,
 }
 
+/// What network access serving needs after the sandbox is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Network {
+    /// Lost NBD connections are made again, to that peer.
+    Nbd(NbdPeer),
+    /// librados talks to a Ceph cluster: its messenger threads connect
+    /// to monitors and OSDs (whose addresses and ports the cluster map
+    /// gives and changes at run time) with TCP stream sockets, again after
+    /// a lost connection or when an OSD moves. The sandbox allows exactly
+    /// that: TCP/IPv4 and TCP/IPv6 stream sockets, connect, their socket
+    /// options and names, and uname (librados reads it when it reconnects);
+    /// with Landlock, TCP connects to any port (never bind). librados' admin
+    /// socket is switched off for the daemon (it would accept connections
+    /// and unlink its file), and its configuration and keyring are read
+    /// before the sandbox.
+    Rbd,
+}
+
 /// What the sandbox must leave reachable.
 #[derive(Debug, Clone)]
 pub struct Sandbox {
@@ -101,18 +119,25 @@ impl Sandbox {
     /// `socket_dirs` are the directory fds the daemon removes its sockets
     /// (vhost-user and control) through at exit: the only places anything
     /// may be unlinked. None (an inherited socket, no control socket)
-    /// allows no unlinking at all. `nbd`: where lost NBD connections are
-    /// made again, if they are.
-    pub fn apply(&self, socket_dirs: &[RawFd], nbd: Option<NbdPeer>) -> Result<(), SandboxError> {
+    /// allows no unlinking at all. `net`: the network access the image
+    /// needs (NBD reconnects, a Ceph cluster), if any.
+    pub fn apply(&self, socket_dirs: &[RawFd], net: Option<Network>) -> Result<(), SandboxError> {
         match self.mode {
             SandboxMode::None => {
                 log::info!("sandbox: none");
                 return Ok(());
             }
             SandboxMode::Full => {
-                let port = nbd.and_then(|p| p.tcp_port);
+                let connect = match net {
+                    Some(Network::Nbd(NbdPeer {
+                        tcp_port: Some(port),
+                        ..
+                    })) => landlock::TcpConnect::Port(port),
+                    Some(Network::Rbd) => landlock::TcpConnect::Any,
+                    _ => landlock::TcpConnect::None,
+                };
                 let status =
-                    landlock::restrict(&self.image, &self.removable(), self.readonly, port)?;
+                    landlock::restrict(&self.image, &self.removable(), self.readonly, connect)?;
                 match status {
                     ::landlock::RulesetStatus::NotEnforced => {
                         return Err(SandboxError::LandlockUnavailable)
@@ -132,15 +157,15 @@ impl Sandbox {
         } else {
             seccomp::OnViolation::Trap
         };
-        seccomp::install(on_violation, socket_dirs, nbd)?;
+        seccomp::install(on_violation, socket_dirs, net)?;
         log::info!(
             "sandbox: {} ({} system calls allowed{})",
             self.mode.name(),
-            seccomp::allowed_count(nbd),
-            if nbd.is_some() {
-                ", socket and connect for NBD reconnects"
-            } else {
-                ""
+            seccomp::allowed_count(net),
+            match net {
+                Some(Network::Nbd(_)) => ", socket and connect for NBD reconnects",
+                Some(Network::Rbd) => ", TCP sockets and connect for librados",
+                None => "",
             }
         );
         Ok(())

@@ -18,7 +18,7 @@ use seccompiler::{
     SeccompRule, TargetArch,
 };
 
-use super::{NbdPeer, SandboxError};
+use super::{Network, SandboxError};
 
 /// Exit status after a trapped call: 128 + SIGSYS, as a shell reports it.
 pub const TRAPPED_EXIT: i32 = 128 + libc::SIGSYS;
@@ -110,8 +110,8 @@ pub fn allowed() -> Vec<(&'static str, i64)> {
 
 /// How many system calls the filter lets through (some only with certain
 /// arguments), clone3 (made to fail with ENOSYS) included.
-pub fn allowed_count(nbd: Option<NbdPeer>) -> usize {
-    allowed().len() + conditional(&[0], nbd).map_or(0, |c| c.len()) + 1
+pub fn allowed_count(net: Option<Network>) -> usize {
+    allowed().len() + conditional(&[0], net).map_or(0, |c| c.len()) + 1
 }
 
 /// (name, number, rules): the call is allowed when any rule matches.
@@ -122,11 +122,11 @@ type Conditional = (&'static str, i64, Vec<SeccompRule>);
 ///
 /// `socket_dirs`: the directory fds through which the sockets are removed at
 /// exit (unlinkat on those fds only: no other file can be deleted).
-/// `nbd`: where lost NBD connections are made again (socket of that family
-/// only, and connect).
+/// `net`: where lost NBD connections are made again (socket of that family
+/// only, and connect), or a Ceph cluster (TCP sockets, see `Network::Rbd`).
 fn conditional(
     socket_dirs: &[RawFd],
-    nbd: Option<NbdPeer>,
+    net: Option<Network>,
 ) -> Result<Vec<Conditional>, SandboxError> {
     let eq = |arg: u8, value: u64| {
         SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value)
@@ -196,7 +196,38 @@ fn conditional(
             .collect::<Result<Vec<_>, _>>()?;
         v.push(("unlinkat", libc::SYS_unlinkat, rules));
     }
-    if let Some(peer) = nbd {
+    if net == Some(Network::Rbd) {
+        // librados' messenger: socket(AF_INET or AF_INET6, SOCK_STREAM with
+        // any of SOCK_CLOEXEC/SOCK_NONBLOCK, 0 or IPPROTO_TCP).
+        let stream = SeccompCondition::new(
+            1,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::MaskedEq(0xf),
+            libc::SOCK_STREAM as u64,
+        )
+        .map_err(SandboxError::seccomp)?;
+        let family = |f: i32| -> Result<SeccompRule, SandboxError> {
+            rule(vec![c(eq(0, f as u64))?, stream.clone()])
+        };
+        v.push((
+            "socket",
+            libc::SYS_socket,
+            vec![family(libc::AF_INET)?, family(libc::AF_INET6)?],
+        ));
+        // No rule: allowed whatever their arguments (they act on the
+        // sockets above; connect cannot be narrowed by address here,
+        // Landlock narrows it to TCP with --sandbox full).
+        for (name, nr) in [
+            ("connect", libc::SYS_connect),
+            ("setsockopt", libc::SYS_setsockopt),
+            ("getsockname", libc::SYS_getsockname),
+            ("getpeername", libc::SYS_getpeername),
+            ("uname", libc::SYS_uname),
+        ] {
+            v.push((name, nr, vec![]));
+        }
+    }
+    if let Some(Network::Nbd(peer)) = net {
         // A new connection to the NBD server's address, resolved before
         // the sandbox: a stream socket of its family, exactly as
         // libnbd::Endpoint makes it, and connect(2). connect cannot be
@@ -256,13 +287,13 @@ pub enum OnViolation {
 pub fn allowlist(
     on_violation: OnViolation,
     socket_dirs: &[RawFd],
-    nbd: Option<NbdPeer>,
+    net: Option<Network>,
 ) -> Result<BpfProgram, SandboxError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     for (_, nr) in allowed() {
         rules.insert(nr, vec![]);
     }
-    for (_, nr, r) in conditional(socket_dirs, nbd)? {
+    for (_, nr, r) in conditional(socket_dirs, net)? {
         rules.insert(nr, r);
     }
     // clone3 passes its flags in memory, where seccomp cannot look: it is
@@ -302,9 +333,9 @@ fn compile(
 pub fn install(
     on_violation: OnViolation,
     socket_dirs: &[RawFd],
-    nbd: Option<NbdPeer>,
+    net: Option<Network>,
 ) -> Result<(), SandboxError> {
-    let allow = allowlist(on_violation, socket_dirs, nbd)?;
+    let allow = allowlist(on_violation, socket_dirs, net)?;
     let clone3 = no_clone3()?;
     if on_violation == OnViolation::Trap {
         install_sigsys_handler()?;
@@ -384,10 +415,10 @@ mod tests {
         assert!(!allowlist(OnViolation::Trap, &[3, 4], None)
             .unwrap()
             .is_empty());
-        let peer = NbdPeer {
+        let peer = Network::Nbd(super::super::NbdPeer {
             family: libc::AF_INET,
             tcp_port: Some(10809),
-        };
+        });
         assert!(!allowlist(OnViolation::Trap, &[3], Some(peer))
             .unwrap()
             .is_empty());
@@ -400,6 +431,18 @@ mod tests {
         };
         assert!(!names(None).contains(&"socket") && !names(None).contains(&"connect"));
         assert!(names(Some(peer)).contains(&"socket") && names(Some(peer)).contains(&"connect"));
+        let rbd = names(Some(Network::Rbd));
+        assert!(
+            rbd.contains(&"socket") && rbd.contains(&"connect"),
+            "{rbd:?}"
+        );
+        assert!(
+            !rbd.contains(&"bind") && !rbd.contains(&"listen"),
+            "{rbd:?}"
+        );
+        assert!(!allowlist(OnViolation::Trap, &[3], Some(Network::Rbd))
+            .unwrap()
+            .is_empty());
         assert!(!no_clone3().unwrap().is_empty());
         let names: Vec<&str> = allowed().iter().map(|(n, _)| *n).collect();
         for forbidden in [

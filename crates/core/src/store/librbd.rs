@@ -41,6 +41,11 @@ type RadosT = *mut c_void;
 type IoctxT = *mut c_void;
 type ImageT = *mut c_void;
 type CompletionT = *mut c_void;
+/// `rbd_lock_mode_t`: a C enum (int-sized).
+type LockMode = c_int;
+const RBD_LOCK_MODE_EXCLUSIVE: LockMode = 0;
+/// `RBD_FEATURE_EXCLUSIVE_LOCK` (rbd/features.h).
+pub const FEATURE_EXCLUSIVE_LOCK: u64 = 1 << 2;
 /// `rbd_callback_t`: `void (*)(rbd_completion_t cb, void *arg)`.
 type Callback = Option<unsafe extern "C" fn(CompletionT, *mut c_void)>;
 
@@ -102,6 +107,7 @@ api! {
     fn rados_create2(*mut RadosT, *const c_char, *const c_char, u64) -> c_int;
     fn rados_conf_read_file(RadosT, *const c_char) -> c_int;
     fn rados_conf_set(RadosT, *const c_char, *const c_char) -> c_int;
+    fn rados_conf_parse_env(RadosT, *const c_char) -> c_int;
     fn rados_connect(RadosT) -> c_int;
     fn rados_shutdown(RadosT) -> ();
     fn rados_ioctx_create(RadosT, *const c_char, *mut IoctxT) -> c_int;
@@ -124,6 +130,15 @@ api! {
     fn rbd_aio_discard(ImageT, u64, u64, CompletionT) -> c_int;
     fn rbd_aio_get_return_value(CompletionT) -> isize;
     fn rbd_aio_release(CompletionT) -> ();
+    fn rbd_read(ImageT, u64, usize, *mut c_char) -> isize;
+    fn rbd_write(ImageT, u64, usize, *const c_char) -> isize;
+    fn rbd_flush(ImageT) -> c_int;
+    fn rbd_discard(ImageT, u64, u64) -> c_int;
+    fn rbd_get_features(ImageT, *mut u64) -> c_int;
+    fn rbd_lock_acquire(ImageT, LockMode) -> c_int;
+    fn rbd_lock_release(ImageT) -> c_int;
+    fn rbd_lock_get_owners(ImageT, *mut LockMode, *mut *mut c_char, *mut usize) -> c_int;
+    fn rbd_lock_get_owners_cleanup(*mut *mut c_char, usize) -> ();
 }
 
 /// librados or librbd could not be loaded (or lacks a function): the
@@ -189,6 +204,25 @@ pub struct ClusterOptions {
     pub set: Vec<(String, String)>,
 }
 
+/// librados starts a score of threads. Once a process has more than 8
+/// threads that allocate, glibc works out how many malloc arenas it may
+/// create (8 per CPU) from get_nprocs(), which reads
+/// /sys/devices/system/cpu/online: a daemon whose sandbox is already on
+/// (no open(2)) is stopped there, in whichever thread allocates first.
+/// Setting that limit now, to glibc's own default, spares it the file.
+fn fix_malloc_arena_limit() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let arenas = c_int::try_from(cpus.saturating_mul(8)).unwrap_or(c_int::MAX);
+        // SAFETY: mallopt only sets an allocator parameter; M_ARENA_MAX
+        // takes any positive count.
+        if unsafe { libc::mallopt(libc::M_ARENA_MAX, arenas) } != 1 {
+            log::warn!("mallopt(M_ARENA_MAX) failed: the sandbox may stop a thread that allocates");
+        }
+    });
+}
+
 /// A connected cluster handle (`rados_t`).
 pub struct Cluster {
     rados: &'static Rados,
@@ -208,6 +242,7 @@ impl Cluster {
     /// answered and cephx authenticated, or `client_mount_timeout`).
     pub fn connect(opts: &ClusterOptions) -> io::Result<Arc<Cluster>> {
         let (rados, rbd) = apis().map_err(io::Error::other)?;
+        fix_malloc_arena_limit();
         let id = opts.id.as_deref().unwrap_or("admin");
         let name = cstring("client id", &format!("client.{id}"))?;
         let mut h: RadosT = std::ptr::null_mut();
@@ -233,6 +268,11 @@ impl Cluster {
                 opts.conf.as_deref().unwrap_or("(default search path)")
             ),
         )?;
+        // $CEPH_ARGS, as the rbd tool reads it (e.g. "--keyring FILE"):
+        // after the file, before the options given here, which win.
+        // SAFETY: live handle; NULL names the default variable, CEPH_ARGS.
+        let rc = unsafe { (rados.rados_conf_parse_env)(cluster.h, std::ptr::null()) };
+        check(rc, "parsing $CEPH_ARGS")?;
         if let Some(keyring) = &opts.keyring {
             cluster.set("keyring", keyring)?;
         }
@@ -392,6 +432,135 @@ impl Image {
         let rc = unsafe { (self.rbd().rbd_get_size)(self.h, &mut size) };
         check(rc, format_args!("rbd_get_size {}", self.name))?;
         Ok(size)
+    }
+}
+
+impl Image {
+    /// The image's feature bits (`RBD_FEATURE_*`).
+    pub fn features(&self) -> io::Result<u64> {
+        let mut f = 0;
+        // SAFETY: live image, valid out-pointer.
+        let rc = unsafe { (self.rbd().rbd_get_features)(self.h, &mut f) };
+        check(rc, format_args!("rbd_get_features {}", self.name))?;
+        Ok(f)
+    }
+
+    /// Reads `buf.len()` bytes at `offset`, synchronously (librbd's own
+    /// thread does the work; this one waits). Fewer only at the end of the
+    /// image, which is an error here.
+    pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            let rest = &mut buf[done..];
+            // SAFETY: live image; `rest` is valid for writes of its length
+            // for the whole (synchronous) call.
+            let rc = unsafe {
+                (self.rbd().rbd_read)(
+                    self.h,
+                    offset + done as u64,
+                    rest.len(),
+                    rest.as_mut_ptr().cast(),
+                )
+            };
+            if rc < 0 {
+                return Err(failed(rc as i64, format_args!("rbd_read {}", self.name)));
+            }
+            if rc == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("rbd_read {}: past the end of the image", self.name),
+                ));
+            }
+            done += rc as usize;
+        }
+        Ok(())
+    }
+
+    /// Writes all of `buf` at `offset`, synchronously.
+    pub fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        // SAFETY: live image; `buf` is valid for reads of its length for
+        // the whole (synchronous) call.
+        let rc = unsafe { (self.rbd().rbd_write)(self.h, offset, buf.len(), buf.as_ptr().cast()) };
+        if rc < 0 {
+            return Err(failed(rc as i64, format_args!("rbd_write {}", self.name)));
+        }
+        if (rc as usize) < buf.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                format!(
+                    "rbd_write {}: {rc} of {} bytes written (past the end of the image)",
+                    self.name,
+                    buf.len()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Makes every completed write durable, synchronously.
+    pub fn flush(&self) -> io::Result<()> {
+        // SAFETY: live image.
+        let rc = unsafe { (self.rbd().rbd_flush)(self.h) };
+        check(rc, format_args!("rbd_flush {}", self.name))
+    }
+
+    /// Discards `len` bytes at `offset`, synchronously.
+    pub fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        // SAFETY: live image.
+        let rc = unsafe { (self.rbd().rbd_discard)(self.h, offset, len) };
+        check(rc, format_args!("rbd_discard {}", self.name))
+    }
+
+    /// Takes the image's exclusive lock and keeps it: librbd then refuses
+    /// to hand it to another client that asks (their writes fail), until
+    /// this handle is closed or `unlock`ed. Needs the exclusive-lock image
+    /// feature (-EINVAL without it). Another client holding it: -EROFS or
+    /// -EBUSY.
+    pub fn lock_exclusive(&self) -> io::Result<()> {
+        // SAFETY: live image.
+        let rc = unsafe { (self.rbd().rbd_lock_acquire)(self.h, RBD_LOCK_MODE_EXCLUSIVE) };
+        check(
+            rc,
+            format_args!("taking the exclusive lock of {}", self.name),
+        )
+    }
+
+    /// Releases the lock `lock_exclusive` took.
+    pub fn unlock(&self) -> io::Result<()> {
+        // SAFETY: live image.
+        let rc = unsafe { (self.rbd().rbd_lock_release)(self.h) };
+        check(
+            rc,
+            format_args!("releasing the exclusive lock of {}", self.name),
+        )
+    }
+
+    /// Who holds the image's lock now (librbd's owner strings: the
+    /// client's address and id), for error messages.
+    pub fn lock_owners(&self) -> io::Result<Vec<String>> {
+        let mut mode: LockMode = 0;
+        let mut owners: [*mut c_char; 8] = [std::ptr::null_mut(); 8];
+        let mut n: usize = owners.len();
+        // SAFETY: live image; `owners` has room for `n` pointers, which
+        // librbd fills and sets `n` to the count (-ERANGE if too few).
+        let rc = unsafe {
+            (self.rbd().rbd_lock_get_owners)(self.h, &mut mode, owners.as_mut_ptr(), &mut n)
+        };
+        if rc == -libc::ENOENT {
+            return Ok(Vec::new());
+        }
+        check(rc, format_args!("rbd_lock_get_owners {}", self.name))?;
+        let n = n.min(owners.len());
+        let names = owners[..n]
+            .iter()
+            .filter(|p| !p.is_null())
+            // SAFETY: librbd filled the first `n` entries with
+            // NUL-terminated strings it allocated.
+            .map(|&p| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
+            .collect();
+        // SAFETY: the `n` strings librbd allocated, freed once.
+        unsafe { (self.rbd().rbd_lock_get_owners_cleanup)(owners.as_mut_ptr(), n) };
+        Ok(names)
     }
 }
 
@@ -946,6 +1115,10 @@ pub(crate) mod tests {
             "rbd_completion_t" => "CompletionT",
             "rbd_completion_t*" => "*mut CompletionT",
             "rbd_callback_t" => "Callback",
+            "rbd_lock_mode_t" => "LockMode",
+            "rbd_lock_mode_t*" => "*mut LockMode",
+            "char**" => "*mut *mut c_char",
+            "size_t*" => "*mut usize",
             "void*" => "*mut c_void",
             "char*" => "*mut c_char",
             "const char*" => "*const c_char",

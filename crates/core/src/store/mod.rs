@@ -11,7 +11,6 @@
 //!
 //! `rbd` does the same on a Ceph RBD image, through librbd (`librbd`, the
 //! one module that knows librados' and librbd's C API; loaded at run time).
-//! Not yet a `Store`: nothing serves RBD images so far (issue #16).
 
 mod aligned;
 mod buffers;
@@ -24,18 +23,47 @@ mod uring;
 
 pub use aligned::AlignedBuf;
 pub use buffers::{BufId, Buffers};
-pub use nbd::{install_luks_opener, is_uri as is_nbd_uri, NbdExport, NbdStore};
-pub use rbd::{is_spec as is_rbd_spec, RbdSpec, RbdStore};
+pub use nbd::{is_uri as is_nbd_uri, NbdExport, NbdStore};
+pub use rbd::{is_spec as is_rbd_spec, RbdDisk, RbdError, RbdSpec, RbdStore};
 pub use uring::{Op, UringStore};
 
 use std::io;
 use std::os::unix::io::RawFd;
+use std::path::Path;
+
+use libnbd::Tls;
+use librbd::ClusterOptions;
+
+/// Lets the LUKS code read and write headers on images that are not files:
+/// NBD URIs (a libnbd connection of their own, with `tls`) and RBD images
+/// (a cluster connection and image handle of their own, reached as `ceph`
+/// says; None: Ceph's defaults, $CEPH_CONF and $CEPH_ARGS). Call once at
+/// start-up.
+pub fn install_luks_opener(tls: Option<Tls>, ceph: Option<ClusterOptions>) {
+    if let Some(tls) = tls {
+        nbd::set_luks_tls(tls);
+    }
+    if let Some(ceph) = ceph {
+        rbd::set_luks_cluster(ceph);
+    }
+    crate::luks::device::set_opener(crate::luks::device::Opener {
+        claims: |path| is_nbd_uri(path) || is_rbd_spec(path),
+        open: |path: &Path, write| {
+            if is_rbd_spec(path) {
+                rbd::open_header(path, write)
+            } else {
+                nbd::open_header(path)
+            }
+        },
+    });
+}
 
 /// A queue's store, whichever kind holds the image: the asynchronous
 /// executor (device/aio.rs) and its one completion path see only this.
 pub enum Store {
     Uring(UringStore),
     Nbd(NbdStore),
+    Rbd(RbdStore),
 }
 
 /// Calls the same method on whichever store this is.
@@ -44,13 +72,15 @@ macro_rules! either {
         match $self {
             Store::Uring($s) => $e,
             Store::Nbd($s) => $e,
+            Store::Rbd($s) => $e,
         }
     };
 }
 
 impl Store {
     /// Readable when completions are waiting: the vring thread's epoll
-    /// waits on it beside the kick fd (io_uring's eventfd, NBD's socket).
+    /// waits on it beside the kick fd (io_uring's eventfd, NBD's socket,
+    /// the eventfd librbd's completion callback writes).
     pub fn event_fd(&self) -> RawFd {
         either!(self, s => s.event_fd())
     }
@@ -87,7 +117,7 @@ impl Store {
     /// store that read replies while it sent): reap again.
     pub fn ready(&self) -> bool {
         match self {
-            Store::Uring(_) => false,
+            Store::Uring(_) | Store::Rbd(_) => false,
             Store::Nbd(s) => s.ready(),
         }
     }

@@ -464,22 +464,19 @@ impl NbdExport {
 /// from its options; `format`, `key` and `dump` use none).
 static LUKS_TLS: OnceLock<Tls> = OnceLock::new();
 
-/// Lets the LUKS code read and write headers on NBD URIs (through libnbd's
-/// synchronous calls on a connection of their own): call once at start-up.
-pub fn install_luks_opener(tls: Option<Tls>) {
-    if let Some(tls) = tls {
-        let _ = LUKS_TLS.set(tls);
-    }
-    crate::luks::device::set_opener(crate::luks::device::Opener {
-        claims: is_uri,
-        open: |path, _write| {
-            let uri = path.to_str().unwrap_or_default();
-            let tls = LUKS_TLS.get().cloned().unwrap_or_default();
-            let conn = Connection::connect(uri, &tls, "cryptblk-luks")?;
-            let info = conn.info()?;
-            Ok(Box::new(HeaderDevice { conn, info }))
-        },
-    });
+/// Sets the TLS settings of the connections the LUKS code opens (once).
+pub(super) fn set_luks_tls(tls: Tls) {
+    let _ = LUKS_TLS.set(tls);
+}
+
+/// An NBD URI as the LUKS code sees it: a connection of its own, used with
+/// libnbd's synchronous calls (see `super::install_luks_opener`).
+pub(super) fn open_header(path: &Path) -> io::Result<Box<dyn crate::luks::device::Device>> {
+    let uri = path.to_str().unwrap_or_default();
+    let tls = LUKS_TLS.get().cloned().unwrap_or_default();
+    let conn = Connection::connect(uri, &tls, "cryptblk-luks")?;
+    let info = conn.info()?;
+    Ok(Box::new(HeaderDevice { conn, info }))
 }
 
 /// An export as the LUKS code sees it: synchronous reads and writes, cut

@@ -30,10 +30,302 @@ use std::fmt;
 use std::io;
 use std::os::unix::io::RawFd;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 
-use super::librbd::{Completions, Image};
+use super::librbd::{Cluster, ClusterOptions, Completions, Image, FEATURE_EXCLUSIVE_LOCK};
 use super::{Buffers, Op};
+
+/// The magic librbd's encryption writes in place of "LUKS\xba\xbe" in the
+/// headers of a clone formatted on top of an encrypted parent: its data is
+/// laid out by librbd's layered encryption (parent and child keys), which
+/// cryptblk does not implement.
+const LAYERED_MAGIC: &[u8; 6] = b"RBDL\xba\xbe";
+
+#[derive(Debug, thiserror::Error)]
+pub enum RbdError {
+    #[error("{spec}: {source}; check the Ceph configuration and credentials (serve: --ceph-conf, --ceph-id, --ceph-keyring; format, key, dump: $CEPH_CONF and $CEPH_ARGS) and that the cluster's monitors are reachable from here")]
+    Connect { spec: String, source: io::Error },
+    #[error("{spec}: {source}")]
+    Open { spec: String, source: io::Error },
+    #[error("{spec} lacks the exclusive-lock feature, without which nothing stops a second writer (another cryptblk, a VM, rbd map) from corrupting it: enable it with `rbd feature enable {pool_image} exclusive-lock`, or serve the image --readonly")]
+    NoExclusiveLock { spec: String, pool_image: String },
+    #[error("{spec} is in use: another client holds its exclusive lock ({}); two writers would corrupt it: stop the other user first, or serve the image --readonly", if owners.is_empty() { "owner unknown".to_string() } else { owners.join(", ") })]
+    Locked {
+        spec: String,
+        owners: Vec<String>,
+        source: io::Error,
+    },
+    #[error("{spec} is a clone formatted by librbd's layered encryption (its header says RBDL, not LUKS), which cryptblk cannot serve: flatten it first (`rbd flatten {pool_image}` with the clone's encryption loaded: `--encryption-passphrase-file` on Ceph 17 and later), or copy its data through librbd's encryption into an image of its own, then serve that")]
+    Layered { spec: String, pool_image: String },
+}
+
+/// Warned once per process: a blocklisted client fails every request.
+static BLOCKLISTED: AtomicBool = AtomicBool::new(false);
+
+/// Logs, once, what a -ESHUTDOWN (librados' EBLOCKLISTED) from the cluster
+/// means.
+fn note_errno(errno: i64) {
+    if errno == -i64::from(libc::ESHUTDOWN) && !BLOCKLISTED.swap(true, Ordering::Relaxed) {
+        log::error!(
+            "the Ceph cluster has blocklisted this client (another client broke or took the \
+             image's exclusive lock, e.g. `rbd lock rm` or a failover): every request fails \
+             from now on; make sure the other user is the only writer, then restart cryptblk"
+        );
+    }
+}
+
+/// An RBD image as the daemon serves it, opened at start-up (before the
+/// sandbox): one cluster connection, and one image handle shared by every
+/// queue's store and the synchronous paths; read-only, each queue after
+/// the first gets a handle of its own.
+///
+/// Writable: one handle per daemon, because the exclusive lock belongs to a
+/// handle: a second handle of the same daemon would be a second writer
+/// (refused while the first holds the lock, or trading it back and forth
+/// with it on every write). Read-only, nothing is locked, and a handle per
+/// queue measured 9-13 % faster (2 queues, --cipher none, single-node
+/// cluster, 2 rounds: 4K random read QD32 31.5-31.8k IOPS against
+/// 28.1-29.3k shared, 1M read QD4 2325-2395 MiB/s against 2052-2196).
+pub struct RbdDisk {
+    spec: RbdSpec,
+    image: Arc<Image>,
+    /// Read-only: the handles of queues 1, 2, ... (queue 0 uses `image`).
+    queue_images: Vec<Arc<Image>>,
+    locked: bool,
+}
+
+impl RbdDisk {
+    /// Connects, opens the image (read-only for `readonly` and snapshots)
+    /// and, when writable, takes its exclusive lock and keeps it.
+    /// `queues`: how many queues will ask for a store (read-only images
+    /// get a handle per queue).
+    pub fn open(
+        spec: &RbdSpec,
+        cluster: &ClusterOptions,
+        readonly: bool,
+        queues: usize,
+    ) -> Result<Arc<RbdDisk>, RbdError> {
+        let shown = spec.to_string();
+        let connect = |source| RbdError::Connect {
+            spec: shown.clone(),
+            source,
+        };
+        let open = |source| RbdError::Open {
+            spec: shown.clone(),
+            source,
+        };
+        let cluster = Cluster::connect(&without_admin_socket(cluster)).map_err(connect)?;
+        let pool = cluster
+            .pool(&spec.pool, spec.namespace.as_deref())
+            .map_err(open)?;
+        let image =
+            Image::open(&pool, &spec.image, spec.snap.as_deref(), readonly).map_err(open)?;
+        let pool_image = spec.pool_image();
+        if layered(&image).map_err(open)? {
+            return Err(RbdError::Layered {
+                spec: shown,
+                pool_image,
+            });
+        }
+        let locked = !image.read_only();
+        if locked {
+            if image.features().map_err(open)? & FEATURE_EXCLUSIVE_LOCK == 0 {
+                return Err(RbdError::NoExclusiveLock {
+                    spec: shown,
+                    pool_image,
+                });
+            }
+            if let Err(source) = image.lock_exclusive() {
+                return Err(RbdError::Locked {
+                    spec: shown,
+                    owners: image.lock_owners().unwrap_or_default(),
+                    source,
+                });
+            }
+            log::info!("{shown}: exclusive lock taken");
+        }
+        let queue_images = if image.read_only() {
+            (1..queues)
+                .map(|_| {
+                    Image::open(&pool, &spec.image, spec.snap.as_deref(), true)
+                        .map(Arc::new)
+                        .map_err(open)
+                })
+                .collect::<Result<_, _>>()?
+        } else {
+            Vec::new()
+        };
+        Ok(Arc::new(RbdDisk {
+            spec: spec.clone(),
+            image: Arc::new(image),
+            queue_images,
+            locked,
+        }))
+    }
+
+    pub fn spec(&self) -> &RbdSpec {
+        &self.spec
+    }
+
+    pub fn image(&self) -> &Arc<Image> {
+        &self.image
+    }
+
+    /// Whether the image is read-only (a snapshot, or opened so).
+    pub fn read_only(&self) -> bool {
+        self.image.read_only()
+    }
+
+    pub fn size(&self) -> io::Result<u64> {
+        self.image.size()
+    }
+
+    /// Queue `queue`'s asynchronous store: on the daemon's one image
+    /// handle, or (read-only) on the queue's own.
+    pub fn store(&self, queue: usize, buffers: Buffers) -> io::Result<RbdStore> {
+        let image = queue
+            .checked_sub(1)
+            .and_then(|i| self.queue_images.get(i))
+            .unwrap_or(&self.image);
+        RbdStore::new(image.clone(), buffers)
+    }
+
+    pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.image
+            .read_exact_at(buf, offset)
+            .inspect_err(|e| note_errno(-i64::from(e.raw_os_error().unwrap_or(0))))
+    }
+
+    pub fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.image
+            .write_all_at(buf, offset)
+            .inspect_err(|e| note_errno(-i64::from(e.raw_os_error().unwrap_or(0))))
+    }
+
+    pub fn flush(&self) -> io::Result<()> {
+        self.image.flush()
+    }
+
+    pub fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.image.discard(offset, len)
+    }
+}
+
+impl Drop for RbdDisk {
+    /// The stores (each holding the image) are gone: release the lock
+    /// explicitly, so that the next daemon need not wait for it.
+    fn drop(&mut self) {
+        if self.locked && Arc::strong_count(&self.image) == 1 {
+            match self.image.unlock() {
+                Ok(()) => log::info!("{}: exclusive lock released", self.spec),
+                Err(e) => log::warn!("{}: {e}", self.spec),
+            }
+        }
+    }
+}
+
+/// `opts` with librados' admin socket switched off: a daemon under the
+/// sandbox cannot accept its connections nor unlink its file at exit, and
+/// several clients of one ceph.conf would fight over its path.
+fn without_admin_socket(opts: &ClusterOptions) -> ClusterOptions {
+    let mut opts = opts.clone();
+    opts.set.insert(0, ("admin_socket".into(), String::new()));
+    opts
+}
+
+/// Whether the image starts with librbd's layered-encryption magic.
+fn layered(image: &Image) -> io::Result<bool> {
+    if image.size()? < LAYERED_MAGIC.len() as u64 {
+        return Ok(false);
+    }
+    let mut magic = [0u8; 6];
+    image.read_exact_at(&mut magic, 0)?;
+    Ok(&magic == LAYERED_MAGIC)
+}
+
+/// How the LUKS code's connections reach the cluster (set by `serve` from
+/// its options; `format`, `key` and `dump` use Ceph's defaults).
+static LUKS_CLUSTER: OnceLock<ClusterOptions> = OnceLock::new();
+
+pub(super) fn set_luks_cluster(opts: ClusterOptions) {
+    let _ = LUKS_CLUSTER.set(opts);
+}
+
+/// An RBD image as the LUKS code sees it: a connection and an image handle
+/// of its own (read-only unless `write`), used with librbd's synchronous
+/// calls. An RBDL clone is refused here, so `format`, `key`, `dump` and
+/// serve's LUKS detection all say to flatten it.
+pub(super) fn open_header(
+    path: &Path,
+    write: bool,
+) -> io::Result<Box<dyn crate::luks::device::Device>> {
+    let text = path.to_str().unwrap_or_default();
+    let spec = RbdSpec::parse(text)
+        .map_err(|why| io::Error::new(io::ErrorKind::InvalidInput, format!("{text}: {why}")))?;
+    let opts = LUKS_CLUSTER.get().cloned().unwrap_or_default();
+    let cluster = Cluster::connect(&without_admin_socket(&opts)).map_err(|source| {
+        io::Error::other(RbdError::Connect {
+            spec: spec.to_string(),
+            source,
+        })
+    })?;
+    let pool = cluster.pool(&spec.pool, spec.namespace.as_deref())?;
+    let image = Image::open(&pool, &spec.image, spec.snap.as_deref(), !write)?;
+    if layered(&image)? {
+        return Err(io::Error::other(RbdError::Layered {
+            spec: spec.to_string(),
+            pool_image: spec.pool_image(),
+        }));
+    }
+    Ok(Box::new(HeaderDevice { image }))
+}
+
+struct HeaderDevice {
+    image: Image,
+}
+
+impl crate::luks::device::Device for HeaderDevice {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.image.read_exact_at(buf, offset)
+    }
+
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.image.write_all_at(buf, offset).map_err(|e| {
+            if e.raw_os_error() == Some(libc::EROFS) && !self.image.read_only() {
+                io::Error::new(
+                    e.kind(),
+                    format!(
+                        "{e} (another client, e.g. a cryptblk serving it, holds the image's \
+                         exclusive lock: stop it first)"
+                    ),
+                )
+            } else {
+                e
+            }
+        })
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        self.image.flush()
+    }
+
+    fn size(&self) -> io::Result<u64> {
+        self.image.size()
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        let size = self.image.size()?;
+        if len <= size {
+            return Ok(());
+        }
+        Err(io::Error::other(format!(
+            "RBD image {} has {size} bytes, fewer than the {len} asked for; cryptblk never \
+             resizes an image: `rbd resize --size {len}B` it first, or ask for less",
+            self.image.name()
+        )))
+    }
+}
 
 /// Whether an `--image` names an RBD image (`rbd:…`) rather than a file.
 pub fn is_spec(image: &Path) -> bool {
@@ -88,6 +380,16 @@ impl RbdSpec {
             image: image.to_string(),
             snap: snap.map(str::to_string),
         })
+    }
+}
+
+impl RbdSpec {
+    /// `POOL[/NAMESPACE]/IMAGE`, as the rbd tool takes it.
+    pub fn pool_image(&self) -> String {
+        match &self.namespace {
+            Some(ns) => format!("{}/{ns}/{}", self.pool, self.image),
+            None => format!("{}/{}", self.pool, self.image),
+        }
     }
 }
 
@@ -235,6 +537,7 @@ impl RbdStore {
     pub fn reap(&mut self, mut f: impl FnMut(u64, i32)) -> io::Result<()> {
         self.completions.reap(|p, r| {
             let result = if r < 0 {
+                note_errno(r as i64);
                 i32::try_from(r).unwrap_or(-libc::EIO)
             } else {
                 match p.kind {

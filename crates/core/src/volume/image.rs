@@ -10,7 +10,8 @@ use super::mapping::Mapping;
 use super::{Backing, IoMode, Volume, VolumeError};
 use crate::crypto::SectorCipher;
 use crate::store::libnbd::Tls;
-use crate::store::{is_nbd_uri, NbdExport};
+use crate::store::librbd::ClusterOptions;
+use crate::store::{is_nbd_uri, is_rbd_spec, NbdExport, RbdDisk, RbdSpec};
 
 pub struct ImageOptions {
     pub path: PathBuf,
@@ -34,6 +35,16 @@ pub struct ImageOptions {
     pub nbd: NbdOptions,
     /// An NBD export already connected (LUKS read its header through it).
     pub export: Option<std::sync::Arc<NbdExport>>,
+    /// RBD images: how to reach the cluster.
+    pub rbd: RbdOptions,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RbdOptions {
+    /// `--ceph-conf`, `--ceph-id`, `--ceph-keyring` and the timeouts.
+    pub cluster: ClusterOptions,
+    /// How many queues will ask for a store.
+    pub queues: usize,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -48,6 +59,9 @@ pub struct NbdOptions {
 pub fn open_image(opts: ImageOptions) -> Result<Volume, VolumeError> {
     if is_nbd_uri(&opts.path) {
         return open_nbd(opts);
+    }
+    if is_rbd_spec(&opts.path) {
+        return open_rbd(opts);
     }
     let path = opts.path.display().to_string();
     let open_err = |source| VolumeError::Open {
@@ -201,6 +215,41 @@ fn open_nbd(opts: ImageOptions) -> Result<Volume, VolumeError> {
         fixed_size: true,
         cipher: opts.cipher,
         readonly: opts.readonly || info.read_only,
+        direct: false,
+        block_device: false,
+        map: None,
+        map_failed: Default::default(),
+        map_retired: Default::default(),
+        resize_lock: Default::default(),
+    })
+}
+
+/// A Ceph RBD image: the capacity comes from the image (or snapshot),
+/// nothing is created; snapshots and `readonly` give a read-only disk,
+/// otherwise the image's exclusive lock is taken (see `RbdDisk::open`).
+fn open_rbd(opts: ImageOptions) -> Result<Volume, VolumeError> {
+    let path = opts.path.display().to_string();
+    let spec = RbdSpec::parse(&path).map_err(|why| VolumeError::Open {
+        path: path.clone(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, why),
+    })?;
+    let disk = RbdDisk::open(&spec, &opts.rbd.cluster, opts.readonly, opts.rbd.queues)?;
+    let size = disk.size().map_err(|source| VolumeError::Open {
+        path: path.clone(),
+        source,
+    })?;
+    let capacity = capacity(&opts, &path, size)?;
+    if disk.read_only() && !opts.readonly {
+        log::info!("{path}: a snapshot is read-only, so is the disk");
+    }
+    Ok(Volume {
+        readonly: opts.readonly || disk.read_only(),
+        backing: Backing::Rbd(disk),
+        handover: None,
+        payload_offset: opts.payload_offset,
+        capacity: capacity.into(),
+        fixed_size: true,
+        cipher: opts.cipher,
         direct: false,
         block_device: false,
         map: None,

@@ -9,7 +9,7 @@ mod resize;
 mod sectors;
 
 pub use crate::store::AlignedBuf;
-pub use image::{open_image, ImageOptions, NbdOptions};
+pub use image::{open_image, ImageOptions, NbdOptions, RbdOptions};
 pub use resize::ResizeError;
 
 use lock::Handover;
@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use crate::crypto::SectorCipher;
 use crate::crypto::{SharedMut, SharedRef};
-use crate::store::NbdExport;
+use crate::store::{NbdExport, RbdDisk, RbdError};
 use mapping::Mapping;
 use sectors::{Gather, Scatter};
 
@@ -89,6 +89,8 @@ pub enum VolumeError {
         sector_size: usize,
         offset: u64,
     },
+    #[error(transparent)]
+    Rbd(#[from] RbdError),
 }
 
 /// What holds the ciphertext.
@@ -97,6 +99,8 @@ enum Backing {
     File(File),
     /// An NBD export: synchronous commands go over its first connection.
     Nbd(Arc<NbdExport>),
+    /// A Ceph RBD image: synchronous calls on the daemon's one handle.
+    Rbd(Arc<RbdDisk>),
 }
 
 impl Backing {
@@ -104,6 +108,7 @@ impl Backing {
         match self {
             Backing::File(f) => f.read_exact_at(buf, offset),
             Backing::Nbd(e) => e.with_sync(|c| c.pread(buf, offset)),
+            Backing::Rbd(r) => r.read_exact_at(buf, offset),
         }
     }
 
@@ -111,6 +116,7 @@ impl Backing {
         match self {
             Backing::File(f) => f.write_all_at(buf, offset),
             Backing::Nbd(e) => e.with_sync(|c| c.pwrite(buf, offset)),
+            Backing::Rbd(r) => r.write_all_at(buf, offset),
         }
     }
 
@@ -120,6 +126,7 @@ impl Backing {
             // A server without FLUSH has no volatile cache: see NbdStore.
             Backing::Nbd(e) if !e.info().can_flush => Ok(()),
             Backing::Nbd(e) => e.with_sync(|c| c.flush()),
+            Backing::Rbd(r) => r.flush(),
         }
     }
 }
@@ -363,6 +370,7 @@ impl Volume {
         let file = match &self.backing {
             Backing::File(file) => file,
             Backing::Nbd(export) => return export.with_sync(|c| c.trim(start, len)),
+            Backing::Rbd(r) => return r.discard(start, len),
         };
         if self.block_device {
             let range = [start, len];
@@ -407,11 +415,11 @@ impl Volume {
     }
 
     /// The image's fd, for a store that submits I/O on it (None: the image
-    /// is an NBD export).
+    /// is an NBD export or an RBD image).
     pub fn image_fd(&self) -> Option<RawFd> {
         match &self.backing {
             Backing::File(f) => Some(f.as_raw_fd()),
-            Backing::Nbd(_) => None,
+            Backing::Nbd(_) | Backing::Rbd(_) => None,
         }
     }
 
@@ -419,7 +427,15 @@ impl Volume {
     pub fn nbd(&self) -> Option<&Arc<NbdExport>> {
         match &self.backing {
             Backing::Nbd(e) => Some(e),
-            Backing::File(_) => None,
+            Backing::File(_) | Backing::Rbd(_) => None,
+        }
+    }
+
+    /// The RBD image holding the ciphertext, if it is one.
+    pub fn rbd(&self) -> Option<&Arc<RbdDisk>> {
+        match &self.backing {
+            Backing::Rbd(r) => Some(r),
+            Backing::File(_) | Backing::Nbd(_) => None,
         }
     }
 

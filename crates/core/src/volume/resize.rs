@@ -19,6 +19,8 @@ pub enum ResizeError {
     Readonly,
     #[error("an NBD export's size is the server's: grow the export there, then restart cryptblk")]
     Nbd,
+    #[error("growing an RBD image through cryptblk is not supported: `rbd resize` it, then restart cryptblk")]
+    Rbd,
     #[error("the LUKS2 data segment has a fixed size in the header; cryptblk does not rewrite headers: stop the daemon and use cryptsetup resize")]
     FixedSegment,
     #[error("shrinking from {current} to {wanted} bytes would cut off the end of the guest's disk; only growing is supported")]
@@ -40,8 +42,10 @@ impl Volume {
     /// can reach past the image before it has grown.
     pub fn grow(&self, wanted: Option<u64>) -> Result<u64, ResizeError> {
         let _one_at_a_time = self.resize_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let Backing::File(file) = &self.backing else {
-            return Err(ResizeError::Nbd);
+        let file = match &self.backing {
+            Backing::File(file) => file,
+            Backing::Nbd(_) => return Err(ResizeError::Nbd),
+            Backing::Rbd(_) => return Err(ResizeError::Rbd),
         };
         if self.readonly {
             return Err(ResizeError::Readonly);
