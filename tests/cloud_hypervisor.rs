@@ -817,7 +817,37 @@ fn migration_hands_the_image_over_to_an_incoming_daemon() {
     let image = src_dir.path().join("disk.img");
     let source = start_on(src_dir.path(), &image, &[]);
     let destination = start_on(dst_dir.path(), &image, &["--incoming"]);
+    let third = ["--image", image.to_str().unwrap()];
+    hand_over(source, destination, &third);
+}
 
+/// The same on a Ceph RBD image: its exclusive lock goes from the source
+/// daemon to the --incoming destination.
+#[test]
+fn migration_hands_an_rbd_image_over_to_an_incoming_daemon() {
+    let cluster = support::ceph::cluster();
+    let (spec, _) = cluster.create("migrate", 16);
+    let on_rbd = |dir: &Path, extra: &[&str]| {
+        let (key, _) = write_key(dir, 64);
+        let mut args = support::ceph::serve_args(cluster, &spec);
+        args.extend(["--key-file", key.to_str().unwrap(), "--queues", "2"]);
+        args.extend_from_slice(extra);
+        Daemon::start(dir, &args)
+    };
+    let src_dir = tempfile::tempdir().unwrap();
+    let dst_dir = tempfile::tempdir().unwrap();
+    let source = on_rbd(src_dir.path(), &[]);
+    let destination = on_rbd(dst_dir.path(), &["--incoming"]);
+    hand_over(
+        source,
+        destination,
+        &support::ceph::serve_args(cluster, &spec),
+    );
+}
+
+/// Drives a migration from `source` to `destination` (see above); `third`
+/// are the image arguments of a plain daemon that must then be refused.
+fn hand_over(source: Daemon, destination: Daemon, third: &[&str]) {
     let src_ram = Ram {
         regions: vec![Region::new(BOOT_RAM, BOOT_LEN)],
     };
@@ -862,13 +892,12 @@ fn migration_hands_the_image_over_to_an_incoming_daemon() {
     verify(&mut dst, &dst_ram, 1, 512, BOOT_RAM + 0x50_0000, 23);
 
     // It holds the image now: a third daemon is refused.
-    let third = tempfile::tempdir().unwrap();
-    let (key, _) = write_key(third.path(), 64);
+    let dir = tempfile::tempdir().unwrap();
+    let (key, _) = write_key(dir.path(), 64);
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_cryptblk"))
         .args(["serve", "--socket"])
-        .arg(third.path().join("s.sock"))
-        .arg("--image")
-        .arg(&image)
+        .arg(dir.path().join("s.sock"))
+        .args(third)
         .arg("--key-file")
         .arg(&key)
         .output()

@@ -92,7 +92,9 @@ pub struct RbdDisk {
     image: Arc<Image>,
     /// Read-only: the handles of queues 1, 2, ... (queue 0 uses `image`).
     queue_images: Vec<Arc<Image>>,
-    locked: bool,
+    /// This daemon holds the exclusive lock now (a live-migration source
+    /// hands it over, a destination takes it at its first request).
+    locked: AtomicBool,
 }
 
 impl RbdDisk {
@@ -100,11 +102,14 @@ impl RbdDisk {
     /// and, when writable, takes its exclusive lock and keeps it.
     /// `queues`: how many queues will ask for a store (read-only images
     /// get a handle per queue).
+    /// `incoming`: a live-migration destination, which leaves the lock to
+    /// the source until its first request (`take_lock`).
     pub fn open(
         spec: &RbdSpec,
         cluster: &ClusterOptions,
         readonly: bool,
         queues: usize,
+        incoming: bool,
     ) -> Result<Arc<RbdDisk>, RbdError> {
         let shown = spec.to_string();
         let connect = |source| RbdError::Connect {
@@ -128,22 +133,16 @@ impl RbdDisk {
                 pool_image,
             });
         }
-        let locked = !image.read_only();
+        let writable = !image.read_only();
+        if writable && image.features().map_err(open)? & FEATURE_EXCLUSIVE_LOCK == 0 {
+            return Err(RbdError::NoExclusiveLock {
+                spec: shown,
+                pool_image,
+            });
+        }
+        let locked = writable && !incoming;
         if locked {
-            if image.features().map_err(open)? & FEATURE_EXCLUSIVE_LOCK == 0 {
-                return Err(RbdError::NoExclusiveLock {
-                    spec: shown,
-                    pool_image,
-                });
-            }
-            if let Err(source) = image.lock_exclusive() {
-                return Err(RbdError::Locked {
-                    spec: shown,
-                    owners: image.lock_owners().unwrap_or_default(),
-                    source,
-                });
-            }
-            log::info!("{shown}: exclusive lock taken");
+            lock(&image, &shown)?;
         }
         let queue_images = if image.read_only() {
             (1..queues)
@@ -160,8 +159,35 @@ impl RbdDisk {
             spec: spec.clone(),
             image: Arc::new(image),
             queue_images,
-            locked,
+            locked: AtomicBool::new(locked),
         }))
+    }
+
+    /// Whether the image has a lock to hand over (writable images).
+    pub fn lockable(&self) -> bool {
+        !self.image.read_only()
+    }
+
+    /// Takes the exclusive lock (a migration destination's first request,
+    /// or a source whose migration failed); `Locked` while another client
+    /// holds it.
+    pub fn take_lock(&self) -> Result<(), RbdError> {
+        if !self.lockable() || self.locked.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        lock(&self.image, &self.spec.to_string())?;
+        self.locked.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Lets the lock go (a migration source whose device stopped, after a
+    /// flush): the destination's daemon takes it.
+    pub fn release_lock(&self) -> io::Result<()> {
+        if self.locked.swap(false, Ordering::AcqRel) {
+            self.image.unlock()?;
+            log::info!("{}: exclusive lock released for a migration", self.spec);
+        }
+        Ok(())
     }
 
     pub fn spec(&self) -> &RbdSpec {
@@ -216,13 +242,24 @@ impl Drop for RbdDisk {
     /// The stores (each holding the image) are gone: release the lock
     /// explicitly, so that the next daemon need not wait for it.
     fn drop(&mut self) {
-        if self.locked && Arc::strong_count(&self.image) == 1 {
+        if self.locked.load(Ordering::Acquire) && Arc::strong_count(&self.image) == 1 {
             match self.image.unlock() {
                 Ok(()) => log::info!("{}: exclusive lock released", self.spec),
                 Err(e) => log::warn!("{}: {e}", self.spec),
             }
         }
     }
+}
+
+/// Takes `image`'s exclusive lock, naming its holder when refused.
+fn lock(image: &Image, shown: &str) -> Result<(), RbdError> {
+    image.lock_exclusive().map_err(|source| RbdError::Locked {
+        spec: shown.to_string(),
+        owners: image.lock_owners().unwrap_or_default(),
+        source,
+    })?;
+    log::info!("{shown}: exclusive lock taken");
+    Ok(())
 }
 
 /// `opts` with librados' admin socket switched off: a daemon under the

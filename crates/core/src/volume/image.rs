@@ -208,8 +208,8 @@ fn open_nbd(opts: ImageOptions) -> Result<Volume, VolumeError> {
         );
     }
     Ok(Volume {
+        handover: Some(Handover::new(path.clone(), opts.readonly, true)),
         backing: Backing::Nbd(export),
-        handover: None,
         payload_offset: opts.payload_offset,
         capacity: capacity.into(),
         fixed_size: true,
@@ -233,7 +233,13 @@ fn open_rbd(opts: ImageOptions) -> Result<Volume, VolumeError> {
         path: path.clone(),
         source: std::io::Error::new(std::io::ErrorKind::InvalidInput, why),
     })?;
-    let disk = RbdDisk::open(&spec, &opts.rbd.cluster, opts.readonly, opts.rbd.queues)?;
+    let disk = RbdDisk::open(
+        &spec,
+        &opts.rbd.cluster,
+        opts.readonly,
+        opts.rbd.queues,
+        opts.incoming,
+    )?;
     let size = disk.size().map_err(|source| VolumeError::Open {
         path: path.clone(),
         source,
@@ -244,8 +250,8 @@ fn open_rbd(opts: ImageOptions) -> Result<Volume, VolumeError> {
     }
     Ok(Volume {
         readonly: opts.readonly || disk.read_only(),
+        handover: Some(Handover::new(path.clone(), opts.readonly, !opts.incoming)),
         backing: Backing::Rbd(disk),
-        handover: None,
         payload_offset: opts.payload_offset,
         capacity: capacity.into(),
         fixed_size: true,

@@ -65,6 +65,12 @@ pub fn lock_image(file: &File, path: &str, readonly: bool) -> Result<(), VolumeE
     try_lock(file, path, readonly, holder)
 }
 
+/// `lock_image` once serving: no holder's name, /proc being out of the
+/// sandbox's reach.
+pub fn lock_image_quietly(file: &File, path: &str, readonly: bool) -> Result<(), VolumeError> {
+    try_lock(file, path, readonly, |_| None)
+}
+
 /// `lock_image`, naming a conflicting holder with `who` (which may not
 /// look in /proc once the sandbox is on).
 fn try_lock(
@@ -153,17 +159,27 @@ impl Handover {
         }
     }
 
+    /// The image's name and whether it is opened read-only.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    pub fn readonly(&self) -> bool {
+        self.readonly
+    }
+
     pub fn is_active(&self) -> bool {
         self.active.load(Ordering::Acquire)
     }
 
-    /// Drops the locks; the caller has synced what this daemon wrote.
-    pub fn release(&self, file: &File) -> Result<(), VolumeError> {
+    /// Drops the locks with `unlock` (the image file's lock bytes, an RBD
+    /// image's exclusive lock); the caller has synced what this daemon wrote.
+    pub fn release(&self, unlock: impl FnOnce() -> std::io::Result<()>) -> Result<(), VolumeError> {
         let _one = self.switching.lock().unwrap_or_else(|p| p.into_inner());
         if !self.active.swap(false, Ordering::AcqRel) {
             return Ok(());
         }
-        unlock_image(file).map_err(|source| VolumeError::Lock {
+        unlock().map_err(|source| VolumeError::Lock {
             path: self.path.clone(),
             source,
         })?;
@@ -175,19 +191,21 @@ impl Handover {
         Ok(())
     }
 
-    /// Takes the locks, waiting a while for a migration source to release
-    /// them; fails as `lock_image` does if they stay held.
-    pub fn take(&self, file: &File) -> Result<(), VolumeError> {
+    /// Takes the locks with `try_lock`, waiting a while for a migration
+    /// source to release them; fails as `try_lock` does if they stay held.
+    pub fn take(
+        &self,
+        mut try_lock: impl FnMut() -> Result<(), VolumeError>,
+    ) -> Result<(), VolumeError> {
         let _one = self.switching.lock().unwrap_or_else(|p| p.into_inner());
         if self.is_active() {
             return Ok(());
         }
         let deadline = Instant::now() + self.wait;
         loop {
-            // No holder's name: /proc is out of the sandbox's reach.
-            match try_lock(file, &self.path, self.readonly, |_| None) {
+            match try_lock() {
                 Ok(()) => break,
-                Err(VolumeError::InUse { .. }) if Instant::now() < deadline => {
+                Err(e) if e.is_conflict() && Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(20))
                 }
                 Err(e) => return Err(e),
@@ -320,13 +338,15 @@ mod tests {
             ..source
         };
         assert!(lock_image(&dest_file, &shown, false).is_err());
-        source.release(&source_file).unwrap();
+        source.release(|| unlock_image(&source_file)).unwrap();
         assert!(!source.is_active());
-        dest.take(&dest_file)
+        dest.take(|| lock_image_quietly(&dest_file, &shown, false))
             .expect("the destination takes the image");
         assert!(dest.is_active());
         // The source cannot take it back now (its wait ends in a refusal).
-        let err = source.take(&source_file).unwrap_err();
+        let err = source
+            .take(|| lock_image_quietly(&source_file, &shown, false))
+            .unwrap_err();
         assert!(err.to_string().contains("in use"), "{err}");
         assert!(lock_image(&open(&path), &shown, true).is_err());
     }

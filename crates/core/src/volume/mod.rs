@@ -93,6 +93,17 @@ pub enum VolumeError {
     Rbd(#[from] RbdError),
 }
 
+impl VolumeError {
+    /// Another user holds the image (its lock bytes, its RBD exclusive
+    /// lock): worth waiting for during a migration hand-over.
+    pub fn is_conflict(&self) -> bool {
+        matches!(
+            self,
+            VolumeError::InUse { .. } | VolumeError::Rbd(RbdError::Locked { .. })
+        )
+    }
+}
+
 /// What holds the ciphertext.
 enum Backing {
     /// A regular file or a block device.
@@ -162,9 +173,14 @@ impl Volume {
     /// migration destination's first request, or a source whose migration
     /// failed): nothing may be read or written without them.
     pub fn ensure_active(&self) -> Result<(), VolumeError> {
-        match (&self.handover, &self.backing) {
-            (Some(h), Backing::File(f)) if !h.is_active() => h.take(f),
-            _ => Ok(()),
+        let Some(h) = self.handover.as_ref().filter(|h| !h.is_active()) else {
+            return Ok(());
+        };
+        match &self.backing {
+            Backing::File(f) => h.take(|| lock::lock_image_quietly(f, h.path(), h.readonly())),
+            Backing::Rbd(r) => h.take(|| Ok(r.take_lock()?)),
+            // An NBD export has no lock: the hand-over is the flush.
+            Backing::Nbd(_) => h.take(|| Ok(())),
         }
     }
 
@@ -172,17 +188,19 @@ impl Volume {
     /// far durable (the destination may run on another host's view of
     /// shared storage), then let the destination take the image.
     pub fn hand_over(&self) -> Result<(), VolumeError> {
-        let (Some(h), Backing::File(f)) = (&self.handover, &self.backing) else {
+        let Some(h) = self.handover.as_ref().filter(|h| h.is_active()) else {
             return Ok(());
         };
-        if !h.is_active() {
-            return Ok(());
-        }
         if !self.readonly {
-            f.sync_data()
+            self.backing
+                .sync_data()
                 .map_err(|source| VolumeError::Sync { source })?;
         }
-        h.release(f)
+        match &self.backing {
+            Backing::File(f) => h.release(|| lock::unlock_image(f)),
+            Backing::Rbd(r) => h.release(|| r.release_lock()),
+            Backing::Nbd(_) => h.release(|| Ok(())),
+        }
     }
 
     /// Payload size in bytes, a whole number of sectors.
