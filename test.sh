@@ -33,7 +33,7 @@ check "cargo clippy" cargo clippy --locked --all-targets -- -D warnings
 check "fuzz targets build and run on their seeds" env -u FUZZ_SMOKE_RUNS bash integration/fuzz-smoke.sh
 
 # A build that fails must not let the end-to-end scripts run a stale binary.
-if ! cargo test --locked --no-run; then
+if ! cargo test --locked --features cryptblk-core/external-tools --no-run; then
   echo "FAILED: the tests do not build"
   echo "cryptblk: $passed passed, $((failed + 1)) failed"
   exit 1
@@ -41,7 +41,7 @@ fi
 
 # The end-to-end scripts use the debug binary that `cargo test` builds:
 # they test behaviour, and a guest under TCG is far slower than the daemon.
-cargo test --locked --no-fail-fast 2>&1 | tee "$log" || status=1
+cargo test --locked --features cryptblk-core/external-tools --no-fail-fast 2>&1 | tee "$log" || status=1
 
 passed=$((passed + $(awk '/^test result:/ {sum += $4} END {print sum + 0}' "$log")))
 failed=$((failed + $(awk '/^test result:/ {sum += $6} END {print sum + 0}' "$log")))

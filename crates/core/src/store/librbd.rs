@@ -963,6 +963,10 @@ pub(crate) mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        not(feature = "external-tools"),
+        ignore = "needs librados/librbd or a Ceph cluster: ./test.sh runs it"
+    )]
     fn images_are_created_opened_and_sized_through_cephx() {
         let c = cluster();
         let pool = c.pool();
@@ -1002,6 +1006,10 @@ pub(crate) mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        not(feature = "external-tools"),
+        ignore = "needs librados/librbd or a Ceph cluster: ./test.sh runs it"
+    )]
     fn a_wrong_cephx_key_is_refused() {
         let c = cluster();
         let dir = tempfile::tempdir().unwrap();
@@ -1035,6 +1043,10 @@ pub(crate) mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        not(feature = "external-tools"),
+        ignore = "needs librados/librbd or a Ceph cluster: ./test.sh runs it"
+    )]
     fn completions_arrive_on_the_eventfd_with_their_tags() {
         let c = cluster();
         let pool = c.pool();
@@ -1090,6 +1102,10 @@ pub(crate) mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        not(feature = "external-tools"),
+        ignore = "needs librados/librbd or a Ceph cluster: ./test.sh runs it"
+    )]
     fn the_installed_libraries_have_every_function() {
         available().expect("librbd1 and librados2 are installed by integration/install-deps.sh");
         let (major, minor, _) = version().unwrap();
@@ -1182,6 +1198,10 @@ pub(crate) mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        not(feature = "external-tools"),
+        ignore = "needs librados/librbd or a Ceph cluster: ./test.sh runs it"
+    )]
     fn the_tables_match_librados_h_and_librbd_h() {
         check_header(
             "/usr/include/rados/librados.h",
@@ -1192,6 +1212,10 @@ pub(crate) mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        not(feature = "external-tools"),
+        ignore = "needs librados/librbd or a Ceph cluster: ./test.sh runs it"
+    )]
     fn an_unreadable_configuration_is_an_error_that_names_it() {
         let dir = tempfile::tempdir().unwrap();
         let conf = dir.path().join("none.conf").display().to_string();

@@ -1419,16 +1419,28 @@ pub(crate) mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        not(feature = "external-tools"),
+        ignore = "needs nbdkit and libnbd: ./test.sh runs it"
+    )]
     fn unix_socket_writes_reads_flushes_and_trims() {
         writes_reads_flushes_and_trims(Transport::Unix);
     }
 
     #[test]
+    #[cfg_attr(
+        not(feature = "external-tools"),
+        ignore = "needs nbdkit and libnbd: ./test.sh runs it"
+    )]
     fn tcp_writes_reads_flushes_and_trims() {
         writes_reads_flushes_and_trims(Transport::Tcp);
     }
 
     #[test]
+    #[cfg_attr(
+        not(feature = "external-tools"),
+        ignore = "needs nbdkit and libnbd: ./test.sh runs it"
+    )]
     fn many_commands_in_flight_complete_and_data_verifies() {
         let server = Nbdkit::start(Transport::Tcp, &["memory", "size=64M"]);
         let mut s = NbdStore::new(connect(&server), Buffers::new(64, 65536)).unwrap();
@@ -1495,6 +1507,10 @@ pub(crate) mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        not(feature = "external-tools"),
+        ignore = "needs nbdkit and libnbd: ./test.sh runs it"
+    )]
     fn a_lost_connection_says_what_the_server_did() {
         let libnbd = |msg: &str, errno| {
             io::Error::other(super::super::libnbd::ErrnoError::for_test(errno, msg))
@@ -1517,6 +1533,10 @@ pub(crate) mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        not(feature = "external-tools"),
+        ignore = "needs nbdkit and libnbd: ./test.sh runs it"
+    )]
     fn server_errors_come_back_as_negative_errno() {
         let server = Nbdkit::start(
             Transport::Unix,
@@ -1554,6 +1574,10 @@ pub(crate) mod tests {
     /// meanwhile (the queue's timer); reaping then finds the connection
     /// shut down and the command failed (reconnecting off).
     #[test]
+    #[cfg_attr(
+        not(feature = "external-tools"),
+        ignore = "needs nbdkit and libnbd: ./test.sh runs it"
+    )]
     fn an_unanswered_command_wakes_the_event_fd_at_its_timeout() {
         let server = Nbdkit::start(
             Transport::Unix,
@@ -1605,6 +1629,10 @@ pub(crate) mod tests {
     /// closed, refusing connections and leaving a write unanswered: such a
     /// write may fail too; the test needs enough that succeed.)
     #[test]
+    #[cfg_attr(
+        not(feature = "external-tools"),
+        ignore = "needs nbdkit and libnbd: ./test.sh runs it"
+    )]
     fn a_command_silent_on_every_connection_fails_after_the_reconnect_timeout() {
         let server = Nbdkit::start(
             Transport::Unix,
@@ -1667,6 +1695,10 @@ pub(crate) mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        not(feature = "external-tools"),
+        ignore = "needs nbdkit and libnbd: ./test.sh runs it"
+    )]
     fn a_killed_server_fails_the_commands_in_flight() {
         // Every command waits 2 s at the server: they are in flight when
         // it dies.

@@ -672,6 +672,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        not(feature = "external-tools"),
+        ignore = "needs a Ceph cluster: ./test.sh runs it"
+    )]
     fn writes_reads_flushes_and_discards() {
         let pool = cluster().pool();
         let (img, name) = image(&pool, "store", 16 << 20);
@@ -722,6 +726,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        not(feature = "external-tools"),
+        ignore = "needs a Ceph cluster: ./test.sh runs it"
+    )]
     fn many_operations_in_flight_complete_in_any_order_and_verify() {
         let pool = cluster().pool();
         let (img, _) = image(&pool, "many", 64 << 20);
@@ -803,6 +811,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        not(feature = "external-tools"),
+        ignore = "needs a Ceph cluster: ./test.sh runs it"
+    )]
     fn errors_come_back_as_negative_errno() {
         let c = cluster();
         let pool = c.pool();
@@ -882,6 +894,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        not(feature = "external-tools"),
+        ignore = "needs a Ceph cluster: ./test.sh runs it"
+    )]
     fn queues_share_one_image_handle() {
         let pool = cluster().pool();
         let (img, _) = image(&pool, "shared", 8 << 20);
