@@ -176,26 +176,31 @@ fn serve_on_fd(
         cmd.env("NOTIFY_SOCKET", target);
     }
     if let Some(fd) = listener {
-        // SAFETY: dup2 and fcntl are async-signal-safe; the new descriptor
-        // has no close-on-exec, so the daemon inherits it as FD. When the
-        // listener already is FD (fd numbers vary with the tests running
-        // beside this one), dup2 does nothing and leaves close-on-exec set:
-        // clear it, or the daemon finds FD closed.
-        unsafe {
-            cmd.pre_exec(move || {
-                let rc = if fd == FD {
-                    libc::fcntl(FD, libc::F_SETFD, 0)
-                } else {
-                    libc::dup2(fd, FD)
-                };
-                if rc < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        pass_as_fd(&mut cmd, fd);
     }
     Daemon::spawn_unwaited(cmd, dir.join("s.sock"), "cryptblk")
+}
+
+/// Makes the child inherit `fd` as FD (without close-on-exec), as a
+/// parent passing a socket does.
+fn pass_as_fd(cmd: &mut Command, fd: RawFd) {
+    // SAFETY: dup2 and fcntl are async-signal-safe. When `fd` already is FD
+    // (fd numbers vary with the tests running beside this one), dup2 does
+    // nothing and leaves close-on-exec set: clear it, or the daemon finds
+    // FD closed (and may open something else there).
+    unsafe {
+        cmd.pre_exec(move || {
+            let rc = if fd == FD {
+                libc::fcntl(FD, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, FD)
+            };
+            if rc < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }
 
 fn log_of(dir: &Path) -> String {
@@ -628,16 +633,7 @@ fn every_system_call_cryptblk_makes_is_in_the_units_filter() {
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log);
-        let fd = listener.as_raw_fd();
-        // SAFETY: dup2 is async-signal-safe.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::dup2(fd, FD) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        pass_as_fd(&mut cmd, listener.as_raw_fd());
         let mut notify = notify;
         // The pid is strace's: this test never signals cryptblk by pid.
         let child = cmd.spawn().expect("strace (package strace)");
