@@ -216,7 +216,7 @@ pub fn serve(
         file.remove();
     }
     result?;
-    dev.volume().flush().map_err(DaemonError::FinalSync)?;
+    dev.volume().flush_if_held().map_err(DaemonError::FinalSync)?;
     if owned {
         log::info!("image synced, socket removed, exiting");
     } else {
@@ -294,7 +294,7 @@ fn serve_connections(
         // The last reference: dropping it joins the worker pool, so every
         // accepted request is finished before the sync below.
         drop(backend);
-        if let Err(e) = dev.volume().flush() {
+        if let Err(e) = dev.volume().flush_if_held() {
             log::error!("fdatasync after disconnect failed: {e}");
         }
         if let (Some(nbd), false) = (nbd, shutdown.requested()) {

@@ -417,6 +417,16 @@ impl Volume {
         }
     }
 
+    /// The flush at disconnect and exit: none while the image is handed
+    /// over to a migration destination, which synced it already and may be
+    /// writing it now (an RBD image refuses a flush without its lock).
+    pub fn flush_if_held(&self) -> io::Result<()> {
+        match &self.handover {
+            Some(h) if !h.is_active() => Ok(()),
+            _ => self.flush(),
+        }
+    }
+
     /// FLUSH: everything completed so far reaches stable storage (see
     /// `Mapping::sync` for why msync on the mapped path).
     pub fn flush(&self) -> io::Result<()> {
