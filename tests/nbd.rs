@@ -34,52 +34,10 @@ fn round_trip(dir: &Path, uri: &str, queues: usize, extra: &[&str]) {
     ];
     args.extend_from_slice(extra);
     let d = Daemon::start(dir, &args);
-    let mut c = Client::connect(&d.socket, queues as i32);
-    assert_eq!(c.capacity(), (16 * MIB - 4096) as u64);
-    // A 3 MiB write: cut into pieces, several in flight at once.
-    let mut written = Vec::new();
-    for (i, (offset, len)) in [(0u64, 4096), (65536, 3 * MIB), (8 * MIB as u64, 512)]
-        .into_iter()
-        .enumerate()
-    {
-        let data = pattern(i as u64 + 1, offset, len);
-        assert_eq!(c.write(i % queues, offset, &data), 0, "write at {offset}");
-        written.push((offset, data));
-    }
-    assert_eq!(c.flush(0), 0);
-    for (i, (offset, data)) in written.iter().enumerate() {
-        let back = c.read((i + 1) % queues, *offset, data.len()).unwrap();
-        assert!(back == *data, "read back at {offset}");
-    }
-    // WRITE_ZEROES stores the ciphertext of zeros: it reads back as zeros.
-    assert_eq!(c.write_zeroes(queues - 1, 12 * MIB as u64, 65536), 0);
-    assert_eq!(c.read(0, 12 * MIB as u64, 65536).unwrap(), vec![0; 65536]);
-    assert_eq!(c.flush(queues - 1), 0);
-    drop(c);
+    let written = exercise_16m_disk(&d.socket, queues);
     assert!(d.terminate().success());
-
     // dm-crypt's view of the export: payload after 8 sectors, IV = sector + 16.
-    let raw = copy_raw(uri, dir);
-    assert_eq!(raw.len(), 16 * MIB);
-    let cipher = plain_cipher(&key, 512, 16);
-    let payload = &raw[4096..];
-    let stored: std::collections::HashSet<&[u8]> = raw.chunks(512).collect();
-    for (offset, data) in &written {
-        let mut expect = data.clone();
-        cipher.encrypt(offset / 512, &mut expect);
-        let at = *offset as usize;
-        assert!(
-            payload[at..at + data.len()] == expect[..],
-            "ciphertext at {offset}"
-        );
-        assert!(
-            data.chunks(512).all(|block| !stored.contains(block)),
-            "plaintext found on the server"
-        );
-    }
-    let mut zeros = vec![0u8; 65536];
-    cipher.encrypt(12 * MIB as u64 / 512, &mut zeros);
-    assert!(payload[12 * MIB..12 * MIB + 65536] == zeros[..]);
+    check_16m_export(&copy_raw(uri, dir), &plain_cipher(&key, 512, 16), &written);
 }
 
 fn on_nbdkit_memory(transport: Transport, queues: usize) {

@@ -216,7 +216,9 @@ pub fn serve(
         file.remove();
     }
     result?;
-    dev.volume().flush_if_held().map_err(DaemonError::FinalSync)?;
+    dev.volume()
+        .flush_if_held()
+        .map_err(DaemonError::FinalSync)?;
     if owned {
         log::info!("image synced, socket removed, exiting");
     } else {
