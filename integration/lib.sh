@@ -118,10 +118,11 @@ qsd_export() {
   echo "type=vhost-user-blk,id=exp0,node-name=$1,addr.type=unix,addr.path=$SOCK,writable=on,num-queues=$QUEUES"
 }
 
-# wait_listening NAME: the target just started (PID) listens on SOCK within 10 s.
+# wait_listening NAME [SECONDS]: the target just started (PID) listens on SOCK
+# within SECONDS (default 10).
 wait_listening() {
-  local _
-  for _ in $(seq 200); do
+  local _ limit=${2:-10}
+  for _ in $(seq $((limit * 20))); do
     listening "$SOCK" && return 0
     kill -0 "$PID" 2>/dev/null || {
       PID=
@@ -129,7 +130,26 @@ wait_listening() {
     }
     sleep 0.05
   done
-  die "$1 did not listen on its socket within 10 s"
+  die "$1 did not listen on its socket within $limit s"
+}
+
+# ab_rounds PREFIX START: ROUNDS rounds over TARGETS (A/B/A/B), each target
+# started with `START TARGET`, measured on every workload of WORKLOADS into
+# bench rows labelled PREFIX followed by the target, then stopped.
+ab_rounds() {
+  local prefix=$1 start=$2 round target workload name args
+  for round in $(seq "$ROUNDS"); do
+    for target in $TARGETS; do
+      log "${prefix}round $round/$ROUNDS: $target"
+      "$start" "$target"
+      for workload in "${WORKLOADS[@]}"; do
+        read -r name args <<<"$workload"
+        # shellcheck disable=SC2086 # args is a word list on purpose
+        bench_row "$prefix$target" "$name" $args --runtime "$RUNTIME" --seed "$round"
+      done
+      stop_target
+    done
+  done
 }
 
 stop_target() {

@@ -154,18 +154,7 @@ for transport in $TRANSPORTS; do
     stop_target
   fi
   # --- A/B/A/B rounds ----------------------------------------------------------
-  for round in $(seq "$ROUNDS"); do
-    for target in $TARGETS; do
-      log "$transport: round $round/$ROUNDS: $target"
-      start_nbd_target "$target"
-      for workload in "${WORKLOADS[@]}"; do
-        read -r name args <<<"$workload"
-        # shellcheck disable=SC2086 # args is a word list on purpose
-        bench_row "$transport:$target" "$name" $args --runtime "$RUNTIME" --seed "$round"
-      done
-      stop_target
-    done
-  done
+  ab_rounds "$transport:" start_nbd_target
   stop_server
 done
 

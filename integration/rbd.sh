@@ -111,16 +111,7 @@ start_rbd_target() { # name: as compare.sh's start_target, on the RBD image
   esac
   PID=$!
   # librbd's LUKS2 unlock (argon2id) takes seconds: wait up to 60 s.
-  local _
-  for _ in $(seq 1200); do
-    listening "$SOCK" && return 0
-    kill -0 "$PID" 2>/dev/null || {
-      PID=
-      die "$1 exited early: $(tail -5 "$WORK/daemon.log")"
-    }
-    sleep 0.05
-  done
-  die "$1 did not listen on its socket within 60 s"
+  wait_listening "$1" 60
 }
 
 RESULTS=$WORK/results.tsv
@@ -148,18 +139,7 @@ if has qsd-librbd; then
   stop_target
 fi
 # --- A/B/A/B rounds ----------------------------------------------------------
-for round in $(seq "$ROUNDS"); do
-  for target in $TARGETS; do
-    log "round $round/$ROUNDS: $target"
-    start_rbd_target "$target"
-    for workload in "${WORKLOADS[@]}"; do
-      read -r name args <<<"$workload"
-      # shellcheck disable=SC2086 # args is a word list on purpose
-      bench_row "rbd:$target" "$name" $args --runtime "$RUNTIME" --seed "$round"
-    done
-    stop_target
-  done
-done
+ab_rounds rbd: start_rbd_target
 
 # --- medians, ratios and the issue's targets -----------------------------------
 pairs=()
