@@ -198,5 +198,4 @@ has cryptblk-workers && has cryptblk-xts && pairs+=("cryptblk-workers cryptblk-x
 has cryptblk-pread && has cryptblk-xts && pairs+=("cryptblk-pread cryptblk-xts pread/mmap")
 has cryptblk-none && has qsd-raw && pairs+=("cryptblk-none qsd-raw none/qsdraw")
 results_table "" "${pairs[@]}"
-errors=$(awk -F'\t' '{s += $7} END {print s + 0}' "$RESULTS")
-[ "$errors" -eq 0 ] || echo "WARNING: $errors requests failed during the runs (see $RESULTS with KEEP=1)"
+warn_failed_requests

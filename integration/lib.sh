@@ -152,6 +152,108 @@ ab_rounds() {
   done
 }
 
+# --- the network-store comparisons (nbd.sh, rbd.sh) ---------------------------
+# Both serve one LUKS1 image (PAYLOAD, $WORK/volume.key, $WORK/passphrase) on
+# their store, and start their targets with a function of their own (START).
+
+# start_store_target NAME NODE BLOCKDEV PLAIN...: starts in the background the
+# targets both serve (the caller takes the PID from $!): cryptblk-xts and
+# cryptblk-none (`cryptblk serve` on SOCK with PLAIN... and the cipher) and
+# qsd-luks (QSD's luks driver on BLOCKDEV, its node NODE).
+start_store_target() {
+  local name=$1 node=$2 blockdev=$3
+  shift 3
+  case $name in
+    cryptblk-xts)
+      "$BIN" serve --socket "$SOCK" "$@" --cipher aes-xts-plain64 2>>"$WORK/daemon.log" &
+      ;;
+    cryptblk-none)
+      "$BIN" serve --socket "$SOCK" "$@" --cipher none 2>>"$WORK/daemon.log" &
+      ;;
+    qsd-luks)
+      qemu-storage-daemon --object "secret,id=sec0,file=$WORK/passphrase" --blockdev "$blockdev" \
+        --blockdev "driver=luks,file=$node,key-secret=sec0,node-name=luks0" \
+        --export "$(qsd_export luks0)" 2>>"$WORK/daemon.log" &
+      ;;
+    *) die "unknown target $name" ;;
+  esac
+}
+
+# cross_check START WHAT [LABEL]: before measuring, a pattern is written
+# through qsd-luks and read back through cryptblk-xts (each started with
+# `START TARGET`): the figures are void unless both decrypt the same WHAT
+# (export, image) to the same data. Without both, the first of TARGETS fills
+# WHAT: every target still reads written data, not the holes a store answers
+# without reading (nbdkit's memory plugin, librbd without the OSD). LABEL
+# prefixes the log line.
+cross_check() {
+  local start=$1 what=$2 label=${3:-}
+  if has qsd-luks && has cryptblk-xts; then
+    log "${label}writing a pattern through qsd-luks, reading it back through cryptblk-xts"
+    "$start" qsd-luks
+    bench --rw write --bs 1m --iodepth 4 --seed "$SEED" --verify >"$WORK/fill.json" ||
+      die "pattern write through qsd-luks failed: $(jq -c '.errors, .verify.mismatches' "$WORK/fill.json")"
+    stop_target
+    "$start" cryptblk-xts
+    bench --verify-only --bs 1m --iodepth 4 --seed "$SEED" >"$WORK/check.json" ||
+      die "cryptblk-xts does not read back what qsd-luks wrote: $(jq -c '.verify' "$WORK/check.json")"
+    stop_target
+  else
+    "$start" "${TARGETS%% *}"
+    bench --rw write --bs 1m --iodepth 4 --seed "$SEED" >"$WORK/fill.json" || die "filling the $what failed"
+    stop_target
+  fi
+}
+
+# cpu_model: the CPU's model name, for the report's header.
+cpu_model() { sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1; }
+
+# target_line LABEL A B MIN WORKLOAD...: whether A/B >= MIN in each workload,
+# in each group of results of RESULT_GROUPS ("PREFIX [TAG]": the targets are
+# named PREFIX<target> in RESULTS, their ratios shown as TAG<workload>).
+target_line() {
+  local label=$1 a=$2 b=$3 min=$4 group prefix tag name col r verdict=met detail=
+  shift 4
+  for group in "${RESULT_GROUPS[@]}"; do
+    read -r prefix tag <<<"$group"
+    for name in "$@"; do
+      col=3
+      [[ $name == 1m-* ]] && col=4
+      # Three decimals: a ratio that rounds to the target is not always on it.
+      r=$(awk -v x="$(median_of "$prefix$a" "$name" $col)" -v y="$(median_of "$prefix$b" "$name" $col)" \
+        'BEGIN { if (x == "nan" || y == "nan" || y + 0 == 0) print "-"; else printf "%.3f", x / y }')
+      detail+=" $tag$name=$r"
+      awk -v r="$r" -v m="$min" 'BEGIN { exit !(r != "-" && r + 0 >= m) }' || verdict="NOT met"
+    done
+  done
+  echo "$label: $verdict ($detail )"
+}
+
+# issue_targets ISSUE FACTOR: the store issue's targets, met or not, over
+# RESULT_GROUPS: encrypted >= 0.9x plaintext in every workload, >= FACTOR x
+# qsd-luks at 4K QD32 and 1M.
+issue_targets() {
+  local names=() workload
+  echo
+  echo "issue #$1's targets:"
+  for workload in "${WORKLOADS[@]}"; do names+=("${workload%% *}"); done
+  if has cryptblk-xts && has cryptblk-none; then
+    target_line "encrypted >= 0.9x plaintext, every workload" cryptblk-xts cryptblk-none 0.9 "${names[@]}"
+  fi
+  if has cryptblk-xts && has qsd-luks; then
+    target_line ">= $2x qsd-luks at 4K QD32 and 1M" cryptblk-xts qsd-luks "$2" \
+      4k-randread 4k-randwrite 1m-read 1m-write
+  fi
+}
+
+# warn_failed_requests: a warning when requests failed in the runs of RESULTS
+# (their 7th column).
+warn_failed_requests() {
+  local errors
+  errors=$(awk -F'\t' '{s += $7} END {print s + 0}' "$RESULTS")
+  [ "$errors" -eq 0 ] || echo "WARNING: $errors requests failed during the runs (see $RESULTS with KEEP=1)"
+}
+
 stop_target() {
   [ -n "${PID:-}" ] || return 0
   kill "$PID" 2>/dev/null || true

@@ -110,23 +110,12 @@ start_nbd_target() { # name: as compare.sh's start_target, on the export
     --offset "$PAYLOAD" --queues "$QUEUES")
   local nbd0="driver=nbd,node-name=nbd0,$QSD_SERVER"
   case $1 in
-    cryptblk-xts)
-      "$BIN" serve --socket "$SOCK" "${plain[@]}" --cipher aes-xts-plain64 2>>"$WORK/daemon.log" &
-      ;;
-    cryptblk-none)
-      "$BIN" serve --socket "$SOCK" "${plain[@]}" --cipher none 2>>"$WORK/daemon.log" &
-      ;;
-    qsd-luks)
-      qemu-storage-daemon --object "secret,id=sec0,file=$WORK/passphrase" --blockdev "$nbd0" \
-        --blockdev driver=luks,file=nbd0,key-secret=sec0,node-name=luks0 \
-        --export "$(qsd_export luks0)" 2>>"$WORK/daemon.log" &
-      ;;
     qsd-raw)
       qemu-storage-daemon --blockdev "$nbd0" \
         --blockdev "driver=raw,file=nbd0,offset=$((PAYLOAD * 512)),node-name=raw0" \
         --export "$(qsd_export raw0)" 2>>"$WORK/daemon.log" &
       ;;
-    *) die "unknown target $1" ;;
+    *) start_store_target "$1" nbd0 "$nbd0" "${plain[@]}" ;;
   esac
   PID=$!
   wait_listening "$1"
@@ -137,22 +126,7 @@ RESULTS=$WORK/results.tsv
 for transport in $TRANSPORTS; do
   start_server "$transport"
   # --- cross-check: cryptblk reads what QSD's luks driver wrote ----------------
-  if has qsd-luks && has cryptblk-xts; then
-    log "$transport: writing a pattern through qsd-luks, reading it back through cryptblk-xts"
-    start_nbd_target qsd-luks
-    bench --rw write --bs 1m --iodepth 4 --seed "$SEED" --verify >"$WORK/fill.json" ||
-      die "pattern write through qsd-luks failed: $(jq -c '.errors, .verify.mismatches' "$WORK/fill.json")"
-    stop_target
-    start_nbd_target cryptblk-xts
-    bench --verify-only --bs 1m --iodepth 4 --seed "$SEED" >"$WORK/check.json" ||
-      die "cryptblk-xts does not read back what qsd-luks wrote: $(jq -c '.verify' "$WORK/check.json")"
-    stop_target
-  else
-    # Every target still reads written data, not the memory plugin's holes.
-    start_nbd_target "${TARGETS%% *}"
-    bench --rw write --bs 1m --iodepth 4 --seed "$SEED" >"$WORK/fill.json" || die "filling the export failed"
-    stop_target
-  fi
+  cross_check start_nbd_target export "$transport: "
   # --- A/B/A/B rounds ----------------------------------------------------------
   ab_rounds "$transport:" start_nbd_target
   stop_server
@@ -168,41 +142,14 @@ for transport in $TRANSPORTS; do
   echo
   echo "cryptblk on NBD ($transport: nbdkit memory plugin): $SIZE LUKS1 payload, $QUEUES queues," \
     "${RUNTIME}s runs, median of $ROUNDS rounds (A/B/A/B), client: cryptblk bench (libblkio)," \
-    "$(date -u +%F), $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)" \
+    "$(date -u +%F), $(cpu_model)" \
     "(family $(sed -n 's/^cpu family[[:space:]]*: //p' /proc/cpuinfo | head -1)," \
     "model $(sed -n 's/^model[[:space:]]*: //p' /proc/cpuinfo | head -1))," \
     "$(nproc) CPUs, $(nbdkit --version), $(qemu-storage-daemon --version | head -1)"
   results_table "$transport:" "${pairs[@]}"
 done
 
-# target_line LABEL A B MIN WORKLOAD...: whether A/B >= MIN in each workload,
-# on each transport.
-target_line() {
-  local label=$1 a=$2 b=$3 min=$4 transport name col r verdict=met detail=
-  shift 4
-  for transport in $TRANSPORTS; do
-    for name in "$@"; do
-      col=3
-      [[ $name == 1m-* ]] && col=4
-      # Three decimals: a ratio that rounds to the target is not always on it.
-      r=$(awk -v x="$(median_of "$transport:$a" "$name" $col)" -v y="$(median_of "$transport:$b" "$name" $col)" \
-        'BEGIN { if (x == "nan" || y == "nan" || y + 0 == 0) print "-"; else printf "%.3f", x / y }')
-      detail+=" $transport/$name=$r"
-      awk -v r="$r" -v m="$min" 'BEGIN { exit !(r != "-" && r + 0 >= m) }' || verdict="NOT met"
-    done
-  done
-  echo "$label: $verdict ($detail )"
-}
-echo
-echo "issue #15's targets:"
-names=()
-for workload in "${WORKLOADS[@]}"; do names+=("${workload%% *}"); done
-if has cryptblk-xts && has cryptblk-none; then
-  target_line "encrypted >= 0.9x plaintext, every workload" cryptblk-xts cryptblk-none 0.9 "${names[@]}"
-fi
-if has cryptblk-xts && has qsd-luks; then
-  target_line ">= 3x qsd-luks at 4K QD32 and 1M" cryptblk-xts qsd-luks 3 \
-    4k-randread 4k-randwrite 1m-read 1m-write
-fi
-errors=$(awk -F'\t' '{s += $7} END {print s + 0}' "$RESULTS")
-[ "$errors" -eq 0 ] || echo "WARNING: $errors requests failed during the runs (see $RESULTS with KEEP=1)"
+RESULT_GROUPS=()
+for transport in $TRANSPORTS; do RESULT_GROUPS+=("$transport: $transport/"); done
+issue_targets 15 3
+warn_failed_requests

@@ -91,23 +91,12 @@ start_rbd_target() { # name: as compare.sh's start_target, on the RBD image
     --key-size 512 --offset "$PAYLOAD" --queues "$QUEUES")
   local rbd0="driver=rbd,node-name=rbd0,pool=rbd,image=bench,conf=$CONF"
   case $1 in
-    cryptblk-xts)
-      "$BIN" serve --socket "$SOCK" "${plain[@]}" --cipher aes-xts-plain64 2>>"$WORK/daemon.log" &
-      ;;
-    cryptblk-none)
-      "$BIN" serve --socket "$SOCK" "${plain[@]}" --cipher none 2>>"$WORK/daemon.log" &
-      ;;
-    qsd-luks)
-      qemu-storage-daemon --object "secret,id=sec0,file=$WORK/passphrase" --blockdev "$rbd0" \
-        --blockdev driver=luks,file=rbd0,key-secret=sec0,node-name=luks0 \
-        --export "$(qsd_export luks0)" 2>>"$WORK/daemon.log" &
-      ;;
     qsd-librbd)
       qemu-storage-daemon --object "secret,id=sec0,file=$WORK/passphrase" \
         --blockdev "driver=rbd,node-name=enc0,pool=rbd,image=bench-librbd,conf=$CONF,encrypt.format=luks2,encrypt.key-secret=sec0" \
         --export "$(qsd_export enc0)" 2>>"$WORK/daemon.log" &
       ;;
-    *) die "unknown target $1" ;;
+    *) start_store_target "$1" rbd0 "$rbd0" "${plain[@]}" ;;
   esac
   PID=$!
   # librbd's LUKS2 unlock (argon2id) takes seconds: wait up to 60 s.
@@ -117,22 +106,7 @@ start_rbd_target() { # name: as compare.sh's start_target, on the RBD image
 RESULTS=$WORK/results.tsv
 : >"$RESULTS"
 # --- cross-check: cryptblk reads what QSD's luks driver wrote ------------------
-if has qsd-luks && has cryptblk-xts; then
-  log "writing a pattern through qsd-luks, reading it back through cryptblk-xts"
-  start_rbd_target qsd-luks
-  bench --rw write --bs 1m --iodepth 4 --seed "$SEED" --verify >"$WORK/fill.json" ||
-    die "pattern write through qsd-luks failed: $(jq -c '.errors, .verify.mismatches' "$WORK/fill.json")"
-  stop_target
-  start_rbd_target cryptblk-xts
-  bench --verify-only --bs 1m --iodepth 4 --seed "$SEED" >"$WORK/check.json" ||
-    die "cryptblk-xts does not read back what qsd-luks wrote: $(jq -c '.verify' "$WORK/check.json")"
-  stop_target
-else
-  # Every target still reads written data, not holes librbd answers without the OSD.
-  start_rbd_target "${TARGETS%% *}"
-  bench --rw write --bs 1m --iodepth 4 --seed "$SEED" >"$WORK/fill.json" || die "filling the image failed"
-  stop_target
-fi
+cross_check start_rbd_target image
 if has qsd-librbd; then
   start_rbd_target qsd-librbd
   bench --rw write --bs 1m --iodepth 4 --seed "$SEED" >"$WORK/fill2.json" || die "filling the librbd image failed"
@@ -149,35 +123,10 @@ has cryptblk-xts && has qsd-librbd && pairs+=("cryptblk-xts qsd-librbd xts/librb
 echo
 echo "cryptblk on Ceph RBD (single-node cluster, memstore OSD, 127.0.0.1): $SIZE LUKS1 payload," \
   "$QUEUES queues, ${RUNTIME}s runs, median of $ROUNDS rounds (A/B/A/B), client: cryptblk bench" \
-  "(libblkio), $(date -u +%F), $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)," \
+  "(libblkio), $(date -u +%F), $(cpu_model)," \
   "$(nproc) CPUs, librbd $(rbd --version | awk '{print $3}'), $(qemu-storage-daemon --version | head -1)"
 results_table "rbd:" "${pairs[@]}"
 
-# target_line LABEL A B MIN WORKLOAD...: whether A/B >= MIN in each workload.
-target_line() {
-  local label=$1 a=$2 b=$3 min=$4 name col r verdict=met detail=
-  shift 4
-  for name in "$@"; do
-    col=3
-    [[ $name == 1m-* ]] && col=4
-    # Three decimals: a ratio that rounds to the target is not always on it.
-    r=$(awk -v x="$(median_of "rbd:$a" "$name" $col)" -v y="$(median_of "rbd:$b" "$name" $col)" \
-      'BEGIN { if (x == "nan" || y == "nan" || y + 0 == 0) print "-"; else printf "%.3f", x / y }')
-    detail+=" $name=$r"
-    awk -v r="$r" -v m="$min" 'BEGIN { exit !(r != "-" && r + 0 >= m) }' || verdict="NOT met"
-  done
-  echo "$label: $verdict ($detail )"
-}
-echo
-echo "issue #16's targets:"
-names=()
-for workload in "${WORKLOADS[@]}"; do names+=("${workload%% *}"); done
-if has cryptblk-xts && has cryptblk-none; then
-  target_line "encrypted >= 0.9x plaintext, every workload" cryptblk-xts cryptblk-none 0.9 "${names[@]}"
-fi
-if has cryptblk-xts && has qsd-luks; then
-  target_line ">= 2x qsd-luks at 4K QD32 and 1M" cryptblk-xts qsd-luks 2 \
-    4k-randread 4k-randwrite 1m-read 1m-write
-fi
-errors=$(awk -F'\t' '{s += $7} END {print s + 0}' "$RESULTS")
-[ "$errors" -eq 0 ] || echo "WARNING: $errors requests failed during the runs (see $RESULTS with KEEP=1)"
+RESULT_GROUPS=("rbd:")
+issue_targets 16 2
+warn_failed_requests
