@@ -985,6 +985,7 @@ pub fn errno_of(e: &io::Error) -> i32 {
 
 #[cfg(test)]
 mod tests {
+    use super::super::testkit::check_header;
     use super::*;
 
     #[test]
@@ -998,10 +999,8 @@ mod tests {
     }
 
     /// The C type of a parameter or return value as the table spells it.
-    fn rust_type(c: &str) -> String {
-        let c = c.split_whitespace().collect::<Vec<_>>().join(" ");
-        let c = c.replace(" *", "*");
-        match c.as_str() {
+    fn rust_type(c: &str) -> &'static str {
+        match c {
             "struct nbd_handle*" => "*mut Handle",
             "void*" => "*mut c_void",
             "const void*" => "*const c_void",
@@ -1018,7 +1017,6 @@ mod tests {
             "void" => "()",
             other => panic!("a C type the table does not map: {other:?}"),
         }
-        .to_string()
     }
 
     /// Every function in the table has, in /usr/include/libnbd.h (Debian's
@@ -1030,46 +1028,13 @@ mod tests {
         ignore = "needs libnbd: ./test.sh runs it"
     )]
     fn the_table_matches_libnbd_h() {
-        let header = std::fs::read_to_string("/usr/include/libnbd.h")
-            .expect("libnbd.h: install libnbd-dev (integration/install-deps.sh)");
-        let flat = header.split_whitespace().collect::<Vec<_>>().join(" ");
-        // Every declaration: "extern RET NAME (PARAMS)", up to its ';'.
-        let decls: Vec<&str> = flat
-            .split("extern ")
-            .skip(1)
-            .filter_map(|d| d.split(';').next())
-            .collect();
-        for (name, sig) in SIGNATURES {
-            let decl = decls
-                .iter()
-                .find_map(|d| {
-                    let at = d.find(&format!("{name} ("))?;
-                    let before = d[..at].trim_end();
-                    (at > 0 && matches!(d.as_bytes()[at - 1], b' ' | b'*'))
-                        .then_some((before, &d[at..]))
-                })
-                .unwrap_or_else(|| panic!("{name} is not declared in libnbd.h"));
-            let ret = rust_type(decl.0);
-            let open = name.len() + 1;
-            let close = open + decl.1[open..].find(')').unwrap();
-            let params: Vec<String> = decl.1[open + 1..close]
-                .split(',')
-                .map(str::trim)
-                .filter(|p| *p != "void")
-                .map(|p| {
-                    // Drop the parameter's name: the type is what precedes it.
-                    let cut = p
-                        .rfind(|c: char| !(c.is_alphanumeric() || c == '_'))
-                        .map_or(0, |i| i + 1);
-                    rust_type(&p[..cut])
-                })
-                .collect();
-            let c_sig = format!("({}) -> {ret}", params.join(", "));
-            // stringify! spaces tokens as it likes: compare without spaces.
-            let ours: String = sig.split_whitespace().collect();
-            let c_sig: String = c_sig.split_whitespace().collect();
-            assert_eq!(ours, c_sig, "{name}");
-        }
+        check_header(
+            "/usr/include/libnbd.h",
+            "libnbd-dev",
+            "extern",
+            SIGNATURES,
+            rust_type,
+        );
     }
 
     #[test]

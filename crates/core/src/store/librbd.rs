@@ -886,6 +886,7 @@ impl<T: Copy> Drop for Completions<T> {
 
 #[cfg(test)]
 pub(crate) mod tests {
+    use super::super::testkit::check_header;
     use super::*;
     use std::process::{Command, Stdio};
     use std::sync::atomic::{AtomicU32, Ordering};
@@ -1113,15 +1114,8 @@ pub(crate) mod tests {
     }
 
     /// The C type of a parameter or return value as the tables spell it.
-    fn rust_type(c: &str) -> String {
-        let c = c.split_whitespace().collect::<Vec<_>>().join(" ");
-        let c = c.replace(" *", "*").replace("* const", "*const");
-        // A top-level const on a parameter (`const char *const name`) is
-        // not part of the ABI.
-        let c = c
-            .strip_suffix("*const")
-            .map_or(c.clone(), |s| format!("{s}*"));
-        match c.as_str() {
+    fn rust_type(c: &str) -> &'static str {
+        match c {
             "rados_t" => "RadosT",
             "rados_t*" => "*mut RadosT",
             "rados_ioctx_t" => "IoctxT",
@@ -1147,54 +1141,6 @@ pub(crate) mod tests {
             "void" => "()",
             other => panic!("a C type the tables do not map: {other:?}"),
         }
-        .to_string()
-    }
-
-    /// Every function of `table` has, in `header`, exactly the declared
-    /// signature: the ABI is read from the header, never guessed.
-    fn check_header(header: &str, api_macro: &str, table: &[(&str, &str)]) {
-        let text = std::fs::read_to_string(header).unwrap_or_else(|e| {
-            panic!("{header}: {e}: install librbd-dev (integration/install-deps.sh)")
-        });
-        let flat = text.split_whitespace().collect::<Vec<_>>().join(" ");
-        // Every declaration: "CEPH_…_API RET NAME(PARAMS)", up to its ';'.
-        let decls: Vec<&str> = flat
-            .split(&format!("{api_macro} "))
-            .skip(1)
-            .filter_map(|d| d.split(';').next())
-            .collect();
-        for (name, sig) in table {
-            let decl = decls
-                .iter()
-                .find_map(|d| {
-                    let at = [format!("{name}("), format!("{name} (")]
-                        .iter()
-                        .find_map(|p| d.find(p.as_str()))?;
-                    (at > 0 && matches!(d.as_bytes()[at - 1], b' ' | b'*'))
-                        .then_some((d[..at].trim_end(), &d[at + name.len()..]))
-                })
-                .unwrap_or_else(|| panic!("{name} is not declared in {header}"));
-            let ret = rust_type(decl.0);
-            let open = decl.1.find('(').unwrap();
-            let close = decl.1.find(')').unwrap();
-            let params: Vec<String> = decl.1[open + 1..close]
-                .split(',')
-                .map(str::trim)
-                .filter(|p| *p != "void")
-                .map(|p| {
-                    // Drop the parameter's name: the type is what precedes it.
-                    let cut = p
-                        .rfind(|c: char| !(c.is_alphanumeric() || c == '_'))
-                        .map_or(0, |i| i + 1);
-                    rust_type(&p[..cut])
-                })
-                .collect();
-            let c_sig = format!("({}) -> {ret}", params.join(", "));
-            // stringify! spaces tokens as it likes: compare without spaces.
-            let ours: String = sig.split_whitespace().collect();
-            let c_sig: String = c_sig.split_whitespace().collect();
-            assert_eq!(ours, c_sig, "{name} in {header}");
-        }
     }
 
     #[test]
@@ -1205,10 +1151,18 @@ pub(crate) mod tests {
     fn the_tables_match_librados_h_and_librbd_h() {
         check_header(
             "/usr/include/rados/librados.h",
+            "librbd-dev",
             "CEPH_RADOS_API",
             RADOS_SIGNATURES,
+            rust_type,
         );
-        check_header("/usr/include/rbd/librbd.h", "CEPH_RBD_API", RBD_SIGNATURES);
+        check_header(
+            "/usr/include/rbd/librbd.h",
+            "librbd-dev",
+            "CEPH_RBD_API",
+            RBD_SIGNATURES,
+            rust_type,
+        );
     }
 
     #[test]

@@ -19,6 +19,8 @@ pub mod libnbd;
 pub mod librbd;
 mod nbd;
 mod rbd;
+#[cfg(test)]
+mod testkit;
 mod uring;
 
 pub use aligned::AlignedBuf;

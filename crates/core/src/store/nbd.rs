@@ -1257,6 +1257,7 @@ impl Drop for NbdStore {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::super::libnbd::Tls;
+    use super::super::testkit::{read_back_64_reversed, run, write_64_at_once, write_sync_read};
     use super::*;
     use std::process::{Child, Command, Stdio};
     use std::time::{Duration, Instant};
@@ -1355,21 +1356,6 @@ pub(crate) mod tests {
         NbdStore::new(connect(server), Buffers::new(16, 65536)).unwrap()
     }
 
-    fn run(s: &mut NbdStore, op: Op, tag: u64) -> i32 {
-        s.push(op, tag).unwrap();
-        s.submit().unwrap();
-        let mut got = None;
-        while got.is_none() {
-            s.wait().unwrap();
-            s.reap(|t, r| {
-                assert_eq!(t, tag);
-                got = Some(r);
-            })
-            .unwrap();
-        }
-        got.unwrap()
-    }
-
     fn writes_reads_flushes_and_trims(transport: Transport) {
         let server = Nbdkit::start(transport, &["memory", "size=16M"]);
         let conn = connect(&server);
@@ -1379,23 +1365,7 @@ pub(crate) mod tests {
         drop(conn);
 
         let mut s = store(&server);
-        let b = s.buffers().take().unwrap();
-        s.buffers().bytes_mut(b, 65536).fill(0x5c);
-        let write = Op::Write {
-            buf: b,
-            len: 65536,
-            offset: 8192,
-        };
-        assert_eq!(run(&mut s, write, 7), 65536);
-        assert_eq!(run(&mut s, Op::Sync, 8), 0);
-        s.buffers().bytes_mut(b, 65536).fill(0);
-        let read = Op::Read {
-            buf: b,
-            len: 4096,
-            offset: 8192 + 4096,
-        };
-        assert_eq!(run(&mut s, read, 9), 4096);
-        assert!(s.buffers().bytes_mut(b, 4096).iter().all(|&x| x == 0x5c));
+        let (b, read) = write_sync_read(&mut s);
 
         let trim = Op::Discard {
             offset: 8192,
@@ -1446,53 +1416,11 @@ pub(crate) mod tests {
         let mut s = NbdStore::new(connect(&server), Buffers::new(64, 65536)).unwrap();
         // 64 writes of 64 KiB in flight at once: more than a socket buffer
         // holds, so `submit` has to wait for room.
-        for i in 0..64u16 {
-            let b = s.buffers().take().unwrap();
-            assert_eq!(b, i);
-            s.buffers().bytes_mut(b, 65536).fill(i as u8 + 1);
-            let op = Op::Write {
-                buf: b,
-                len: 65536,
-                offset: u64::from(i) * 65536,
-            };
-            s.push(op, u64::from(i)).unwrap();
-        }
-        s.submit().unwrap();
-        assert!(s.in_flight() > 0);
-        let mut seen = Vec::new();
-        while seen.len() < 64 {
-            s.wait().unwrap();
-            s.reap(|t, r| {
-                assert_eq!(r, 65536);
-                seen.push(t)
-            })
-            .unwrap();
-        }
+        let at = |i: u16| u64::from(i) * 65536;
+        let mut seen = write_64_at_once(&mut s, at);
         seen.sort();
         assert_eq!(seen, (0..64).collect::<Vec<_>>());
-        for i in 0..64u16 {
-            s.buffers().bytes_mut(i, 65536).fill(0);
-            let op = Op::Read {
-                buf: i,
-                len: 65536,
-                offset: u64::from(63 - i) * 65536,
-            };
-            s.push(op, u64::from(i)).unwrap();
-        }
-        s.submit().unwrap();
-        let mut n = 0;
-        while n < 64 {
-            s.wait().unwrap();
-            s.reap(|_, r| {
-                assert_eq!(r, 65536);
-                n += 1;
-            })
-            .unwrap();
-        }
-        for i in 0..64u16 {
-            let want = (63 - i) as u8 + 1;
-            assert!(s.buffers().bytes_mut(i, 65536).iter().all(|&x| x == want));
-        }
+        read_back_64_reversed(&mut s, at);
         // Leave commands in flight: dropping the store must not hang or
         // touch freed buffers.
         for i in 0..8u16 {

@@ -602,32 +602,16 @@ impl RbdStore {
 mod tests {
     use super::super::librbd::tests::cluster;
     use super::super::librbd::Pool;
+    use super::super::testkit::{
+        read_back_64_reversed, reap_n, run, write_64_at_once, write_sync_read,
+    };
     use super::*;
-    use std::time::{Duration, Instant};
 
     fn image(pool: &Arc<Pool>, what: &str, size: u64) -> (Arc<Image>, String) {
         let name = cluster().image_name(what);
         pool.create_image(&name, size).unwrap();
         let image = Image::open(pool, &name, None, false).unwrap();
         (Arc::new(image), name)
-    }
-
-    fn run(s: &mut RbdStore, op: Op, tag: u64) -> i32 {
-        s.push(op, tag).unwrap();
-        s.submit().unwrap();
-        let mut got = None;
-        let start = Instant::now();
-        while got.is_none() {
-            s.wait().unwrap();
-            s.clear_event();
-            s.reap(|t, r| {
-                assert_eq!(t, tag);
-                got = Some(r);
-            })
-            .unwrap();
-            assert!(start.elapsed() < Duration::from_secs(60), "no completion");
-        }
-        got.unwrap()
     }
 
     #[test]
@@ -680,23 +664,7 @@ mod tests {
         let pool = cluster().pool();
         let (img, name) = image(&pool, "store", 16 << 20);
         let mut s = RbdStore::new(img, Buffers::new(4, 65536)).unwrap();
-        let b = s.buffers().take().unwrap();
-        s.buffers().bytes_mut(b, 65536).fill(0x5c);
-        let write = Op::Write {
-            buf: b,
-            len: 65536,
-            offset: 8192,
-        };
-        assert_eq!(run(&mut s, write, 7), 65536);
-        assert_eq!(run(&mut s, Op::Sync, 8), 0);
-        s.buffers().bytes_mut(b, 65536).fill(0);
-        let read = Op::Read {
-            buf: b,
-            len: 4096,
-            offset: 8192 + 4096,
-        };
-        assert_eq!(run(&mut s, read, 9), 4096);
-        assert!(s.buffers().bytes_mut(b, 4096).iter().all(|&x| x == 0x5c));
+        let (b, read) = write_sync_read(&mut s);
 
         // Another client (the rbd tool) sees the data.
         let dir = tempfile::tempdir().unwrap();
@@ -736,29 +704,8 @@ mod tests {
         let mut s = RbdStore::new(img, Buffers::new(64, 65536)).unwrap();
         // 64 writes of 64 KiB in flight at once, spread over 16 objects
         // (4 MiB each): the OSD answers them in its own order.
-        for i in 0..64u16 {
-            let b = s.buffers().take().unwrap();
-            assert_eq!(b, i);
-            s.buffers().bytes_mut(b, 65536).fill(i as u8 + 1);
-            let op = Op::Write {
-                buf: b,
-                len: 65536,
-                offset: u64::from(i % 16) * (4 << 20) + u64::from(i / 16) * 65536,
-            };
-            s.push(op, u64::from(i)).unwrap();
-        }
-        s.submit().unwrap();
-        assert!(s.in_flight() > 0);
-        let mut seen = Vec::new();
-        while seen.len() < 64 {
-            s.wait().unwrap();
-            s.clear_event();
-            s.reap(|t, r| {
-                assert_eq!(r, 65536, "tag {t}");
-                seen.push(t)
-            })
-            .unwrap();
-        }
+        let at = |i: u16| u64::from(i % 16) * (4 << 20) + u64::from(i / 16) * 65536;
+        let seen = write_64_at_once(&mut s, at);
         let mut sorted = seen.clone();
         sorted.sort();
         assert_eq!(sorted, (0..64).collect::<Vec<_>>());
@@ -771,31 +718,7 @@ mod tests {
             }
         );
         // Read each back into another buffer (reversed), all in flight.
-        for i in 0..64u16 {
-            s.buffers().bytes_mut(i, 65536).fill(0);
-            let j = 63 - i;
-            let op = Op::Read {
-                buf: i,
-                len: 65536,
-                offset: u64::from(j % 16) * (4 << 20) + u64::from(j / 16) * 65536,
-            };
-            s.push(op, u64::from(i)).unwrap();
-        }
-        s.submit().unwrap();
-        let mut n = 0;
-        while n < 64 {
-            s.wait().unwrap();
-            s.clear_event();
-            s.reap(|_, r| {
-                assert_eq!(r, 65536);
-                n += 1;
-            })
-            .unwrap();
-        }
-        for i in 0..64u16 {
-            let want = (63 - i) as u8 + 1;
-            assert!(s.buffers().bytes_mut(i, 65536).iter().all(|&x| x == want));
-        }
+        read_back_64_reversed(&mut s, at);
         // Leave operations in flight: dropping the store must wait for
         // them (librbd still fills these buffers), not hang or free them.
         for i in 0..16u16 {
@@ -921,16 +844,7 @@ mod tests {
                             };
                             s.push(op, round * 8 + u64::from(i)).unwrap();
                         }
-                        let mut n = 0;
-                        while n < 8 {
-                            s.wait().unwrap();
-                            s.clear_event();
-                            s.reap(|_, r| {
-                                assert_eq!(r, 65536);
-                                n += 1
-                            })
-                            .unwrap();
-                        }
+                        reap_n(&mut s, 8, |_, r| assert_eq!(r, 65536));
                     }
                     s
                 })

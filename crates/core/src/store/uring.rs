@@ -250,26 +250,12 @@ impl Drop for UringStore {
 
 #[cfg(test)]
 mod tests {
+    use super::super::testkit::{reap_n, run};
     use super::*;
     use std::os::unix::fs::FileExt;
 
     fn store(file: &std::fs::File) -> UringStore {
         UringStore::new(file.as_raw_fd(), 8, Buffers::new(4, 4096)).expect("io_uring")
-    }
-
-    fn run(s: &mut UringStore, op: Op, tag: u64) -> i32 {
-        s.push(op, tag).unwrap();
-        s.submit().unwrap();
-        let mut got = None;
-        while got.is_none() {
-            s.wait().unwrap();
-            s.reap(|t, r| {
-                assert_eq!(t, tag);
-                got = Some(r);
-            })
-            .unwrap();
-        }
-        got.unwrap()
     }
 
     #[test]
@@ -336,14 +322,10 @@ mod tests {
         }
         s.submit().unwrap();
         let mut seen = Vec::new();
-        while seen.len() < 32 {
-            s.wait().unwrap();
-            s.reap(|t, r| {
-                assert_eq!(r, 0);
-                seen.push(t)
-            })
-            .unwrap();
-        }
+        reap_n(&mut s, 32, |t, r| {
+            assert_eq!(r, 0);
+            seen.push(t)
+        });
         seen.sort();
         assert_eq!(seen, (0..32).collect::<Vec<_>>());
         // Leave some in flight: Drop must wait for them.
@@ -367,10 +349,7 @@ mod tests {
         s.in_flight += 1;
         s.submit().unwrap();
         let mut result = None;
-        while result.is_none() {
-            s.wait().unwrap();
-            s.reap(|_, r| result = Some(r)).unwrap();
-        }
+        reap_n(&mut s, 1, |_, r| result = Some(r));
         assert_eq!(result, Some(-libc::EACCES), "openat through the ring");
     }
 }
