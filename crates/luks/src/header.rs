@@ -193,3 +193,16 @@ impl Header {
         }
     }
 }
+
+/// A text field of either version's binary header (cipher, hash, UUID,
+/// label): its bytes up to the first NUL.
+pub(crate) fn text(b: &[u8]) -> String {
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    String::from_utf8_lossy(&b[..end]).into_owned()
+}
+
+/// Writes `s` into a zeroed text field, cut to leave room for the NUL.
+pub(crate) fn put_text(dst: &mut [u8], s: &str) {
+    let n = s.len().min(dst.len() - 1);
+    dst[..n].copy_from_slice(&s.as_bytes()[..n]);
+}

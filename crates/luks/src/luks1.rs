@@ -6,6 +6,7 @@ use crate::device::Device;
 use zeroize::Zeroizing;
 
 use super::hash::{ct_eq, HashAlg};
+use super::header::{put_text, text};
 use super::kdf::Kdf;
 use super::{area, random, LuksError, MAGIC};
 
@@ -46,16 +47,6 @@ pub struct Header {
 
 fn be32(b: &[u8], at: usize) -> u32 {
     u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-fn text(b: &[u8]) -> String {
-    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
-    String::from_utf8_lossy(&b[..end]).into_owned()
-}
-
-fn put_text(dst: &mut [u8], s: &str) {
-    let n = s.len().min(dst.len() - 1);
-    dst[..n].copy_from_slice(&s.as_bytes()[..n]);
 }
 
 impl Header {

@@ -6,6 +6,7 @@ use crate::device::Device;
 
 use sha2::{Digest, Sha256};
 
+use crate::header::{put_text, text};
 use crate::{LuksError, MAGIC};
 
 pub const BIN_SIZE: usize = 4096;
@@ -31,16 +32,6 @@ pub struct Copy {
 
 fn be64(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
-}
-
-fn text(b: &[u8]) -> String {
-    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
-    String::from_utf8_lossy(&b[..end]).into_owned()
-}
-
-fn put_text(dst: &mut [u8], s: &str) {
-    let n = s.len().min(dst.len() - 1);
-    dst[..n].copy_from_slice(&s.as_bytes()[..n]);
 }
 
 /// Reads and verifies the copy at `offset`; `Err` says why it is unusable.
