@@ -13,18 +13,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use support::hostile::*;
-use support::{pattern, read_log, write_key, Client, Daemon};
+use support::{pattern, write_key, Client, Daemon, PatternDisk};
 
 const PAYLOAD: u64 = 8 << 20;
 const SECTORS: u64 = PAYLOAD / 512;
 const QSIZE: u16 = 256;
 
-struct Setup {
-    _dir: tempfile::TempDir,
-    image: PathBuf,
-    log: PathBuf,
-    daemon: Daemon,
-}
+type Setup = PatternDisk;
 
 /// A daemon on a fresh 8 MiB image (written in full, so O_DIRECT reads
 /// really go to the disk), logging to a file the test reads afterwards.
@@ -33,40 +28,13 @@ fn serve(cipher: &str, extra: &[&str]) -> Setup {
 }
 
 fn serve_sized(bytes: u64, cipher: &str, extra: &[&str]) -> Setup {
-    let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("disk.img");
-    std::fs::write(&image, pattern(7, 0, bytes as usize)).unwrap();
-    let (key, _) = write_key(dir.path(), 64);
-    let log = dir.path().join("daemon.log");
-    let mut args = vec![
-        "--image",
-        image.to_str().unwrap(),
-        "--key-file",
-        key.to_str().unwrap(),
-        "--cipher",
-        cipher,
-        "--queues",
-        "1",
-        "--queue-size",
-        "256",
-    ];
+    let mut args = vec!["--queue-size", "256"];
     args.extend_from_slice(extra);
-    let stderr = std::fs::File::create(&log).unwrap();
-    let daemon = Daemon::start_with_stderr(dir.path(), &args, stderr.into());
-    Setup {
-        _dir: dir,
-        image,
-        log,
-        daemon,
-    }
-}
-
-fn log_of(s: &Setup) -> String {
-    read_log(&s.log)
+    PatternDisk::serve(bytes, cipher, &args)
 }
 
 fn assert_no_panic(s: &Setup) {
-    let log = log_of(s);
+    let log = s.log_text();
     assert!(!log.contains("panicked"), "the daemon panicked:\n{log}");
 }
 
@@ -341,17 +309,21 @@ fn guest_memory_is_sealed_against_shrinking_where_it_can_be() {
         .expect_err("shrinking sealed guest memory");
     assert_eq!(err.raw_os_error(), Some(libc::EPERM));
     drop(g);
-    assert!(!log_of(&s).contains("cannot be sealed"), "{}", log_of(&s));
+    assert!(
+        !s.log_text().contains("cannot be sealed"),
+        "{}",
+        s.log_text()
+    );
     // Memory that cannot be sealed is served, with a warning.
     let g = RawGuest::handshake(&s.daemon.socket).expect("handshake");
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while !log_of(&s).contains("cannot be sealed") && std::time::Instant::now() < deadline {
+    while !s.log_text().contains("cannot be sealed") && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(
-        log_of(&s).contains("cannot be sealed against shrinking"),
+        s.log_text().contains("cannot be sealed against shrinking"),
         "{}",
-        log_of(&s)
+        s.log_text()
     );
     assert!(g.connected());
     assert_no_panic(&s);
@@ -386,7 +358,7 @@ fn sigterm_with_writes_in_flight_exits_0_and_keeps_every_completed_write() {
             status.code(),
             Some(0),
             "{mode:?}: {status:?} {}",
-            log_of(&s)
+            s.log_text()
         );
         let used = g.used_entries(N as usize, Duration::from_millis(100));
         let image = std::fs::read(&s.image).unwrap();
@@ -396,7 +368,7 @@ fn sigterm_with_writes_in_flight_exits_0_and_keeps_every_completed_write() {
                 g.batch_status(i),
                 S_OK,
                 "{mode:?}: write {i}: {}",
-                log_of(&s)
+                s.log_text()
             );
             let at = i as usize * 16 * 512;
             assert_eq!(

@@ -18,11 +18,10 @@
 //! region can trigger.
 
 mod support;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use support::hostile::*;
-use support::{pattern, read_log, wait_until, write_key, Client, Daemon};
+use support::{pattern, wait_until, Client, PatternDisk};
 
 const PAYLOAD: u64 = 8 << 20;
 const QSIZE: u16 = 16;
@@ -33,40 +32,10 @@ const LEN: u32 = 64 << 10;
 /// What the daemon logs when the VMM truncated guest memory under a copy.
 const REPORT: &str = "the VMM truncated guest memory it shares with cryptblk";
 
-struct Setup {
-    _dir: tempfile::TempDir,
-    log: PathBuf,
-    daemon: Daemon,
-}
+type Setup = PatternDisk;
 
 fn serve(extra: &[&str]) -> Setup {
-    let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("disk.img");
-    std::fs::write(&image, pattern(7, 0, PAYLOAD as usize)).unwrap();
-    let (key, _) = write_key(dir.path(), 64);
-    let log = dir.path().join("daemon.log");
-    let mut args = vec![
-        "--image",
-        image.to_str().unwrap(),
-        "--key-file",
-        key.to_str().unwrap(),
-        "--cipher",
-        "aes-xts-plain64",
-        "--queues",
-        "1",
-    ];
-    args.extend_from_slice(extra);
-    let stderr = std::fs::File::create(&log).unwrap();
-    let daemon = Daemon::start_with_stderr(dir.path(), &args, stderr.into());
-    Setup {
-        _dir: dir,
-        log,
-        daemon,
-    }
-}
-
-fn log_of(s: &Setup) -> String {
-    read_log(&s.log)
+    PatternDisk::serve(PAYLOAD, "aes-xts-plain64", extra)
 }
 
 /// One connection: a request of `kind` with its data at DATA is served,
@@ -111,20 +80,24 @@ fn truncate_under(s: &mut Setup, kind: u32, what: &str) {
         "the daemon closes the VMM's connection",
         || !g.connected(),
     );
-    assert!(s.daemon.alive(), "{what}: the daemon died:\n{}", log_of(s));
+    assert!(
+        s.daemon.alive(),
+        "{what}: the daemon died:\n{}",
+        s.log_text()
+    );
 }
 
 fn truncated_guest_memory_ends_the_connection_not_the_daemon(mode: &[&str]) {
     let mut s = serve(mode);
     truncate_under(&mut s, T_IN, "read into guest memory");
-    let log = log_of(&s);
+    let log = s.log_text();
     // The daemon could not seal this memory: otherwise the truncation
     // would have failed with EPERM.
     assert!(log.contains("cannot be sealed against shrinking"), "{log}");
     assert_eq!(log.matches(REPORT).count(), 1, "{log}");
 
     truncate_under(&mut s, T_OUT, "write from guest memory");
-    let log = log_of(&s);
+    let log = s.log_text();
     assert_eq!(
         log.matches(REPORT).count(),
         2,
@@ -137,7 +110,7 @@ fn truncated_guest_memory_ends_the_connection_not_the_daemon(mode: &[&str]) {
     assert_eq!(c.write(0, 1 << 20, &data), 0);
     assert_eq!(c.read(0, 1 << 20, data.len()).unwrap(), data);
     drop(c);
-    let log = log_of(&s);
+    let log = s.log_text();
     assert!(!log.contains("panicked"), "the daemon panicked:\n{log}");
     let log_file = s.log.clone();
     let status = s.daemon.terminate();

@@ -383,6 +383,53 @@ pub fn plain_cipher(key: &[u8], sector_size: usize, skip: u64) -> cryptblk::cryp
     )
 }
 
+/// A daemon on an image of its own, with the directory that holds both
+/// (removed when dropped) and the file its log goes to.
+pub struct PatternDisk {
+    pub dir: tempfile::TempDir,
+    pub image: PathBuf,
+    pub log: PathBuf,
+    pub daemon: Daemon,
+}
+
+impl PatternDisk {
+    /// `cryptblk serve` on a new image of `bytes` bytes of pattern 7
+    /// (written in full, so O_DIRECT reads really go to the disk) with a
+    /// new 64-byte key, `--cipher CIPHER` on one queue and `extra`
+    /// options, logging to a file the test reads afterwards.
+    pub fn serve(bytes: u64, cipher: &str, extra: &[&str]) -> PatternDisk {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("disk.img");
+        std::fs::write(&image, pattern(7, 0, bytes as usize)).unwrap();
+        let (key, _) = write_key(dir.path(), 64);
+        let log = dir.path().join("daemon.log");
+        let mut args = vec![
+            "--image",
+            image.to_str().unwrap(),
+            "--key-file",
+            key.to_str().unwrap(),
+            "--cipher",
+            cipher,
+            "--queues",
+            "1",
+        ];
+        args.extend_from_slice(extra);
+        let stderr = std::fs::File::create(&log).unwrap();
+        let daemon = Daemon::start_with_stderr(dir.path(), &args, stderr.into());
+        PatternDisk {
+            dir,
+            image,
+            log,
+            daemon,
+        }
+    }
+
+    /// What the daemon has logged so far.
+    pub fn log_text(&self) -> String {
+        read_log(&self.log)
+    }
+}
+
 /// The round trip the network-store tests run on a 16 MiB image served
 /// with `--offset 8` on `queues` queues: writes at 0 (4 KiB), 64 KiB (3 MiB,
 /// cut into pieces in flight at once) and 8 MiB (512 B), each read back on
