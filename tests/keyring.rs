@@ -13,7 +13,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use cryptblk::crypto::{IvRule, SectorCipher, XtsKey};
-use support::luks::{cryptsetup_format, tool};
+use support::luks::{cryptsetup_format, tool, PBKDF2};
 use support::*;
 
 /// Adds the key ($1 type, $2 description, $3 file with its payload) to the
@@ -140,14 +140,7 @@ fn a_luks_passphrase_from_the_keyring_unlocks_as_the_key_file_does() {
     cryptsetup_format(
         &img,
         pass.to_str().unwrap(),
-        &[
-            "--type",
-            "luks2",
-            "--pbkdf",
-            "pbkdf2",
-            "--pbkdf-force-iterations",
-            "1000",
-        ],
+        &[&["--type", "luks2"], PBKDF2].concat(),
     );
     let desc = description("luks");
     let mut args = image_args(&img);

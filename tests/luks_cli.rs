@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use cryptblk::luks::{read_passphrase, unlock};
 use support::luks::*;
 
-const PBKDF2: &[&str] = &["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"];
 const ARGON: &[&str] = &[
     "--pbkdf",
     "argon2id",
@@ -530,6 +529,17 @@ fn kdf_costs_follow_iter_time_when_not_forced() {
     let dump = |img: &Path| {
         String::from_utf8(ok(cryptblk().args(["dump", "--image"]).arg(img)).stdout).unwrap()
     };
+    // The number that follows `marker` in the dump.
+    let number_after = |out: &str, marker: &str| -> u64 {
+        out.split(marker)
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
     // 10 ms cannot afford 1 GiB even at the minimum time cost: less memory.
     let img = f.format(
         "a",
@@ -545,29 +555,13 @@ fn kdf_costs_follow_iter_time_when_not_forced() {
         ],
     );
     let out = dump(&img);
-    let mem: u64 = out
-        .split("memory ")
-        .nth(1)
-        .unwrap()
-        .split(' ')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let mem = number_after(&out, "memory ");
     assert!(out.contains("argon2id (time 4,") && mem < 1048576, "{out}");
     assert!(cryptsetup_opens(&img, Path::new(&pw)));
     // pbkdf2 measured, never below cryptsetup's minimum.
     let img = f.format("b", "luks1", &pw, &["--iter-time", "20"]);
     let out = dump(&img);
-    let iters: u64 = out
-        .split("sha256, ")
-        .nth(1)
-        .unwrap()
-        .split(' ')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let iters = number_after(&out, "sha256, ");
     assert!(iters >= 1000, "{out}");
     assert!(cryptsetup_opens(&img, Path::new(&pw)));
 }

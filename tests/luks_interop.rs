@@ -163,18 +163,7 @@ fn every_key_slot_unlocks_and_key_slot_picks_one() {
     let pw3 = write_file(&dir.path().join("pw3"), b"three");
     let pw5 = write_file(&dir.path().join("pw5"), b"five");
     let img = dir.path().join("multi.img");
-    cryptsetup_format(
-        &img,
-        &pw,
-        &[
-            "--type",
-            "luks2",
-            "--pbkdf",
-            "pbkdf2",
-            "--pbkdf-force-iterations",
-            "1000",
-        ],
-    );
+    cryptsetup_format(&img, &pw, &[&["--type", "luks2"], PBKDF2].concat());
     for (slot, file, kdf) in [
         ("3", &pw3, ["--pbkdf", "argon2i"]),
         ("5", &pw5, ["--pbkdf", "argon2id"]),
@@ -226,18 +215,7 @@ fn damaged_primary_header_falls_back_to_the_secondary() {
     let dir = tempfile::tempdir().unwrap();
     let pw = write_file(&dir.path().join("pw"), PASS);
     let img = dir.path().join("d.img");
-    cryptsetup_format(
-        &img,
-        &pw,
-        &[
-            "--type",
-            "luks2",
-            "--pbkdf",
-            "pbkdf2",
-            "--pbkdf-force-iterations",
-            "1000",
-        ],
-    );
+    cryptsetup_format(&img, &pw, &[&["--type", "luks2"], PBKDF2].concat());
     let key = cryptsetup_volume_key(&img, Path::new(&pw));
     // A flipped byte in the primary's JSON area: checksum mismatch.
     patch(&img, 4096 + 10, b"#");

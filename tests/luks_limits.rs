@@ -12,7 +12,6 @@ use cryptblk::luks::{check_header, unlock, unlock_image, LuksError, Unlocked};
 use serde_json::{json, Value};
 use support::luks::*;
 
-const PBKDF2: &[&str] = &["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"];
 const ARGON2: &[&str] = &[
     "--pbkdf",
     "argon2id",

@@ -9,6 +9,10 @@ use cryptblk::crypto::{IvRule, SectorCipher};
 
 pub const PASS: &[u8] = b"correct horse battery staple";
 
+/// cryptsetup's options for a key slot that opens fast: PBKDF2 at the
+/// 1000 iterations it accepts at the least.
+pub const PBKDF2: &[&str] = &["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"];
+
 /// A tool the tests need; missing means a broken test machine, not a skip.
 pub fn tool(name: &str) -> Command {
     let found = std::env::var_os("PATH")
