@@ -9,6 +9,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use cryptblk::bench::{run, JobSpec, RwMode};
+use support::luks::{cryptsetup_opens, cryptsetup_volume_key, format_dump_and_add_key};
 use support::nbd::{copy_raw, NbdServer, Transport};
 use support::*;
 
@@ -18,26 +19,8 @@ const MIB: usize = 1 << 20;
 /// queues with `extra` options; writes, reads back, zeroes, flushes on
 /// every queue; then checks the raw export.
 fn round_trip(dir: &Path, uri: &str, queues: usize, extra: &[&str]) {
-    let (key_path, key) = write_key(dir, 64);
-    let q = queues.to_string();
-    let mut args = vec![
-        "--image",
-        uri,
-        "--key-file",
-        key_path.to_str().unwrap(),
-        "--queues",
-        &q,
-        "--offset",
-        "8",
-        "--skip",
-        "16",
-    ];
-    args.extend_from_slice(extra);
-    let d = Daemon::start(dir, &args);
-    let written = exercise_16m_disk(&d.socket, queues);
-    assert!(d.terminate().success());
-    // dm-crypt's view of the export: payload after 8 sectors, IV = sector + 16.
-    check_16m_export(&copy_raw(uri, dir), &plain_cipher(&key, 512, 16), &written);
+    let (cipher, written) = serve_16m_round_trip(dir, &["--image", uri], queues, extra);
+    check_16m_export(&copy_raw(uri, dir), &cipher, &written);
 }
 
 fn on_nbdkit_memory(transport: Transport, queues: usize) {
@@ -46,11 +29,17 @@ fn on_nbdkit_memory(transport: Transport, queues: usize) {
     round_trip(dir.path(), &server.uri, queues, &[]);
 }
 
+/// A 16 MiB file `dir/export.img` of `fill` bytes, as nbdkit's file
+/// plugin's parameter (`file=PATH`).
+fn export_file(dir: &Path, fill: u8) -> String {
+    let file = dir.join("export.img");
+    std::fs::write(&file, vec![fill; 16 * MIB]).unwrap();
+    format!("file={}", file.display())
+}
+
 fn on_nbdkit_file(transport: Transport, queues: usize) {
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("export.img");
-    std::fs::write(&file, vec![0xeeu8; 16 * MIB]).unwrap();
-    let arg = format!("file={}", file.display());
+    let arg = export_file(dir.path(), 0xee);
     let server = NbdServer::nbdkit(dir.path(), transport, &["file", &arg]);
     round_trip(dir.path(), &server.uri, queues, &[]);
 }
@@ -105,68 +94,15 @@ fn luks_on_the_export(kind: &str, transport: Transport) {
     std::fs::write(&pw, b"correct horse").unwrap();
     let pw2 = d.join("pw2");
     std::fs::write(&pw2, b"battery staple").unwrap();
-    let cryptblk = |args: &[&str]| {
-        let out = std::process::Command::new(BIN).args(args).output().unwrap();
-        assert!(
-            out.status.success(),
-            "cryptblk {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
     let uri = server.uri.as_str();
     let pw_s = pw.to_str().unwrap();
-    cryptblk(&[
-        "format",
-        "--type",
-        kind,
-        "--image",
-        uri,
-        "--size",
-        "16M",
-        "--key-file",
-        pw_s,
-        "--pbkdf",
-        "pbkdf2",
-        "--pbkdf-force-iterations",
-        "1000",
-    ]);
-    let dump = cryptblk(&["dump", "--image", uri]);
+    let dump = format_dump_and_add_key(kind, uri, &pw, &pw2, |args| {
+        std::process::Command::new(BIN).args(args).output().unwrap()
+    });
     assert!(
         dump.contains(&format!("Version:       \t{}", &kind[4..])) || dump.contains("Version"),
         "{dump}"
     );
-    cryptblk(&[
-        "key",
-        "add",
-        "--image",
-        uri,
-        "--key-file",
-        pw_s,
-        "--new-key-file",
-        pw2.to_str().unwrap(),
-        "--pbkdf",
-        "pbkdf2",
-        "--pbkdf-force-iterations",
-        "1000",
-    ]);
-    // Formatting again would destroy the volume: refused.
-    let again = std::process::Command::new(BIN)
-        .args([
-            "format",
-            "--type",
-            kind,
-            "--image",
-            uri,
-            "--size",
-            "16M",
-            "--key-file",
-            pw_s,
-        ])
-        .output()
-        .unwrap();
-    assert!(!again.status.success());
-    assert!(String::from_utf8_lossy(&again.stderr).contains("never overwritten"));
 
     let daemon = Daemon::start(d, &["--image", uri, "--key-file", pw_s, "--queues", "2"]);
     let mut c = Client::connect(&daemon.socket, 2);
@@ -181,35 +117,15 @@ fn luks_on_the_export(kind: &str, transport: Transport) {
     let raw = copy_raw(uri, d);
     let copy = d.join("copy.img");
     std::fs::write(&copy, &raw).unwrap();
-    let stored: std::collections::HashSet<&[u8]> = raw.chunks(512).collect();
-    assert!(
-        data.chunks(512).all(|b| !stored.contains(b)),
-        "plaintext on the server"
-    );
+    assert!(no_plaintext_in(&raw, &data), "plaintext on the server");
     for key_file in [&pw, &pw2] {
-        let ok = std::process::Command::new("cryptsetup")
-            .args(["open", "--test-passphrase", "--batch-mode", "--key-file"])
-            .arg(key_file)
-            .arg(&copy)
-            .status()
-            .unwrap();
-        assert!(ok.success(), "cryptsetup refuses {}", key_file.display());
+        assert!(
+            cryptsetup_opens(&copy, key_file),
+            "cryptsetup refuses {}",
+            key_file.display()
+        );
     }
-    let vk = d.join("vk");
-    let dumped = std::process::Command::new("cryptsetup")
-        .args([
-            "luksDump",
-            "--dump-volume-key",
-            "--batch-mode",
-            "--volume-key-file",
-        ])
-        .arg(&vk)
-        .arg("--key-file")
-        .arg(&pw)
-        .arg(&copy)
-        .output()
-        .unwrap();
-    assert!(dumped.status.success());
+    let key = cryptsetup_volume_key(&copy, &pw);
     let offset = {
         let out = std::process::Command::new("cryptsetup")
             .args(["luksDump", "--batch-mode"])
@@ -230,7 +146,6 @@ fn luks_on_the_export(kind: &str, transport: Transport) {
             })
             .expect("payload offset in luksDump")
     };
-    let key = std::fs::read(&vk).unwrap();
     let mut plain = raw[offset + (1 << 20)..offset + (1 << 20) + data.len()].to_vec();
     plain_cipher(&key, 512, 0).decrypt((1 << 20) / 512, &mut plain);
     assert!(
@@ -269,12 +184,24 @@ fn daemon_log(dir: &Path) -> String {
     std::fs::read_to_string(dir.join("daemon.log")).unwrap()
 }
 
+/// `cryptblk serve --image URI EXTRA... --key-file KEY` on `dir/s.sock`
+/// that is expected not to start: its output.
+fn serve_output(dir: &Path, uri: &str, extra: &[&str], key: &Path) -> std::process::Output {
+    std::process::Command::new(BIN)
+        .args(["serve", "--socket"])
+        .arg(dir.join("s.sock"))
+        .args(["--image", uri])
+        .args(extra)
+        .arg("--key-file")
+        .arg(key)
+        .output()
+        .unwrap()
+}
+
 /// nbdkit's file plugin on a 16 MiB file of `dir` behind `filters`
 /// (`--filter=` flags, then their parameters).
 fn file_export(dir: &Path, transport: Transport, filters: &[&str]) -> NbdServer {
-    let file = dir.join("export.img");
-    std::fs::write(&file, vec![0xeeu8; 16 * MIB]).unwrap();
-    let arg = format!("file={}", file.display());
+    let arg = export_file(dir, 0xee);
     let (flags, params): (Vec<&str>, Vec<&str>) = filters.iter().partition(|a| a.starts_with("--"));
     let mut args = flags;
     args.extend(["file", &arg]);
@@ -528,14 +455,9 @@ fn reconnects_under_verified_writes(transport: Transport, graceful: bool) {
     assert!(daemon.terminate().success());
 }
 
-#[test]
-fn reconnects_under_verified_writes_unix_sigterm() {
-    reconnects_under_verified_writes(Transport::Unix, true);
-}
-
-#[test]
-fn reconnects_under_verified_writes_tcp_sigkill() {
-    reconnects_under_verified_writes(Transport::Tcp, false);
+matrix! {
+    reconnects_under_verified_writes_unix_sigterm: reconnects_under_verified_writes(Transport::Unix, true);
+    reconnects_under_verified_writes_tcp_sigkill: reconnects_under_verified_writes(Transport::Tcp, false);
 }
 
 /// No server comes back: requests fail with IOERR once the timeout (2 s)
@@ -657,17 +579,69 @@ fn psk_file(dir: &Path, name: &str, user: &str, seed: u8) -> String {
     path.display().to_string()
 }
 
-/// nbdkit's memory plugin requiring TLS with the PSK of `psk`.
-fn tls_export(dir: &Path, transport: Transport, psk: &str) -> (NbdServer, String) {
+/// nbdkit's `plugin` requiring TLS with the PSK of `psk`.
+fn tls_export(dir: &Path, transport: Transport, psk: &str, plugin: &[&str]) -> (NbdServer, String) {
     let tls_psk = format!("--tls-psk={psk}");
-    let server = NbdServer::nbdkit(
-        dir,
-        transport,
-        &["--tls=require", &tls_psk, "memory", "size=16M"],
-    );
+    let mut args = vec!["--tls=require", &tls_psk];
+    args.extend(plugin);
+    tls_server(NbdServer::nbdkit(dir, transport, &args))
+}
+
+/// A server that requires TLS, and its URI for that.
+fn tls_server(server: NbdServer) -> (NbdServer, String) {
     // nbd:// → nbds://, nbd+unix:// → nbds+unix://.
     let uri = server.uri.replacen("nbd", "nbds", 1);
     (server, uri)
+}
+
+/// Served over TLS (`tls`: the daemon's options) on two queues under the
+/// default seccomp sandbox: 256 KiB of pattern `seed` written at 1 MiB
+/// round-trip. Returns them and the daemon's log.
+fn tls_data_round_trip(dir: &Path, uri: &str, tls: &[&str], seed: u64) -> (Vec<u8>, String) {
+    let daemon = serve_logged(dir, uri, 2, tls);
+    let mut c = Client::connect(&daemon.socket, 2);
+    let data = pattern(seed, MIB as u64, 256 * 1024);
+    assert_eq!(c.write(1, MIB as u64, &data), 0);
+    assert_eq!(c.flush(0), 0);
+    assert!(c.read(0, MIB as u64, data.len()).unwrap() == data);
+    drop(c);
+    assert!(daemon.terminate().success());
+    let log = daemon_log(dir);
+    assert!(log.contains("sandbox: seccomp"), "{log}");
+    (data, log)
+}
+
+/// The export read raw over TLS (nbdcopy on `uri` with the query
+/// parameter `tls`, libnbd's URI syntax) holds no block of `data`, which
+/// `tls_data_round_trip` wrote at 1 MiB, and not `data` where it was
+/// written.
+fn assert_tls_export_is_ciphertext(dir: &Path, uri: &str, tls: &str, data: &[u8]) {
+    let sep = if uri.contains('?') { '&' } else { '?' };
+    let raw = copy_raw(&format!("{uri}{sep}{tls}"), dir);
+    assert!(no_plaintext_in(&raw, data));
+    assert!(raw[MIB..MIB + data.len()] != data[..]);
+}
+
+/// Served on one queue with `extra` options, the daemon reads back what it
+/// wrote after `server` was killed and restarted, and says it made the
+/// connection again.
+fn survives_a_server_restart(
+    dir: &Path,
+    server: &mut NbdServer,
+    uri: &str,
+    extra: &[&str],
+    seed: u64,
+) {
+    let daemon = serve_logged(dir, uri, 1, extra);
+    let mut c = Client::connect(&daemon.socket, 1);
+    let data = pattern(seed, 0, BLOCK);
+    assert_eq!(c.write(0, 0, &data), 0);
+    server.kill();
+    server.restart();
+    assert!(c.read(0, 0, BLOCK).unwrap() == data);
+    drop(c);
+    assert!(daemon.terminate().success());
+    assert!(daemon_log(dir).contains("made again"));
 }
 
 /// Served over TLS (unix socket and TCP, under the default seccomp sandbox,
@@ -677,43 +651,18 @@ fn tls_psk_round_trip(transport: Transport) {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let psk = psk_file(d, "keys.psk", "alice", 1);
-    let (_server, uri) = tls_export(d, transport, &psk);
-    let daemon = serve_logged(
-        d,
-        &uri,
-        2,
-        &["--tls-psk-file", &psk, "--tls-username", "alice"],
-    );
-    let mut c = Client::connect(&daemon.socket, 2);
-    let data = pattern(11, MIB as u64, 256 * 1024);
-    assert_eq!(c.write(1, MIB as u64, &data), 0);
-    assert_eq!(c.flush(0), 0);
-    assert!(c.read(0, MIB as u64, data.len()).unwrap() == data);
-    drop(c);
-    assert!(daemon.terminate().success());
-    let log = daemon_log(d);
-    assert!(log.contains("sandbox: seccomp"), "{log}");
+    let (_server, uri) = tls_export(d, transport, &psk, &["memory", "size=16M"]);
+    let tls = ["--tls-psk-file", psk.as_str(), "--tls-username", "alice"];
+    let (data, _) = tls_data_round_trip(d, &uri, &tls, 11);
     // nbdcopy reads the export raw over TLS too: the user in the URI's
     // authority, the key file as a query parameter (libnbd's URI syntax).
-    let sep = if uri.contains('?') { '&' } else { '?' };
-    let raw_uri = format!(
-        "{}{sep}tls-psk-file={psk}",
-        uri.replacen("://", "://alice@", 1)
-    );
-    let raw = copy_raw(&raw_uri, d);
-    let stored: std::collections::HashSet<&[u8]> = raw.chunks(512).collect();
-    assert!(data.chunks(512).all(|b| !stored.contains(b)));
-    assert!(raw[MIB..MIB + data.len()] != data[..]);
+    let raw_uri = uri.replacen("://", "://alice@", 1);
+    assert_tls_export_is_ciphertext(d, &raw_uri, &format!("tls-psk-file={psk}"), &data);
 }
 
-#[test]
-fn tls_psk_unix_round_trip() {
-    tls_psk_round_trip(Transport::Unix);
-}
-
-#[test]
-fn tls_psk_tcp_round_trip() {
-    tls_psk_round_trip(Transport::Tcp);
+matrix! {
+    tls_psk_unix_round_trip: tls_psk_round_trip(Transport::Unix);
+    tls_psk_tcp_round_trip: tls_psk_round_trip(Transport::Tcp);
 }
 
 /// The wrong key (same user, another key), or a user the server does not
@@ -726,24 +675,11 @@ fn a_wrong_psk_is_a_clear_start_up_error() {
     let good = psk_file(d, "good.psk", "alice", 1);
     let wrong = psk_file(d, "wrong.psk", "alice", 2);
     let stranger = psk_file(d, "stranger.psk", "mallory", 1);
-    let (_server, uri) = tls_export(d, Transport::Tcp, &good);
+    let (_server, uri) = tls_export(d, Transport::Tcp, &good, &["memory", "size=16M"]);
     let (key_path, _) = write_key(d, 64);
     for (psk, user) in [(&wrong, "alice"), (&stranger, "mallory")] {
-        let out = std::process::Command::new(BIN)
-            .args(["serve", "--socket"])
-            .arg(d.join("s.sock"))
-            .args([
-                "--image",
-                &uri,
-                "--tls-psk-file",
-                psk,
-                "--tls-username",
-                user,
-            ])
-            .arg("--key-file")
-            .arg(&key_path)
-            .output()
-            .unwrap();
+        let tls = ["--tls-psk-file", psk.as_str(), "--tls-username", user];
+        let out = serve_output(d, &uri, &tls, &key_path);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{err}");
         assert!(err.contains(&uri), "names the image: {err}");
@@ -764,44 +700,21 @@ fn tls_reconnects_without_a_sandbox_and_is_refused_under_one() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let psk = psk_file(d, "keys.psk", "alice", 1);
-    let file = d.join("export.img");
-    std::fs::write(&file, vec![0u8; 16 * MIB]).unwrap();
-    let tls_psk = format!("--tls-psk={psk}");
-    let file_arg = format!("file={}", file.display());
-    let mut server = NbdServer::nbdkit(
-        d,
-        Transport::Unix,
-        &["--tls=require", &tls_psk, "file", &file_arg],
-    );
-    let uri = server.uri.replacen("nbd", "nbds", 1);
+    let file_arg = export_file(d, 0);
+    let (mut server, uri) = tls_export(d, Transport::Unix, &psk, &["file", &file_arg]);
     let tls = ["--tls-psk-file", psk.as_str(), "--tls-username", "alice"];
 
     let (key_path, _) = write_key(d, 64);
-    let refused = std::process::Command::new(BIN)
-        .args(["serve", "--socket"])
-        .arg(d.join("s.sock"))
-        .args(["--image", &uri])
-        .args(tls)
-        .args(["--nbd-reconnect-timeout", "10", "--key-file"])
-        .arg(&key_path)
-        .output()
-        .unwrap();
+    let mut args = tls.to_vec();
+    args.extend(["--nbd-reconnect-timeout", "10"]);
+    let refused = serve_output(d, &uri, &args, &key_path);
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success());
     assert!(err.contains("--sandbox none"), "{err}");
 
     let mut args = tls.to_vec();
     args.extend(["--sandbox", "none", "--nbd-reconnect-timeout", "10"]);
-    let daemon = serve_logged(d, &uri, 1, &args);
-    let mut c = Client::connect(&daemon.socket, 1);
-    let data = pattern(12, 0, BLOCK);
-    assert_eq!(c.write(0, 0, &data), 0);
-    server.kill();
-    server.restart();
-    assert!(c.read(0, 0, BLOCK).unwrap() == data);
-    drop(c);
-    assert!(daemon.terminate().success());
-    assert!(daemon_log(d).contains("made again"));
+    survives_a_server_restart(d, &mut server, &uri, &args, 12);
 }
 
 /// qemu-nbd serving one client (no multi-conn): every queue shares the one
@@ -1389,9 +1302,7 @@ fn x509_export(
     let certs = format!("--tls-certificates={server_dir}");
     let mut args = vec!["--tls=require", &certs, "--tls-verify-peer"];
     args.extend(plugin);
-    let server = NbdServer::nbdkit(dir, transport, &args);
-    let uri = server.uri.replacen("nbd", "nbds", 1);
-    (server, uri)
+    tls_server(NbdServer::nbdkit(dir, transport, &args))
 }
 
 /// Served over TLS with X.509 (the server's certificate checked against
@@ -1403,33 +1314,16 @@ fn tls_x509_round_trip(transport: Transport) {
     let d = dir.path();
     let (server_dir, client_dir) = x509_dirs(d, "ca");
     let (_server, uri) = x509_export(d, transport, &server_dir, &["memory", "size=16M"]);
-    let daemon = serve_logged(d, &uri, 2, &["--tls-certificates", &client_dir]);
-    let mut c = Client::connect(&daemon.socket, 2);
-    let data = pattern(31, MIB as u64, 256 * 1024);
-    assert_eq!(c.write(1, MIB as u64, &data), 0);
-    assert_eq!(c.flush(0), 0);
-    assert!(c.read(0, MIB as u64, data.len()).unwrap() == data);
-    drop(c);
-    assert!(daemon.terminate().success());
-    let log = daemon_log(d);
-    assert!(log.contains("sandbox: seccomp"), "{log}");
+    let (data, log) = tls_data_round_trip(d, &uri, &["--tls-certificates", &client_dir], 31);
     // The handshake reads the certificates, which the sandbox forbids later.
     assert!(log.contains("a lost connection is not made again"), "{log}");
-    let sep = if uri.contains('?') { '&' } else { '?' };
-    let raw = copy_raw(&format!("{uri}{sep}tls-certificates={client_dir}"), d);
-    let stored: std::collections::HashSet<&[u8]> = raw.chunks(512).collect();
-    assert!(data.chunks(512).all(|b| !stored.contains(b)));
-    assert!(raw[MIB..MIB + data.len()] != data[..]);
+    let tls = format!("tls-certificates={client_dir}");
+    assert_tls_export_is_ciphertext(d, &uri, &tls, &data);
 }
 
-#[test]
-fn tls_x509_unix_round_trip() {
-    tls_x509_round_trip(Transport::Unix);
-}
-
-#[test]
-fn tls_x509_tcp_round_trip() {
-    tls_x509_round_trip(Transport::Tcp);
+matrix! {
+    tls_x509_unix_round_trip: tls_x509_round_trip(Transport::Unix);
+    tls_x509_tcp_round_trip: tls_x509_round_trip(Transport::Tcp);
 }
 
 /// A client that trusts another CA (the server's certificate does not
@@ -1459,14 +1353,7 @@ fn a_certificate_from_another_ca_is_a_clear_start_up_error() {
     let (key_path, _) = write_key(d, 64);
     for client in [other_client.as_str(), mixed.to_str().unwrap()] {
         let start = Instant::now();
-        let out = std::process::Command::new(BIN)
-            .args(["serve", "--socket"])
-            .arg(d.join("s.sock"))
-            .args(["--image", &uri, "--tls-certificates", client])
-            .arg("--key-file")
-            .arg(&key_path)
-            .output()
-            .unwrap();
+        let out = serve_output(d, &uri, &["--tls-certificates", client], &key_path);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{client}: {err}");
         assert!(err.contains(&uri), "names the image: {err}");
@@ -1489,14 +1376,7 @@ fn a_certificate_from_another_ca_is_a_clear_start_up_error() {
     // libnbd checks the name too (the URI's 127.0.0.1).
     let (elsewhere, client) = x509_dirs_naming(d, "elsewhere", "DNS:nbd.example.org");
     let (_other, uri) = x509_export(d, Transport::Tcp, &elsewhere, &["memory", "size=1M"]);
-    let out = std::process::Command::new(BIN)
-        .args(["serve", "--socket"])
-        .arg(d.join("s.sock"))
-        .args(["--image", &uri, "--tls-certificates", &client])
-        .arg("--key-file")
-        .arg(&key_path)
-        .output()
-        .unwrap();
+    let out = serve_output(d, &uri, &["--tls-certificates", &client], &key_path);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
@@ -1515,42 +1395,17 @@ fn tls_x509_reconnects_without_a_sandbox_and_is_refused_under_one() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let (server_dir, client_dir) = x509_dirs(d, "ca");
-    let file = d.join("export.img");
-    std::fs::write(&file, vec![0u8; 16 * MIB]).unwrap();
-    let file_arg = format!("file={}", file.display());
+    let file_arg = export_file(d, 0);
     let (mut server, uri) = x509_export(d, Transport::Tcp, &server_dir, &["file", &file_arg]);
     let (key_path, _) = write_key(d, 64);
-    let refused = std::process::Command::new(BIN)
-        .args(["serve", "--socket"])
-        .arg(d.join("s.sock"))
-        .args(["--image", &uri, "--tls-certificates", &client_dir])
-        .args(["--nbd-reconnect-timeout", "10", "--key-file"])
-        .arg(&key_path)
-        .output()
-        .unwrap();
+    let tls = ["--tls-certificates", client_dir.as_str()];
+    let mut args = tls.to_vec();
+    args.extend(["--nbd-reconnect-timeout", "10"]);
+    let refused = serve_output(d, &uri, &args, &key_path);
     let err = String::from_utf8_lossy(&refused.stderr);
     assert_eq!(refused.status.code(), Some(1), "{err}");
     assert!(err.contains("--sandbox none"), "{err}");
-    let daemon = serve_logged(
-        d,
-        &uri,
-        1,
-        &[
-            "--tls-certificates",
-            &client_dir,
-            "--sandbox",
-            "none",
-            "--nbd-reconnect-timeout",
-            "10",
-        ],
-    );
-    let mut c = Client::connect(&daemon.socket, 1);
-    let data = pattern(32, 0, BLOCK);
-    assert_eq!(c.write(0, 0, &data), 0);
-    server.kill();
-    server.restart();
-    assert!(c.read(0, 0, BLOCK).unwrap() == data);
-    drop(c);
-    assert!(daemon.terminate().success());
-    assert!(daemon_log(d).contains("made again"));
+    let mut args = tls.to_vec();
+    args.extend(["--sandbox", "none", "--nbd-reconnect-timeout", "10"]);
+    survives_a_server_restart(d, &mut server, &uri, &args, 32);
 }

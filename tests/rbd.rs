@@ -10,7 +10,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use support::ceph::{cluster, serve_args, Cluster};
-use support::luks::{cryptsetup_opens, decrypt_payload, PASS};
+use support::luks::{cryptsetup_opens, decrypt_payload, format_dump_and_add_key, PASS};
 use support::*;
 
 /// Serves a new 16 MiB image encrypted (payload 8 sectors in, IVs + 16) on
@@ -20,28 +20,9 @@ fn round_trip(queues: usize, extra: &[&str]) {
     let c = cluster();
     let dir = tempfile::tempdir().unwrap();
     let (spec, name) = c.create("rt", 16);
-    let (key_path, key) = write_key(dir.path(), 64);
-    let q = queues.to_string();
-    let mut args = serve_args(c, &spec);
-    args.extend([
-        "--key-file",
-        key_path.to_str().unwrap(),
-        "--queues",
-        &q,
-        "--offset",
-        "8",
-        "--skip",
-        "16",
-    ]);
-    args.extend_from_slice(extra);
-    let d = Daemon::start(dir.path(), &args);
-    let written = exercise_16m_disk(&d.socket, queues);
-    assert!(d.terminate().success());
-    check_16m_export(
-        &c.export(&name, dir.path()),
-        &plain_cipher(&key, 512, 16),
-        &written,
-    );
+    let image = serve_args(c, &spec);
+    let (cipher, written) = serve_16m_round_trip(dir.path(), &image, queues, extra);
+    check_16m_export(&c.export(&name, dir.path()), &cipher, &written);
 }
 
 #[test]
@@ -75,16 +56,6 @@ fn cryptblk_on(c: &Cluster, args: &[&str]) -> Output {
         .stdin(Stdio::null())
         .output()
         .unwrap()
-}
-
-fn cryptblk_ok(c: &Cluster, args: &[&str]) -> String {
-    let out = cryptblk_on(c, args);
-    assert!(
-        out.status.success(),
-        "cryptblk {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// `cryptblk serve` that must refuse to start: its stderr.
@@ -158,63 +129,11 @@ fn cryptblk_format_opens_in_librbd(kind: &str) {
     let d = dir.path();
     let (spec, name) = c.create(kind, 32);
     let (pw, pw2) = passphrases(d);
-    let pw_s = pw.to_str().unwrap();
-    cryptblk_ok(
-        c,
-        &[
-            "format",
-            "--type",
-            kind,
-            "--image",
-            &spec,
-            "--size",
-            "16M",
-            "--key-file",
-            pw_s,
-            "--pbkdf",
-            "pbkdf2",
-            "--pbkdf-force-iterations",
-            "1000",
-        ],
-    );
-    let dump = cryptblk_ok(c, &["dump", "--image", &spec]);
+    let dump = format_dump_and_add_key(kind, &spec, &pw, &pw2, |args| cryptblk_on(c, args));
     assert!(
         dump.contains(&format!("Version:        {}", &kind[4..])),
         "{dump}"
     );
-    cryptblk_ok(
-        c,
-        &[
-            "key",
-            "add",
-            "--image",
-            &spec,
-            "--key-file",
-            pw_s,
-            "--new-key-file",
-            pw2.to_str().unwrap(),
-            "--pbkdf",
-            "pbkdf2",
-            "--pbkdf-force-iterations",
-            "1000",
-        ],
-    );
-    let again = cryptblk_on(
-        c,
-        &[
-            "format",
-            "--type",
-            kind,
-            "--image",
-            &spec,
-            "--size",
-            "16M",
-            "--key-file",
-            pw_s,
-        ],
-    );
-    assert!(!again.status.success());
-    assert!(String::from_utf8_lossy(&again.stderr).contains("never overwritten"));
 
     let data = pattern(9, 1 << 20, 256 * 1024);
     with_luks_daemon(c, d, &spec, &pw, |cl| {
@@ -237,15 +156,8 @@ fn cryptblk_format_opens_in_librbd(kind: &str) {
     let raw = c.export(&name, d);
     let copy = d.join("copy.img");
     std::fs::write(&copy, &raw).unwrap();
-    let stored: std::collections::HashSet<&[u8]> = raw.chunks(512).collect();
-    assert!(
-        data.chunks(512).all(|b| !stored.contains(b)),
-        "plaintext in the cluster"
-    );
-    assert!(
-        theirs.chunks(512).all(|b| !stored.contains(b)),
-        "plaintext in the cluster"
-    );
+    assert!(no_plaintext_in(&raw, &data), "plaintext in the cluster");
+    assert!(no_plaintext_in(&raw, &theirs), "plaintext in the cluster");
     assert!(cryptsetup_opens(&copy, &pw) && cryptsetup_opens(&copy, &pw2));
     let u = cryptblk::luks::unlock_image(&copy, None, PASS, None).unwrap();
     let plain = decrypt_payload(&copy, &u, (1 << 20) + data.len());
@@ -300,11 +212,7 @@ fn rbd_encryption_format_served(kind: &str) {
     });
     assert!(c.librbd_read(&name, kind, &pw, 2 << 20, ours.len()) == ours);
     let raw = c.export(&name, d);
-    let stored: std::collections::HashSet<&[u8]> = raw.chunks(512).collect();
-    assert!(
-        ours.chunks(512).all(|b| !stored.contains(b)),
-        "plaintext in the cluster"
-    );
+    assert!(no_plaintext_in(&raw, &ours), "plaintext in the cluster");
 }
 
 #[test]

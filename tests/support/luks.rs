@@ -84,6 +84,59 @@ pub fn cryptsetup_volume_key(image: &Path, key_file: &Path) -> Vec<u8> {
     key
 }
 
+/// The LUKS commands on an image of a network store (`image`: an NBD URI,
+/// an RBD spec), each run by `run` (the arguments to cryptblk; its
+/// output): `format` KIND with a 16 MiB payload and the passphrase in
+/// `pw`, then `dump`, then `key add` of the passphrase in `pw2`; then
+/// `format` again is refused, the volume never overwritten. Returns what
+/// `dump` printed.
+pub fn format_dump_and_add_key(
+    kind: &str,
+    image: &str,
+    pw: &Path,
+    pw2: &Path,
+    run: impl Fn(&[&str]) -> Output,
+) -> String {
+    let succeeds = |args: &[&str]| {
+        let out = run(args);
+        assert!(
+            out.status.success(),
+            "cryptblk {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let pw = pw.to_str().unwrap();
+    let format = [
+        "format",
+        "--type",
+        kind,
+        "--image",
+        image,
+        "--size",
+        "16M",
+        "--key-file",
+        pw,
+    ];
+    succeeds(&[&format[..], PBKDF2].concat());
+    let dump = succeeds(&["dump", "--image", image]);
+    let add = [
+        "key",
+        "add",
+        "--image",
+        image,
+        "--key-file",
+        pw,
+        "--new-key-file",
+        pw2.to_str().unwrap(),
+    ];
+    succeeds(&[&add[..], PBKDF2].concat());
+    let again = run(&format);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("never overwritten"));
+    dump
+}
+
 /// Whether cryptsetup accepts `key_file` for `image`.
 pub fn cryptsetup_opens(image: &Path, key_file: &Path) -> bool {
     tool("cryptsetup")

@@ -430,6 +430,38 @@ impl PatternDisk {
     }
 }
 
+/// Serves the image `image` names (`--image` and any option that reaches
+/// it) encrypted with a new key of `dir`, payload 8 sectors in and IVs +
+/// 16, on `queues` queues with `extra` options; runs `exercise_16m_disk`
+/// and stops the daemon. Returns dm-crypt's view of the stored image
+/// (payload after 8 sectors, IV = sector + 16) and what was written, for
+/// `check_16m_export`.
+pub fn serve_16m_round_trip(
+    dir: &Path,
+    image: &[&str],
+    queues: usize,
+    extra: &[&str],
+) -> (cryptblk::crypto::SectorCipher, Vec<(u64, Vec<u8>)>) {
+    let (key_path, key) = write_key(dir, 64);
+    let q = queues.to_string();
+    let mut args = image.to_vec();
+    args.extend([
+        "--key-file",
+        key_path.to_str().unwrap(),
+        "--queues",
+        &q,
+        "--offset",
+        "8",
+        "--skip",
+        "16",
+    ]);
+    args.extend_from_slice(extra);
+    let d = Daemon::start(dir, &args);
+    let written = exercise_16m_disk(&d.socket, queues);
+    assert!(d.terminate().success());
+    (plain_cipher(&key, 512, 16), written)
+}
+
 /// The round trip the network-store tests run on a 16 MiB image served
 /// with `--offset 8` on `queues` queues: writes at 0 (4 KiB), 64 KiB (3 MiB,
 /// cut into pieces in flight at once) and 8 MiB (512 B), each read back on
@@ -472,7 +504,6 @@ pub fn check_16m_export(
     const MIB: usize = 1 << 20;
     assert_eq!(raw.len(), 16 * MIB);
     let payload = &raw[4096..];
-    let stored: std::collections::HashSet<&[u8]> = raw.chunks(512).collect();
     for (offset, data) in written {
         let mut expect = data.clone();
         cipher.encrypt(offset / 512, &mut expect);
@@ -481,14 +512,18 @@ pub fn check_16m_export(
             payload[at..at + data.len()] == expect[..],
             "ciphertext at {offset}"
         );
-        assert!(
-            data.chunks(512).all(|block| !stored.contains(block)),
-            "plaintext found in the store"
-        );
+        assert!(no_plaintext_in(raw, data), "plaintext found in the store");
     }
     let mut zeros = vec![0u8; 65536];
     cipher.encrypt(12 * MIB as u64 / 512, &mut zeros);
     assert!(payload[12 * MIB..12 * MIB + 65536] == zeros[..]);
+}
+
+/// Whether no 512-byte block of `data` stands anywhere in `raw` (an image
+/// read raw): what the guest wrote is stored as ciphertext only.
+pub fn no_plaintext_in(raw: &[u8], data: &[u8]) -> bool {
+    let stored: std::collections::HashSet<&[u8]> = raw.chunks(512).collect();
+    data.chunks(512).all(|block| !stored.contains(block))
 }
 
 pub fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
