@@ -962,6 +962,25 @@ fn hostile_server_that_never_behaves_fails_the_request_after_the_timeout() {
 // first read at or past the trigger (or every one, with --times 0)
 // unanswered, and answers everything else.
 
+/// A read sent again after the request timeout (2 s): `got`, answered
+/// after `took`, is `want`, not before the timeout and not long after it.
+/// Returns the daemon's log as it was then.
+fn assert_sent_again_in_time(
+    dir: &Path,
+    got: Result<Vec<u8>, i32>,
+    took: Duration,
+    want: &[u8],
+) -> String {
+    let said = daemon_log(dir);
+    let got = got.unwrap_or_else(|e| panic!("read: {e} after {took:?}: {said}"));
+    assert!(got == want, "the read sent again has wrong data");
+    assert!(
+        took >= Duration::from_millis(1900) && took < Duration::from_secs(6),
+        "answered after {took:?}: {said}"
+    );
+    said
+}
+
 /// A silent server under a serving daemon: the read it leaves unanswered
 /// counts its connection as lost once the request timeout (the reconnect
 /// timeout, 2 s) passes; the daemon says so, connects again, sends the read
@@ -993,14 +1012,7 @@ fn a_silent_server_is_detected_and_the_request_sent_again() {
         start.elapsed()
     );
     let got = c.finish_read(0, BLOCK, at);
-    let took = start.elapsed();
-    let said = daemon_log(d);
-    let got = got.unwrap_or_else(|e| panic!("read: {e} after {took:?}: {said}"));
-    assert!(got == high, "the read sent again has wrong data");
-    assert!(
-        took >= Duration::from_millis(1900) && took < Duration::from_secs(6),
-        "answered after {took:?}: {said}"
-    );
+    let said = assert_sent_again_in_time(d, got, start.elapsed(), &high);
     let (connections_after, misbehaved) = hostile_log(&log);
     assert_eq!(misbehaved, 1, "the server was never silent: vacuous");
     assert!(connections_after > connections, "no reconnect: {said}");
@@ -1030,14 +1042,7 @@ fn a_silent_server_on_the_shared_connection_is_detected() {
     assert_eq!(c.write(0, TRIGGER, &high), 0);
     let start = Instant::now();
     let got = c.read(0, TRIGGER, BLOCK);
-    let took = start.elapsed();
-    let said = daemon_log(d);
-    let got = got.unwrap_or_else(|e| panic!("read: {e} after {took:?}: {said}"));
-    assert!(got == high, "the read sent again has wrong data");
-    assert!(
-        took >= Duration::from_millis(1900) && took < Duration::from_secs(6),
-        "answered after {took:?}: {said}"
-    );
+    let said = assert_sent_again_in_time(d, got, start.elapsed(), &high);
     assert_eq!(
         hostile_log(&log).1,
         1,
