@@ -1258,6 +1258,7 @@ impl Drop for NbdStore {
 pub(crate) mod tests {
     use super::super::libnbd::Tls;
     use super::super::testkit::{read_back_64_reversed, run, write_64_at_once, write_sync_read};
+    use super::super::Store;
     use super::*;
     use std::process::{Child, Command, Stdio};
     use std::time::{Duration, Instant};
@@ -1364,7 +1365,7 @@ pub(crate) mod tests {
         assert!(!info.read_only && info.can_flush && info.can_trim && info.can_multi_conn);
         drop(conn);
 
-        let mut s = store(&server);
+        let mut s = Store::Nbd(store(&server));
         let (b, read) = write_sync_read(&mut s);
 
         let trim = Op::Discard {
@@ -1413,7 +1414,7 @@ pub(crate) mod tests {
     )]
     fn many_commands_in_flight_complete_and_data_verifies() {
         let server = Nbdkit::start(Transport::Tcp, &["memory", "size=64M"]);
-        let mut s = NbdStore::new(connect(&server), Buffers::new(64, 65536)).unwrap();
+        let mut s = Store::Nbd(NbdStore::new(connect(&server), Buffers::new(64, 65536)).unwrap());
         // 64 writes of 64 KiB in flight at once: more than a socket buffer
         // holds, so `submit` has to wait for room.
         let at = |i: u16| u64::from(i) * 65536;
@@ -1478,7 +1479,7 @@ pub(crate) mod tests {
                 "error-pread-rate=100%",
             ],
         );
-        let mut s = store(&server);
+        let mut s = Store::Nbd(store(&server));
         let b = s.buffers().take().unwrap();
         let write = Op::Write {
             buf: b,

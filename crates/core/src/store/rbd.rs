@@ -605,7 +605,13 @@ mod tests {
     use super::super::testkit::{
         read_back_64_reversed, reap_n, run, write_64_at_once, write_sync_read,
     };
+    use super::super::Store;
     use super::*;
+
+    /// A store on `img` as the daemon holds it (the test kit drives that).
+    fn store(img: Arc<Image>, buffers: Buffers) -> Store {
+        Store::Rbd(RbdStore::new(img, buffers).unwrap())
+    }
 
     fn image(pool: &Arc<Pool>, what: &str, size: u64) -> (Arc<Image>, String) {
         let name = cluster().image_name(what);
@@ -663,7 +669,7 @@ mod tests {
     fn writes_reads_flushes_and_discards() {
         let pool = cluster().pool();
         let (img, name) = image(&pool, "store", 16 << 20);
-        let mut s = RbdStore::new(img, Buffers::new(4, 65536)).unwrap();
+        let mut s = store(img, Buffers::new(4, 65536));
         let (b, read) = write_sync_read(&mut s);
 
         // Another client (the rbd tool) sees the data.
@@ -701,7 +707,7 @@ mod tests {
     fn many_operations_in_flight_complete_in_any_order_and_verify() {
         let pool = cluster().pool();
         let (img, _) = image(&pool, "many", 64 << 20);
-        let mut s = RbdStore::new(img, Buffers::new(64, 65536)).unwrap();
+        let mut s = store(img, Buffers::new(64, 65536));
         // 64 writes of 64 KiB in flight at once, spread over 16 objects
         // (4 MiB each): the OSD answers them in its own order.
         let at = |i: u16| u64::from(i % 16) * (4 << 20) + u64::from(i / 16) * 65536;
@@ -742,7 +748,7 @@ mod tests {
         let c = cluster();
         let pool = c.pool();
         let (img, name) = image(&pool, "errors", 1 << 20);
-        let mut s = RbdStore::new(img, Buffers::new(4, 8192)).unwrap();
+        let mut s = store(img, Buffers::new(4, 8192));
         let b = s.buffers().take().unwrap();
         // A range that starts at the end of the image.
         let past = Op::Read {
@@ -782,7 +788,7 @@ mod tests {
         c.rbd(&["snap", "create", &format!("rbd/{name}@s1")]);
         let snap = Arc::new(Image::open(&pool, &name, Some("s1"), false).unwrap());
         assert!(snap.read_only());
-        let mut s = RbdStore::new(snap, Buffers::new(4, 8192)).unwrap();
+        let mut s = store(snap, Buffers::new(4, 8192));
         let b = s.buffers().take().unwrap();
         let write = Op::Write {
             buf: b,
@@ -806,7 +812,7 @@ mod tests {
 
         // So is the head opened read-only.
         let ro = Arc::new(Image::open(&pool, &name, None, true).unwrap());
-        let mut s = RbdStore::new(ro, Buffers::new(4, 8192)).unwrap();
+        let mut s = store(ro, Buffers::new(4, 8192));
         let b = s.buffers().take().unwrap();
         let write = Op::Write {
             buf: b,
@@ -825,7 +831,7 @@ mod tests {
         let pool = cluster().pool();
         let (img, _) = image(&pool, "shared", 8 << 20);
         let stores: Vec<_> = (0..2)
-            .map(|_| RbdStore::new(img.clone(), Buffers::new(8, 65536)).unwrap())
+            .map(|_| store(img.clone(), Buffers::new(8, 65536)))
             .collect();
         let threads: Vec<_> = stores
             .into_iter()

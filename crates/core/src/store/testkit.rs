@@ -1,62 +1,20 @@
 //! What the stores' unit tests share: driving any store (io_uring, NBD,
-//! RBD) to its completions, the same exercises on each, and checking a
+//! RBD, each wrapped in the daemon's own `Store`) to its completions, the same exercises on each, and checking a
 //! table of C signatures against the library's header.
 
-use std::io;
 use std::time::{Duration, Instant};
 
-use super::{BufId, Buffers, NbdStore, Op, RbdStore, UringStore};
-
-/// The calls the tests make, which every store has as methods of its own.
-pub trait Drive {
-    fn buffers(&mut self) -> &mut Buffers;
-    fn in_flight(&self) -> usize;
-    fn push(&mut self, op: Op, tag: u64) -> io::Result<()>;
-    fn submit(&mut self) -> io::Result<()>;
-    fn wait(&mut self) -> io::Result<()>;
-    fn clear_event(&self);
-    fn reap(&mut self, f: &mut dyn FnMut(u64, i32)) -> io::Result<()>;
-}
-
-macro_rules! drive {
-    ($($store:ty),*) => {$(
-        impl Drive for $store {
-            fn buffers(&mut self) -> &mut Buffers {
-                <$store>::buffers(self)
-            }
-            fn in_flight(&self) -> usize {
-                <$store>::in_flight(self)
-            }
-            fn push(&mut self, op: Op, tag: u64) -> io::Result<()> {
-                <$store>::push(self, op, tag)
-            }
-            fn submit(&mut self) -> io::Result<()> {
-                <$store>::submit(self)
-            }
-            fn wait(&mut self) -> io::Result<()> {
-                <$store>::wait(self)
-            }
-            fn clear_event(&self) {
-                <$store>::clear_event(self)
-            }
-            fn reap(&mut self, f: &mut dyn FnMut(u64, i32)) -> io::Result<()> {
-                <$store>::reap(self, f)
-            }
-        }
-    )*};
-}
-
-drive!(UringStore, NbdStore, RbdStore);
+use super::{BufId, Op, Store};
 
 /// Waits for `n` completions and hands each to `f(tag, result)`; fails
 /// the test when 60 s pass without them.
-pub fn reap_n(s: &mut impl Drive, n: usize, mut f: impl FnMut(u64, i32)) {
+pub fn reap_n(s: &mut Store, n: usize, mut f: impl FnMut(u64, i32)) {
     let start = Instant::now();
     let mut done = 0;
     while done < n {
         s.wait().unwrap();
         s.clear_event();
-        s.reap(&mut |t, r| {
+        s.reap(|t, r| {
             done += 1;
             f(t, r)
         })
@@ -67,7 +25,7 @@ pub fn reap_n(s: &mut impl Drive, n: usize, mut f: impl FnMut(u64, i32)) {
 
 /// Pushes `op` as `tag`, submits it and returns its result (bytes moved,
 /// or a negative errno).
-pub fn run(s: &mut impl Drive, op: Op, tag: u64) -> i32 {
+pub fn run(s: &mut Store, op: Op, tag: u64) -> i32 {
     s.push(op, tag).unwrap();
     s.submit().unwrap();
     let mut got = None;
@@ -81,7 +39,7 @@ pub fn run(s: &mut impl Drive, op: Op, tag: u64) -> i32 {
 /// Writes 64 KiB of 0x5c at 8 KiB from a buffer of `s` (tag 7), syncs
 /// (tag 8), and reads 4 KiB of it back, at 12 KiB, into the same buffer
 /// (tag 9). Returns the buffer and that read, for reading it again.
-pub fn write_sync_read(s: &mut impl Drive) -> (BufId, Op) {
+pub fn write_sync_read(s: &mut Store) -> (BufId, Op) {
     let b = s.buffers().take().unwrap();
     s.buffers().bytes_mut(b, 65536).fill(0x5c);
     let write = Op::Write {
@@ -105,7 +63,7 @@ pub fn write_sync_read(s: &mut impl Drive) -> (BufId, Op) {
 /// 64 writes of 64 KiB in flight at once, buffer i (the pool's first 64,
 /// taken here) filled with i + 1 and written at `offset(i)` as tag i.
 /// Returns the tags in the order they completed, every one with 65536.
-pub fn write_64_at_once(s: &mut impl Drive, offset: impl Fn(u16) -> u64) -> Vec<u64> {
+pub fn write_64_at_once(s: &mut Store, offset: impl Fn(u16) -> u64) -> Vec<u64> {
     for i in 0..64u16 {
         let b = s.buffers().take().unwrap();
         assert_eq!(b, i);
@@ -130,7 +88,7 @@ pub fn write_64_at_once(s: &mut impl Drive, offset: impl Fn(u16) -> u64) -> Vec<
 /// After `write_64_at_once`: reads each write back into another buffer
 /// (reversed: buffer i from `offset(63 - i)`), all in flight at once, and
 /// checks the data.
-pub fn read_back_64_reversed(s: &mut impl Drive, offset: impl Fn(u16) -> u64) {
+pub fn read_back_64_reversed(s: &mut Store, offset: impl Fn(u16) -> u64) {
     for i in 0..64u16 {
         s.buffers().bytes_mut(i, 65536).fill(0);
         let op = Op::Read {

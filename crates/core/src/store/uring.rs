@@ -251,11 +251,16 @@ impl Drop for UringStore {
 #[cfg(test)]
 mod tests {
     use super::super::testkit::{reap_n, run};
+    use super::super::Store;
     use super::*;
     use std::os::unix::fs::FileExt;
 
-    fn store(file: &std::fs::File) -> UringStore {
+    fn uring(file: &std::fs::File) -> UringStore {
         UringStore::new(file.as_raw_fd(), 8, Buffers::new(4, 4096)).expect("io_uring")
+    }
+
+    fn store(file: &std::fs::File) -> Store {
+        Store::Uring(uring(file))
     }
 
     #[test]
@@ -339,7 +344,7 @@ mod tests {
     #[test]
     fn the_ring_refuses_operations_outside_its_restrictions() {
         let file = tempfile::tempfile().unwrap();
-        let mut s = store(&file);
+        let mut s = uring(&file);
         let path = c"/etc/hostname";
         let open = opcode::OpenAt::new(types::Fd(libc::AT_FDCWD), path.as_ptr())
             .build()
@@ -348,6 +353,7 @@ mod tests {
         unsafe { s.ring.submission().push(&open).unwrap() };
         s.in_flight += 1;
         s.submit().unwrap();
+        let mut s = Store::Uring(s);
         let mut result = None;
         reap_n(&mut s, 1, |_, r| result = Some(r));
         assert_eq!(result, Some(-libc::EACCES), "openat through the ring");
