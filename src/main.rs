@@ -83,19 +83,14 @@ fn main() -> ExitCode {
         Command::Demo(args) => cryptblk::demo::run(&args).map_err(Into::into),
         Command::Format(a) => {
             secrets::forbid_core_dumps();
-            // format, key and dump reach NBD URIs too (no TLS options).
-            cryptblk::store::install_luks_opener(None, None);
-            with_logging(|| luks_cli::run_format(&a))
+            luks_command(&a.image, &a.storage, || luks_cli::run_format(&a))
         }
         Command::Key(a) => {
             secrets::forbid_core_dumps();
-            cryptblk::store::install_luks_opener(None, None);
-            with_logging(|| luks_cli::run_key(&a))
+            let op = a.op();
+            luks_command(&op.image, &op.storage, || luks_cli::run_key(&a))
         }
-        Command::Dump(a) => {
-            cryptblk::store::install_luks_opener(None, None);
-            with_logging(|| luks_cli::run_dump(&a))
-        }
+        Command::Dump(a) => luks_command(&a.image, &a.storage, || luks_cli::run_dump(&a)),
         Command::Ctl(a) => cryptblk::control::client::run(&a).map_err(Into::into),
     };
     match result {
@@ -115,11 +110,16 @@ fn init_logging(level: Option<&str>) {
     let _ = b.try_init();
 }
 
-fn with_logging<E: std::error::Error + 'static>(
-    f: impl FnOnce() -> Result<(), E>,
+/// Runs `format`, `key` or `dump` on `image`, which may be an NBD URI or
+/// an RBD image reached as `storage` says.
+fn luks_command(
+    image: &std::path::Path,
+    storage: &luks_cli::StorageArgs,
+    run: impl FnOnce() -> Result<(), cryptblk::luks::LuksError>,
 ) -> Result<(), Box<dyn std::error::Error>> {
     init_logging(None);
-    f().map_err(Into::into)
+    cryptblk::config::reach_luks_image(image, storage)?;
+    run().map_err(Into::into)
 }
 
 fn serve(args: ServeArgs, cli: &clap::ArgMatches) -> Result<(), Box<dyn std::error::Error>> {

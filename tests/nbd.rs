@@ -692,6 +692,136 @@ fn a_wrong_psk_is_a_clear_start_up_error() {
     }
 }
 
+/// `format`, `key` and `dump` take the TLS options too: LUKS2 formatted on
+/// an export that requires TLS, a key added and the header dumped, then
+/// served over TLS. The wrong key is refused with serve's message, and TLS
+/// options with a file image are refused rather than ignored.
+#[test]
+fn luks_commands_reach_a_tls_export() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let psk = psk_file(d, "keys.psk", "alice", 1);
+    let wrong = psk_file(d, "wrong.psk", "alice", 2);
+    let (_server, uri) = tls_export(d, Transport::Unix, &psk, &["memory", "size=32M"]);
+    let pw = d.join("pw");
+    std::fs::write(&pw, b"correct horse").unwrap();
+    let pw2 = d.join("pw2");
+    std::fs::write(&pw2, b"battery staple").unwrap();
+    let with_psk = |psk: &str, args: &[&str]| {
+        std::process::Command::new(BIN)
+            .args(args)
+            .args(["--tls-psk-file", psk, "--tls-username", "alice"])
+            .output()
+            .unwrap()
+    };
+    let dump = format_dump_and_add_key("luks2", &uri, &pw, &pw2, |args| with_psk(&psk, args));
+    assert!(dump.contains("LUKS header information"), "{dump}");
+
+    let refused = with_psk(&wrong, &["dump", "--image", &uri]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(
+        err.contains("the TLS handshake failed") && err.contains("--tls-psk-file"),
+        "{err}"
+    );
+
+    let tls = ["--tls-psk-file", psk.as_str(), "--tls-username", "alice"];
+    let pw_s = pw2.to_str().unwrap();
+    let daemon = Daemon::start(
+        d,
+        &[&["--image", &uri, "--key-file", pw_s][..], &tls].concat(),
+    );
+    let mut c = Client::connect(&daemon.socket, 1);
+    assert_eq!(c.capacity(), 16 << 20, "the payload behind the header");
+    let data = pattern(13, 0, BLOCK);
+    assert_eq!(c.write(0, 0, &data), 0);
+    assert!(c.read(0, 0, BLOCK).unwrap() == data);
+    drop(c);
+    assert!(daemon.terminate().success());
+
+    let file = d.join("file.img");
+    let out = with_psk(&psk, &["dump", "--image", file.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("--tls-psk-file") && err.contains("nbds://"),
+        "{err}"
+    );
+}
+
+/// A unix socket whose server accepts connections and never says a word.
+fn silent_server(dir: &Path) -> String {
+    let path = dir.join("silent.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    std::thread::spawn(move || {
+        // Held open, never read or written, until the test process ends.
+        let mut held = Vec::new();
+        for conn in listener.incoming() {
+            held.push(conn);
+        }
+    });
+    format!("nbd+unix:///?socket={}", path.display())
+}
+
+/// A server that accepts and never speaks NBD cannot hold serve's start-up
+/// for ever: the handshake gives up after the request timeout, whether the
+/// LUKS probe (auto) or the export's own connection (plain) meets it first.
+#[test]
+fn a_silent_server_ends_the_start_up_after_the_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let uri = silent_server(d);
+    let (key_path, _) = write_key(d, 64);
+    for device_type in ["auto", "plain"] {
+        let t = Instant::now();
+        let args = ["--type", device_type, "--nbd-reconnect-timeout", "2"];
+        let out = serve_output(d, &uri, &args, &key_path);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains("handshake did not finish in time"), "{err}");
+        assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+    }
+}
+
+/// `dump` on a server that never speaks gives up after 30 s (the default
+/// request timeout) with the same message.
+#[test]
+fn dump_gives_up_on_a_silent_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let uri = silent_server(dir.path());
+    let t = Instant::now();
+    let out = std::process::Command::new(BIN)
+        .args(["dump", "--image", &uri])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("handshake did not finish in time"), "{err}");
+    assert!(t.elapsed() >= Duration::from_secs(29), "{:?}", t.elapsed());
+}
+
+/// A server that completes the handshake and then sits on the LUKS probe's
+/// read (nbdkit's delay filter): serve gives up after the request timeout
+/// and says the server did not answer.
+#[test]
+fn an_unanswered_header_read_ends_the_start_up_after_the_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let server = NbdServer::nbdkit(
+        d,
+        Transport::Unix,
+        &["--filter=delay", "memory", "size=16M", "rdelay=60"],
+    );
+    let (key_path, _) = write_key(d, 64);
+    let t = Instant::now();
+    let args = ["--nbd-reconnect-timeout", "2"];
+    let out = serve_output(d, &server.uri, &args, &key_path);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("did not answer within 2000 ms"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+}
+
 /// Over TLS, reconnecting needs --sandbox none (the handshake reads the PSK
 /// file): then a restarted server is reached again and the data verifies;
 /// under the sandbox it is off by default and refused when asked for.

@@ -10,7 +10,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use support::ceph::{cluster, serve_args, Cluster};
-use support::luks::{cryptsetup_opens, decrypt_payload, format_dump_and_add_key, PASS};
+use support::luks::{cryptsetup_opens, decrypt_payload, format_dump_and_add_key, PASS, PBKDF2};
 use support::*;
 
 /// Serves a new 16 MiB image encrypted (payload 8 sectors in, IVs + 16) on
@@ -47,15 +47,64 @@ fn two_queues_workers() {
     round_trip(2, &["--crypto", "workers", "--split-threshold", "64K"]);
 }
 
-/// `cryptblk ARGS` (format, key, dump) on the test cluster: they reach it
-/// through $CEPH_CONF, as the rbd tool does.
+/// `cryptblk ARGS` (format, key, dump) on the test cluster, reached with
+/// `--ceph-conf` (and not through $CEPH_CONF, which `dump_finds_the_cluster`
+/// checks).
 fn cryptblk_on(c: &Cluster, args: &[&str]) -> Output {
     Command::new(BIN)
         .args(args)
-        .env("CEPH_CONF", &c.conf)
+        .args(["--ceph-conf", c.conf_str()])
+        .env_remove("CEPH_CONF")
         .stdin(Stdio::null())
         .output()
         .unwrap()
+}
+
+/// `dump` finds the cluster through $CEPH_CONF as the rbd tool does, or
+/// through `--ceph-conf`, which wins: a configuration file that is not
+/// there is an error that names it, also with a good $CEPH_CONF.
+#[test]
+fn dump_finds_the_cluster_by_flag_or_environment() {
+    let c = cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let (spec, _) = c.create("dump-conf", 16);
+    let (pw, _) = passphrases(dir.path());
+    let format = [
+        "format",
+        "--type",
+        "luks1",
+        "--image",
+        &spec,
+        "--size",
+        "8M",
+        "--key-file",
+    ];
+    let out = cryptblk_on(c, &[&format[..], &[pw.to_str().unwrap()], PBKDF2].concat());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dump = |extra: &[&str]| {
+        Command::new(BIN)
+            .args(["dump", "--image", &spec])
+            .args(extra)
+            .env("CEPH_CONF", &c.conf)
+            .output()
+            .unwrap()
+    };
+    let by_env = dump(&[]);
+    assert!(
+        by_env.status.success(),
+        "{}",
+        String::from_utf8_lossy(&by_env.stderr)
+    );
+    assert!(String::from_utf8_lossy(&by_env.stdout).contains("Version:        1"));
+    let missing = dir.path().join("nowhere.conf");
+    let by_flag = dump(&["--ceph-conf", missing.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&by_flag.stderr);
+    assert!(!by_flag.status.success());
+    assert!(err.contains("nowhere.conf"), "{err}");
 }
 
 /// `cryptblk serve` that must refuse to start: its stderr.

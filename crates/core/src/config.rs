@@ -12,6 +12,7 @@ use crate::crypto::{IvRule, KeyError, SectorCipher, XtsKey, SECTOR_SIZES};
 use crate::device::{AioMode, CryptoMode, DeviceOptions};
 use crate::keyring::{KeySpec, KeyringError};
 use crate::luks;
+use crate::luks::cli::StorageArgs;
 use crate::sandbox::{Sandbox, SandboxMode};
 use crate::socket::ids::{IdSpec, Kind};
 use crate::socket::{Activation, Allowlist, ListenOn, Origin, SocketAccess};
@@ -152,38 +153,17 @@ pub struct ServeArgs {
     /// Create a sparse image with this much payload (e.g. 10G) if none exists.
     #[arg(long, value_name = "BYTES")]
     pub size: Option<ByteSize>,
-    /// NBD over TLS (nbds://): directory of X.509 files (ca-cert.pem,
-    /// client-cert.pem, client-key.pem), as nbdkit/qemu-nbd name it.
-    #[arg(long, value_name = "DIR")]
-    pub tls_certificates: Option<PathBuf>,
-    /// NBD over TLS (nbds://): pre-shared keys file (psktool's
-    /// username:hexkey lines), as libnbd's URI query calls it.
-    #[arg(long, value_name = "FILE")]
-    pub tls_psk_file: Option<PathBuf>,
-    /// NBD over TLS: the username to authenticate as (PSK identity).
-    #[arg(long, value_name = "NAME")]
-    pub tls_username: Option<String>,
+    /// NBD TLS and Ceph options: parsed from the command line as if they
+    /// were written here; from a --config file by `from_config_file`
+    /// (serde cannot flatten a struct that denies unknown fields).
+    #[command(flatten)]
+    #[serde(skip)]
+    pub storage: StorageArgs,
     /// NBD: how long requests wait for a lost connection to come back
     /// (reconnecting with back-off) before they fail; 0 never reconnects.
     /// Default 30 (QEMU's nbd driver calls it reconnect-delay).
     #[arg(long, value_name = "SECONDS")]
     pub nbd_reconnect_timeout: Option<u64>,
-    /// RBD images (rbd:POOL/IMAGE): the Ceph configuration file (default:
-    /// librados' search, $CEPH_CONF then /etc/ceph/ceph.conf).
-    #[arg(long, value_name = "FILE")]
-    pub ceph_conf: Option<PathBuf>,
-    /// RBD: the cephx user to connect as, without "client." (default admin).
-    #[arg(long, value_name = "ID")]
-    pub ceph_id: Option<String>,
-    /// RBD: the cephx keyring (default: where the Ceph configuration says).
-    #[arg(long, value_name = "FILE")]
-    pub ceph_keyring: Option<PathBuf>,
-    /// RBD: a request the cluster has not answered after this many seconds
-    /// fails with an I/O error (librados' rados_osd_op_timeout; also
-    /// client_mount_timeout for connecting). Default 0: wait for the
-    /// cluster as long as it takes, as librbd and QEMU do.
-    #[arg(long, value_name = "SECONDS")]
-    pub rbd_timeout: Option<u64>,
     /// File holding the raw key (key-size/8 bytes); "-" reads standard input.
     #[arg(long, value_name = "PATH")]
     pub key_file: Option<String>,
@@ -315,10 +295,14 @@ impl ServeArgs {
             path: shown.clone(),
             source,
         })?;
-        let mut file: ServeArgs = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: shown,
+        let parse = |e| ConfigError::Parse {
+            path: shown.clone(),
             source: Box::new(e),
-        })?;
+        };
+        let mut table: toml::Table = toml::from_str(&text).map_err(parse)?;
+        let storage = take_storage_keys(&mut table);
+        let mut file: ServeArgs = toml::Value::Table(table).try_into().map_err(parse)?;
+        file.storage = toml::Value::Table(storage).try_into().map_err(parse)?;
         file.config = Some(path.to_path_buf());
         Ok(file)
     }
@@ -338,6 +322,18 @@ impl ServeArgs {
             .map_err(|e| ConfigError::CommandLine(e.to_string()))?;
         Ok(merged)
     }
+}
+
+/// Moves the keys of `StorageArgs`' options out of a config file's table:
+/// the flattened struct is read from them alone, the rest is `ServeArgs`'.
+/// Its option names come from clap, so an option added there is a key too.
+fn take_storage_keys(table: &mut toml::Table) -> toml::Table {
+    let command = StorageArgs::augment_args(clap::Command::new("storage"));
+    command
+        .get_arguments()
+        .filter_map(|arg| arg.get_long())
+        .filter_map(|long| table.remove_entry(long))
+        .collect()
 }
 
 /// Validated options, ready to open the volume and start serving.
@@ -440,9 +436,9 @@ impl ServeConfig {
         };
         let readonly = a.readonly.unwrap_or(false);
         let direct = a.direct.unwrap_or(false);
-        let nbd = nbd_tls(&a, &path)?;
+        let nbd = nbd_tls(&a.storage, &path)?;
         let reconnect = nbd_reconnect(&a, nbd.as_ref())?;
-        let rbd = rbd_image(&a, &path)?.map(|(_, cluster)| cluster);
+        let rbd = rbd_image(&a.storage, &path)?.map(|(_, cluster)| cluster);
         if rbd.is_some() {
             if a.size.is_some() {
                 return invalid(
@@ -503,7 +499,7 @@ impl ServeConfig {
         };
         if nbd.is_some() || rbd.is_some() {
             // The LUKS code reads the header through libnbd or librbd.
-            crate::store::install_luks_opener(nbd.clone(), rbd.clone());
+            crate::store::install_luks_opener(nbd.clone(), reconnect, rbd.clone());
         }
         let layout = if is_luks_device(&a)? {
             Layout::Luks(luks_spec(&a)?)
@@ -775,7 +771,7 @@ fn nbd_reconnect(a: &ServeArgs, tls: Option<&Tls>) -> Result<Duration, ConfigErr
 
 /// An NBD URI's TLS settings; TLS options with anything but an nbds://
 /// URI are refused (libnbd would connect without TLS and ignore them).
-fn nbd_tls(a: &ServeArgs, image: &std::path::Path) -> Result<Option<Tls>, ConfigError> {
+fn nbd_tls(a: &StorageArgs, image: &std::path::Path) -> Result<Option<Tls>, ConfigError> {
     let tls_options = [
         ("--tls-certificates", a.tls_certificates.is_some()),
         ("--tls-psk-file", a.tls_psk_file.is_some()),
@@ -812,7 +808,7 @@ fn nbd_tls(a: &ServeArgs, image: &std::path::Path) -> Result<Option<Tls>, Config
 /// An `rbd:` image's spec and how to reach its cluster; the `--ceph-*`
 /// options with any other image are refused (they would go unused).
 fn rbd_image(
-    a: &ServeArgs,
+    a: &StorageArgs,
     image: &Path,
 ) -> Result<Option<(RbdSpec, ClusterOptions)>, ConfigError> {
     let ceph_options = [
@@ -877,6 +873,17 @@ fn rbd_image(
             set,
         },
     )))
+}
+
+/// Lets `format`, `key` and `dump` reach `image` when it is an NBD URI or
+/// an RBD image: `storage` (their TLS and Ceph options), checked as serve
+/// checks them, becomes the LUKS code's way to open it. NBD connections
+/// give up after 30 s without an answer (serve's default request timeout).
+pub fn reach_luks_image(image: &Path, storage: &StorageArgs) -> Result<(), ConfigError> {
+    let tls = nbd_tls(storage, image)?;
+    let cluster = rbd_image(storage, image)?.map(|(_, cluster)| cluster);
+    crate::store::install_luks_opener(tls, Duration::ZERO, cluster);
+    Ok(())
 }
 
 /// `--type auto` (the default) looks for the LUKS magic in --header, else
@@ -1148,7 +1155,7 @@ mod tests {
         );
         let mmap = nbd(unix, |a| a.io = Some(IoMode::Mmap)).unwrap();
         assert!(mmap.contains("--io"), "{mmap}");
-        let psk = |a: &mut ServeArgs| a.tls_psk_file = Some("/k.psk".into());
+        let psk = |a: &mut ServeArgs| a.storage.tls_psk_file = Some("/k.psk".into());
         let plain = nbd("nbd://host/e", psk).unwrap();
         assert!(
             plain.contains("--tls-psk-file") && plain.contains("nbds://"),
@@ -1169,14 +1176,14 @@ mod tests {
                 ..base()
             };
             adjust(&mut a);
-            let parsed = rbd_image(&a, a.image.as_deref().unwrap());
+            let parsed = rbd_image(&a.storage, a.image.as_deref().unwrap());
             let served = ServeConfig::from_args(a).err().map(|e| e.to_string());
             (parsed, served)
         };
         let ceph = |a: &mut ServeArgs| {
-            a.ceph_conf = Some("/etc/ceph/c.conf".into());
-            a.ceph_id = Some("client.libvirt".into());
-            a.ceph_keyring = Some("/etc/ceph/k".into());
+            a.storage.ceph_conf = Some("/etc/ceph/c.conf".into());
+            a.storage.ceph_id = Some("client.libvirt".into());
+            a.storage.ceph_keyring = Some("/etc/ceph/k".into());
         };
         let (parsed, served) = rbd("rbd:vms/ns/vm1@snap", ceph);
         let (spec, cluster) = parsed.unwrap().unwrap();
@@ -1220,7 +1227,7 @@ mod tests {
         assert!(mmap.unwrap().contains("cannot be mapped"));
 
         // --rbd-timeout sets librados' timeouts; 0 leaves its defaults.
-        let (parsed, served) = rbd("rbd:vms/vm1", |a| a.rbd_timeout = Some(7));
+        let (parsed, served) = rbd("rbd:vms/vm1", |a| a.storage.rbd_timeout = Some(7));
         assert_eq!(served, None);
         let set = parsed.unwrap().unwrap().1.set;
         for option in ["rados_osd_op_timeout", "client_mount_timeout"] {
@@ -1229,11 +1236,11 @@ mod tests {
                 "{set:?}"
             );
         }
-        let (parsed, _) = rbd("rbd:vms/vm1", |a| a.rbd_timeout = Some(0));
+        let (parsed, _) = rbd("rbd:vms/vm1", |a| a.storage.rbd_timeout = Some(0));
         assert!(parsed.unwrap().unwrap().1.set.is_empty());
-        let (_, long) = rbd("rbd:vms/vm1", |a| a.rbd_timeout = Some(100_000));
+        let (_, long) = rbd("rbd:vms/vm1", |a| a.storage.rbd_timeout = Some(100_000));
         assert!(long.unwrap().contains("--rbd-timeout"));
-        let (_, file) = rbd("/i", |a| a.rbd_timeout = Some(7));
+        let (_, file) = rbd("/i", |a| a.storage.rbd_timeout = Some(7));
         assert!(file.unwrap().contains("--rbd-timeout"));
 
         let (_, bad) = rbd("rbd:vm1", |_| {});
@@ -1244,11 +1251,13 @@ mod tests {
         );
         let (_, qemu) = rbd("rbd:vms/vm1:id=admin", |_| {});
         assert!(qemu.unwrap().contains("--ceph-id"));
-        let (_, empty) = rbd("rbd:vms/vm1", |a| a.ceph_id = Some("client.".into()));
+        let (_, empty) = rbd("rbd:vms/vm1", |a| {
+            a.storage.ceph_id = Some("client.".into())
+        });
         assert!(empty.unwrap().contains("--ceph-id"));
         // Ceph options with a file or an NBD image would go unused.
         for image in ["/i", "nbd+unix:///?socket=/run/n.sock"] {
-            let (_, file) = rbd(image, |a| a.ceph_keyring = Some("/k".into()));
+            let (_, file) = rbd(image, |a| a.storage.ceph_keyring = Some("/k".into()));
             let file = file.unwrap();
             assert!(
                 file.contains("--ceph-keyring") && file.contains("rbd:POOL/IMAGE images only"),
@@ -1268,10 +1277,13 @@ mod tests {
         )
         .unwrap();
         let a = ServeArgs::from_config_file(&path).unwrap();
-        assert_eq!(a.ceph_conf.as_deref(), Some(Path::new("/etc/ceph/c.conf")));
-        assert_eq!(a.ceph_id.as_deref(), Some("libvirt"));
-        assert_eq!(a.ceph_keyring.as_deref(), Some(Path::new("/k")));
-        assert_eq!(a.rbd_timeout, Some(20));
+        assert_eq!(
+            a.storage.ceph_conf.as_deref(),
+            Some(Path::new("/etc/ceph/c.conf"))
+        );
+        assert_eq!(a.storage.ceph_id.as_deref(), Some("libvirt"));
+        assert_eq!(a.storage.ceph_keyring.as_deref(), Some(Path::new("/k")));
+        assert_eq!(a.storage.rbd_timeout, Some(20));
         let cli = ServeArgs::from_command_line([
             "--config",
             path.to_str().unwrap(),
@@ -1279,8 +1291,12 @@ mod tests {
             "admin",
         ])
         .unwrap();
-        assert_eq!(cli.ceph_id.as_deref(), Some("admin"), "the flag wins");
-        assert_eq!(cli.ceph_keyring.as_deref(), Some(Path::new("/k")));
+        assert_eq!(
+            cli.storage.ceph_id.as_deref(),
+            Some("admin"),
+            "the flag wins"
+        );
+        assert_eq!(cli.storage.ceph_keyring.as_deref(), Some(Path::new("/k")));
     }
 
     #[test]
@@ -1305,17 +1321,17 @@ mod tests {
         assert!(file.contains("--nbd-reconnect-timeout"), "{file}");
         // TLS reads key files at each handshake: off under the sandbox by
         // default, refused when asked for, allowed without a sandbox.
-        let psk = |a: &mut ServeArgs| a.tls_psk_file = Some("/k.psk".into());
+        let psk = |a: &mut ServeArgs| a.storage.tls_psk_file = Some("/k.psk".into());
         assert_eq!(secs(cfg("nbds://h/e", psk)), 0);
         let asked = cfg("nbds://h/e", |a| {
-            a.tls_psk_file = Some("/k.psk".into());
+            a.storage.tls_psk_file = Some("/k.psk".into());
             a.nbd_reconnect_timeout = Some(30);
         })
         .err()
         .unwrap();
         assert!(asked.contains("--sandbox none"), "{asked}");
         let unsandboxed = cfg("nbds://h/e", |a| {
-            a.tls_psk_file = Some("/k.psk".into());
+            a.storage.tls_psk_file = Some("/k.psk".into());
             a.sandbox = Some(SandboxMode::None);
         });
         assert_eq!(secs(unsandboxed), DEFAULT_NBD_RECONNECT);

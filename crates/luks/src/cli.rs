@@ -73,6 +73,43 @@ fn default_memory_kib() -> u32 {
     half_ram_kib().unwrap_or(0).clamp(32, 1 << 20) as u32
 }
 
+/// How to reach an image that is not a local file: TLS for NBD URIs, the
+/// cluster for RBD images. `serve`, `format`, `key` and `dump` all take
+/// these (the names of qemu-nbd's and the rbd tool's options). The LUKS
+/// code never reads them: the binary turns them into the opener it
+/// installs (`device::set_opener`) before a command runs.
+#[derive(Debug, Clone, Default, Args, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct StorageArgs {
+    /// NBD over TLS (nbds://): directory of X.509 files (ca-cert.pem,
+    /// client-cert.pem, client-key.pem), as nbdkit/qemu-nbd name it.
+    #[arg(long, value_name = "DIR")]
+    pub tls_certificates: Option<PathBuf>,
+    /// NBD over TLS (nbds://): pre-shared keys file (psktool's
+    /// username:hexkey lines), as libnbd's URI query calls it.
+    #[arg(long, value_name = "FILE")]
+    pub tls_psk_file: Option<PathBuf>,
+    /// NBD over TLS: the username to authenticate as (PSK identity).
+    #[arg(long, value_name = "NAME")]
+    pub tls_username: Option<String>,
+    /// RBD images (rbd:POOL/IMAGE): the Ceph configuration file (default:
+    /// librados' search, $CEPH_CONF then /etc/ceph/ceph.conf).
+    #[arg(long, value_name = "FILE")]
+    pub ceph_conf: Option<PathBuf>,
+    /// RBD: the cephx user to connect as, without "client." (default admin).
+    #[arg(long, value_name = "ID")]
+    pub ceph_id: Option<String>,
+    /// RBD: the cephx keyring (default: where the Ceph configuration says).
+    #[arg(long, value_name = "FILE")]
+    pub ceph_keyring: Option<PathBuf>,
+    /// RBD: a request the cluster has not answered after this many seconds
+    /// fails with an I/O error (librados' rados_osd_op_timeout; also
+    /// client_mount_timeout for connecting). Default 0: wait for the
+    /// cluster as long as it takes, as librbd and QEMU do.
+    #[arg(long, value_name = "SECONDS")]
+    pub rbd_timeout: Option<u64>,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct FormatArgs {
     /// luks2, luks1 or plain (raw dm-crypt, no header).
@@ -107,6 +144,11 @@ pub struct FormatArgs {
     /// Only aes-xts-plain64 is supported.
     #[arg(long, default_value = "aes-xts-plain64")]
     pub cipher: String,
+    #[command(
+        flatten,
+        next_help_heading = "Network images (NBD URIs, rbd:POOL/IMAGE)"
+    )]
+    pub storage: StorageArgs,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -147,6 +189,11 @@ pub struct KeyOpArgs {
     pub key_slot: Option<usize>,
     #[command(flatten)]
     pub kdf: KdfArgs,
+    #[command(
+        flatten,
+        next_help_heading = "Network images (NBD URIs, rbd:POOL/IMAGE)"
+    )]
+    pub storage: StorageArgs,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -156,6 +203,11 @@ pub struct DumpArgs {
     /// A detached header to read instead of the image's own.
     #[arg(long)]
     pub header: Option<PathBuf>,
+    #[command(
+        flatten,
+        next_help_heading = "Network images (NBD URIs, rbd:POOL/IMAGE)"
+    )]
+    pub storage: StorageArgs,
 }
 
 pub fn run_format(a: &FormatArgs) -> Result<(), LuksError> {
@@ -215,10 +267,17 @@ fn new_passphrase_prompt() -> Result<Zeroizing<Vec<u8>>, LuksError> {
     Ok(first)
 }
 
+impl KeyArgs {
+    /// The options of whichever action this is.
+    pub fn op(&self) -> &KeyOpArgs {
+        match &self.action {
+            KeyAction::Add(op) | KeyAction::Remove(op) | KeyAction::Change(op) => op,
+        }
+    }
+}
+
 pub fn run_key(a: &KeyArgs) -> Result<(), LuksError> {
-    let op = match &a.action {
-        KeyAction::Add(op) | KeyAction::Remove(op) | KeyAction::Change(op) => op,
-    };
+    let op = a.op();
     if op.key_file.as_deref() == Some("-") && op.new_key_file.as_deref() == Some("-") {
         return Err(LuksError::Invalid(
             "--key-file and --new-key-file cannot both be stdin".into(),

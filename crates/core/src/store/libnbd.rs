@@ -112,7 +112,7 @@ api! {
     fn nbd_set_tls_username(*mut Handle, *const c_char) -> c_int;
     fn nbd_set_tls_psk_file(*mut Handle, *const c_char) -> c_int;
     fn nbd_supports_tls(*mut Handle) -> c_int;
-    fn nbd_connect_uri(*mut Handle, *const c_char) -> c_int;
+    fn nbd_aio_connect_uri(*mut Handle, *const c_char) -> c_int;
     fn nbd_aio_connect_socket(*mut Handle, c_int) -> c_int;
     fn nbd_aio_is_ready(*mut Handle) -> c_int;
     fn nbd_is_read_only(*mut Handle) -> c_int;
@@ -249,21 +249,26 @@ unsafe impl Sync for Connection {}
 
 impl Connection {
     /// Connects to `uri` (nbd://, nbd+unix://, nbds://, nbds+unix://) and
-    /// completes the handshake; blocks until then.
-    pub fn connect(uri: &str, tls: &Tls, name: &str) -> io::Result<Connection> {
+    /// completes the handshake within `timeout`: a server that accepts the
+    /// connection and never speaks cannot hold the caller (serve's start-up,
+    /// `format`, `key`, `dump`) for ever.
+    pub fn connect(uri: &str, tls: &Tls, name: &str, timeout: Duration) -> io::Result<Connection> {
+        let deadline = Instant::now() + timeout;
         let conn = Self::create(name)?;
         conn.configure_tls(tls, uri.starts_with("nbds"))?;
         let curi = cstring(uri)?;
         // Libnbd copies the URI.
-        let rc = call!(conn, nbd_connect_uri, curi.as_ptr());
-        conn.check(rc, "connect").map_err(|e| {
-            if e.to_string().contains("gnutls") {
-                // GnuTLS says how the handshake broke, not why.
-                io::Error::new(e.kind(), format!("{e}: {}", tls_hint(tls, &e)))
-            } else {
-                e
-            }
-        })?;
+        let rc = call!(conn, nbd_aio_connect_uri, curi.as_ptr());
+        conn.check(rc, "connect")
+            .and_then(|_| conn.wait_until_ready(deadline))
+            .map_err(|e| {
+                if e.to_string().contains("gnutls") {
+                    // GnuTLS says how the handshake broke, not why.
+                    io::Error::new(e.kind(), format!("{e}: {}", tls_hint(tls, &e)))
+                } else {
+                    e
+                }
+            })?;
         Ok(conn)
     }
 
@@ -294,18 +299,25 @@ impl Connection {
         conn.check(rc, "nbd_aio_connect_socket")?;
         // The handle owns the socket now and closes it.
         let _ = sock.into_raw_fd();
-        let fd = conn.fd()?;
+        conn.wait_until_ready(deadline)?;
+        Ok(conn)
+    }
+
+    /// Drives a connection being made until its handshake is done, giving
+    /// up at `deadline`.
+    fn wait_until_ready(&self, deadline: Instant) -> io::Result<()> {
+        let fd = self.fd()?;
         loop {
-            if call!(conn, nbd_aio_is_ready) == 1 {
-                return Ok(conn);
+            if call!(self, nbd_aio_is_ready) == 1 {
+                return Ok(());
             }
-            if conn.is_dead() {
+            if self.is_dead() {
                 return Err(io::Error::new(
                     io::ErrorKind::ConnectionAborted,
                     "the server ended the NBD handshake",
                 ));
             }
-            let dir = conn.direction();
+            let dir = self.direction();
             let mut events = 0;
             if dir.read {
                 events |= libc::POLLIN;
@@ -317,14 +329,15 @@ impl Connection {
             if left.is_zero() {
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
-                    "the NBD handshake did not finish in time",
+                    "the NBD handshake did not finish in time (a server that accepted the \
+                     connection and does not speak NBD, or a stuck one)",
                 ));
             }
             let ready = poll_fd(fd, events, left)?;
             if ready & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
-                conn.notify_read()?;
+                self.notify_read()?;
             } else if ready & libc::POLLOUT != 0 {
-                conn.notify_write()?;
+                self.notify_write()?;
             }
         }
     }
@@ -1054,7 +1067,7 @@ mod tests {
     fn a_refused_connection_is_an_error_with_libnbd_message() {
         let dir = tempfile::tempdir().unwrap();
         let uri = format!("nbd+unix:///?socket={}/none.sock", dir.path().display());
-        let e = Connection::connect(&uri, &Tls::default(), "t")
+        let e = Connection::connect(&uri, &Tls::default(), "t", Duration::from_secs(30))
             .err()
             .expect("connected to nothing");
         assert!(e.to_string().starts_with("connect: "), "{e}");

@@ -37,14 +37,20 @@ use libnbd::Tls;
 use librbd::ClusterOptions;
 
 /// Lets the LUKS code read and write headers on images that are not files:
-/// NBD URIs (a libnbd connection of their own, with `tls`) and RBD images
-/// (a cluster connection and image handle of their own, reached as `ceph`
-/// says; None: Ceph's defaults, $CEPH_CONF and $CEPH_ARGS). Call once at
-/// start-up.
-pub fn install_luks_opener(tls: Option<Tls>, ceph: Option<ClusterOptions>) {
-    if let Some(tls) = tls {
-        nbd::set_luks_tls(tls);
-    }
+/// NBD URIs (a libnbd connection of their own, with `tls`, whose handshake
+/// and commands give up after the request timeout that `nbd_reconnect`
+/// implies, 30 s when zero) and RBD images (a cluster connection and image
+/// handle of their own, reached as `ceph` says; None: Ceph's defaults,
+/// $CEPH_CONF and $CEPH_ARGS). Call once at start-up.
+pub fn install_luks_opener(
+    tls: Option<Tls>,
+    nbd_reconnect: std::time::Duration,
+    ceph: Option<ClusterOptions>,
+) {
+    nbd::set_luks_connection(
+        tls.unwrap_or_default(),
+        nbd::request_timeout_for(nbd_reconnect),
+    );
     if let Some(ceph) = ceph {
         rbd::set_luks_cluster(ceph);
     }

@@ -197,6 +197,25 @@ impl Redial {
     }
 }
 
+/// How long a command may go unanswered before its connection counts
+/// as lost: the reconnect timeout (30 s unless set otherwise), or 30 s
+/// with reconnecting off. A server that keeps the connection open and
+/// never answers, or a network that silently drops everything, is
+/// otherwise never seen as lost (TCP alone retransmits for about 15
+/// minutes, and a live server's kernel acknowledges keep-alive probes
+/// while the server itself is stuck). One knob: a server silent for as
+/// long as we would wait for a lost one to come back is no better than
+/// a lost one, and the operator who shortens one wants the other short
+/// too. A slow server is not a silent one as long as it answers each
+/// command within that time (tests/nbd.rs checks both sides).
+pub(super) fn request_timeout_for(reconnect: Duration) -> Duration {
+    if reconnect.is_zero() {
+        REQUEST_TIMEOUT_NO_RECONNECT
+    } else {
+        reconnect
+    }
+}
+
 /// An NBD export as the daemon uses it, connected at start-up: one
 /// connection for synchronous commands (LUKS headers, the synchronous data
 /// path, the final flush) and, when the server allows several connections
@@ -233,14 +252,14 @@ impl NbdExport {
     /// `reconnect`: how long requests wait for a lost connection to be made
     /// again (zero: never reconnect).
     pub fn open(uri: &str, tls: &Tls, queues: usize, reconnect: Duration) -> io::Result<Arc<Self>> {
-        let sync = Connection::connect(uri, tls, "cryptblk")?;
+        let request_timeout = request_timeout_for(reconnect);
+        let sync = Connection::connect(uri, tls, "cryptblk", request_timeout)?;
         let info = sync.info()?;
-        let request_timeout = Self::request_timeout_for(reconnect);
         sync.set_sync_timeout(request_timeout);
         let queues = if info.can_multi_conn {
             (0..queues)
                 .map(|q| {
-                    Connection::connect(uri, tls, &format!("cryptblk-q{q}"))
+                    Connection::connect(uri, tls, &format!("cryptblk-q{q}"), request_timeout)
                         .map(|c| Mutex::new(Some(c)))
                 })
                 .collect::<io::Result<Vec<_>>>()?
@@ -267,25 +286,6 @@ impl NbdExport {
             stop: Arc::new(Stop::new()?),
             request_timeout,
         }))
-    }
-
-    /// How long a command may go unanswered before its connection counts
-    /// as lost: the reconnect timeout (30 s unless set otherwise), or 30 s
-    /// with reconnecting off. A server that keeps the connection open and
-    /// never answers, or a network that silently drops everything, is
-    /// otherwise never seen as lost (TCP alone retransmits for about 15
-    /// minutes, and a live server's kernel acknowledges keep-alive probes
-    /// while the server itself is stuck). One knob: a server silent for as
-    /// long as we would wait for a lost one to come back is no better than
-    /// a lost one, and the operator who shortens one wants the other short
-    /// too. A slow server is not a silent one as long as it answers each
-    /// command within that time (tests/nbd.rs checks both sides).
-    fn request_timeout_for(reconnect: Duration) -> Duration {
-        if reconnect.is_zero() {
-            REQUEST_TIMEOUT_NO_RECONNECT
-        } else {
-            reconnect
-        }
     }
 
     /// How long the next synchronous call may wait for its answer: the
@@ -460,21 +460,26 @@ impl NbdExport {
     }
 }
 
-/// TLS settings for the connections the LUKS code opens (set by `serve`
-/// from its options; `format`, `key` and `dump` use none).
-static LUKS_TLS: OnceLock<Tls> = OnceLock::new();
+/// How the connections the LUKS code opens reach the server: TLS, and how
+/// long a handshake or a command may take (serve's request timeout; 30 s
+/// for `format`, `key` and `dump`). Set once, at start-up.
+static LUKS_CONNECTION: OnceLock<(Tls, Duration)> = OnceLock::new();
 
-/// Sets the TLS settings of the connections the LUKS code opens (once).
-pub(super) fn set_luks_tls(tls: Tls) {
-    let _ = LUKS_TLS.set(tls);
+pub(super) fn set_luks_connection(tls: Tls, timeout: Duration) {
+    let _ = LUKS_CONNECTION.set((tls, timeout));
 }
 
 /// An NBD URI as the LUKS code sees it: a connection of its own, used with
-/// libnbd's synchronous calls (see `super::install_luks_opener`).
+/// synchronous calls that give up after the timeout (see
+/// `super::install_luks_opener`).
 pub(super) fn open_header(path: &Path) -> io::Result<Box<dyn crate::luks::device::Device>> {
     let uri = path.to_str().unwrap_or_default();
-    let tls = LUKS_TLS.get().cloned().unwrap_or_default();
-    let conn = Connection::connect(uri, &tls, "cryptblk-luks")?;
+    let (tls, timeout) = LUKS_CONNECTION
+        .get()
+        .cloned()
+        .unwrap_or((Tls::default(), REQUEST_TIMEOUT_NO_RECONNECT));
+    let conn = Connection::connect(uri, &tls, "cryptblk-luks", timeout)?;
+    conn.set_sync_timeout(timeout);
     let info = conn.info()?;
     Ok(Box::new(HeaderDevice { conn, info }))
 }
@@ -1350,7 +1355,13 @@ pub(crate) mod tests {
     }
 
     fn connect(server: &Nbdkit) -> Connection {
-        Connection::connect(&server.uri, &Tls::default(), "test").expect("connect")
+        Connection::connect(
+            &server.uri,
+            &Tls::default(),
+            "test",
+            REQUEST_TIMEOUT_NO_RECONNECT,
+        )
+        .expect("connect")
     }
 
     fn store(server: &Nbdkit) -> NbdStore {

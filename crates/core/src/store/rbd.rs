@@ -281,8 +281,9 @@ fn layered(image: &Image) -> io::Result<bool> {
     Ok(&magic == LAYERED_MAGIC)
 }
 
-/// How the LUKS code's connections reach the cluster (set by `serve` from
-/// its options; `format`, `key` and `dump` use Ceph's defaults).
+/// How the LUKS code's connections reach the cluster (set from the
+/// `--ceph-*` options of `serve`, `format`, `key` and `dump`; unset: Ceph's
+/// defaults).
 static LUKS_CLUSTER: OnceLock<ClusterOptions> = OnceLock::new();
 
 pub(super) fn set_luks_cluster(opts: ClusterOptions) {
