@@ -135,13 +135,19 @@ wait_listening() {
 
 # ab_rounds PREFIX START: ROUNDS rounds over TARGETS (A/B/A/B), each target
 # started with `START TARGET`, measured on every workload of WORKLOADS into
-# bench rows labelled PREFIX followed by the target, then stopped.
+# bench rows labelled PREFIX followed by the target, then stopped. With
+# REFILL set, each target first rewrites the whole device sequentially in 1M
+# writes, so that every target starts from the same store state (see rbd.sh).
 ab_rounds() {
   local prefix=$1 start=$2 round target workload name args
   for round in $(seq "$ROUNDS"); do
     for target in $TARGETS; do
       log "${prefix}round $round/$ROUNDS: $target"
       "$start" "$target"
+      if [ -n "${REFILL:-}" ]; then
+        bench --rw write --bs 1m --iodepth 4 --seed "$SEED" >"$WORK/refill.json" ||
+          die "rewriting the device through $target failed: $(jq -c '.errors' "$WORK/refill.json")"
+      fi
       for workload in "${WORKLOADS[@]}"; do
         read -r name args <<<"$workload"
         # shellcheck disable=SC2086 # args is a word list on purpose
