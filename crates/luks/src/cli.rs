@@ -73,6 +73,9 @@ fn default_memory_kib() -> u32 {
     half_ram_kib().unwrap_or(0).clamp(32, 1 << 20) as u32
 }
 
+/// The help heading of `StorageArgs` in `format`, `key` and `dump`.
+const NETWORK_IMAGES: &str = "Network images (NBD URIs, rbd:POOL/IMAGE)";
+
 /// How to reach an image that is not a local file: TLS for NBD URIs, the
 /// cluster for RBD images. `serve`, `format`, `key` and `dump` all take
 /// these (the names of qemu-nbd's and the rbd tool's options). The LUKS
@@ -144,10 +147,7 @@ pub struct FormatArgs {
     /// Only aes-xts-plain64 is supported.
     #[arg(long, default_value = "aes-xts-plain64")]
     pub cipher: String,
-    #[command(
-        flatten,
-        next_help_heading = "Network images (NBD URIs, rbd:POOL/IMAGE)"
-    )]
+    #[command(flatten, next_help_heading = NETWORK_IMAGES)]
     pub storage: StorageArgs,
 }
 
@@ -189,10 +189,7 @@ pub struct KeyOpArgs {
     pub key_slot: Option<usize>,
     #[command(flatten)]
     pub kdf: KdfArgs,
-    #[command(
-        flatten,
-        next_help_heading = "Network images (NBD URIs, rbd:POOL/IMAGE)"
-    )]
+    #[command(flatten, next_help_heading = NETWORK_IMAGES)]
     pub storage: StorageArgs,
 }
 
@@ -203,10 +200,7 @@ pub struct DumpArgs {
     /// A detached header to read instead of the image's own.
     #[arg(long)]
     pub header: Option<PathBuf>,
-    #[command(
-        flatten,
-        next_help_heading = "Network images (NBD URIs, rbd:POOL/IMAGE)"
-    )]
+    #[command(flatten, next_help_heading = NETWORK_IMAGES)]
     pub storage: StorageArgs,
 }
 

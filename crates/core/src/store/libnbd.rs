@@ -251,7 +251,8 @@ impl Connection {
     /// Connects to `uri` (nbd://, nbd+unix://, nbds://, nbds+unix://) and
     /// completes the handshake within `timeout`: a server that accepts the
     /// connection and never speaks cannot hold the caller (serve's start-up,
-    /// `format`, `key`, `dump`) for ever.
+    /// `format`, `key`, `dump`) for ever. The synchronous calls then wait
+    /// as long for each answer (`set_sync_timeout` changes that).
     pub fn connect(uri: &str, tls: &Tls, name: &str, timeout: Duration) -> io::Result<Connection> {
         let deadline = Instant::now() + timeout;
         let conn = Self::create(name)?;
@@ -269,6 +270,7 @@ impl Connection {
                     e
                 }
             })?;
+        conn.set_sync_timeout(timeout);
         Ok(conn)
     }
 

@@ -255,7 +255,6 @@ impl NbdExport {
         let request_timeout = request_timeout_for(reconnect);
         let sync = Connection::connect(uri, tls, "cryptblk", request_timeout)?;
         let info = sync.info()?;
-        sync.set_sync_timeout(request_timeout);
         let queues = if info.can_multi_conn {
             (0..queues)
                 .map(|q| {
@@ -479,7 +478,6 @@ pub(super) fn open_header(path: &Path) -> io::Result<Box<dyn crate::luks::device
         .cloned()
         .unwrap_or((Tls::default(), REQUEST_TIMEOUT_NO_RECONNECT));
     let conn = Connection::connect(uri, &tls, "cryptblk-luks", timeout)?;
-    conn.set_sync_timeout(timeout);
     let info = conn.info()?;
     Ok(Box::new(HeaderDevice { conn, info }))
 }
