@@ -13,6 +13,9 @@
 #   qsd-luks       qemu-storage-daemon: --blockdev driver=nbd, then
 #                  driver=luks on it, exported as vhost-user-blk
 #   qsd-raw        (not by default) QSD's raw driver on the payload over nbd
+#   cryptblk-shared (not by default; SERVER=qemu-nbd) cryptblk-xts on a second
+#                  qemu-nbd serving the same file to one client (no
+#                  multi-conn): every queue shares one connection
 # Workloads: 4K random read/write at QD32 and QD1, 1M sequential read/write at
 # QD4 (QD per queue). Before measuring, a pattern is written through qsd-luks
 # and read back through cryptblk-xts on each transport: the figures are void
@@ -24,6 +27,10 @@
 # Knobs (environment): SIZE=1G (payload; nbdkit holds it in memory) RUNTIME=5
 # (s per run) ROUNDS=3 QUEUES=2 TRANSPORTS="unix tcp"
 # TARGETS="cryptblk-xts cryptblk-none qsd-luks" KEEP=1 (keep the work dir).
+# SERVER=qemu-nbd: the export is a file in /dev/shm served by qemu-nbd
+# --shared=8 (multi-conn: a connection per queue), and by a second qemu-nbd
+# --shared=1 on the same file for cryptblk-shared (one connection): the two
+# connection modes measured against each other on the same server.
 # Needs qemu-img, qemu-storage-daemon, cryptsetup, jq, nbdkit, nbdcopy, python3:
 # integration/install-deps.sh installs them.
 set -euo pipefail
@@ -34,6 +41,7 @@ ROUNDS=${ROUNDS:-3}
 QUEUES=${QUEUES:-2}
 TRANSPORTS=${TRANSPORTS:-"unix tcp"}
 TARGETS=${TARGETS:-"cryptblk-xts cryptblk-none qsd-luks"}
+SERVER=${SERVER:-nbdkit}
 SEED=4242
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -43,13 +51,19 @@ LOG_TAG=nbd
 QD1=1
 bench_workloads
 
-need_tools qemu-img qemu-storage-daemon cryptsetup jq nbdkit nbdcopy python3
+need_tools qemu-img qemu-storage-daemon cryptsetup jq nbdkit nbdcopy python3 qemu-nbd
+case $SERVER in nbdkit | qemu-nbd) ;; *) die "SERVER=$SERVER: nbdkit or qemu-nbd" ;; esac
+if has cryptblk-shared && [ "$SERVER" != qemu-nbd ]; then
+  die "cryptblk-shared needs SERVER=qemu-nbd"
+fi
 build_release
 
 WORK=$(mktemp -d /tmp/cryptblk-nbd.XXXXXX)
 PID=
 SERVER_PID=
-trap end_comparison EXIT
+SHARED_PID=
+SHM_FILE=
+trap 'rm -f "$SHM_FILE"; end_comparison' EXIT
 umask 077
 
 log "creating a $SIZE LUKS1 image with qemu-img (copied onto each export)"
@@ -64,43 +78,95 @@ tcp_listening() {
     /proc/net/tcp
 }
 
-# start_server TRANSPORT: nbdkit's memory plugin, export size = the image's,
-# with the image copied onto it. Sets SERVER_PID, URI (cryptblk's --image) and
-# QSD_SERVER (the server options of QEMU's nbd driver).
-start_server() {
-  local listen _ port
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# listen_on TRANSPORT NAME: where a server NAME listens. Sets LISTEN (nbdkit's
+# options; qemu-nbd's in QEMU_LISTEN), LISTEN_URI, LISTEN_QSD (the server
+# options of QEMU's nbd driver) and READY (a command that succeeds once it
+# listens).
+listen_on() {
+  local port
   case $1 in
     unix)
-      NBD_SOCK=$WORK/nbd.sock
-      rm -f "$NBD_SOCK"
-      listen=(--unix "$NBD_SOCK")
-      URI="nbd+unix:///?socket=$NBD_SOCK"
-      QSD_SERVER="server.type=unix,server.path=$NBD_SOCK"
+      local sock=$WORK/$2.sock
+      rm -f "$sock"
+      LISTEN=(--unix "$sock")
+      QEMU_LISTEN=(--socket "$sock")
+      LISTEN_URI="nbd+unix:///?socket=$sock"
+      LISTEN_QSD="server.type=unix,server.path=$sock"
+      READY=(listening "$sock")
       ;;
     tcp)
-      port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-      listen=(--ipaddr 127.0.0.1 --port "$port")
-      URI="nbd://127.0.0.1:$port/"
-      QSD_SERVER="server.type=inet,server.host=127.0.0.1,server.port=$port"
+      port=$(free_port)
+      LISTEN=(--ipaddr 127.0.0.1 --port "$port")
+      QEMU_LISTEN=(--bind 127.0.0.1 --port "$port")
+      LISTEN_URI="nbd://127.0.0.1:$port/"
+      LISTEN_QSD="server.type=inet,server.host=127.0.0.1,server.port=$port"
+      READY=(tcp_listening "$port")
       ;;
     *) die "unknown transport $1 (unix or tcp)" ;;
   esac
-  nbdkit --foreground --exit-with-parent "${listen[@]}" memory size="$EXPORT_BYTES" \
-    2>>"$WORK/nbdkit.log" &
-  SERVER_PID=$!
+}
+
+# wait_server PID: until READY, or dies if PID exits first.
+wait_server() {
   for _ in $(seq 200); do
-    if [ "$1" = unix ]; then listening "$NBD_SOCK" && break; else tcp_listening "$port" && break; fi
-    kill -0 "$SERVER_PID" 2>/dev/null || die "nbdkit exited early: $(tail -5 "$WORK/nbdkit.log")"
+    "${READY[@]}" && return 0
+    kill -0 "$1" 2>/dev/null || die "the NBD server exited early: $(tail -5 "$WORK/nbdkit.log")"
     sleep 0.05
   done
+  die "the NBD server did not listen"
+}
+
+# qemu_nbd CLIENTS: qemu-nbd on the file in /dev/shm (image locking off: a
+# second qemu-nbd serves the same file), where LISTEN says.
+qemu_nbd() {
+  qemu-nbd --persistent --shared="$1" --cache=writeback "${QEMU_LISTEN[@]}" --image-opts \
+    "driver=raw,file.driver=file,file.filename=$SHM_FILE,file.locking=off" \
+    2>>"$WORK/nbdkit.log" &
+}
+
+# start_server TRANSPORT: nbdkit's memory plugin (or qemu-nbd, SERVER), export
+# size = the image's, with the image copied onto it. Sets SERVER_PID, URI
+# (cryptblk's --image) and QSD_SERVER (the server options of QEMU's nbd
+# driver); with qemu-nbd also SHARED_PID and SHARED_URI (the one-client one).
+start_server() {
+  listen_on "$1" nbd
+  URI=$LISTEN_URI
+  QSD_SERVER=$LISTEN_QSD
+  if [ "$SERVER" = qemu-nbd ]; then
+    SHM_FILE=$(mktemp /dev/shm/cryptblk-nbd.XXXXXX)
+    cp "$IMG" "$SHM_FILE"
+    qemu_nbd 8
+    SERVER_PID=$!
+    wait_server "$SERVER_PID"
+    listen_on "$1" nbd-shared
+    SHARED_URI=$LISTEN_URI
+    qemu_nbd 1
+    SHARED_PID=$!
+    wait_server "$SHARED_PID"
+    log "$1: qemu-nbd on a file in /dev/shm, --shared=8 at $URI, --shared=1 at $SHARED_URI"
+    return
+  fi
+  nbdkit --foreground --exit-with-parent "${LISTEN[@]}" memory size="$EXPORT_BYTES" \
+    2>>"$WORK/nbdkit.log" &
+  SERVER_PID=$!
+  wait_server "$SERVER_PID"
   nbdcopy "$IMG" "$URI" || die "nbdcopy could not copy the image onto $URI"
   log "$1: nbdkit memory plugin, $EXPORT_BYTES bytes, at $URI"
 }
 
 stop_server() {
-  kill "$SERVER_PID" 2>/dev/null || true
-  wait "$SERVER_PID" 2>/dev/null || true
+  local pid
+  for pid in $SERVER_PID $SHARED_PID; do
+    kill "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
   SERVER_PID=
+  SHARED_PID=
+  rm -f "$SHM_FILE"
 }
 
 start_nbd_target() { # name: as compare.sh's start_target, on the export
@@ -114,6 +180,10 @@ start_nbd_target() { # name: as compare.sh's start_target, on the export
       qemu-storage-daemon --blockdev "$nbd0" \
         --blockdev "driver=raw,file=nbd0,offset=$((PAYLOAD * 512)),node-name=raw0" \
         --export "$(qsd_export raw0)" 2>>"$WORK/daemon.log" &
+      ;;
+    cryptblk-shared)
+      plain[1]=$SHARED_URI
+      start_store_target cryptblk-xts nbd0 "$nbd0" "${plain[@]}"
       ;;
     *) start_store_target "$1" nbd0 "$nbd0" "${plain[@]}" ;;
   esac
@@ -138,9 +208,13 @@ has cryptblk-xts && has cryptblk-none && pairs+=("cryptblk-xts cryptblk-none xts
 has cryptblk-xts && has qsd-luks && pairs+=("cryptblk-xts qsd-luks xts/qsdluks")
 has qsd-luks && has qsd-raw && pairs+=("qsd-luks qsd-raw luks/raw")
 has cryptblk-none && has qsd-raw && pairs+=("cryptblk-none qsd-raw none/qsdraw")
+has cryptblk-shared && has cryptblk-xts && pairs+=("cryptblk-shared cryptblk-xts shared/perqueue")
+has cryptblk-shared && has qsd-luks && pairs+=("cryptblk-shared qsd-luks shared/qsdluks")
 for transport in $TRANSPORTS; do
   echo
-  echo "cryptblk on NBD ($transport: nbdkit memory plugin): $SIZE LUKS1 payload, $QUEUES queues," \
+  server="nbdkit memory plugin"
+  [ "$SERVER" = qemu-nbd ] && server="qemu-nbd on /dev/shm"
+  echo "cryptblk on NBD ($transport: $server): $SIZE LUKS1 payload, $QUEUES queues," \
     "${RUNTIME}s runs, median of $ROUNDS rounds (A/B/A/B), client: cryptblk bench (libblkio)," \
     "$(date -u +%F), $(cpu_model)" \
     "(family $(sed -n 's/^cpu family[[:space:]]*: //p' /proc/cpuinfo | head -1)," \

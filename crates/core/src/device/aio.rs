@@ -136,7 +136,7 @@ impl AsyncQueue {
         let store = match (volume.image_fd(), volume.nbd(), volume.rbd()) {
             (Some(fd), _, _) => Store::Uring(UringStore::new(fd, entries, buffers)?),
             (None, Some(export), _) => match export.store(queue, buffers)? {
-                Some(store) => Store::Nbd(store),
+                Some(store) => store,
                 None => return Ok(None),
             },
             // The daemon's one image handle, or read-only the queue's own

@@ -7,7 +7,9 @@
 //! are at the disk at once and complete in any order.
 //!
 //! `nbd` does the same on an NBD export, through libnbd (`libnbd`, the one
-//! module that knows its C API; loaded at run time).
+//! module that knows its C API; loaded at run time): a connection per queue,
+//! or with a server that allows only one, `nbd_shared`'s, which every queue
+//! drives.
 //!
 //! `rbd` does the same on a Ceph RBD image, through librbd (`librbd`, the
 //! one module that knows librados' and librbd's C API; loaded at run time).
@@ -18,6 +20,7 @@ mod dl;
 pub mod libnbd;
 pub mod librbd;
 mod nbd;
+mod nbd_shared;
 mod rbd;
 #[cfg(test)]
 mod testkit;
@@ -26,6 +29,7 @@ mod uring;
 pub use aligned::AlignedBuf;
 pub use buffers::{BufId, Buffers};
 pub use nbd::{is_uri as is_nbd_uri, NbdExport, NbdStore};
+pub use nbd_shared::SharedStore;
 pub use rbd::{is_spec as is_rbd_spec, RbdDisk, RbdError, RbdSpec, RbdStore};
 pub use uring::{Op, UringStore};
 
@@ -71,6 +75,9 @@ pub fn install_luks_opener(
 pub enum Store {
     Uring(UringStore),
     Nbd(NbdStore),
+    /// A queue's share of the one connection of an NBD server without
+    /// multi-conn.
+    NbdShared(SharedStore),
     Rbd(RbdStore),
 }
 
@@ -80,6 +87,7 @@ macro_rules! either {
         match $self {
             Store::Uring($s) => $e,
             Store::Nbd($s) => $e,
+            Store::NbdShared($s) => $e,
             Store::Rbd($s) => $e,
         }
     };
@@ -127,6 +135,7 @@ impl Store {
         match self {
             Store::Uring(_) | Store::Rbd(_) => false,
             Store::Nbd(s) => s.ready(),
+            Store::NbdShared(s) => s.ready(),
         }
     }
 }

@@ -47,7 +47,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::libnbd::{errno_of, Connection, Endpoint, ExportInfo, Tls};
-use super::{Buffers, Op};
+use super::nbd_shared::{Shared, SharedStore};
+use super::{Buffers, Op, Store};
 
 /// Whether an `--image` names an NBD export (an NBD URI) rather than a file.
 pub fn is_uri(image: &Path) -> bool {
@@ -226,16 +227,19 @@ pub(super) fn request_timeout_for(reconnect: Duration) -> Duration {
 /// Without multi-conn the NBD spec promises nothing across connections (a
 /// FLUSH on one need not cover writes acknowledged on another, nor a read on
 /// one see them), and qemu-nbd serves one client at a time by default: then
-/// there is exactly one connection, and every queue uses it synchronously.
-/// libnbd serialises those calls on the handle's lock, so one request is at
-/// the server at a time: correct, and slow; see README "Network storage".
+/// there is exactly one connection, which every queue and the synchronous
+/// commands share, asynchronously (`nbd_shared`).
 pub struct NbdExport {
     uri: String,
     info: ExportInfo,
-    /// The connection for synchronous commands, and how many times it was
-    /// made again.
-    sync: RwLock<(u64, Connection)>,
+    /// With multi-conn: the connection for synchronous commands, and how
+    /// many times it was made again.
+    sync: Option<RwLock<(u64, Connection)>>,
+    /// With multi-conn: each queue's connection, while no store has it.
     queues: Vec<Mutex<Option<Connection>>>,
+    /// Without multi-conn: the one connection, every queue's and every
+    /// synchronous command's.
+    shared: Option<Arc<Shared>>,
     redial: Option<Arc<Redial>>,
     /// When the synchronous connection last failed to come back within the
     /// timeout (then calls fail at once, with one attempt a second).
@@ -253,38 +257,53 @@ impl NbdExport {
     /// again (zero: never reconnect).
     pub fn open(uri: &str, tls: &Tls, queues: usize, reconnect: Duration) -> io::Result<Arc<Self>> {
         let request_timeout = request_timeout_for(reconnect);
-        let sync = Connection::connect(uri, tls, "cryptblk", request_timeout)?;
-        let info = sync.info()?;
-        let queues = if info.can_multi_conn {
-            (0..queues)
-                .map(|q| {
-                    Connection::connect(uri, tls, &format!("cryptblk-q{q}"), request_timeout)
-                        .map(|c| Mutex::new(Some(c)))
-                })
-                .collect::<io::Result<Vec<_>>>()?
-        } else {
-            Vec::new()
-        };
+        let first = Connection::connect(uri, tls, "cryptblk", request_timeout)?;
+        let info = first.info()?;
         let redial = if reconnect.is_zero() {
             None
         } else {
             Some(Arc::new(Redial {
-                endpoint: sync.endpoint()?,
+                endpoint: first.endpoint()?,
                 tls: tls.clone(),
                 timeout: reconnect,
                 info,
             }))
         };
-        Ok(Arc::new(NbdExport {
+        let mut export = NbdExport {
             uri: uri.to_string(),
             info,
-            sync: RwLock::new((0, sync)),
-            queues,
+            sync: None,
+            queues: Vec::new(),
+            shared: None,
             redial,
             sync_gave_up: Mutex::new(None),
             stop: Arc::new(Stop::new()?),
             request_timeout,
-        }))
+        };
+        if info.can_multi_conn {
+            export.queues = (0..queues)
+                .map(|q| {
+                    Connection::connect(uri, tls, &format!("cryptblk-q{q}"), request_timeout)
+                        .map(|c| Mutex::new(Some(c)))
+                })
+                .collect::<io::Result<Vec<_>>>()?;
+            export.sync = Some(RwLock::new((0, first)));
+        } else {
+            let link = export.link(Some(first), "cryptblk".into())?;
+            export.shared = Some(Arc::new(Shared::new(link, queues)?));
+        }
+        Ok(Arc::new(export))
+    }
+
+    /// A link on `conn` (None: it connects at its first command) that
+    /// reconnects, times out and stops as the export says.
+    fn link(&self, conn: Option<Connection>, name: String) -> io::Result<Link> {
+        let mut link = Link::with(conn, self.redial.clone())?;
+        link.name = name;
+        link.stop = Some(self.stop.clone());
+        link.request_timeout = Some(self.request_timeout);
+        link.can_flush = self.info.can_flush;
+        Ok(link)
     }
 
     /// How long the next synchronous call may wait for its answer: the
@@ -344,6 +363,41 @@ impl NbdExport {
         self.redial.as_deref()
     }
 
+    /// Reads `buf.len()` bytes at `offset`, waiting for the answer.
+    pub fn pread(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        match &self.shared {
+            Some(shared) => shared.call(data_op(true, buf.len(), offset)?, buf.as_mut_ptr()),
+            None => self.with_sync(|c| c.pread(buf, offset)),
+        }
+    }
+
+    /// Writes `buf` at `offset`, waiting for the server's acknowledgement.
+    pub fn pwrite(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        match &self.shared {
+            // libnbd only reads from a write's buffer.
+            Some(shared) => {
+                shared.call(data_op(false, buf.len(), offset)?, buf.as_ptr().cast_mut())
+            }
+            None => self.with_sync(|c| c.pwrite(buf, offset)),
+        }
+    }
+
+    /// NBD_CMD_FLUSH, waiting for the answer.
+    pub fn flush(&self) -> io::Result<()> {
+        match &self.shared {
+            Some(shared) => shared.call(Op::Sync, std::ptr::null_mut()),
+            None => self.with_sync(|c| c.flush()),
+        }
+    }
+
+    /// NBD_CMD_TRIM, waiting for the answer.
+    pub fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
+        match &self.shared {
+            Some(shared) => shared.call(Op::Discard { offset, len }, std::ptr::null_mut()),
+            None => self.with_sync(|c| c.trim(offset, len)),
+        }
+    }
+
     /// Runs `f` on the connection for synchronous commands. A connection
     /// found lost is made again (reconnecting on) and `f` runs again on the
     /// new one: every command here is idempotent (read, write, flush, trim)
@@ -352,12 +406,15 @@ impl NbdExport {
     /// During a stop (`stop_within`) a call that was waiting when the
     /// grace ran out gives up; a call made after it (the FLUSH after a
     /// disconnect or at exit) gets one quick attempt at a new connection.
-    pub fn with_sync<T>(&self, mut f: impl FnMut(&Connection) -> io::Result<T>) -> io::Result<T> {
+    fn with_sync<T>(&self, mut f: impl FnMut(&Connection) -> io::Result<T>) -> io::Result<T> {
+        let Some(sync) = self.sync.as_ref() else {
+            return Err(not_connected());
+        };
         let mut deadline = None;
         let began_stopped = self.stop.passed();
         let mut tried_stopped = false;
         loop {
-            let guard = self.sync.read().unwrap_or_else(|p| p.into_inner());
+            let guard = sync.read().unwrap_or_else(|p| p.into_inner());
             let (lost, conn) = (guard.0, &guard.1);
             conn.set_sync_timeout(self.sync_timeout());
             let result = f(conn);
@@ -373,7 +430,7 @@ impl NbdExport {
             if stopped && (!began_stopped || tried_stopped) {
                 return result; // the grace is over: no more waiting
             }
-            let mut sync = self.sync.write().unwrap_or_else(|p| p.into_inner());
+            let mut sync = sync.write().unwrap_or_else(|p| p.into_inner());
             if sync.0 != lost {
                 continue; // another thread made it again meanwhile
             }
@@ -430,16 +487,24 @@ impl NbdExport {
         }
     }
 
-    /// Whether queues get connections of their own (asynchronous I/O).
+    /// Whether queues get connections of their own (multi-conn), rather
+    /// than sharing one.
     pub fn per_queue(&self) -> bool {
-        !self.queues.is_empty()
+        self.shared.is_none()
     }
 
-    /// A store on queue `queue`'s connection; the connection comes back
-    /// here when the store is dropped (the next vhost-user connection's
-    /// queue uses it). None: no connection for it (no multi-conn, or it
-    /// died and reconnecting is off).
-    pub fn store(self: &Arc<Self>, queue: usize, buffers: Buffers) -> io::Result<Option<NbdStore>> {
+    /// Queue `queue`'s store: on its own connection, which comes back here
+    /// when the store is dropped (the next vhost-user connection's queue
+    /// uses it), or on the one shared connection. None: no connection for
+    /// it (it died and reconnecting is off).
+    pub fn store(self: &Arc<Self>, queue: usize, buffers: Buffers) -> io::Result<Option<Store>> {
+        if let Some(shared) = &self.shared {
+            return Ok(Some(Store::NbdShared(SharedStore::new(
+                shared.clone(),
+                queue,
+                buffers,
+            )?)));
+        }
         let Some(slot) = self.queues.get(queue) else {
             return Ok(None);
         };
@@ -449,13 +514,11 @@ impl NbdExport {
             return Ok(None);
         }
         // Without a live connection, the store makes one at its first command.
-        let mut store = NbdStore::with(conn, buffers, self.redial.clone())?;
-        store.name = format!("cryptblk-q{queue}");
-        store.stop = Some(self.stop.clone());
-        store.request_timeout = Some(self.request_timeout);
-        store.can_flush = self.info.can_flush;
-        store.home = Some((self.clone(), queue));
-        Ok(Some(store))
+        Ok(Some(Store::Nbd(NbdStore {
+            link: self.link(conn, format!("cryptblk-q{queue}"))?,
+            buffers,
+            home: Some((self.clone(), queue)),
+        })))
     }
 }
 
@@ -536,6 +599,30 @@ impl crate::luks::device::Device for HeaderDevice {
     }
 }
 
+/// Op for a synchronous read (`read`) or write of `len` bytes at `offset`
+/// (its buffer is given by address; the id is unused).
+fn data_op(read: bool, len: usize, offset: u64) -> io::Result<Op> {
+    let len = u32::try_from(len).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "an NBD command of 4 GiB or more (split it)",
+        )
+    })?;
+    Ok(if read {
+        Op::Read {
+            buf: 0,
+            len,
+            offset,
+        }
+    } else {
+        Op::Write {
+            buf: 0,
+            len,
+            offset,
+        }
+    })
+}
+
 /// A command sent and not yet reported: enough to send it again.
 #[derive(Clone, Copy)]
 struct Command {
@@ -543,6 +630,8 @@ struct Command {
     /// Its result on success.
     ok: i32,
     op: Op,
+    /// Where its data is (see `Link::issue`).
+    addr: usize,
     /// When it was sent (again: a command sent on a new connection gets a
     /// new time).
     sent: Instant,
@@ -554,16 +643,19 @@ struct Command {
     lost_at: Option<Instant>,
 }
 
-pub struct NbdStore {
-    /// Declared before `buffers`: dropped (closed) first. None: lost, and
-    /// not made again yet (reconnecting on).
+/// One libnbd connection and the commands in flight on it: sending,
+/// reaping, timing out, reconnecting. Its commands name their buffers by
+/// address; whoever owns those buffers keeps them until the command is
+/// retired (`NbdStore` for a queue's own connection, `shared::SharedStore`
+/// for the one connection of a server without multi-conn).
+pub(super) struct Link {
+    /// None: lost, and not made again yet (reconnecting on).
     conn: Option<Connection>,
     /// The connection's socket (meaningless while `conn` is None or dead:
     /// libnbd closes the socket of a dead connection).
     fd: RawFd,
     /// What the vring thread waits on: an epoll set holding the socket.
     events: OwnedFd,
-    buffers: Buffers,
     /// Commands in flight: cookie → command. libnbd's cookies grow with
     /// every command on a connection, so the first is the oldest.
     commands: BTreeMap<u64, Command>,
@@ -575,7 +667,6 @@ pub struct NbdStore {
     /// cache to flush (the NBD spec forbids sending it FLUSH): a FLUSH then
     /// completes at once, every acknowledged write already being stable.
     can_flush: bool,
-    home: Option<(Arc<NbdExport>, usize)>,
     redial: Option<Arc<Redial>>,
     /// When reconnecting last timed out (or a single later attempt failed).
     gave_up: Option<Instant>,
@@ -602,20 +693,98 @@ pub struct NbdStore {
     /// The current connection was shut down because the server did not
     /// answer in time (its death says so already).
     timed_out: bool,
+    /// A synchronous command's own stop deadline (see `sync_call`).
+    sync_grace: Option<Instant>,
+}
+
+/// One queue's asynchronous store on a connection of its own (a server
+/// with multi-conn).
+pub struct NbdStore {
+    /// Declared before `buffers`: closed first.
+    link: Link,
+    buffers: Buffers,
+    /// Where the connection goes back when the store is dropped.
+    home: Option<(Arc<NbdExport>, usize)>,
 }
 
 impl NbdStore {
     /// A store on a connected `conn` with `buffers` as its I/O buffers
     /// (never reconnecting).
     pub fn new(conn: Connection, buffers: Buffers) -> io::Result<Self> {
-        Self::with(Some(conn), buffers, None)
+        Ok(NbdStore {
+            link: Link::with(Some(conn), None)?,
+            buffers,
+            home: None,
+        })
     }
 
-    fn with(
-        conn: Option<Connection>,
-        buffers: Buffers,
-        redial: Option<Arc<Redial>>,
-    ) -> io::Result<Self> {
+    /// Readable when replies are waiting (or the server hung up): register
+    /// it beside the kick fd. The same fd for the store's whole life.
+    pub fn event_fd(&self) -> RawFd {
+        self.link.event_fd()
+    }
+
+    /// The current connection (None: lost, and not made again yet).
+    pub fn connection(&self) -> Option<&Connection> {
+        self.link.conn.as_ref()
+    }
+
+    pub fn buffers(&mut self) -> &mut Buffers {
+        &mut self.buffers
+    }
+
+    /// Pushed and not yet reaped: libnbd may still use their buffers.
+    pub fn in_flight(&self) -> usize {
+        self.link.in_flight()
+    }
+
+    /// Sends `op` (as far as the socket takes it; `submit` sends the rest).
+    /// `tag` comes back with its result.
+    pub fn push(&mut self, op: Op, tag: u64) -> io::Result<()> {
+        let addr = address(&mut self.buffers, op);
+        self.link.push(op, tag, addr)
+    }
+
+    /// Finishes sending what `push` could not, without waiting for replies.
+    pub fn submit(&mut self) -> io::Result<()> {
+        self.link.drive(false)
+    }
+
+    /// Commands completed and not yet reaped. The socket does not announce
+    /// them when `submit` read their replies while it waited to send.
+    pub fn ready(&self) -> bool {
+        self.link.ready()
+    }
+
+    /// Nothing to clear: the socket is level-triggered.
+    pub fn clear_event(&self) {}
+
+    /// Reads the replies that arrived and calls `f(tag, result)` for every
+    /// command they complete (result: bytes moved, or a negative errno).
+    pub fn reap(&mut self, mut f: impl FnMut(u64, i32)) -> io::Result<()> {
+        self.link.drive(false)?;
+        self.link.retire(&mut f);
+        Ok(())
+    }
+
+    /// Blocks until at least one command has completed (for draining a
+    /// queue, and a lone request; the data path otherwise never blocks).
+    pub fn wait(&mut self) -> io::Result<()> {
+        self.link.wait()
+    }
+}
+
+/// Where libnbd reads into or writes from for `op`: its pool buffer (0 for
+/// commands without data).
+pub(super) fn address(buffers: &mut Buffers, op: Op) -> usize {
+    match op {
+        Op::Read { buf, .. } | Op::Write { buf, .. } => buffers.ptr(buf) as usize,
+        Op::Sync | Op::Discard { .. } => 0,
+    }
+}
+
+impl Link {
+    pub(super) fn with(conn: Option<Connection>, redial: Option<Arc<Redial>>) -> io::Result<Self> {
         // SAFETY: plain system call; the fd is owned right below.
         let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
         if ep < 0 {
@@ -625,15 +794,13 @@ impl NbdStore {
         let events = unsafe { OwnedFd::from_raw_fd(ep) };
         let timer = TimerFd::new()?;
         add_to(&events, timer.as_raw_fd())?;
-        let mut store = NbdStore {
+        let mut link = Link {
             conn: None,
             fd: -1,
             events,
-            buffers,
             commands: BTreeMap::new(),
             done: Vec::new(),
             can_flush: true,
-            home: None,
             redial,
             gave_up: None,
             lost_since: None,
@@ -644,14 +811,15 @@ impl NbdStore {
             timer,
             armed: None,
             timed_out: false,
+            sync_grace: None,
         };
         if let Some(conn) = conn {
-            store.attach(conn)?;
+            link.attach(conn)?;
         }
-        Ok(store)
+        Ok(link)
     }
 
-    /// Makes `conn` the store's connection: its socket joins the epoll set.
+    /// Makes `conn` the link's connection: its socket joins the epoll set.
     fn attach(&mut self, conn: Connection) -> io::Result<()> {
         let fd = conn.fd()?;
         add_to(&self.events, fd)?;
@@ -661,35 +829,71 @@ impl NbdStore {
         Ok(())
     }
 
-    /// Readable when replies are waiting (or the server hung up): register
-    /// it beside the kick fd. The same fd for the store's whole life.
-    pub fn event_fd(&self) -> RawFd {
+    /// Readable when replies are waiting, the server hung up, or the
+    /// oldest command's time is up. The same fd for the link's whole life.
+    pub(super) fn event_fd(&self) -> RawFd {
         self.events.as_raw_fd()
     }
 
-    /// The current connection (None: lost, and not made again yet).
-    pub fn connection(&self) -> Option<&Connection> {
-        self.conn.as_ref()
-    }
-
-    pub fn buffers(&mut self) -> &mut Buffers {
-        &mut self.buffers
-    }
-
-    /// Pushed and not yet reaped: libnbd may still use their buffers.
-    pub fn in_flight(&self) -> usize {
+    /// Pushed and not yet retired: libnbd may still use their buffers.
+    pub(super) fn in_flight(&self) -> usize {
         self.commands.len() + self.done.len() + self.refused.len()
     }
 
     /// A connection that takes commands: there, not dead, and its server
     /// not shutting down.
-    fn live(&self) -> bool {
+    pub(super) fn live(&self) -> bool {
         self.refused.is_empty() && self.conn.as_ref().is_some_and(|c| !c.is_dead())
     }
 
-    /// Sends `op` (as far as the socket takes it; `submit` sends the rest).
-    /// `tag` comes back with its result.
-    pub fn push(&mut self, op: Op, tag: u64) -> io::Result<()> {
+    /// When a disconnect or SIGTERM in progress stops waiting for the
+    /// server (None: no stop is on): the stop's deadline, or later for a
+    /// synchronous command made near or after it (`sync_grace`).
+    fn stop_deadline(&self) -> Option<Instant> {
+        let at = self.stop.as_deref()?.deadline()?;
+        Some(self.sync_grace.map_or(at, |grace| at.max(grace)))
+    }
+
+    /// The stop's deadline has passed: nothing waits any longer.
+    fn stopped(&self) -> bool {
+        self.stop_deadline().is_some_and(|at| Instant::now() >= at)
+    }
+
+    /// A synchronous command is about to be sent (on the shared connection
+    /// of a server without multi-conn; None: it is over). During a stop it
+    /// gets at least `ONE_ATTEMPT` from `now` (the FLUSH after a disconnect
+    /// or at exit still gets a moment on a server that answers, on a new
+    /// connection if the stop closed the old one), as `NbdExport::with_sync`
+    /// gives the synchronous connection of a server with multi-conn.
+    pub(super) fn sync_call(&mut self, now: Option<Instant>) {
+        self.sync_grace = now.map(|now| now + ONE_ATTEMPT);
+    }
+
+    /// What a thread waiting for this link's commands polls besides
+    /// `event_fd` (the socket and the timer): the stop's eventfd, readable
+    /// once a stop begins, and while one is on its deadline instead.
+    pub(super) fn stop_wait(&self) -> (Option<RawFd>, Option<Instant>) {
+        match (self.stop.as_deref(), self.stop_deadline()) {
+            (Some(stop), None) => (Some(stop.wake.as_raw_fd()), None),
+            (_, at) => (None, at),
+        }
+    }
+
+    /// Forgets the commands whose tags `theirs` names, whose buffers are
+    /// about to go unanswered (an error while waiting for them): closes the
+    /// connection first, so that libnbd no longer touches them; every other
+    /// command is sent again on a new connection.
+    pub(super) fn disown(&mut self, theirs: impl Fn(u64) -> bool) {
+        let mut again = self.salvage();
+        again.retain(|c| !theirs(c.tag));
+        self.done.retain(|&(tag, _)| !theirs(tag));
+        // Sent again at the next `push` or `drive` (see `live`).
+        self.refused = again;
+    }
+
+    /// Sends `op` on data at `addr` (as far as the socket takes it;
+    /// `drive` sends the rest). `tag` comes back with its result.
+    pub(super) fn push(&mut self, op: Op, tag: u64, addr: usize) -> io::Result<()> {
         let ok = match op {
             Op::Read { len, .. } | Op::Write { len, .. } => len as i32,
             Op::Sync if !self.can_flush => {
@@ -702,6 +906,7 @@ impl NbdStore {
             tag,
             ok,
             op,
+            addr,
             sent: Instant::now(),
             lost_at: None,
         };
@@ -711,7 +916,7 @@ impl NbdStore {
                 return Err(not_connected());
             }
         }
-        let cookie = match self.issue(op) {
+        let cookie = match self.issue(op, addr) {
             Ok(cookie) => cookie,
             // Lost right now: a new connection takes it.
             Err(_) if !self.live() && self.redial.is_some() => {
@@ -719,7 +924,7 @@ impl NbdStore {
                 if !self.live() {
                     return Err(not_connected());
                 }
-                self.issue(op)?
+                self.issue(op, addr)?
             }
             Err(e) => return Err(e),
         };
@@ -728,23 +933,21 @@ impl NbdStore {
         Ok(())
     }
 
-    /// Hands `op` to libnbd; its cookie.
-    fn issue(&mut self, op: Op) -> io::Result<u64> {
-        let ptr = match op {
-            Op::Read { buf, .. } | Op::Write { buf, .. } => self.buffers.ptr(buf),
-            Op::Sync | Op::Discard { .. } => std::ptr::null_mut(),
-        };
+    /// Hands `op` on the data at `addr` to libnbd; its cookie.
+    fn issue(&mut self, op: Op, addr: usize) -> io::Result<u64> {
+        let ptr = addr as *mut u8;
         let Some(conn) = self.conn.as_ref() else {
             return Err(not_connected());
         };
         match op {
             Op::Read { len, offset, .. } => {
-                // SAFETY: the buffer run belongs to the pool, which outlives
-                // the connection (field order); the caller does not touch it
-                // between pushing and reaping, and `reap` retires the
-                // command before reporting it (a command sent again after a
-                // reconnect is retired by its new connection, the old one
-                // having been closed).
+                // SAFETY: `addr` is a buffer of the pusher's, which keeps
+                // it, untouched, until the command is retired (`NbdStore`
+                // and `SharedStore` wait for their commands before their
+                // pools go); `retire` reports a command only once libnbd is
+                // done with it (a command sent again after a reconnect is
+                // retired by its new connection, the old one having been
+                // closed).
                 unsafe { conn.aio_pread(ptr, len as usize, offset) }
             }
             Op::Write { len, offset, .. } => {
@@ -756,14 +959,9 @@ impl NbdStore {
         }
     }
 
-    /// Finishes sending what `push` could not, without waiting for replies.
-    pub fn submit(&mut self) -> io::Result<()> {
-        self.drive(false)
-    }
-
-    /// Commands completed and not yet reaped. The socket does not announce
-    /// them when `submit` read their replies while it waited to send.
-    pub fn ready(&self) -> bool {
+    /// Commands completed and not yet retired. The socket does not announce
+    /// them when `drive` read their replies while it waited to send.
+    pub(super) fn ready(&self) -> bool {
         !self.done.is_empty()
             || !self.refused.is_empty()
             || self
@@ -772,18 +970,9 @@ impl NbdStore {
                 .is_some_and(|c| c.peek_completed().is_some())
     }
 
-    /// Nothing to clear: the socket is level-triggered.
-    pub fn clear_event(&self) {}
-
-    /// Reads the replies that arrived and calls `f(tag, result)` for every
-    /// command they complete (result: bytes moved, or a negative errno).
-    pub fn reap(&mut self, mut f: impl FnMut(u64, i32)) -> io::Result<()> {
-        self.drive(false)?;
-        self.retire(&mut f);
-        Ok(())
-    }
-
-    fn retire(&mut self, f: &mut impl FnMut(u64, i32)) -> usize {
+    /// Calls `f(tag, result)` for every command completed (result: bytes
+    /// moved, or a negative errno); the number reported.
+    pub(super) fn retire(&mut self, f: &mut impl FnMut(u64, i32)) -> usize {
         let mut n = self.done.len();
         for (tag, result) in self.done.drain(..) {
             f(tag, result);
@@ -820,7 +1009,7 @@ impl NbdStore {
 
     /// Blocks until at least one command has completed (for draining a
     /// queue, and a lone request; the data path otherwise never blocks).
-    pub fn wait(&mut self) -> io::Result<()> {
+    pub(super) fn wait(&mut self) -> io::Result<()> {
         if (self.commands.is_empty() && self.refused.is_empty()) || !self.done.is_empty() {
             return Ok(());
         }
@@ -863,7 +1052,7 @@ impl NbdStore {
                 return; // nothing waits: the next command connects
             }
         }
-        if self.stop.as_deref().is_some_and(Stop::passed) {
+        if self.stopped() {
             // A disconnect or SIGTERM that waited long enough: no new
             // connection for commands it gave up on.
             self.fail(again);
@@ -897,7 +1086,13 @@ impl NbdStore {
                 now + redial.timeout
             }
         };
-        let conn = match redial.connect(&self.name, deadline, self.stop.as_deref()) {
+        // A synchronous command's extension of a stop (`sync_grace`) is
+        // not the stop's: the attempts end at the link's own stop deadline.
+        let (deadline, stop) = match (self.sync_grace, self.stop_deadline()) {
+            (Some(_), Some(at)) => (deadline.min(at), None),
+            _ => (deadline, self.stop.as_deref()),
+        };
+        let conn = match redial.connect(&self.name, deadline, stop) {
             Ok(conn) => conn,
             Err(e) => {
                 if self.gave_up.is_none() {
@@ -930,7 +1125,7 @@ impl NbdStore {
         );
         self.gave_up = None;
         for mut c in again {
-            match self.issue(c.op) {
+            match self.issue(c.op, c.addr) {
                 Ok(cookie) => {
                     c.sent = Instant::now();
                     self.commands.insert(cookie, c);
@@ -1024,7 +1219,7 @@ impl NbdStore {
     /// it reconnects. README "Network storage (NBD)" says so.
     fn expire(&mut self) {
         let now = Instant::now();
-        if self.stop.as_deref().is_some_and(Stop::passed) {
+        if self.stopped() {
             self.abandon();
             return;
         }
@@ -1079,7 +1274,7 @@ impl NbdStore {
     /// that dies completes every command with an error (or, reconnecting,
     /// is made again and its commands sent again); nothing blocks on a dead
     /// one.
-    fn drive(&mut self, block: bool) -> io::Result<()> {
+    pub(super) fn drive(&mut self, block: bool) -> io::Result<()> {
         loop {
             self.expire();
             if !self.live() {
@@ -1117,7 +1312,7 @@ impl NbdStore {
             // stop's deadline; a stop that begins meanwhile wakes us
             // (its eventfd stays readable while it is on, so it is
             // polled only until its deadline is known).
-            let stop_at = self.stop.as_deref().and_then(Stop::deadline);
+            let stop_at = self.stop_deadline();
             let timeout = if dir.write || waiting {
                 match [self.due(), stop_at].into_iter().flatten().min() {
                     Some(at) => {
@@ -1210,7 +1405,7 @@ fn server_leaving(e: &io::Error) -> bool {
 
 /// Adds `fd` to the epoll set `events` (readable). A closed fd leaves the
 /// set by itself.
-fn add_to(events: &OwnedFd, fd: RawFd) -> io::Result<()> {
+pub(super) fn add_to(events: &OwnedFd, fd: RawFd) -> io::Result<()> {
     let mut ev = libc::epoll_event {
         events: libc::EPOLLIN as u32,
         u64: 0,
@@ -1230,11 +1425,10 @@ fn not_connected() -> io::Error {
     )
 }
 
-impl Drop for NbdStore {
-    /// Waits for the commands in flight (libnbd may still fill or send
-    /// their buffers; a dead connection has completed them all), then hands
-    /// the connection back to its export.
-    fn drop(&mut self) {
+impl Link {
+    /// Waits until no command is in flight: libnbd may fill or send their
+    /// buffers until then (a dead connection has completed them all).
+    fn settle(&mut self) {
         while !self.commands.is_empty() {
             let before = self.commands.len();
             if self.wait().is_err() {
@@ -1245,9 +1439,17 @@ impl Drop for NbdStore {
                 break;
             }
         }
-        let conn = self.conn.take();
+    }
+}
+
+impl Drop for NbdStore {
+    /// Waits for the commands in flight, then hands the connection back to
+    /// its export (closing it instead if it still has any).
+    fn drop(&mut self) {
+        self.link.settle();
+        let conn = self.link.conn.take();
         if let (Some(conn), Some((export, queue))) = (conn, self.home.take()) {
-            if self.commands.is_empty() && !conn.is_dead() {
+            if self.link.commands.is_empty() && !conn.is_dead() {
                 *export.queues[queue]
                     .lock()
                     .unwrap_or_else(|p| p.into_inner()) = Some(conn);
@@ -1260,7 +1462,9 @@ impl Drop for NbdStore {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::super::libnbd::Tls;
-    use super::super::testkit::{read_back_64_reversed, run, write_64_at_once, write_sync_read};
+    use super::super::testkit::{
+        read_back_64_reversed, reap_n, run, write_64_at_once, write_sync_read,
+    };
     use super::super::Store;
     use super::*;
     use std::process::{Child, Command, Stdio};
@@ -1444,6 +1648,81 @@ pub(crate) mod tests {
         drop(s);
     }
 
+    /// A server without multi-conn (nbdkit serving one connection at a
+    /// time): two queues on two threads and synchronous commands share one
+    /// connection, each queue with 64 writes in flight at once, and every
+    /// byte verifies; then 32 commands of one queue are on the connection
+    /// at once (a synchronous connection would hold one). nbdkit's log
+    /// shows one connection.
+    #[test]
+    #[cfg_attr(
+        not(feature = "external-tools"),
+        ignore = "needs nbdkit and libnbd: ./test.sh runs it"
+    )]
+    fn queues_share_one_connection_with_many_commands_in_flight() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("nbdkit.log");
+        let logfile = format!("logfile={}", log.display());
+        let server = Nbdkit::start(
+            Transport::Unix,
+            &[
+                "--filter=log",
+                "--filter=noparallel",
+                "memory",
+                "size=64M",
+                "serialize=connections",
+                &logfile,
+            ],
+        );
+        let export =
+            NbdExport::open(&server.uri, &Tls::default(), 2, Duration::from_secs(5)).unwrap();
+        assert!(!export.per_queue());
+        let queues: Vec<_> = (0..2u64)
+            .map(|q| {
+                let export = export.clone();
+                std::thread::spawn(move || {
+                    let buffers = Buffers::new(128, 65536);
+                    let mut s = export.store(q as usize, buffers).unwrap().unwrap();
+                    assert!(matches!(s, Store::NbdShared(_)));
+                    let at = move |i: u16| (q * 64 + u64::from(i)) * 65536;
+                    let mut seen = write_64_at_once(&mut s, at);
+                    seen.sort();
+                    assert_eq!(seen, (0..64).collect::<Vec<_>>());
+                    read_back_64_reversed(&mut s, at);
+                })
+            })
+            .collect();
+        // Synchronous commands meanwhile, on the same connection.
+        let far = 200 * 65536;
+        export.pwrite(&[0x77; 65536], far).unwrap();
+        export.flush().unwrap();
+        let mut back = vec![0u8; 65536];
+        export.pread(&mut back, far).unwrap();
+        assert!(back.iter().all(|&b| b == 0x77));
+        for q in queues {
+            q.join().unwrap();
+        }
+        // Queue 1's write from buffer 5 (filled with 6), read synchronously.
+        export.pread(&mut back, (64 + 5) * 65536).unwrap();
+        assert!(back.iter().all(|&b| b == 6));
+        let mut s = export.store(0, Buffers::new(32, 4096)).unwrap().unwrap();
+        for i in 0..32u16 {
+            let op = Op::Read {
+                buf: i,
+                len: 4096,
+                offset: u64::from(i) * 4096,
+            };
+            s.push(op, u64::from(i)).unwrap();
+        }
+        let on_the_connection = export.shared.as_ref().unwrap().commands_in_flight();
+        assert_eq!(on_the_connection, 32);
+        reap_n(&mut s, 32, |_, r| assert_eq!(r, 4096));
+        drop(s);
+        drop(export);
+        let said = std::fs::read_to_string(&log).unwrap();
+        assert_eq!(said.matches(" Connect ").count(), 1, "{said}");
+    }
+
     #[test]
     #[cfg_attr(
         not(feature = "external-tools"),
@@ -1522,7 +1801,7 @@ pub(crate) mod tests {
             &["--filter=delay", "memory", "size=1M", "delay-read=20"],
         );
         let mut s = store(&server);
-        s.request_timeout = Some(Duration::from_millis(600));
+        s.link.request_timeout = Some(Duration::from_millis(600));
         let b = s.buffers().take().unwrap();
         let op = Op::Read {
             buf: b,

@@ -202,9 +202,9 @@ fn open_nbd(opts: ImageOptions) -> Result<Volume, VolumeError> {
         log::info!("{path}: the export is read-only, so is the disk");
     }
     if !export.per_queue() {
-        log::warn!(
+        log::info!(
             "{path}: the server does not allow several connections (no NBD multi-conn): all \
-             queues share one connection, one request at a time"
+             queues share one connection"
         );
     }
     Ok(Volume {

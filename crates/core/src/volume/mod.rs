@@ -118,7 +118,7 @@ impl Backing {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         match self {
             Backing::File(f) => f.read_exact_at(buf, offset),
-            Backing::Nbd(e) => e.with_sync(|c| c.pread(buf, offset)),
+            Backing::Nbd(e) => e.pread(buf, offset),
             Backing::Rbd(r) => r.read_exact_at(buf, offset),
         }
     }
@@ -126,7 +126,7 @@ impl Backing {
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         match self {
             Backing::File(f) => f.write_all_at(buf, offset),
-            Backing::Nbd(e) => e.with_sync(|c| c.pwrite(buf, offset)),
+            Backing::Nbd(e) => e.pwrite(buf, offset),
             Backing::Rbd(r) => r.write_all_at(buf, offset),
         }
     }
@@ -136,7 +136,7 @@ impl Backing {
             Backing::File(f) => f.sync_data(),
             // A server without FLUSH has no volatile cache: see NbdStore.
             Backing::Nbd(e) if !e.info().can_flush => Ok(()),
-            Backing::Nbd(e) => e.with_sync(|c| c.flush()),
+            Backing::Nbd(e) => e.flush(),
             Backing::Rbd(r) => r.flush(),
         }
     }
@@ -387,7 +387,7 @@ impl Volume {
         let start = self.payload_offset + pos;
         let file = match &self.backing {
             Backing::File(file) => file,
-            Backing::Nbd(export) => return export.with_sync(|c| c.trim(start, len)),
+            Backing::Nbd(export) => return export.trim(start, len),
             Backing::Rbd(r) => return r.discard(start, len),
         };
         if self.block_device {
