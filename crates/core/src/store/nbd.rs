@@ -1,6 +1,8 @@
 //! Asynchronous image I/O on an NBD export: the same shape as `UringStore`
 //! (push, submit, reap, wait, a pool of buffers), over one libnbd
-//! connection owned by one queue's vring thread.
+//! connection owned by one queue's vring thread (a `Link`). A server
+//! without multi-conn gets one connection that every queue drives: see
+//! `nbd_shared`.
 //!
 //! The vring thread's epoll waits on an epoll fd of the store's own (its
 //! "event fd") beside the kick fd; the connection's socket is in that inner
@@ -25,7 +27,7 @@
 //!
 //! A silent server (the connection open, no answers): a command unanswered
 //! for the request timeout shuts the socket down, and then it is a lost
-//! connection (`NbdStore::expire` says why resending is sound). A timer in
+//! connection (`Link::expire` says why resending is sound). A timer in
 //! the epoll set wakes the vring thread for it. A disconnect or SIGTERM
 //! (`Stop`) waits for the commands in flight only for a grace period, then
 //! closes their connections and fails them.
@@ -646,7 +648,7 @@ struct Command {
 /// One libnbd connection and the commands in flight on it: sending,
 /// reaping, timing out, reconnecting. Its commands name their buffers by
 /// address; whoever owns those buffers keeps them until the command is
-/// retired (`NbdStore` for a queue's own connection, `shared::SharedStore`
+/// retired (`NbdStore` for a queue's own connection, `nbd_shared::SharedStore`
 /// for the one connection of a server without multi-conn).
 pub(super) struct Link {
     /// None: lost, and not made again yet (reconnecting on).

@@ -246,7 +246,9 @@ impl SharedStore {
         self.clear_event();
         let mailbox = &self.shared.mailboxes[self.queue];
         self.mine.append(&mut lock(&mailbox.done));
-        self.in_flight -= self.mine.len();
+        // Each pushed command is retired once; saturating all the same, so
+        // that a miscount can never make `drop` wait for ever.
+        self.in_flight = self.in_flight.saturating_sub(self.mine.len());
         for (tag, result) in self.mine.drain(..) {
             f(tag, result);
         }

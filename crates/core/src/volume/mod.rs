@@ -134,7 +134,7 @@ impl Backing {
     fn sync_data(&self) -> io::Result<()> {
         match self {
             Backing::File(f) => f.sync_data(),
-            // A server without FLUSH has no volatile cache: see NbdStore.
+            // A server without FLUSH has no volatile cache: see `Link::push`.
             Backing::Nbd(e) if !e.info().can_flush => Ok(()),
             Backing::Nbd(e) => e.flush(),
             Backing::Rbd(r) => r.flush(),
