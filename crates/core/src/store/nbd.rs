@@ -787,13 +787,7 @@ pub(super) fn address(buffers: &mut Buffers, op: Op) -> usize {
 
 impl Link {
     pub(super) fn with(conn: Option<Connection>, redial: Option<Arc<Redial>>) -> io::Result<Self> {
-        // SAFETY: plain system call; the fd is owned right below.
-        let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if ep < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: a new fd nothing else owns.
-        let events = unsafe { OwnedFd::from_raw_fd(ep) };
+        let events = epoll_set()?;
         let timer = TimerFd::new()?;
         add_to(&events, timer.as_raw_fd())?;
         let mut link = Link {
@@ -1316,15 +1310,7 @@ impl Link {
             // polled only until its deadline is known).
             let stop_at = self.stop_deadline();
             let timeout = if dir.write || waiting {
-                match [self.due(), stop_at].into_iter().flatten().min() {
-                    Some(at) => {
-                        let left = at.saturating_duration_since(Instant::now());
-                        // Rounded up: waking a little late is harmless,
-                        // waking early spins.
-                        i32::try_from(left.as_micros().div_ceil(1000)).unwrap_or(i32::MAX)
-                    }
-                    None => -1,
-                }
+                poll_timeout([self.due(), stop_at].into_iter().flatten().min())
             } else {
                 0
             };
@@ -1403,6 +1389,26 @@ fn why_lost(e: &io::Error) -> String {
 /// take it: with reconnecting on, a lost connection.
 fn server_leaving(e: &io::Error) -> bool {
     errno_of(e) == libc::ESHUTDOWN
+}
+
+/// A new, empty epoll set.
+pub(super) fn epoll_set() -> io::Result<OwnedFd> {
+    // SAFETY: plain system call; the fd is owned right below.
+    let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    if ep < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new fd nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(ep) })
+}
+
+/// poll(2)'s timeout until `at` (None: -1, no timeout), in milliseconds
+/// rounded up: waking a little late is harmless, waking early spins.
+pub(super) fn poll_timeout(at: Option<Instant>) -> i32 {
+    at.map_or(-1, |at| {
+        let left = at.saturating_duration_since(Instant::now());
+        i32::try_from(left.as_micros().div_ceil(1000)).unwrap_or(i32::MAX)
+    })
 }
 
 /// Adds `fd` to the epoll set `events` (readable). A closed fd leaves the

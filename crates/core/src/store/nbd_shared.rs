@@ -23,14 +23,13 @@
 //! and a queue's store waits for its commands before its pool goes.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::io::RawFd;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
-use super::nbd::{add_to, address, Link};
+use super::nbd::{add_to, address, epoll_set, poll_timeout, Link};
 use super::{Buffers, Op};
 
 /// Tags carry their issuer above this bit: 0 for a synchronous command,
@@ -51,8 +50,13 @@ pub(super) struct Shared {
 }
 
 impl Shared {
-    /// The link shared by `queues` queues (at most 128).
+    /// The link shared by `queues` queues (at most 64, as `--queues`).
     pub(super) fn new(link: Link, queues: usize) -> io::Result<Self> {
+        if queues > 64 {
+            return Err(io::Error::other(
+                "a shared NBD connection serves at most 64 queues",
+            ));
+        }
         let mailboxes = (0..queues)
             .map(|_| {
                 Ok(Mailbox {
@@ -81,8 +85,8 @@ impl Shared {
         mine: &mut Vec<(u64, i32)>,
         sync: &mut Option<i32>,
     ) {
-        // Which mailboxes to wake (queues are at most 128).
-        let mut woken = 0u128;
+        // Which mailboxes to wake: one write each, however many replies.
+        let mut woken = 0u64;
         let mailboxes = &self.mailboxes;
         link.retire(&mut |tag, result| {
             let local = tag & TAG_MASK;
@@ -92,12 +96,12 @@ impl Shared {
                 Some(q) => {
                     if let Some(mailbox) = mailboxes.get(q as usize) {
                         lock(&mailbox.done).push((local, result));
-                        woken |= 1 << (q % 128);
+                        woken |= 1 << q;
                     }
                 }
             }
         });
-        for (q, mailbox) in mailboxes.iter().enumerate().take(128) {
+        for (q, mailbox) in mailboxes.iter().enumerate() {
             if woken & (1 << q) != 0 {
                 let _ = mailbox.wake.write(1);
             }
@@ -110,7 +114,7 @@ impl Shared {
     /// the queues.
     pub(super) fn call(&self, op: Op, addr: *mut u8) -> io::Result<()> {
         let mut link = self.lock();
-        link.sync_call(Some(Instant::now()));
+        link.sync_call(Some(std::time::Instant::now()));
         let result = self.call_locked(&mut link, op, addr);
         link.sync_call(None);
         result
@@ -171,13 +175,7 @@ impl SharedStore {
                 shared.mailboxes.len()
             )));
         }
-        // SAFETY: plain system call; the fd is owned right below.
-        let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if ep < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: a new fd nothing else owns.
-        let events = unsafe { OwnedFd::from_raw_fd(ep) };
+        let events = epoll_set()?;
         add_to(&events, shared.lock().event_fd())?;
         add_to(&events, shared.mailboxes[queue].wake.as_raw_fd())?;
         Ok(SharedStore {
@@ -217,17 +215,18 @@ impl SharedStore {
     }
 
     /// Sends what the socket did not take yet and takes the replies that
-    /// arrived meanwhile (every queue's: others go to their mailboxes).
-    fn drive(&mut self) -> io::Result<()> {
+    /// arrived meanwhile (every queue's: others go to their mailboxes);
+    /// then `then` looks at the link before it is let go.
+    fn drive<T>(&mut self, then: impl FnOnce(&Link) -> T) -> io::Result<T> {
         let mut link = self.shared.lock();
         link.drive(false)?;
         self.shared
             .route(&mut link, Some(self.queue), &mut self.mine, &mut None);
-        Ok(())
+        Ok(then(&link))
     }
 
     pub fn submit(&mut self) -> io::Result<()> {
-        self.drive()
+        self.drive(|_| ())
     }
 
     /// Completions of this queue waiting to be reaped.
@@ -242,7 +241,7 @@ impl SharedStore {
     }
 
     pub fn reap(&mut self, mut f: impl FnMut(u64, i32)) -> io::Result<()> {
-        self.drive()?;
+        self.drive(|_| ())?;
         self.clear_event();
         let mailbox = &self.shared.mailboxes[self.queue];
         self.mine.append(&mut lock(&mailbox.done));
@@ -266,22 +265,12 @@ impl SharedStore {
             if self.in_flight == 0 || self.ready() {
                 return Ok(());
             }
-            let (link_fd, stop_fd, stop_at) = {
-                let mut link = self.shared.lock();
-                link.drive(false)?;
-                self.shared
-                    .route(&mut link, Some(self.queue), &mut self.mine, &mut None);
-                let (stop_fd, stop_at) = link.stop_wait();
-                (link.event_fd(), stop_fd, stop_at)
-            };
+            let (link_fd, (stop_fd, stop_at)) =
+                self.drive(|link| (link.event_fd(), link.stop_wait()))?;
             if self.ready() {
                 return Ok(());
             }
-            let timeout = stop_at.map_or(-1, |at| {
-                let left = at.saturating_duration_since(Instant::now());
-                // Rounded up: waking a little late is harmless, early spins.
-                i32::try_from(left.as_micros().div_ceil(1000)).unwrap_or(i32::MAX)
-            });
+            let timeout = poll_timeout(stop_at);
             let mut pfds = [
                 link_fd,
                 self.mailbox().wake.as_raw_fd(),
