@@ -416,6 +416,11 @@ fn landlock_child(dir: &Path) {
         dir.file_name().unwrap().to_str().unwrap()
     ));
     std::fs::write(&outside, b"x").unwrap();
+    // A TLS credential file stays readable, not its neighbour.
+    let psk = dir.join("keys.psk");
+    let beside = dir.join("beside.psk");
+    std::fs::write(&psk, b"alice:00").unwrap();
+    std::fs::write(&beside, b"bob:00").unwrap();
     // An abstract unix socket bound outside the domain (by this process,
     // before it confines itself).
     use std::os::linux::net::SocketAddrExt;
@@ -427,6 +432,7 @@ fn landlock_child(dir: &Path) {
         &[socket.as_path()],
         false,
         cryptblk::sandbox::landlock::TcpConnect::None,
+        &[psk.as_path()],
     )
     .expect("landlock");
     assert_eq!(status, landlock::RulesetStatus::FullyEnforced);
@@ -441,6 +447,15 @@ fn landlock_child(dir: &Path) {
     let denied = |r: std::io::Result<()>, what: &str| {
         assert_eq!(r.map_err(|e| e.kind()), Err(PermissionDenied), "{what}");
     };
+    assert_eq!(
+        std::fs::read(&psk).expect("the TLS file stays readable"),
+        b"alice:00"
+    );
+    denied(std::fs::write(&psk, b"x"), "write the TLS file");
+    denied(
+        std::fs::read(&beside).map(drop),
+        "read the TLS file's neighbour",
+    );
     denied(std::fs::read(&outside).map(drop), "read a file outside");
     denied(std::fs::read("/etc/hostname").map(drop), "read /etc");
     denied(std::fs::write(dir.join("new"), b"x"), "create a file");

@@ -26,12 +26,31 @@ Modes:
   silent        no reply at all; the connection stays open and later
                 requests are answered
 
+--handshake MODE breaks the handshake instead, on every connection (or,
+with --handshake-while FILE, only while FILE exists, so that a test can let
+a reconnect meet it and then end it):
+  bad-magic     the greeting starts with another magic than NBDMAGIC
+  close         the greeting, then the connection is closed
+  garbage       the reply to the first option has a wrong magic
+  huge-reply    an option reply announcing 4 GiB - 1 of payload, then none
+  huge-size     the export's size is 2^63 + 512 bytes
+  odd-size      the export's size is not a multiple of 512 (16 MiB + 100)
+  bad-block     block-size constraints that break the spec (minimum 3)
+  block-4k      a minimum block size of 4 KiB (where the export had 1)
+  big-block     a minimum block size of 64 KiB (valid, but above any
+                sector size a disk can have)
+  silent        the greeting, then nothing (the connection stays open)
+
+--file PATH keeps the export in that file (created at --size if missing)
+instead of memory, so that its data outlives a restart of the server.
+
 Every event is appended to --log, one line each: "connect N",
 "misbehave MODE N", "read OFFSET LEN", "write ...", so that the test can see
 the reconnect and what the server did. Runs until killed.
 """
 
 import argparse
+import mmap
 import os
 import socket
 import socketserver
@@ -77,7 +96,14 @@ EINVAL = 22
 class State:
     def __init__(self, args):
         self.args = args
-        self.data = bytearray(args.size)
+        if args.file:
+            fd = os.open(args.file, os.O_RDWR | os.O_CREAT, 0o600)
+            if os.fstat(fd).st_size < args.size:
+                os.ftruncate(fd, args.size)
+            self.data = mmap.mmap(fd, args.size)
+            os.close(fd)
+        else:
+            self.data = bytearray(args.size)
         self.lock = threading.Lock()
         self.connections = 0
         self.misbehaved = 0
@@ -86,6 +112,16 @@ class State:
     def note(self, line):
         with self.lock:
             self.log.write(line + "\n")
+
+    def handshake_breaks(self, n):
+        """Whether connection n's handshake gets the --handshake mode."""
+        a = self.args
+        if not a.handshake:
+            return False
+        if a.handshake_while and not os.path.exists(a.handshake_while):
+            return False
+        self.note(f"handshake-misbehave {a.handshake} {n}")
+        return True
 
     def misbehave_now(self):
         """Whether this trigger read gets the misbehaviour (counts it)."""
@@ -118,6 +154,7 @@ class Handler(socketserver.BaseRequestHandler):
             n = st.connections
         st.note(f"connect {n}")
         self.structured = False
+        self.broken = st.args.handshake if st.handshake_breaks(n) else None
         try:
             if self.handshake():
                 self.transmission()
@@ -135,7 +172,14 @@ class Handler(socketserver.BaseRequestHandler):
     def handshake(self):
         s = self.request
         st = self.server.state
-        s.sendall(NBDMAGIC + struct.pack(">QH", IHAVEOPT, 1 | 2))
+        magic = b"NBDMAGIX" if self.broken == "bad-magic" else NBDMAGIC
+        s.sendall(magic + struct.pack(">QH", IHAVEOPT, 1 | 2))
+        if self.broken == "close":
+            return False
+        if self.broken == "silent":
+            while s.recv(4096):
+                pass
+            return False
         (client_flags,) = struct.unpack(">I", recv_exact(s, 4))
         if not client_flags & 1:
             return False
@@ -144,6 +188,12 @@ class Handler(socketserver.BaseRequestHandler):
             if magic != IHAVEOPT or length > 65536:
                 return False
             payload = recv_exact(s, length)
+            if self.broken == "garbage":
+                s.sendall(os.urandom(20))
+                continue
+            if self.broken == "huge-reply":
+                s.sendall(struct.pack(">QIII", OPT_REPLY_MAGIC, opt, REP_ACK, 0xFFFFFFFF))
+                continue
             if opt == OPT_STRUCTURED_REPLY:
                 if st.args.structured == "yes":
                     self.structured = True
@@ -168,9 +218,22 @@ class Handler(socketserver.BaseRequestHandler):
         if self.server.state.args.multi_conn == "yes":
             flags |= FLAG_CAN_MULTI_CONN
         size = self.server.state.args.size
+        minimum = 1
+        if self.broken == "huge-size":
+            size = (1 << 63) + 512
+        elif self.broken == "odd-size":
+            size += 100
+        elif self.broken == "bad-block":
+            minimum = 3
+        elif self.broken == "block-4k":
+            minimum = 4096
+        elif self.broken == "big-block":
+            minimum = 1 << 16
         self.opt_reply(opt, REP_INFO, struct.pack(">HQH", INFO_EXPORT, size, flags))
         self.opt_reply(
-            opt, REP_INFO, struct.pack(">HIII", INFO_BLOCK_SIZE, 1, 4096, 1 << 20)
+            opt,
+            REP_INFO,
+            struct.pack(">HIII", INFO_BLOCK_SIZE, minimum, max(4096, minimum), 1 << 20),
         )
 
     # --- transmission ----------------------------------------------------
@@ -308,6 +371,9 @@ def main():
     p.add_argument("--trigger", type=int, default=8 << 20)
     p.add_argument("--size", type=int, default=16 << 20)
     p.add_argument("--log", required=True)
+    p.add_argument("--handshake", help="break the handshake this way")
+    p.add_argument("--handshake-while", help="only while this file exists")
+    p.add_argument("--file", help="keep the export in this file")
     args = p.parse_args()
     state = State(args)
     if args.unix:

@@ -50,6 +50,13 @@ pub enum ConfigError {
         path: String,
         source: std::io::Error,
     },
+    /// The probe could not reach a network image (NBD, RBD): its server,
+    /// not the header, is what to look at.
+    #[error("cannot reach {path}: {source}")]
+    Unreachable {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("cannot read config file {path}: {source}")]
     ReadFile {
         path: String,
@@ -533,6 +540,7 @@ impl ServeConfig {
                 socket: socket_file,
                 control: a.control.clone(),
                 readonly,
+                tls_files: tls_files(nbd.as_ref()),
             },
             control: a.control,
             image: ImageSpec {
@@ -720,15 +728,10 @@ fn parse_mode(s: &str) -> Result<u32, ConfigError> {
 /// Default of `--nbd-reconnect-timeout`, in seconds.
 pub const DEFAULT_NBD_RECONNECT: u64 = 30;
 
-/// `--nbd-reconnect-timeout` for an NBD image (`tls`: its TLS settings).
-///
-/// A new TLS connection reads its credentials (the PSK file, certificates)
-/// from files during the handshake, and the sandbox lets no file be opened
-/// once serving: with TLS, reconnecting needs `--sandbox none`. Asked for
-/// explicitly with a sandbox, that is refused; by default it is off with a
-/// warning.
+/// `--nbd-reconnect-timeout` for an NBD image (`tls`: its TLS settings;
+/// None for other images, which refuse the option).
 fn nbd_reconnect(a: &ServeArgs, tls: Option<&Tls>) -> Result<Duration, ConfigError> {
-    let Some(tls) = tls else {
+    if tls.is_none() {
         return match a.nbd_reconnect_timeout {
             Some(s) => invalid(
                 "--nbd-reconnect-timeout",
@@ -737,36 +740,22 @@ fn nbd_reconnect(a: &ServeArgs, tls: Option<&Tls>) -> Result<Duration, ConfigErr
             ),
             None => Ok(Duration::ZERO),
         };
-    };
+    }
     let secs = a.nbd_reconnect_timeout.unwrap_or(DEFAULT_NBD_RECONNECT);
     if secs > 24 * 3600 {
         return invalid("--nbd-reconnect-timeout", secs, "use 0 to 86400 seconds");
     }
-    let uses_tls = a
-        .image
-        .as_ref()
-        .and_then(|p| p.to_str())
-        .is_some_and(|s| s.starts_with("nbds"))
-        || tls.psk_file.is_some()
-        || tls.certificates.is_some();
-    let sandboxed = a.sandbox.unwrap_or_default() != SandboxMode::None;
-    if secs > 0 && uses_tls && sandboxed {
-        if a.nbd_reconnect_timeout.is_some() {
-            return invalid(
-                "--nbd-reconnect-timeout",
-                secs,
-                "a TLS handshake reads the key files, which the sandbox forbids once serving: \
-                 use --sandbox none to reconnect over TLS, or 0",
-            );
-        }
-        log::warn!(
-            "NBD over TLS under --sandbox {}: a lost connection is not made again (a TLS \
-             handshake reads the key files, which the sandbox forbids); --sandbox none allows it",
-            a.sandbox.unwrap_or_default().name()
-        );
-        return Ok(Duration::ZERO);
-    }
     Ok(Duration::from_secs(secs))
+}
+
+/// What a TLS handshake with the NBD server reads, for the sandbox to
+/// leave readable: the PSK file and the certificates directory.
+fn tls_files(tls: Option<&Tls>) -> Vec<PathBuf> {
+    tls.into_iter()
+        .flat_map(|t| [&t.psk_file, &t.certificates])
+        .flatten()
+        .map(PathBuf::from)
+        .collect()
 }
 
 /// An NBD URI's TLS settings; TLS options with anything but an nbds://
@@ -894,9 +883,13 @@ fn is_luks_device(a: &ServeArgs) -> Result<bool, ConfigError> {
         (DeviceType::Plain, _) => Ok(false),
         (DeviceType::Luks | DeviceType::Luks1 | DeviceType::Luks2, _) => Ok(true),
         (DeviceType::Auto, Some(h)) if h.exists() || is_nbd_uri(h) || is_rbd_spec(h) => {
-            luks::is_luks(h).map_err(|source| ConfigError::Probe {
-                path: h.display().to_string(),
-                source,
+            luks::is_luks(h).map_err(|source| {
+                let path = h.display().to_string();
+                if is_nbd_uri(h) || is_rbd_spec(h) {
+                    ConfigError::Unreachable { path, source }
+                } else {
+                    ConfigError::Probe { path, source }
+                }
             })
         }
         (DeviceType::Auto, _) => Ok(false),
@@ -1319,22 +1312,19 @@ mod tests {
             .err()
             .unwrap();
         assert!(file.contains("--nbd-reconnect-timeout"), "{file}");
-        // TLS reads key files at each handshake: off under the sandbox by
-        // default, refused when asked for, allowed without a sandbox.
-        let psk = |a: &mut ServeArgs| a.storage.tls_psk_file = Some("/k.psk".into());
-        assert_eq!(secs(cfg("nbds://h/e", psk)), 0);
-        let asked = cfg("nbds://h/e", |a| {
+        // Over TLS too, under the sandbox (which then leaves the key files
+        // readable: a handshake reads them).
+        let tls = cfg("nbds://h/e", |a| {
             a.storage.tls_psk_file = Some("/k.psk".into());
-            a.nbd_reconnect_timeout = Some(30);
+            a.storage.tls_certificates = Some("/pki".into());
         })
-        .err()
         .unwrap();
-        assert!(asked.contains("--sandbox none"), "{asked}");
-        let unsandboxed = cfg("nbds://h/e", |a| {
-            a.storage.tls_psk_file = Some("/k.psk".into());
-            a.sandbox = Some(SandboxMode::None);
-        });
-        assert_eq!(secs(unsandboxed), DEFAULT_NBD_RECONNECT);
+        assert_eq!(tls.image.reconnect.as_secs(), DEFAULT_NBD_RECONNECT);
+        assert_eq!(
+            tls.sandbox.tls_files,
+            [PathBuf::from("/k.psk"), PathBuf::from("/pki")]
+        );
+        assert!(cfg(unix, |_| {}).unwrap().sandbox.tls_files.is_empty());
     }
 
     #[test]

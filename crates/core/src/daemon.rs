@@ -158,6 +158,7 @@ pub fn serve(
             Network::Nbd(NbdPeer {
                 family: r.endpoint().family(),
                 tcp_port: r.endpoint().tcp_port(),
+                tls: r.endpoint().tls(),
             })
         })
     };

@@ -2,7 +2,8 @@
 //! image (already open) and remove its socket (if it created one: an
 //! inherited socket is not its to remove); every other path is denied,
 //! as are TCP bind/connect (but a connect to an NBD server's port, when
-//! lost NBD connections are made again), abstract unix sockets and
+//! lost NBD connections are made again, and then reading the TLS
+//! credentials a handshake opens), abstract unix sockets and
 //! signals to other processes. Applies to the calling thread and the threads it creates
 //! later, so it runs before the serve loop spawns any.
 
@@ -30,11 +31,14 @@ pub enum TcpConnect {
     Any,
 }
 
+/// `reads`: files, or directories of files, that stay readable (the TLS
+/// credentials an NBD reconnect's handshake opens).
 pub fn restrict(
     image: &Path,
     sockets: &[&Path],
     readonly: bool,
     connect: TcpConnect,
+    reads: &[&Path],
 ) -> Result<RulesetStatus, SandboxError> {
     let err = |e: landlock::RulesetError| SandboxError::Landlock(e.to_string());
     let socket_dirs = sockets.iter().map(|socket| match socket.parent() {
@@ -72,6 +76,17 @@ pub fn restrict(
     if let TcpConnect::Port(port) = connect {
         ruleset = ruleset
             .add_rule(NetPort::new(port, AccessNet::ConnectTcp))
+            .map_err(err)?;
+    }
+    for path in reads {
+        // A rule on a file may carry file rights only.
+        let access = if path.is_dir() {
+            AccessFs::ReadFile | AccessFs::ReadDir
+        } else {
+            AccessFs::ReadFile.into()
+        };
+        ruleset = ruleset
+            .add_rule(PathBeneath::new(path_fd(path)?, access))
             .map_err(err)?;
     }
     for dir in socket_dirs {

@@ -69,6 +69,11 @@ impl SandboxMode {
 pub struct NbdPeer {
     pub family: i32,
     pub tcp_port: Option<u16>,
+    /// The connection uses TLS. libnbd reads the credentials (the PSK
+    /// file, the certificates) anew in every handshake, so files may then
+    /// be opened read-only (seccomp), and with Landlock those files only
+    /// ([`Sandbox::tls_files`]).
+    pub tls: bool,
 }
 
 /// What network access serving needs after the sandbox is on.
@@ -100,6 +105,10 @@ pub struct Sandbox {
     /// The control socket (`--control`), removed at exit too.
     pub control: Option<PathBuf>,
     pub readonly: bool,
+    /// What a TLS handshake with an NBD server reads (`--tls-psk-file`,
+    /// `--tls-certificates`): readable under Landlock when lost
+    /// connections are made again over TLS.
+    pub tls_files: Vec<PathBuf>,
 }
 
 impl Sandbox {
@@ -136,8 +145,19 @@ impl Sandbox {
                     Some(Network::Rbd) => landlock::TcpConnect::Any,
                     _ => landlock::TcpConnect::None,
                 };
-                let status =
-                    landlock::restrict(&self.image, &self.removable(), self.readonly, connect)?;
+                let reads: Vec<_> = match net {
+                    Some(Network::Nbd(NbdPeer { tls: true, .. })) => {
+                        self.tls_files.iter().map(|p| p.as_path()).collect()
+                    }
+                    _ => Vec::new(),
+                };
+                let status = landlock::restrict(
+                    &self.image,
+                    &self.removable(),
+                    self.readonly,
+                    connect,
+                    &reads,
+                )?;
                 match status {
                     ::landlock::RulesetStatus::NotEnforced => {
                         return Err(SandboxError::LandlockUnavailable)
@@ -163,6 +183,9 @@ impl Sandbox {
             self.mode.name(),
             seccomp::allowed_count(net),
             match net {
+                Some(Network::Nbd(NbdPeer { tls: true, .. })) => {
+                    ", socket, connect and read-only opens for NBD reconnects over TLS"
+                }
                 Some(Network::Nbd(_)) => ", socket and connect for NBD reconnects",
                 Some(Network::Rbd) => ", TCP sockets and connect for librados",
                 None => "",

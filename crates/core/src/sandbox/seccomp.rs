@@ -245,6 +245,26 @@ fn conditional(
         ));
         // No rule: allowed whatever its arguments.
         v.push(("connect", libc::SYS_connect, vec![]));
+        if peer.tls {
+            // The handshake reads the PSK file or the certificates (libnbd
+            // opens them anew each time): read-only opens, never creating,
+            // truncating or writing. Which files seccomp cannot see (the
+            // path is in memory); Landlock narrows them with --sandbox full.
+            let writes = (libc::O_ACCMODE | libc::O_CREAT | libc::O_TRUNC | libc::O_APPEND) as u64;
+            let read_only = SeccompCondition::new(
+                2,
+                SeccompCmpArgLen::Dword,
+                SeccompCmpOp::MaskedEq(writes),
+                0,
+            )
+            .map_err(SandboxError::seccomp)?;
+            v.push(("openat", libc::SYS_openat, vec![rule(vec![read_only])?]));
+            // libnbd asks whether each certificate file exists first.
+            v.push(("faccessat", libc::SYS_faccessat, vec![]));
+            v.push(("faccessat2", libc::SYS_faccessat2, vec![]));
+            #[cfg(target_arch = "x86_64")]
+            v.push(("access", libc::SYS_access, vec![]));
+        }
     }
     Ok(v)
 }
@@ -418,6 +438,12 @@ mod tests {
         let peer = Network::Nbd(super::super::NbdPeer {
             family: libc::AF_INET,
             tcp_port: Some(10809),
+            tls: false,
+        });
+        let tls_peer = Network::Nbd(super::super::NbdPeer {
+            family: libc::AF_UNIX,
+            tcp_port: None,
+            tls: true,
         });
         assert!(!allowlist(OnViolation::Trap, &[3], Some(peer))
             .unwrap()
@@ -431,6 +457,12 @@ mod tests {
         };
         assert!(!names(None).contains(&"socket") && !names(None).contains(&"connect"));
         assert!(names(Some(peer)).contains(&"socket") && names(Some(peer)).contains(&"connect"));
+        // Opening files only for a TLS handshake, and then read-only.
+        assert!(!names(Some(peer)).contains(&"openat"));
+        assert!(names(Some(tls_peer)).contains(&"openat"));
+        assert!(!allowlist(OnViolation::Trap, &[3], Some(tls_peer))
+            .unwrap()
+            .is_empty());
         let rbd = names(Some(Network::Rbd));
         assert!(
             rbd.contains(&"socket") && rbd.contains(&"connect"),

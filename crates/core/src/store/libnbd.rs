@@ -281,8 +281,8 @@ impl Connection {
     /// settings, and the handshake. Gives up at `deadline`.
     ///
     /// TLS reads its credentials (the PSK file, certificates) from files
-    /// during the handshake, which the sandbox forbids: callers only pass
-    /// TLS settings here when nothing is sandboxed.
+    /// during the handshake: the sandbox leaves those readable (see
+    /// `sandbox::NbdPeer::tls`).
     pub fn connect_to(
         endpoint: &Endpoint,
         tls: &Tls,
@@ -336,11 +336,19 @@ impl Connection {
                 ));
             }
             let ready = poll_fd(fd, events, left)?;
-            if ready & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
-                self.notify_read()?;
-            } else if ready & libc::POLLOUT != 0 {
-                self.notify_write()?;
-            }
+            // A hang-up goes to the side libnbd waits on (while it
+            // connects, that is writing: it then finds the error itself).
+            let hangup = ready & (libc::POLLHUP | libc::POLLERR) != 0;
+            let moved = if dir.read && (hangup || ready & libc::POLLIN != 0) {
+                self.notify_read()
+            } else if dir.write && (hangup || ready & libc::POLLOUT != 0) {
+                self.notify_write()
+            } else if hangup {
+                Err(io::Error::from(io::ErrorKind::ConnectionAborted))
+            } else {
+                Ok(())
+            };
+            moved.map_err(handshake_error)?;
         }
     }
 
@@ -464,10 +472,24 @@ impl Connection {
         self.check(rc, what).map(|v| v != 0)
     }
 
-    /// Size, flags and block sizes of the export (after `connect`).
+    /// Size, flags and block sizes of the export (after `connect`), as
+    /// far as cryptblk can use them: a size of 2^63 bytes or more (which
+    /// libnbd hands on as a negative number) and a minimum block size above
+    /// the largest sector are refused here, before anything is read.
     pub fn info(&self) -> io::Result<ExportInfo> {
         let conn = self;
-        let size = self.check64(call!(conn, nbd_get_size), "nbd_get_size")?;
+        let size = call!(conn, nbd_get_size);
+        if size < 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "the server announced an export size of {} bytes, which no disk has; \
+                     not using it",
+                    size as u64
+                ),
+            ));
+        }
+        let size = size as u64;
         let block = |which, default: u32| -> io::Result<u32> {
             let v = self.check64(call!(conn, nbd_get_block_size, which), "nbd_get_block_size")?;
             Ok(if v == 0 {
@@ -476,13 +498,24 @@ impl Connection {
                 u32::try_from(v).unwrap_or(u32::MAX)
             })
         };
+        let min_block = block(LIBNBD_SIZE_MINIMUM, 1)?;
+        if min_block as usize > LARGEST_SECTOR {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "the export wants requests aligned to {min_block} bytes, more than the \
+                     largest sector ({LARGEST_SECTOR} bytes) an encrypted disk can have; ask \
+                     the server for a smaller minimum block size"
+                ),
+            ));
+        }
         Ok(ExportInfo {
             size,
             read_only: self.flag(call!(conn, nbd_is_read_only), "nbd_is_read_only")?,
             can_flush: self.flag(call!(conn, nbd_can_flush), "nbd_can_flush")?,
             can_trim: self.flag(call!(conn, nbd_can_trim), "nbd_can_trim")?,
             can_multi_conn: self.flag(call!(conn, nbd_can_multi_conn), "nbd_can_multi_conn")?,
-            min_block: block(LIBNBD_SIZE_MINIMUM, 1)?,
+            min_block,
             preferred_block: block(LIBNBD_SIZE_PREFERRED, 4096)?,
             max_block: block(LIBNBD_SIZE_MAXIMUM, 32 << 20)?,
         })
@@ -930,6 +963,27 @@ fn cstring(s: &str) -> io::Result<CString> {
 }
 
 /// The error of the last failed libnbd call on this thread.
+/// The largest sector an encrypted disk can have (cryptsetup's limit).
+const LARGEST_SECTOR: usize = 4096;
+
+/// What broke a handshake, in words that say it was the handshake: the
+/// server hanging up mid-way shows as a failed send or receive.
+fn handshake_error(e: io::Error) -> io::Error {
+    use io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+    let closed = matches!(
+        e.kind(),
+        BrokenPipe | ConnectionReset | ConnectionAborted | UnexpectedEof
+    ) || e.to_string().contains("server disconnected unexpectedly");
+    if closed {
+        io::Error::new(
+            e.kind(),
+            format!("the server closed the connection during the NBD handshake ({e})"),
+        )
+    } else {
+        io::Error::new(e.kind(), format!("the NBD handshake failed: {e}"))
+    }
+}
+
 fn last_error(api: &Api, what: &str) -> io::Error {
     // SAFETY: both read this thread's libnbd error state; the message is a
     // NUL-terminated string (or NULL) valid until the next libnbd call.

@@ -132,8 +132,8 @@ fn until(deadline: Instant, stop: Option<&Stop>) -> Instant {
 /// How to reach the export again once a connection is lost.
 pub struct Redial {
     endpoint: Endpoint,
-    /// TLS settings for new connections (only when they can be read: see
-    /// `Connection::connect_to`).
+    /// TLS settings for new connections (their files stay readable under
+    /// the sandbox: see `Connection::connect_to`).
     tls: Tls,
     /// How long the requests of a lost connection wait for a new one.
     pub timeout: Duration,
@@ -154,6 +154,7 @@ impl Redial {
         stop: Option<&Stop>,
     ) -> io::Result<Connection> {
         let mut pause = BACKOFF_FIRST;
+        let mut said = String::new();
         loop {
             let deadline = until(deadline, stop);
             let attempt = deadline.min(Instant::now() + ATTEMPT_MAX);
@@ -167,29 +168,51 @@ impl Redial {
             if left.is_zero() {
                 return Err(e);
             }
-            log::debug!("NBD reconnect to {}: {e}", self.endpoint.describe());
+            // Why an attempt failed says what to fix: said once per
+            // reason (a refused connection, then a broken handshake), at
+            // most once per back-off step.
+            let why = e.to_string();
+            if why != said {
+                log::warn!(
+                    "NBD reconnect to {} failed: {why}; trying again for up to {left:?}",
+                    self.endpoint.describe()
+                );
+                said = why;
+            } else {
+                log::debug!("NBD reconnect to {}: {why}", self.endpoint.describe());
+            }
             // The last attempt is made at the deadline.
             std::thread::sleep(pause.min(left));
             pause = (pause * 2).min(BACKOFF_MAX);
         }
     }
 
+    /// The new connection's export must be the one served since start-up:
+    /// same size, read-only flag and multi-conn, and block sizes that take
+    /// every request the first connection's did (requests are aligned and
+    /// split by those), or it is not used.
     fn same_export(&self, conn: Connection) -> io::Result<Connection> {
         let info = conn.info()?;
         let was = &self.info;
         if info.size != was.size
             || info.read_only != was.read_only
             || info.can_multi_conn != was.can_multi_conn
+            || info.min_block > was.min_block
+            || info.max_block < was.max_block
         {
             return Err(io::Error::other(format!(
-                "the export changed (size {} → {}, read-only {} → {}, multi-conn {} → {}); \
-                 not using it",
+                "the export changed (size {} → {}, read-only {} → {}, multi-conn {} → {}, \
+                 block sizes {}-{} → {}-{}); not using it",
                 was.size,
                 info.size,
                 was.read_only,
                 info.read_only,
                 was.can_multi_conn,
-                info.can_multi_conn
+                info.can_multi_conn,
+                was.min_block,
+                was.max_block,
+                info.min_block,
+                info.max_block
             )));
         }
         Ok(conn)
