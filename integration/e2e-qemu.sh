@@ -6,7 +6,7 @@
 # they must see exactly what the guest wrote, and the image itself must hold
 # no plaintext.
 #
-#   bash integration/e2e-qemu.sh                   # BACKEND=cryptblk (default): six runs,
+#   bash integration/e2e-qemu.sh                   # BACKEND=cryptblk (default): seven runs,
 #       a qemu-img LUKS1 image served in plain mode with its volume key and
 #       payload offset (--crypto inline); a cryptsetup LUKS2 image with 4 KiB
 #       sectors unlocked by passphrase (--crypto inline --io pread); a LUKS2 image
@@ -15,7 +15,9 @@
 #       --split-threshold, --direct and --allow-discards; the qemu-img LUKS1
 #       image again, unlocked by passphrase, on an NBD export (E2E_NBD=1:
 #       nbdkit's file plugin serves the image file over a unix socket, with
-#       --allow-discards); the same image imported into a single-node Ceph
+#       --allow-discards); a cryptsetup LUKS2 image over TCP to qemu-nbd, which
+#       takes one client, so the queues share one connection (E2E_NBD=qemu-nbd,
+#       --crypto workers --allow-discards); the LUKS1 image imported into a single-node Ceph
 #       cluster and served from RBD (E2E_RBD=1, --allow-discards); then the
 #       negative control below, which must fail on exactly the ciphertext checks
 #   E2E_FORMAT=luks1 E2E_UNLOCK=passphrase E2E_NBD=1 bash integration/e2e-qemu.sh  # one run, on NBD
@@ -33,7 +35,8 @@
 # default key for luks1, passphrase for luks2); E2E_SECTOR (luks2 sector size,
 # default 4096; plain: default 512); E2E_LUKS2_MAKER (cryptsetup|cryptblk);
 # E2E_RESIZE (1: grow the disk online after the reboot, see below);
-# E2E_NBD (1: cryptblk reaches the image through nbdkit, see below);
+# E2E_NBD (1 or nbdkit, qemu-nbd: cryptblk reaches the image through that
+# server, see below);
 # E2E_RBD (1: the image lives in a Ceph cluster, see below);
 # E2E_PLAIN_IV (plain mode's IV options for both sides); E2E_SERVE_ARGS (extra `cryptblk serve` options); CRYPTBLK
 # (path to the binary; default: built here with cargo, profile
@@ -65,7 +68,15 @@ RESIZE=${E2E_RESIZE:-0}
 # (nbd+unix://); the file is still here, below nbdkit, for the guest's
 # read-only reference disk and the host's checks, which thereby read what
 # went over the wire. nbdkit's stats filter counts the commands it served.
-NBD=${E2E_NBD:-0}
+# E2E_NBD=qemu-nbd: qemu-nbd serves the file over TCP on 127.0.0.1 to one
+# client at a time (--shared=1, no multi-conn), so every queue drives
+# cryptblk's one shared connection.
+case ${E2E_NBD:-0} in
+  0) NBD=0 NBD_SERVER= ;;
+  1 | nbdkit) NBD=1 NBD_SERVER=nbdkit ;;
+  qemu-nbd) NBD=1 NBD_SERVER=qemu-nbd ;;
+  *) die "unknown E2E_NBD=$E2E_NBD (0, 1 or nbdkit, qemu-nbd)" ;;
+esac
 # E2E_RBD=1: the ciphertext lives in Ceph. integration/ceph.sh starts a
 # single-node cluster (stopped when this script exits), the image file is
 # `rbd import`ed, and cryptblk's --image is rbd:rbd/e2e: the LUKS header is
@@ -146,7 +157,7 @@ fi
 
 RUN=$WORK_DIR/e2e-$BACKEND-$FORMAT
 [ "$FORMAT" != luks2 ] || [ "$LUKS2_MAKER" = cryptsetup ] || RUN+=-$LUKS2_MAKER
-[ "$NBD" = 0 ] || RUN+=-nbd
+[ "$NBD" = 0 ] || RUN+=-$NBD_SERVER
 [ "$RBD" = 0 ] || RUN+=-rbd
 SOCK=$RUN/vhost.sock
 IMG=$RUN/img.$FORMAT
@@ -178,7 +189,7 @@ check_tools() {
   need_tools qemu-system-x86_64 qemu-img cryptsetup busybox cpio awk cmp grep od \
     timeout debugfs e2fsck diff
   [ "$BACKEND" = cryptblk ] || need_tools qemu-storage-daemon
-  [ "$NBD" = 0 ] || need_tools nbdkit
+  [ "$NBD" = 0 ] || need_tools "$NBD_SERVER"
   [ "$RBD" = 0 ] || need_tools ceph-mon ceph-osd rbd
 }
 
@@ -315,19 +326,33 @@ EOF
 # The NBD server below cryptblk (E2E_NBD=1): nbdkit's file plugin on the
 # image file (it advertises multi-conn, so each queue gets a connection),
 # with the stats filter, which writes its counts when nbdkit exits.
+# With E2E_NBD=qemu-nbd: qemu-nbd on the file over TCP, one client at a time
+# (it outlives each: --persistent). Sets NBD_URI.
 start_nbd_server() {
   rm -f "$NBD_SOCK" "$NBD_STATS"
-  nbdkit --foreground --exit-with-parent --unix "$NBD_SOCK" --filter=stats \
-    file file="$IMG" statsfile="$NBD_STATS" >"$RUN/nbdkit.log" 2>&1 &
+  local ready
+  if [ "$NBD_SERVER" = qemu-nbd ]; then
+    local port
+    port=$(free_port)
+    qemu-nbd --persistent --shared=1 --cache=writeback --format=raw --bind 127.0.0.1 \
+      --port "$port" "$IMG" >"$RUN/nbd-server.log" 2>&1 &
+    NBD_URI="nbd://127.0.0.1:$port/"
+    ready=(tcp_listening "$port")
+  else
+    nbdkit --foreground --exit-with-parent --unix "$NBD_SOCK" --filter=stats \
+      file file="$IMG" statsfile="$NBD_STATS" >"$RUN/nbd-server.log" 2>&1 &
+    NBD_URI="nbd+unix:///?socket=$NBD_SOCK"
+    ready=(listening "$NBD_SOCK")
+  fi
   server_pid=$!
   local _
   for _ in $(seq 100); do
-    listening "$NBD_SOCK" && return 0
+    "${ready[@]}" && return 0
     kill -0 "$server_pid" 2>/dev/null || break
     sleep 0.1
   done
-  tail -20 "$RUN/nbdkit.log" >&2
-  die "nbdkit did not listen on $NBD_SOCK"
+  tail -20 "$RUN/nbd-server.log" >&2
+  die "$NBD_SERVER did not listen ($NBD_URI)"
 }
 
 # After cryptblk has exited (and flushed): SIGTERM, a clean exit, and the
@@ -338,8 +363,8 @@ stop_nbd_server() {
   wait "$server_pid" || rc=$?
   server_pid=
   [ "$rc" = 0 ] || {
-    tail -20 "$RUN/nbdkit.log" >&2
-    die "nbdkit exited with status $rc"
+    tail -20 "$RUN/nbd-server.log" >&2
+    die "$NBD_SERVER exited with status $rc"
   }
 }
 
@@ -376,7 +401,7 @@ start_backend() {
       local image=$IMG open=(--type luks --key-file "$PASSFILE")
       if [ "$NBD" = 1 ]; then
         start_nbd_server
-        image="nbd+unix:///?socket=$NBD_SOCK"
+        image=$NBD_URI
       fi
       if [ "$RBD" = 1 ]; then
         image="rbd:$RBD_IMAGE"
@@ -471,9 +496,15 @@ nbd_served() {
   awk -v op="$1:" '$1 == op && $2 + 0 > 0 { found = 1 } END { exit !found }' "$NBD_STATS"
 }
 
+# qemu-nbd (one client at a time) made cryptblk share one connection among
+# its queues: its log says so.
+nbd_one_shared_connection() { grep -q 'all queues share one connection' "$BACKEND_LOG"; }
+
 host_checks() {
   host_check image-has-no-plaintext no_plaintext_in_image
-  if [ "$NBD" = 1 ]; then
+  if [ "$NBD_SERVER" = qemu-nbd ]; then
+    host_check nbd-one-shared-connection nbd_one_shared_connection
+  elif [ "$NBD" = 1 ]; then
     host_check nbd-served-reads nbd_served read
     host_check nbd-served-writes nbd_served write
     host_check nbd-served-flushes nbd_served flush
@@ -528,7 +559,10 @@ main() {
   [ "$FORMAT" != luks2 ] || how+=", made by $LUKS2_MAKER"
   [ -z "$PLAIN_IV" ] || [ "$FORMAT" != plain ] || how+=", $PLAIN_IV"
   [ "$BACKEND" != cryptblk ] || [ "$FORMAT" = plain ] || how+=", unlocked by $UNLOCK"
-  [ "$NBD" = 0 ] || how+=", over NBD (nbdkit file plugin, unix socket)"
+  case $NBD_SERVER in
+    nbdkit) how+=", over NBD (nbdkit file plugin, unix socket)" ;;
+    qemu-nbd) how+=", over NBD (qemu-nbd, TCP on 127.0.0.1, one connection shared by the queues)" ;;
+  esac
   [ "$RBD" = 0 ] || how+=", on Ceph RBD (single-node cluster, librbd)"
   echo "==== e2e-qemu summary (backend $BACKEND${SERVE_ARGS:+ ($SERVE_ARGS)}, $how, guest kernel $GUEST_KVER) ===="
   # shellcheck disable=SC2086 # counting words
@@ -546,8 +580,8 @@ main() {
   echo "PASS"
 }
 
-# Without E2E_FORMAT, cryptblk gets six runs that cover its code paths (the
-# last two on NBD and RBD); each is this script again, with E2E_FORMAT set. A run with a backend
+# Without E2E_FORMAT, cryptblk gets seven runs that cover its code paths (the
+# last three on NBD and RBD); each is this script again, with E2E_FORMAT set. A run with a backend
 # that does not encrypt must fail on the ciphertext checks (and only there):
 # otherwise the checks themselves are broken.
 all_runs() {
@@ -566,6 +600,10 @@ all_runs() {
     bash "${BASH_SOURCE[0]}" || status=1
   # The LUKS header read and the payload served through libnbd (issue #15).
   E2E_FORMAT=luks1 E2E_UNLOCK=passphrase E2E_NBD=1 E2E_SERVE_ARGS='--crypto inline --allow-discards' \
+    bash "${BASH_SOURCE[0]}" || status=1
+  # The same over TCP to qemu-nbd, which takes one client: the queues share
+  # one connection; LUKS2 and the worker pool this time.
+  E2E_FORMAT=luks2 E2E_UNLOCK=passphrase E2E_NBD=qemu-nbd E2E_SERVE_ARGS='--crypto workers --allow-discards' \
     bash "${BASH_SOURCE[0]}" || status=1
   # The LUKS header and the payload in a Ceph cluster, through librbd (issue #16).
   E2E_FORMAT=luks1 E2E_UNLOCK=passphrase E2E_RBD=1 E2E_SERVE_ARGS='--crypto inline --allow-discards' \

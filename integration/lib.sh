@@ -38,6 +38,18 @@ listening() {
     } END { exit !found }' /proc/net/unix
 }
 
+# tcp_listening PORT: something listens on 127.0.0.1:PORT (a probing
+# connection would be a client of the server's).
+tcp_listening() {
+  awk -v p="$(printf ':%04X' "$1")" '$2 ~ p "$" && $4 == "0A" { found = 1 } END { exit !found }' \
+    /proc/net/tcp
+}
+
+# free_port: a TCP port on 127.0.0.1 that nothing listens on now.
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
 # Seconds since the epoch with millisecond precision, for timings.
 now() { date +%s.%3N; }
 

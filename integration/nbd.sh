@@ -71,17 +71,6 @@ IMG=$WORK/image.luks
 luks1_image "$IMG" "$SIZE"
 EXPORT_BYTES=$(stat -c %s "$IMG")
 
-# tcp_listening PORT: something listens on 127.0.0.1:PORT (a probing
-# connection would be a client of the server's).
-tcp_listening() {
-  awk -v p="$(printf ':%04X' "$1")" '$2 ~ p "$" && $4 == "0A" { found = 1 } END { exit !found }' \
-    /proc/net/tcp
-}
-
-free_port() {
-  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
 # listen_on TRANSPORT NAME: where a server NAME listens. Sets LISTEN (nbdkit's
 # options; qemu-nbd's in QEMU_LISTEN), LISTEN_URI, LISTEN_QSD (the server
 # options of QEMU's nbd driver) and READY (a command that succeeds once it
