@@ -197,5 +197,8 @@ has cryptblk-workers && has fio && pairs+=("cryptblk-workers fio wrk/fio")
 has cryptblk-workers && has cryptblk-xts && pairs+=("cryptblk-workers cryptblk-xts wrk/inline")
 has cryptblk-pread && has cryptblk-xts && pairs+=("cryptblk-pread cryptblk-xts pread/mmap")
 has cryptblk-none && has qsd-raw && pairs+=("cryptblk-none qsd-raw none/qsdraw")
+# How close any vhost-user backend gets to the disk here: QSD's plaintext
+# export over the same client path, against fio in the same process.
+has qsd-raw && has fio && pairs+=("qsd-raw fio qsdraw/fio")
 results_table "" "${pairs[@]}"
 warn_failed_requests
