@@ -47,6 +47,28 @@ fn two_queues_workers() {
     round_trip(2, &["--crypto", "workers", "--split-threshold", "64K"]);
 }
 
+/// The way to Ceph of issue #15, as README shows it: qemu-storage-daemon
+/// serves the RBD image (its rbd driver) as an NBD export, cryptblk serves
+/// that export. The data round-trips on two queues, and the RBD image, read
+/// back with `rbd export`, holds dm-crypt's ciphertext and no plaintext.
+#[test]
+fn through_qemu_storage_daemons_nbd_export() {
+    let c = cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let (_, name) = c.create("qsd-nbd", 16);
+    let blockdev = format!(
+        "driver=rbd,node-name=disk,pool=rbd,image={name},conf={}",
+        c.conf_str()
+    );
+    let mut server =
+        support::nbd::NbdServer::qsd(dir.path(), support::nbd::Transport::Unix, &blockdev);
+    let uri = server.uri.replacen(":///", ":///disk", 1);
+    let (cipher, written) = serve_16m_round_trip(dir.path(), &["--image", &uri], 2, &[]);
+    // qemu-storage-daemon flushes librbd's cache on its way out.
+    server.terminate();
+    check_16m_export(&c.export(&name, dir.path()), &cipher, &written);
+}
+
 /// `cryptblk ARGS` (format, key, dump) on the test cluster, reached with
 /// `--ceph-conf` (and not through $CEPH_CONF, which `dump_finds_the_cluster`
 /// checks).

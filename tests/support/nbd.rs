@@ -63,6 +63,29 @@ impl NbdServer {
         })
     }
 
+    /// qemu-storage-daemon serving `blockdev` (a `--blockdev` whose node is
+    /// named `disk`) as a writable NBD export, as README's example does;
+    /// the export's name is the node's (QEMU 10 advertises multi-conn on
+    /// it, and has no option for it).
+    pub fn qsd(dir: &Path, transport: Transport, blockdev: &str) -> NbdServer {
+        let blockdev = blockdev.to_string();
+        Self::start(dir, transport, move |t, sock, port| {
+            let mut c = Command::new("qemu-storage-daemon");
+            c.args(["--blockdev", &blockdev, "--nbd-server"]);
+            match t {
+                Transport::Unix => c.arg(format!("addr.type=unix,addr.path={}", sock.display())),
+                Transport::Tcp => c.arg(format!(
+                    "addr.type=inet,addr.host=127.0.0.1,addr.port={port}"
+                )),
+            };
+            c.args([
+                "--export",
+                "type=nbd,id=e0,node-name=disk,writable=on",
+            ]);
+            c
+        })
+    }
+
     /// `tests/support/hostile_nbd.py ARGS`: an NBD server that breaks the
     /// protocol as its `--mode` says (see the script), logging what it
     /// does to `log`. python3 must be installed.
