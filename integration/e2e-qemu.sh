@@ -6,7 +6,7 @@
 # they must see exactly what the guest wrote, and the image itself must hold
 # no plaintext.
 #
-#   bash integration/e2e-qemu.sh                   # BACKEND=cryptblk (default): seven runs,
+#   bash integration/e2e-qemu.sh                   # BACKEND=cryptblk (default): eight runs,
 #       a qemu-img LUKS1 image served in plain mode with its volume key and
 #       payload offset (--crypto inline); a cryptsetup LUKS2 image with 4 KiB
 #       sectors unlocked by passphrase (--crypto inline --io pread); a LUKS2 image
@@ -17,7 +17,8 @@
 #       nbdkit's file plugin serves the image file over a unix socket, with
 #       --allow-discards); a cryptsetup LUKS2 image over TCP to qemu-nbd, which
 #       takes one client, so the queues share one connection (E2E_NBD=qemu-nbd,
-#       --crypto workers --allow-discards); the LUKS1 image imported into a single-node Ceph
+#       --crypto workers --allow-discards); a plain image over qemu-storage-daemon's
+#       NBD export (E2E_NBD=qsd); the LUKS1 image imported into a single-node Ceph
 #       cluster and served from RBD (E2E_RBD=1, --allow-discards); then the
 #       negative control below, which must fail on exactly the ciphertext checks
 #   E2E_FORMAT=luks1 E2E_UNLOCK=passphrase E2E_NBD=1 bash integration/e2e-qemu.sh  # one run, on NBD
@@ -35,7 +36,7 @@
 # default key for luks1, passphrase for luks2); E2E_SECTOR (luks2 sector size,
 # default 4096; plain: default 512); E2E_LUKS2_MAKER (cryptsetup|cryptblk);
 # E2E_RESIZE (1: grow the disk online after the reboot, see below);
-# E2E_NBD (1 or nbdkit, qemu-nbd: cryptblk reaches the image through that
+# E2E_NBD (1 or nbdkit, qemu-nbd, qsd: cryptblk reaches the image through that
 # server, see below);
 # E2E_RBD (1: the image lives in a Ceph cluster, see below);
 # E2E_PLAIN_IV (plain mode's IV options for both sides); E2E_SERVE_ARGS (extra `cryptblk serve` options); CRYPTBLK
@@ -70,12 +71,15 @@ RESIZE=${E2E_RESIZE:-0}
 # went over the wire. nbdkit's stats filter counts the commands it served.
 # E2E_NBD=qemu-nbd: qemu-nbd serves the file over TCP on 127.0.0.1 to one
 # client at a time (--shared=1, no multi-conn), so every queue drives
-# cryptblk's one shared connection.
+# cryptblk's one shared connection. E2E_NBD=qsd: qemu-storage-daemon's NBD
+# export of the file (its file driver) on a unix socket, the export named
+# after the node, with multi-conn (a connection per queue).
 case ${E2E_NBD:-0} in
   0) NBD=0 NBD_SERVER= ;;
   1 | nbdkit) NBD=1 NBD_SERVER=nbdkit ;;
   qemu-nbd) NBD=1 NBD_SERVER=qemu-nbd ;;
-  *) die "unknown E2E_NBD=$E2E_NBD (0, 1 or nbdkit, qemu-nbd)" ;;
+  qsd) NBD=1 NBD_SERVER=qemu-storage-daemon ;;
+  *) die "unknown E2E_NBD=$E2E_NBD (0, 1 or nbdkit, qemu-nbd, qsd)" ;;
 esac
 # E2E_RBD=1: the ciphertext lives in Ceph. integration/ceph.sh starts a
 # single-node cluster (stopped when this script exits), the image file is
@@ -338,6 +342,12 @@ start_nbd_server() {
       --port "$port" "$IMG" >"$RUN/nbd-server.log" 2>&1 &
     NBD_URI="nbd://127.0.0.1:$port/"
     ready=(tcp_listening "$port")
+  elif [ "$NBD_SERVER" = qemu-storage-daemon ]; then
+    qemu-storage-daemon --blockdev "driver=file,node-name=disk,filename=$IMG" \
+      --nbd-server "addr.type=unix,addr.path=$NBD_SOCK" \
+      --export type=nbd,id=e0,node-name=disk,writable=on >"$RUN/nbd-server.log" 2>&1 &
+    NBD_URI="nbd+unix:///disk?socket=$NBD_SOCK"
+    ready=(listening "$NBD_SOCK")
   else
     nbdkit --foreground --exit-with-parent --unix "$NBD_SOCK" --filter=stats \
       file file="$IMG" statsfile="$NBD_STATS" >"$RUN/nbd-server.log" 2>&1 &
@@ -499,11 +509,19 @@ nbd_served() {
 # qemu-nbd (one client at a time) made cryptblk share one connection among
 # its queues: its log says so.
 nbd_one_shared_connection() { grep -q 'all queues share one connection' "$BACKEND_LOG"; }
+# qemu-storage-daemon's writable export offers multi-conn: each queue got a
+# connection of its own (cryptblk says nothing of sharing one), and the
+# image was opened over NBD.
+nbd_connection_per_queue() {
+  ! grep -q 'all queues share one connection' "$BACKEND_LOG" && grep -q "serving .* bytes" "$BACKEND_LOG"
+}
 
 host_checks() {
   host_check image-has-no-plaintext no_plaintext_in_image
   if [ "$NBD_SERVER" = qemu-nbd ]; then
     host_check nbd-one-shared-connection nbd_one_shared_connection
+  elif [ "$NBD_SERVER" = qemu-storage-daemon ]; then
+    host_check nbd-connection-per-queue nbd_connection_per_queue
   elif [ "$NBD" = 1 ]; then
     host_check nbd-served-reads nbd_served read
     host_check nbd-served-writes nbd_served write
@@ -562,6 +580,7 @@ main() {
   case $NBD_SERVER in
     nbdkit) how+=", over NBD (nbdkit file plugin, unix socket)" ;;
     qemu-nbd) how+=", over NBD (qemu-nbd, TCP on 127.0.0.1, one connection shared by the queues)" ;;
+    qemu-storage-daemon) how+=", over NBD (qemu-storage-daemon's NBD export, unix socket)" ;;
   esac
   [ "$RBD" = 0 ] || how+=", on Ceph RBD (single-node cluster, librbd)"
   echo "==== e2e-qemu summary (backend $BACKEND${SERVE_ARGS:+ ($SERVE_ARGS)}, $how, guest kernel $GUEST_KVER) ===="
@@ -580,8 +599,8 @@ main() {
   echo "PASS"
 }
 
-# Without E2E_FORMAT, cryptblk gets seven runs that cover its code paths (the
-# last three on NBD and RBD); each is this script again, with E2E_FORMAT set. A run with a backend
+# Without E2E_FORMAT, cryptblk gets eight runs that cover its code paths (the
+# last four on NBD and RBD); each is this script again, with E2E_FORMAT set. A run with a backend
 # that does not encrypt must fail on the ciphertext checks (and only there):
 # otherwise the checks themselves are broken.
 all_runs() {
@@ -605,6 +624,9 @@ all_runs() {
   # one connection; LUKS2 and the worker pool this time.
   E2E_FORMAT=luks2 E2E_UNLOCK=passphrase E2E_NBD=qemu-nbd E2E_SERVE_ARGS='--crypto workers --allow-discards' \
     bash "${BASH_SOURCE[0]}" || status=1
+  # qemu-storage-daemon as the NBD server (the way to Ceph, iSCSI, qcow2 chains through
+  # QEMU's block layer), on a plain image with the volume key.
+  E2E_FORMAT=plain E2E_NBD=qsd E2E_SERVE_ARGS='--crypto inline' bash "${BASH_SOURCE[0]}" || status=1
   # The LUKS header and the payload in a Ceph cluster, through librbd (issue #16).
   E2E_FORMAT=luks1 E2E_UNLOCK=passphrase E2E_RBD=1 E2E_SERVE_ARGS='--crypto inline --allow-discards' \
     bash "${BASH_SOURCE[0]}" || status=1
