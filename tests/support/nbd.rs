@@ -78,10 +78,7 @@ impl NbdServer {
                     "addr.type=inet,addr.host=127.0.0.1,addr.port={port}"
                 )),
             };
-            c.args([
-                "--export",
-                "type=nbd,id=e0,node-name=disk,writable=on",
-            ]);
+            c.args(["--export", "type=nbd,id=e0,node-name=disk,writable=on"]);
             c
         })
     }
