@@ -444,7 +444,7 @@ impl ServeConfig {
         let readonly = a.readonly.unwrap_or(false);
         let direct = a.direct.unwrap_or(false);
         let nbd = nbd_tls(&a.storage, &path)?;
-        let reconnect = nbd_reconnect(&a, nbd.as_ref())?;
+        let reconnect = nbd_reconnect(&a, nbd.is_some())?;
         let rbd = rbd_image(&a.storage, &path)?.map(|(_, cluster)| cluster);
         if rbd.is_some() {
             if a.size.is_some() {
@@ -728,10 +728,10 @@ fn parse_mode(s: &str) -> Result<u32, ConfigError> {
 /// Default of `--nbd-reconnect-timeout`, in seconds.
 pub const DEFAULT_NBD_RECONNECT: u64 = 30;
 
-/// `--nbd-reconnect-timeout` for an NBD image (`tls`: its TLS settings;
-/// None for other images, which refuse the option).
-fn nbd_reconnect(a: &ServeArgs, tls: Option<&Tls>) -> Result<Duration, ConfigError> {
-    if tls.is_none() {
+/// `--nbd-reconnect-timeout` for an NBD image (`nbd`); other images refuse
+/// the option.
+fn nbd_reconnect(a: &ServeArgs, nbd: bool) -> Result<Duration, ConfigError> {
+    if !nbd {
         return match a.nbd_reconnect_timeout {
             Some(s) => invalid(
                 "--nbd-reconnect-timeout",

@@ -962,12 +962,12 @@ fn cstring(s: &str) -> io::Result<CString> {
     CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in a string"))
 }
 
-/// The error of the last failed libnbd call on this thread.
 /// The largest sector an encrypted disk can have (cryptsetup's limit).
-const LARGEST_SECTOR: usize = 4096;
+const LARGEST_SECTOR: usize = crate::crypto::SECTOR_SIZES[crate::crypto::SECTOR_SIZES.len() - 1];
 
 /// What broke a handshake, in words that say it was the handshake: the
-/// server hanging up mid-way shows as a failed send or receive.
+/// server hanging up mid-way shows as a failed send or receive (or, for an
+/// end of stream libnbd reads, only as its message: it sets no errno).
 fn handshake_error(e: io::Error) -> io::Error {
     use io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
     let closed = matches!(
@@ -984,6 +984,7 @@ fn handshake_error(e: io::Error) -> io::Error {
     }
 }
 
+/// The error of the last failed libnbd call on this thread.
 fn last_error(api: &Api, what: &str) -> io::Error {
     // SAFETY: both read this thread's libnbd error state; the message is a
     // NUL-terminated string (or NULL) valid until the next libnbd call.

@@ -82,7 +82,7 @@ pub enum VolumeError {
     },
     #[error("--offset must be a multiple of the sector size ({sector_size} bytes) when --direct is used")]
     UnalignedDirectOffset { sector_size: usize },
-    #[error("NBD export {path} wants requests aligned to {min_block} bytes, which the {sector_size}-byte sectors at payload offset {offset} are not; sector sizes go up to 4096: use --sector-size {min_block} (or larger) with an --offset that is a multiple of it if {min_block} is at most 4096, otherwise ask the server for a smaller minimum block size")]
+    #[error("NBD export {path} wants requests aligned to {min_block} bytes, which the {sector_size}-byte sectors at payload offset {offset} are not; use --sector-size {min_block} (or larger) with an --offset that is a multiple of it, or ask the server for a smaller minimum block size")]
     NbdAlignment {
         path: String,
         min_block: u32,
