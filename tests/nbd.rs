@@ -1236,6 +1236,14 @@ fn hostile_handshake_on_reconnect(mode: &str, says: &str) {
         "no reconnect met the broken handshake: vacuous: {text}"
     );
     assert!(said.contains(says), "expected {says:?}: {said}");
+    if says.starts_with("handshake: ") {
+        // Within nbd_aio_connect_socket or a later nbd_aio_notify_read,
+        // as the greeting's timing has it.
+        assert!(
+            said.contains("the NBD handshake failed: nbd_aio_"),
+            "{said}"
+        );
+    }
     assert!(said.contains("made again"), "{said}");
     assert!(daemon.alive());
     assert_eq!(c.write(0, BLOCK as u64, &data), 0);
@@ -1246,8 +1254,8 @@ fn hostile_handshake_on_reconnect(mode: &str, says: &str) {
 }
 
 matrix! {
-    hostile_handshake_garbage_on_reconnect: hostile_handshake_on_reconnect("garbage", "the NBD handshake failed: nbd_aio_notify_read: handshake: invalid option reply");
-    hostile_handshake_bad_magic_on_reconnect: hostile_handshake_on_reconnect("bad-magic", "the NBD handshake failed: nbd_aio_notify_read: handshake: server did not send expected NBD magic");
+    hostile_handshake_garbage_on_reconnect: hostile_handshake_on_reconnect("garbage", "handshake: invalid option reply");
+    hostile_handshake_bad_magic_on_reconnect: hostile_handshake_on_reconnect("bad-magic", "handshake: server did not send expected NBD magic");
     hostile_handshake_smaller_export_on_reconnect: hostile_handshake_on_reconnect("odd-size", "the export changed");
     hostile_handshake_larger_minimum_block_on_reconnect: hostile_handshake_on_reconnect("block-4k", "the export changed");
     hostile_handshake_minimum_block_above_every_sector_on_reconnect: hostile_handshake_on_reconnect("big-block", "the export wants requests aligned to 65536 bytes");

@@ -19,7 +19,7 @@
 
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr, CString};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
 use std::os::unix::io::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
@@ -296,13 +296,24 @@ impl Connection {
             call!(conn, nbd_set_export_name, endpoint.export.as_ptr()),
             "nbd_set_export_name",
         )?;
-        let sock = endpoint.connect_socket(deadline)?;
-        let rc = call!(conn, nbd_aio_connect_socket, sock.as_raw_fd());
-        conn.check(rc, "nbd_aio_connect_socket")?;
-        // The handle owns the socket now and closes it.
-        let _ = sock.into_raw_fd();
-        conn.wait_until_ready(deadline)?;
+        conn.handshake_on(endpoint.connect_socket(deadline)?, deadline)?;
         Ok(conn)
+    }
+
+    /// Gives the connected `sock` to libnbd and drives the handshake on
+    /// it until it is done, giving up at `deadline`.
+    fn handshake_on(&self, sock: OwnedFd, deadline: Instant) -> io::Result<()> {
+        // The handle owns the socket from the call on, also when the call
+        // fails: libnbd closes it on every failure path there, including
+        // a handshake that breaks within the call (a fast server's bad
+        // greeting). Letting it go only after a successful call closed it
+        // twice then, and the second close could hit another thread's
+        // new fd. (The one failure that leaves it open, a handle in the
+        // wrong state, cannot happen to a handle just created.)
+        let rc = call!(self, nbd_aio_connect_socket, sock.into_raw_fd());
+        self.check(rc, "nbd_aio_connect_socket")
+            .map_err(handshake_error)?;
+        self.wait_until_ready(deadline)
     }
 
     /// Drives a connection being made until its handshake is done, giving
@@ -1105,6 +1116,37 @@ mod tests {
             SIGNATURES,
             rust_type,
         );
+    }
+
+    /// A greeting with a wrong magic that is there before libnbd gets the
+    /// socket: the handshake breaks within nbd_aio_connect_socket, which
+    /// closes the socket. Nothing may close it again (a debug build
+    /// aborts on closing an owned fd twice: "IO Safety violation"; before
+    /// the fix this test did, and the reconnect test on a bad greeting
+    /// did so about one run in twenty).
+    #[test]
+    #[cfg_attr(
+        not(feature = "external-tools"),
+        ignore = "needs libnbd: ./test.sh runs it"
+    )]
+    fn a_handshake_broken_within_the_connect_call_closes_the_socket_once() {
+        use std::io::Write;
+        let (mut server, client) = std::os::unix::net::UnixStream::pair().unwrap();
+        server
+            .write_all(b"NBDMAGIX\x49\x48\x41\x56\x45\x4f\x50\x54\x00\x03")
+            .unwrap();
+        let conn = Connection::create("t").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let e = conn
+            .handshake_on(OwnedFd::from(client), deadline)
+            .expect_err("a wrong magic was accepted");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("nbd_aio_connect_socket") && msg.contains("expected NBD magic"),
+            "not broken within the call: {msg}"
+        );
+        drop(conn);
+        drop(server);
     }
 
     #[test]
