@@ -23,6 +23,9 @@ Modes:
                 of trailing garbage); the connection then stays open
   bad-errno     an error reply with an error number no NBD spec defines
   unsolicited   first a reply to a cookie never sent, then the right reply
+  unasked-structured
+                a structured OFFSET_DATA chunk with the right data, to a
+                client that did not negotiate structured replies
   silent        no reply at all; the connection stays open and later
                 requests are answered
 
@@ -45,8 +48,9 @@ a reconnect meet it and then end it):
 instead of memory, so that its data outlives a restart of the server.
 
 Every event is appended to --log, one line each: "connect N",
-"misbehave MODE N", "read OFFSET LEN", "write ...", so that the test can see
-the reconnect and what the server did. Runs until killed.
+"misbehave MODE N", "structured asked" (the client sent
+NBD_OPT_STRUCTURED_REPLY), so that the test can see the reconnect and what
+the client and the server did. Runs until killed.
 """
 
 import argparse
@@ -195,6 +199,7 @@ class Handler(socketserver.BaseRequestHandler):
                 s.sendall(struct.pack(">QIII", OPT_REPLY_MAGIC, opt, REP_ACK, 0xFFFFFFFF))
                 continue
             if opt == OPT_STRUCTURED_REPLY:
+                st.note("structured asked")
                 if st.args.structured == "yes":
                     self.structured = True
                     self.opt_reply(opt, REP_ACK)
@@ -345,6 +350,8 @@ class Handler(socketserver.BaseRequestHandler):
         elif mode == "unsolicited":
             self.done(0xBAD0C0FFEE, 0)
             self.read_reply(cookie, offset, data)
+        elif mode == "unasked-structured":
+            self.chunk(cookie, REPLY_TYPE_OFFSET_DATA, struct.pack(">Q", offset) + data)
         else:
             raise SystemExit(f"unknown mode {mode}")
         return None

@@ -109,6 +109,7 @@ api! {
     fn nbd_get_tls(*mut Handle) -> c_int;
     fn nbd_set_tls_certificates(*mut Handle, *const c_char) -> c_int;
     fn nbd_set_tls_verify_peer(*mut Handle, bool) -> c_int;
+    fn nbd_set_request_structured_replies(*mut Handle, bool) -> c_int;
     fn nbd_set_tls_username(*mut Handle, *const c_char) -> c_int;
     fn nbd_set_tls_psk_file(*mut Handle, *const c_char) -> c_int;
     fn nbd_supports_tls(*mut Handle) -> c_int;
@@ -412,6 +413,16 @@ impl Connection {
         conn.check(
             call!(conn, nbd_set_handle_name, cname.as_ptr()),
             "nbd_set_handle_name",
+        )?;
+        // Simple replies only. libnbd reads a structured reply to a read in
+        // four recv(2) calls (the first 16 bytes of its header, the other
+        // 4, the 8-byte offset, the data) against two for a simple one,
+        // and at 4K that is most of what a read costs the daemon; nothing
+        // structured replies add (holes, block status, several chunks per
+        // read) is of use for ciphertext read whole.
+        conn.check(
+            call!(conn, nbd_set_request_structured_replies, false),
+            "nbd_set_request_structured_replies",
         )?;
         Ok(conn)
     }
