@@ -107,15 +107,24 @@ build_release() {
   BIN=${CARGO_TARGET_DIR:-$REPO_DIR/target}/release/cryptblk
 }
 
-# luks1_image IMG SIZE: a LUKS1 image made by qemu-img (aes-xts-plain64,
+# luks1_image IMG SIZE [ALIGN]: a LUKS1 image made by qemu-img (aes-xts-plain64,
 # 512-bit key) with a random passphrase in $WORK/passphrase; writes its volume
 # key to $WORK/volume.key (from cryptsetup's stdout, never through argv) and
-# sets PAYLOAD, its payload offset in 512-byte sectors. Run under umask 077.
+# sets PAYLOAD, its payload offset in 512-byte sectors. With ALIGN (sectors),
+# cryptsetup makes it instead, its payload at ALIGN (qemu-img cannot choose:
+# it puts the payload 4040 sectors in). Run under umask 077.
 luks1_image() {
   local img=$1 hex
   head -c 24 /dev/urandom | base64 | tr -d '\n' >"$WORK/passphrase"
-  qemu-img create -q -f luks --object "secret,id=sec0,file=$WORK/passphrase" \
-    -o key-secret=sec0,iter-time=10 "$img" "$2" || die "qemu-img create -f luks failed"
+  if [ -n "${3:-}" ]; then
+    truncate -s "$2" "$img" && truncate -s "+$(($3 * 512))" "$img" &&
+      cryptsetup luksFormat --batch-mode --type luks1 --cipher aes-xts-plain64 --key-size 512 \
+        --hash sha256 --pbkdf-force-iterations 1000 --align-payload "$3" \
+        --key-file "$WORK/passphrase" "$img" || die "cryptsetup luksFormat failed"
+  else
+    qemu-img create -q -f luks --object "secret,id=sec0,file=$WORK/passphrase" \
+      -o key-secret=sec0,iter-time=10 "$img" "$2" || die "qemu-img create -f luks failed"
+  fi
   PAYLOAD=$(cryptsetup luksDump "$img" | awk '/^Payload offset:/ {print $3}')
   [[ "$PAYLOAD" =~ ^[0-9]+$ ]] || die "cannot read the payload offset of $img"
   hex=$(cryptsetup luksDump --batch-mode --dump-volume-key --key-file "$WORK/passphrase" "$img" |

@@ -4,8 +4,10 @@
 # driver (with its luks driver on top, and with librbd's own LUKS2), in one
 # run on the single-node cluster of integration/ceph.sh (one monitor, one
 # memstore OSD, all on 127.0.0.1: the cluster is in RAM, so what is measured
-# is the client side). One LUKS1 image made by qemu-img is `rbd import`ed and
-# served these ways, each driven by `cryptblk bench` (release build, libblkio
+# is the client side). One LUKS1 image, its payload at 4 MiB (RADOS objects
+# are 4 MiB: a payload off that boundary makes one 1M write in four straddle
+# two objects, 1.2x slower, as qemu-img's 4040 sectors did until session 12),
+# is `rbd import`ed and served these ways, each driven by `cryptblk bench` (release build, libblkio
 # client, 2 queues):
 #   cryptblk-xts    cryptblk plain mode on the image (--offset = payload
 #                   offset, the volume key): one librbd image handle, every
@@ -66,9 +68,9 @@ end_comparison_keep_work() {
 trap end_rbd EXIT
 umask 077
 
-log "creating a $SIZE LUKS1 image with qemu-img"
+log "creating a $SIZE LUKS1 image, payload at 4 MiB (the RADOS object size)"
 IMG=$WORK/image.luks
-luks1_image "$IMG" "$SIZE"
+luks1_image "$IMG" "$SIZE" 8192
 IMAGE_BYTES=$(stat -c %s "$IMG")
 
 # The images live in the OSD's RAM: room for both and the cluster's own.
