@@ -925,9 +925,13 @@ fn rss(pid: u32) -> u64 {
 /// What the hostile server logged: how many connections it took, and how
 /// often it misbehaved.
 fn hostile_log(log: &Path) -> (usize, usize) {
+    (logged(log, "connect "), logged(log, "misbehave "))
+}
+
+/// How many lines of the hostile server's log start with `word`.
+fn logged(log: &Path, word: &str) -> usize {
     let text = std::fs::read_to_string(log).unwrap_or_default();
-    let count = |word: &str| text.lines().filter(|l| l.starts_with(word)).count();
-    (count("connect "), count("misbehave "))
+    text.lines().filter(|l| l.starts_with(word)).count()
 }
 
 /// What a mode must do to the guest's read and to the connection.
@@ -1073,13 +1077,7 @@ fn the_daemon_never_asks_for_structured_replies() {
     let d = dir.path();
     let log = d.join("hostile.log");
     let server = NbdServer::hostile(d, Transport::Unix, &log, &["--structured", "yes"]);
-    let asked = || {
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| *l == "structured asked")
-            .count()
-    };
+    let asked = || logged(&log, "structured asked");
     let daemon = serve_logged(d, &server.uri, 2, &[]);
     let mut c = Client::connect(&daemon.socket, 2);
     let data = pattern(23, 0, BLOCK);

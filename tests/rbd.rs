@@ -62,8 +62,7 @@ fn through_qemu_storage_daemons_nbd_export() {
     );
     let mut server =
         support::nbd::NbdServer::qsd(dir.path(), support::nbd::Transport::Unix, &blockdev);
-    let uri = server.uri.replacen(":///", ":///disk", 1);
-    let (cipher, written) = serve_16m_round_trip(dir.path(), &["--image", &uri], 2, &[]);
+    let (cipher, written) = serve_16m_round_trip(dir.path(), &["--image", &server.uri], 2, &[]);
     // qemu-storage-daemon flushes librbd's cache on its way out.
     server.terminate();
     check_16m_export(&c.export(&name, dir.path()), &cipher, &written);

@@ -65,11 +65,11 @@ impl NbdServer {
 
     /// qemu-storage-daemon serving `blockdev` (a `--blockdev` whose node is
     /// named `disk`) as a writable NBD export, as README's example does;
-    /// the export's name is the node's (QEMU 10 advertises multi-conn on
-    /// it, and has no option for it).
+    /// the export's name is the node's, and `uri` names it (QEMU 10
+    /// advertises multi-conn on it, and has no option for it).
     pub fn qsd(dir: &Path, transport: Transport, blockdev: &str) -> NbdServer {
         let blockdev = blockdev.to_string();
-        Self::start(dir, transport, move |t, sock, port| {
+        let mut server = Self::start(dir, transport, move |t, sock, port| {
             let mut c = Command::new("qemu-storage-daemon");
             c.args(["--blockdev", &blockdev, "--nbd-server"]);
             match t {
@@ -80,7 +80,9 @@ impl NbdServer {
             };
             c.args(["--export", "type=nbd,id=e0,node-name=disk,writable=on"]);
             c
-        })
+        });
+        server.uri = server.uri.replacen(":///", ":///disk", 1);
+        server
     }
 
     /// `tests/support/hostile_nbd.py ARGS`: an NBD server that breaks the
